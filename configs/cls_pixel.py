@@ -1,0 +1,109 @@
+r"""Supervised classification with pixel tokens (PiT) or patches (ViT).
+
+Defaults: the paper's CIFAR-100 from-scratch PiT-Ti/1 setting (32x32, every
+pixel a token). Arguments (comma-separated after the colon):
+
+  variant=Ti/1      SIZE/PATCH; Ti/2 is the ViT baseline on the same recipe
+  dataset=cifar100  cifar100 | imagenet28 | digits | tfds:NAME | npz:PATH
+  quick             a couple of minutes on a 2-core CPU, offline (digits)
+
+  python -m pixel_vit.main --config=configs/cls_pixel.py:quick --workdir=/tmp/quick
+  python -m pixel_vit.main --config=configs/cls_pixel.py:variant=S/1 --workdir=gs://...
+  python -m pixel_vit.main --config=configs/cls_pixel.py:variant=S/1,dataset=imagenet28 ...
+
+Any key can be overridden: `--config.optimizer.lr=1e-3`.
+"""
+import ml_collections
+
+from pixel_vit import configuration
+from pixel_vit.data import augment
+
+# Named datasets and their paper settings. ImageNet is resized to 28x28 as in
+# the paper's low-resolution study (784 pixel tokens).
+DATASETS = {
+    "cifar100": dict(source="tfds:cifar100", image_size=None, eval_split="test"),
+    "imagenet28": dict(source="tfds:imagenet2012", image_size=28, eval_split="validation"),
+    "digits": dict(source="digits", image_size=None, eval_split="test"),
+}
+
+# Mesh axes -> logical axes. Pure data parallel on one host by default; set
+# config.mesh.fsdp / tensor to shard parameters (see parallel.py).
+SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", "seq"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def get_config(arg=None):
+  args = configuration.parse_arg(arg, variant="Ti/1", dataset="cifar100", quick=False)
+  config = ml_collections.ConfigDict()
+  config.task = "classification"
+  config.seed = 0
+
+  if args.dataset in DATASETS:
+    dataset = DATASETS[args.dataset]
+  else:  # tfds:NAME or npz:PATH, checked by validation
+    dataset = dict(source=args.dataset, image_size=None, eval_split="test")
+  config.data = ml_collections.ConfigDict(dict(
+      source=dataset["source"], data_dir=None, download=True,
+      train_split="train", eval_split=dataset["eval_split"],
+      image_size=ml_collections.FieldReference(dataset["image_size"], field_type=int)))
+
+  config.model = ml_collections.ConfigDict(dict(
+      variant=args.variant, posemb="learn", pool="cls", dtype="float32",
+      attention="xla", scan=True, remat="full", drop_path=0.1))
+
+  # DeiT-style recipe for training a ViT from scratch on CIFAR-100, as the
+  # paper does; the paper's exact epoch count is long (thousands of epochs).
+  config.batch_size = 1024
+  config.eval_batch_size = 1024
+  config.total_steps = 0  # 0 = use total_epochs
+  config.total_epochs = 2400.0
+  config.optimizer = ml_collections.ConfigDict(dict(
+      lr=2e-3, end_lr=1e-6, b1=0.9, b2=0.999, weight_decay=0.05, grad_clip=1.0,
+      warmup_steps=0, warmup_epochs=20.0, ema_decay=0.0))
+  config.augment = augment.default_augment_config()
+
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1, tensor=1))
+  config.sharding_rules = SHARDING_RULES
+
+  config.log_every = 50
+  config.eval_every = 1000
+  config.checkpoint_every = 1000
+  config.keep_checkpoints = 3
+
+  if args.dataset == "imagenet28":
+    config.total_epochs = 300.0
+    config.optimizer.warmup_epochs = 5.0
+    config.optimizer.lr = 1e-3 * config.batch_size / 512  # DeiT lr rule
+    config.augment.crop_scale = (0.08, 1.0)
+    config.eval_every = 5000
+    config.checkpoint_every = 5000
+
+  if args.quick:  # offline, a couple of minutes on 2 CPU cores
+    config.data.source = "digits" if args.dataset == "cifar100" else config.data.source
+    config.data.eval_split = "test"
+    config.model.variant = args.variant if args.variant != "Ti/1" else "mu/1"
+    config.model.remat = "none"
+    config.model.drop_path = 0.0
+    config.batch_size = 128
+    config.eval_batch_size = 360
+    config.total_steps = 600
+    config.optimizer.lr = 1e-3
+    config.optimizer.warmup_steps = 50
+    config.optimizer.ema_decay = 0.0
+    config.augment.crop = False
+    config.augment.flip = False  # digits are not mirror-symmetric
+    config.augment.mixup_alpha = 0.0
+    config.augment.cutmix_alpha = 0.0
+    config.augment.label_smoothing = 0.0
+    config.log_every = 50
+    config.eval_every = 200
+    config.checkpoint_every = 200
+  return config

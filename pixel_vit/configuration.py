@@ -1,0 +1,109 @@
+"""Config arguments and validation, shared by every `configs/*.py`.
+
+`get_config(arg)` receives the text after the colon in
+`--config=configs/cls_pixel.py:variant=S/1,dataset=digits,quick`; `parse_arg`
+turns it into typed values. `validate` checks a resolved config before
+anything touches data or compiles: a wrong value is a ValueError that names
+the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from pixel_vit import parallel
+from pixel_vit.data import sources
+from pixel_vit.models import attention, vit
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`'variant=Ti/1,quick'` -> ConfigDict(variant='Ti/1', quick=True, ...).
+
+  Only keys present in `defaults` are accepted; values are cast to the
+  default's type (a bare key sets a bool to True).
+  """
+  result = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} is unknown; known: {sorted(defaults)}.")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if sep and value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r} must be true or false.")
+      result[key] = not sep or value.lower() in ("true", "1")
+    elif default is None or isinstance(default, str):
+      result[key] = value
+    else:
+      try:
+        result[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f"config argument {key}={value!r} is not a "
+                         f"{type(default).__name__}.") from None
+  return ml_collections.ConfigDict(result)
+
+
+def _require(condition: bool, message: str):
+  if not condition:
+    raise ValueError(message)
+
+
+def _check_choice(key: str, value, allowed):
+  _require(value in allowed, f"config.{key}={value!r} is not allowed; choose one of {list(allowed)}.")
+
+
+def _check_positive(key: str, value, *, allow_zero=False):
+  ok = value >= 0 if allow_zero else value > 0
+  _require(ok, f"config.{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}.")
+
+
+def validate_model(model) -> None:
+  _, patch = vit.parse_variant(model.variant)
+  _check_choice("model.posemb", model.posemb, vit.POSEMBS)
+  _check_choice("model.pool", model.pool, vit.POOLS)
+  _check_choice("model.dtype", model.dtype, list(vit.DTYPES))
+  _check_choice("model.remat", model.remat, list(vit.REMAT_POLICIES))
+  _check_choice("model.attention", model.attention, list(attention.BACKENDS))
+  _require(0.0 <= model.drop_path < 1.0,
+           f"config.model.drop_path={model.drop_path!r} must be in [0, 1).")
+
+
+def validate_image_size(model, image_size: int) -> None:
+  """The patch must tile the image (checked once the image size is known)."""
+  _, patch = vit.parse_variant(model.variant)
+  _require(image_size % patch == 0,
+           f"config.model.variant={model.variant!r} has patch {patch}, which does not "
+           f"divide the image size {image_size}; pick a patch that divides it or set "
+           "config.data.image_size.")
+
+
+def validate_optimizer(opt) -> None:
+  _check_positive("optimizer.lr", opt.lr)
+  _check_positive("optimizer.weight_decay", opt.weight_decay, allow_zero=True)
+  _check_positive("optimizer.grad_clip", opt.grad_clip, allow_zero=True)
+  _check_positive("optimizer.warmup_steps", opt.warmup_steps, allow_zero=True)
+  _require(0.0 <= opt.b1 < 1.0 and 0.0 <= opt.b2 < 1.0,
+           f"config.optimizer b1={opt.b1}, b2={opt.b2} must be in [0, 1).")
+  _require(opt.ema_decay == 0.0 or 0.0 < opt.ema_decay < 1.0,
+           f"config.optimizer.ema_decay={opt.ema_decay!r} must be 0 (off) or in (0, 1).")
+
+
+def validate_run(config, device_count: int, process_count: int) -> None:
+  """Batch, steps, mesh: checks that need the device count."""
+  _check_positive("batch_size", config.batch_size)
+  _check_positive("eval_batch_size", config.eval_batch_size)
+  _check_positive("total_steps", config.total_steps)
+  for key in ("log_every", "eval_every", "checkpoint_every"):
+    _check_positive(key, config[key])
+  shards = parallel.batch_shards(config.mesh, device_count)
+  for key in ("batch_size", "eval_batch_size"):
+    _require(config[key] % shards == 0 and config[key] % process_count == 0,
+             f"config.{key}={config[key]} must be divisible by the {shards} batch shards "
+             f"of the mesh (data x fsdp over {device_count} devices) and by the "
+             f"{process_count} processes.")
+
+
+def validate_data(data) -> None:
+  sources.parse_source(data.source, data_dir=data.get("data_dir"),
+                       download=data.get("download", True))
+  if data.get("image_size") is not None:
+    _check_positive("data.image_size", data.image_size)

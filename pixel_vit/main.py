@@ -1,0 +1,37 @@
+"""Entry point: `python -m pixel_vit.main --config=configs/X.py[:ARGS] --workdir=DIR`.
+
+Validates the config, then hands over to the trainer named by `config.task`.
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from pixel_vit.trainers import classification
+
+TRAINERS = {
+    "classification": classification,
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures; "
+                               "a run resumes from it automatically.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def trainer_for(config):
+  if config.task not in TRAINERS:
+    raise ValueError(f"config.task={config.task!r} is not a task; choose one of {sorted(TRAINERS)}.")
+  return TRAINERS[config.task]
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  trainer = trainer_for(config)
+  trainer.validate(config)
+  logging.info("config:\n%s", config.to_json_best_effort(indent=2))
+  trainer.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

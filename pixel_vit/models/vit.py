@@ -1,0 +1,337 @@
+"""The ViT / PiT encoder and classifier (Flax NNX).
+
+One encoder serves patches and pixels: the tokenizer cuts the image into
+`patch x patch` tiles, so `patch=1` makes every pixel a token (PiT). Model
+sizes come from one table, written `SIZE/PATCH` (`Ti/1`, `S/2`).
+
+Parameters carry logical axis names (`logical_axes` metadata: embed, mlp,
+heads, kv, vocab, layers) and activations are constrained by logical names;
+`pixel_vit.parallel` maps both to mesh axes with the config's rules.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixel_vit import parallel
+from pixel_vit.models import attention as attention_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSize:
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+
+
+# The ViT size table (Dosovitskiy et al.; DeiT for Ti), plus `mu` for tests.
+SIZES: dict[str, EncoderSize] = {
+    "mu": EncoderSize(width=64, depth=4, heads=4, mlp_dim=256),
+    "Ti": EncoderSize(width=192, depth=12, heads=3, mlp_dim=768),
+    "S": EncoderSize(width=384, depth=12, heads=6, mlp_dim=1536),
+    "B": EncoderSize(width=768, depth=12, heads=12, mlp_dim=3072),
+    "L": EncoderSize(width=1024, depth=24, heads=16, mlp_dim=4096),
+    "H": EncoderSize(width=1280, depth=32, heads=16, mlp_dim=5120),
+}
+
+POSEMBS = ("learn", "sincos2d", "none")
+POOLS = ("cls", "gap")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keeps matmul outputs, recomputes the cheap elementwise work.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def parse_variant(variant: str) -> tuple[EncoderSize, int]:
+  """`'Ti/1'` -> (Ti size, patch 1). Raises ValueError naming what is allowed."""
+  size_name, sep, patch = variant.partition("/")
+  if not sep or size_name not in SIZES or not patch.isdigit() or int(patch) < 1:
+    raise ValueError(
+        f"model variant {variant!r} is not SIZE/PATCH with SIZE in "
+        f"{list(SIZES)} and PATCH a positive integer, e.g. 'Ti/1' (pixels) or 'Ti/2'.")
+  return SIZES[size_name], int(patch)
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], tokens in row-major image order."""
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(tokens: jax.Array, patch: int, height: int, width: int) -> jax.Array:
+  """Inverse of `patchify`."""
+  b, _, d = tokens.shape
+  c = d // (patch * patch)
+  x = tokens.reshape(b, height // patch, width // patch, patch, patch, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, height, width, c)
+
+
+def sincos2d_posemb(grid_h: int, grid_w: int, width: int,
+                    temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embedding [1, grid_h*grid_w, width]."""
+  if width % 4:
+    raise ValueError(f"sincos2d position embedding needs width % 4 == 0, got {width}.")
+  y, x = np.mgrid[:grid_h, :grid_w]
+  omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1 or 1))
+  y = np.einsum("m,d->md", y.ravel(), omega)
+  x = np.einsum("m,d->md", x.ravel(), omega)
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return pe[None].astype(np.float32)
+
+
+def _param(init, rngs: nnx.Rngs, shape, logical_axes) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=logical_axes)
+
+
+_dense_init = jax.nn.initializers.xavier_uniform()
+_zeros = jax.nn.initializers.zeros
+_ones = jax.nn.initializers.ones
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with float32 statistics, output in the compute dtype."""
+
+  def __init__(self, width: int, *, dtype, rngs: nnx.Rngs):
+    self.scale = _param(_ones, rngs, (width,), ("embed",))
+    self.bias = _param(_zeros, rngs, (width,), ("embed",))
+    self.dtype = dtype
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + 1e-6) * self.scale[...] + self.bias[...]
+    return y.astype(self.dtype)
+
+
+class MultiHeadAttention(nnx.Module):
+  """Self-attention with a fused qkv projection; the math is a backend choice."""
+
+  def __init__(self, width: int, heads: int, *, dtype, attention: str, rngs: nnx.Rngs):
+    if width % heads:
+      raise ValueError(f"width {width} is not divisible by heads {heads}.")
+    head_dim = width // heads
+    self.qkv_kernel = _param(_dense_init, rngs, (width, 3, heads, head_dim),
+                             ("embed", None, "heads", "kv"))
+    self.qkv_bias = _param(_zeros, rngs, (3, heads, head_dim), (None, "heads", "kv"))
+    self.out_kernel = _param(_dense_init, rngs, (heads, head_dim, width),
+                             ("heads", "kv", "embed"))
+    self.out_bias = _param(_zeros, rngs, (width,), ("embed",))
+    self.dtype = dtype
+    self.attention = attention
+
+  def __call__(self, x, key_mask=None):
+    qkv = jnp.einsum("bnd,dthk->tbnhk", x, self.qkv_kernel[...].astype(self.dtype))
+    qkv = qkv + self.qkv_bias[...].astype(self.dtype)[:, None, None]
+    q, k, v = (parallel.constrain(t, ("batch", "length", "heads", "kv")) for t in qkv)
+    y = attention_lib.get_backend(self.attention)(q, k, v, key_mask=key_mask)
+    y = jnp.einsum("bnhk,hkd->bnd", y, self.out_kernel[...].astype(self.dtype))
+    return y + self.out_bias[...].astype(self.dtype)
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, width: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs):
+    self.fc1_kernel = _param(_dense_init, rngs, (width, mlp_dim), ("embed", "mlp"))
+    self.fc1_bias = _param(_zeros, rngs, (mlp_dim,), ("mlp",))
+    self.fc2_kernel = _param(_dense_init, rngs, (mlp_dim, width), ("mlp", "embed"))
+    self.fc2_bias = _param(_zeros, rngs, (width,), ("embed",))
+    self.dtype = dtype
+
+  def __call__(self, x):
+    h = x @ self.fc1_kernel[...].astype(self.dtype) + self.fc1_bias[...].astype(self.dtype)
+    h = parallel.constrain(jax.nn.gelu(h), ("batch", "length", "mlp"))
+    return h @ self.fc2_kernel[...].astype(self.dtype) + self.fc2_bias[...].astype(self.dtype)
+
+
+def drop_path(x, rate, key):
+  """Stochastic depth: drop the whole residual branch per example.
+
+  `rate` may be traced (it is scanned over layers); rate 0 keeps everything.
+  """
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return x * (mask.astype(x.dtype) / keep.astype(x.dtype))
+
+
+class EncoderBlock(nnx.Module):
+  """Pre-LayerNorm Transformer block."""
+
+  def __init__(self, size: EncoderSize, *, dtype, attention: str, rngs: nnx.Rngs):
+    self.norm1 = LayerNorm(size.width, dtype=dtype, rngs=rngs)
+    self.attn = MultiHeadAttention(size.width, size.heads, dtype=dtype,
+                                   attention=attention, rngs=rngs)
+    self.norm2 = LayerNorm(size.width, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(size.width, size.mlp_dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, *, drop_rate=None, key=None, key_mask=None):
+    stochastic = key is not None and drop_rate is not None
+    if stochastic:
+      key_attn, key_mlp = jax.random.split(key)
+    y = self.attn(self.norm1(x), key_mask=key_mask)
+    x = x + (drop_path(y, drop_rate, key_attn) if stochastic else y)
+    y = self.mlp(self.norm2(x))
+    x = x + (drop_path(y, drop_rate, key_mlp) if stochastic else y)
+    return parallel.constrain(x, ("batch", "length", "embed"))
+
+
+class BlockStack(nnx.Module):
+  """`depth` blocks with parameters stacked on a leading `layers` axis.
+
+  Applied with `lax.scan` (compiles one block) or unrolled; both read the same
+  stacked parameters, so they are interchangeable on one checkpoint.
+  """
+
+  def __init__(self, size: EncoderSize, *, dtype, attention: str, scan: bool,
+               remat: str, rngs: nnx.Rngs):
+
+    @nnx.split_rngs(splits=size.depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs):
+      return EncoderBlock(size, dtype=dtype, attention=attention, rngs=rngs)
+
+    self.layers = make_blocks(rngs)
+    for _, variable in nnx.iter_graph(self.layers):
+      if isinstance(variable, nnx.Variable) and variable.has_metadata("logical_axes"):
+        variable.set_metadata(
+            logical_axes=("layers",) + tuple(variable.get_metadata("logical_axes")))
+    self.depth = size.depth
+    self.scan = scan
+    self.remat = remat
+
+  def __call__(self, x, *, drop_rates=None, key=None, key_mask=None):
+    graphdef, state = nnx.split(self.layers)
+    stochastic = key is not None and drop_rates is not None
+    per_layer = (state,
+                 jnp.asarray(drop_rates, jnp.float32) if stochastic else None,
+                 jax.random.split(key, self.depth) if stochastic else None)
+
+    def apply_block(x, layer):
+      layer_state, rate, layer_key = layer
+      block = nnx.merge(graphdef, layer_state)
+      return block(x, drop_rate=rate, key=layer_key, key_mask=key_mask), None
+
+    if self.remat != "none":
+      apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.remat])
+    if self.scan:
+      x, _ = jax.lax.scan(apply_block, x, per_layer)
+    else:
+      for i in range(self.depth):
+        x, _ = apply_block(x, jax.tree.map(lambda a, i=i: a[i], per_layer))
+    return x
+
+
+class Encoder(nnx.Module):
+  """Tokenizer + position embedding + Transformer blocks + final LayerNorm."""
+
+  def __init__(self, *, size: EncoderSize, patch: int, image_size: int, channels: int,
+               posemb: Literal["learn", "sincos2d", "none"] = "learn",
+               cls_token: bool = True, dtype=jnp.float32, attention: str = "xla",
+               scan: bool = True, remat: str = "none", drop_path_rate: float = 0.0,
+               rngs: nnx.Rngs):
+    if image_size % patch:
+      raise ValueError(f"patch size {patch} does not divide image size {image_size}.")
+    self.patch = patch
+    self.grid = image_size // patch
+    self.num_patches = self.grid * self.grid
+    self.width = size.width
+    self.dtype = dtype
+    self.posemb_kind = posemb
+    self.drop_path_rate = drop_path_rate
+    self.depth = size.depth
+    self.tokenizer_kernel = _param(_dense_init, rngs, (patch * patch * channels, size.width),
+                                   (None, "embed"))
+    self.tokenizer_bias = _param(_zeros, rngs, (size.width,), ("embed",))
+    if posemb == "learn":  # random init, as in the paper: pixels are a set.
+      self.posemb = _param(jax.nn.initializers.normal(0.02), rngs,
+                           (1, self.num_patches, size.width), (None, None, "embed"))
+    self.cls = (_param(_zeros, rngs, (1, 1, size.width), (None, None, "embed"))
+                if cls_token else None)
+    self.blocks = BlockStack(size, dtype=dtype, attention=attention, scan=scan,
+                             remat=remat, rngs=rngs)
+    self.norm = LayerNorm(size.width, dtype=dtype, rngs=rngs)
+
+  def position_embedding(self) -> jax.Array:
+    """[1, num_patches, width] for the patch tokens (zeros for `none`)."""
+    if self.posemb_kind == "learn":
+      return self.posemb[...]
+    if self.posemb_kind == "sincos2d":
+      return jnp.asarray(sincos2d_posemb(self.grid, self.grid, self.width))
+    return jnp.zeros((1, self.num_patches, self.width), jnp.float32)
+
+  def tokenize(self, images: jax.Array) -> jax.Array:
+    """[B, H, W, C] float -> [B, num_patches, width] with position embeddings."""
+    tokens = patchify(images.astype(self.dtype), self.patch)
+    tokens = tokens @ self.tokenizer_kernel[...].astype(self.dtype)
+    tokens = tokens + self.tokenizer_bias[...].astype(self.dtype)
+    tokens = tokens + self.position_embedding().astype(self.dtype)
+    return parallel.constrain(tokens, ("batch", "length", "embed"))
+
+  def encode(self, tokens: jax.Array, *, key=None, key_mask=None) -> jax.Array:
+    """Prepends [CLS] (if any), runs the blocks and the final norm.
+
+    `key` switches on stochastic depth (training); None is deterministic.
+    """
+    if self.cls is not None:
+      cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (tokens.shape[0], 1, self.width))
+      tokens = jnp.concatenate([cls, tokens], axis=1)
+      if key_mask is not None:
+        key_mask = jnp.concatenate([jnp.ones_like(key_mask[:, :1]), key_mask], axis=1)
+    drop_rates = None
+    if key is not None and self.drop_path_rate > 0:
+      drop_rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+    x = self.blocks(tokens, drop_rates=drop_rates, key=key, key_mask=key_mask)
+    return self.norm(x)
+
+  def __call__(self, images, *, key=None):
+    return self.encode(self.tokenize(images), key=key)
+
+
+class Classifier(nnx.Module):
+  """Encoder + pooling (`cls` token or global average) + linear head."""
+
+  def __init__(self, *, encoder: Encoder, pool: str, num_classes: int, rngs: nnx.Rngs):
+    if pool not in POOLS:
+      raise ValueError(f"pool {pool!r} is not one of {POOLS}.")
+    if (pool == "cls") != (encoder.cls is not None):
+      raise ValueError("pool='cls' needs an encoder built with cls_token=True, 'gap' without.")
+    self.encoder = encoder
+    self.pool = pool
+    # Zero-initialised head, as big_vision: the first logits are uniform.
+    self.head_kernel = _param(_zeros, rngs, (encoder.width, num_classes), ("embed", "vocab"))
+    self.head_bias = _param(_zeros, rngs, (num_classes,), ("vocab",))
+
+  def features(self, images, *, key=None) -> jax.Array:
+    x = self.encoder(images, key=key)
+    return x[:, 0] if self.pool == "cls" else x.mean(axis=1)
+
+  def __call__(self, images, *, key=None) -> jax.Array:
+    """Logits in float32."""
+    pooled = self.features(images, key=key).astype(jnp.float32)
+    return pooled @ self.head_kernel[...] + self.head_bias[...]
+
+
+def build_classifier(model_config, *, image_size: int, channels: int, num_classes: int,
+                     rngs: nnx.Rngs) -> Classifier:
+  """The classifier a `config.model` describes (see configs/cls_pixel.py)."""
+  size, patch = parse_variant(model_config.variant)
+  encoder = Encoder(
+      size=size, patch=patch, image_size=image_size, channels=channels,
+      posemb=model_config.posemb, cls_token=model_config.pool == "cls",
+      dtype=DTYPES[model_config.dtype], attention=model_config.attention,
+      scan=model_config.scan, remat=model_config.remat,
+      drop_path_rate=model_config.drop_path, rngs=rngs)
+  return Classifier(encoder=encoder, pool=model_config.pool, num_classes=num_classes,
+                    rngs=rngs)

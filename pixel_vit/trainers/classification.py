@@ -1,0 +1,196 @@
+"""Supervised classification (the paper's first case study): one train loop.
+
+`validate(config)` runs before anything loads or compiles;
+`train_and_evaluate(config, workdir)` trains, evaluates periodically on the
+eval split, checkpoints and resumes automatically from the workdir.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from pixel_vit import checkpoint as checkpoint_lib
+from pixel_vit import configuration, parallel
+from pixel_vit import optimizer as optimizer_lib
+from pixel_vit.data import augment, pipeline, sources
+from pixel_vit.evaluation import accuracy
+from pixel_vit.models import vit
+from pixel_vit.trainers import reporting
+from pixel_vit.trainers import state as state_lib
+
+
+def validate(config) -> None:
+  configuration.validate_model(config.model)
+  configuration.validate_optimizer(config.optimizer)
+  configuration.validate_data(config.data)
+  configuration.validate_run(config, jax.device_count(), jax.process_count())
+  if config.total_steps == 0 and config.total_epochs <= 0:
+    raise ValueError("config.total_steps is 0 and config.total_epochs is not > 0: "
+                     "set one of them.")
+
+
+def load_splits(config) -> tuple[sources.ImageSplit, sources.ImageSplit]:
+  source = sources.parse_source(config.data.source, data_dir=config.data.get("data_dir"),
+                                download=config.data.get("download", True))
+  load = functools.partial(source.load, process_index=jax.process_index(),
+                           process_count=jax.process_count(),
+                           image_size=config.data.get("image_size"))
+  train, test = load(config.data.train_split), load(config.data.eval_split)
+  height, width = train.images.shape[1:3]
+  if height != width:
+    raise ValueError(f"images from {config.data.source} are {height}x{width}; the encoder "
+                     "needs square images: set config.data.image_size.")
+  configuration.validate_image_size(config.model, height)
+  return train, test
+
+
+def make_model_fn(config, split: sources.ImageSplit):
+  height, _, channels = split.images.shape[1:]
+  return lambda: vit.build_classifier(config.model, image_size=height, channels=channels,
+                                      num_classes=split.num_classes,
+                                      rngs=nnx.Rngs(config.seed))
+
+
+def schedule_steps(config, steps_per_epoch: int) -> tuple[int, int]:
+  total = config.total_steps or max(1, round(config.total_epochs * steps_per_epoch))
+  warmup = (config.optimizer.warmup_steps
+            or round(config.optimizer.get("warmup_epochs", 0.0) * steps_per_epoch))
+  return total, min(warmup, total)
+
+
+def make_train_step(config, graphdef, tx, schedule, num_classes: int):
+
+  def train_step(state: state_lib.TrainState, batch: dict):
+    step_key = jax.random.fold_in(state.rng, state.step)
+    augment_key, drop_key = jax.random.split(step_key)
+    images, targets = augment.augment_batch(augment_key, batch["images"], batch["labels"],
+                                            num_classes=num_classes, config=config.augment)
+
+    def loss_fn(params):
+      logits = state_lib.merge_model(graphdef, params)(images, key=drop_key)
+      return optax.softmax_cross_entropy(logits, targets).mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = (None if state.ema_params is None
+           else state_lib.ema_update(state.ema_params, params, config.optimizer.ema_decay))
+    metrics = {
+        "train/loss": loss,
+        "train/accuracy": (logits.argmax(-1) == targets.argmax(-1)).mean(),
+        "train/grad_norm": optax.global_norm(grads),
+        "train/lr": schedule(state.step),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_sums(config, graphdef, num_classes: int):
+
+  def eval_sums(params, batch):
+    images, _ = augment.preprocess_eval(batch["images"], batch["labels"],
+                                        num_classes=num_classes, config=config.augment)
+    logits = state_lib.merge_model(graphdef, params)(images)
+    return accuracy.masked_sums(logits, batch["labels"], batch["mask"])
+
+  return eval_sums
+
+
+def train_and_evaluate(config, workdir: str) -> tuple[state_lib.TrainState, dict]:
+  """Trains to the configured length; returns the final state and the last
+  evaluation's metrics."""
+  mesh = parallel.make_mesh(config.mesh)
+  rules = config.sharding_rules
+  train_split, eval_split = load_splits(config)
+  local_batch = config.batch_size // jax.process_count()
+  local_eval_batch = config.eval_batch_size // jax.process_count()
+  steps_per_epoch = pipeline.steps_per_epoch(train_split, local_batch)
+  total_steps, warmup_steps = schedule_steps(config, steps_per_epoch)
+
+  make_model = make_model_fn(config, train_split)
+  abstract_params = nnx.to_pure_dict(nnx.split(nnx.eval_shape(make_model))[1])
+  schedule = optimizer_lib.make_schedule(config.optimizer, total_steps, warmup_steps)
+  tx = optimizer_lib.make_optimizer(config.optimizer, schedule, abstract_params)
+  described, create_state = state_lib.sharded_state(
+      make_model, tx, mesh=mesh, rules=rules, seed=config.seed,
+      ema=config.optimizer.ema_decay > 0)
+
+  checkpointer = checkpoint_lib.Checkpointer(
+      workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+  identity = {"task": "classification", "variant": config.model.variant,
+              "num_classes": int(train_split.num_classes),
+              "image_shape": list(train_split.images.shape[1:])}
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(
+        checkpoint_lib.abstract_with_shardings(described.abstract, described.shardings),
+        identity)
+  else:
+    state = create_state()
+  start_step = int(jax.device_get(state.step))
+
+  batch_shardings = {name: parallel.batch_sharding(mesh, rules, ndim)
+                     for name, ndim in (("images", 4), ("labels", 1), ("mask", 1))}
+  replicated = parallel.replicated(mesh)
+  with parallel.activate(mesh, rules):
+    train_step = jax.jit(
+        make_train_step(config, described.graphdef, tx, schedule, train_split.num_classes),
+        in_shardings=(described.shardings,
+                      {k: batch_shardings[k] for k in ("images", "labels")}),
+        out_shardings=(described.shardings, replicated), donate_argnums=0)
+    eval_sums = jax.jit(
+        make_eval_sums(config, described.graphdef, train_split.num_classes),
+        in_shardings=(described.param_shardings, batch_shardings), out_shardings=replicated)
+
+  reporter = reporting.Reporter(workdir, config, total_steps=total_steps,
+                                log_every=config.log_every)
+  reporter.log(f"steps {start_step} -> {total_steps} ({steps_per_epoch} steps/epoch), "
+               f"{train_split.total_examples} train / {eval_split.total_examples} eval examples")
+
+  def run_eval(step: int) -> dict:
+    results = {}
+    candidates = [("eval", state.params)]
+    if state.ema_params is not None:
+      candidates.append(("eval_ema", state.ema_params))
+    for prefix, params in candidates:
+      batches = (parallel.host_to_global(b, mesh, rules) for b in
+                 pipeline.eval_batches(eval_split, local_batch_size=local_eval_batch))
+      with parallel.activate(mesh, rules):
+        metrics = accuracy.evaluate(functools.partial(eval_sums, params), batches)
+      results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
+    reporter.scalars(step, results)
+    reporter.log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+    return results
+
+  batches = pipeline.train_batches(train_split, local_batch_size=local_batch,
+                                   seed=config.seed, start_step=start_step)
+  pending: list[dict] = []
+  results: dict = {}
+  with parallel.activate(mesh, rules):
+    for step in range(start_step + 1, total_steps + 1):
+      batch = parallel.host_to_global(next(batches), mesh, rules)
+      state, metrics = train_step(state, batch)
+      pending.append(metrics)
+      reporter.tick(step)
+      if step % config.log_every == 0 or step == total_steps:
+        means = {k: np.mean([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
+        reporter.scalars(step, means)
+        pending = []
+      if step % config.eval_every == 0 or step == total_steps:
+        results = run_eval(step)
+      checkpointer.save(step, state, identity, force=step == total_steps)
+      if checkpointer.reached_preemption(step):  # orbax saved this step already
+        reporter.log(f"preempted at step {step}; checkpoint saved, exiting.")
+        break
+  if not results and start_step >= total_steps:
+    results = run_eval(start_step)
+  checkpointer.wait()
+  checkpointer.close()
+  reporter.close()
+  return state, results

@@ -1,0 +1,52 @@
+"""What a run leaves in its workdir: config, TensorBoard events, metrics JSON
+lines, progress (steps/s, ETA) in the log. Only process 0 writes files."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+
+class Reporter:
+  """clu metric writer + `metrics.jsonl` + `ReportProgress`."""
+
+  def __init__(self, workdir: str, config, *, total_steps: int, log_every: int):
+    self.is_main = jax.process_index() == 0
+    self.workdir = workdir
+    if self.is_main:
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    self.writer = metric_writers.create_default_writer(
+        workdir, just_logging=not self.is_main, asynchronous=True)
+    self.progress = periodic_actions.ReportProgress(
+        num_train_steps=total_steps, writer=self.writer, every_steps=log_every)
+    self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+
+  def scalars(self, step: int, scalars: dict[str, float]) -> None:
+    scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    self.writer.write_scalars(step, scalars)
+    if self.is_main:
+      with open(self._jsonl_path, "a") as f:
+        f.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+
+  def images(self, step: int, images: dict[str, np.ndarray]) -> None:
+    """uint8 [N, H, W, C] arrays to TensorBoard."""
+    self.writer.write_images(step, images)
+
+  def tick(self, step: int) -> None:
+    """Call once per train step: steps/s and ETA every `log_every` steps."""
+    self.progress(step)
+
+  def log(self, message: str) -> None:
+    if self.is_main:
+      logging.info(message)
+
+  def close(self) -> None:
+    self.writer.flush()
+    self.writer.close()
