@@ -90,11 +90,17 @@ def get_config(arg=None):
     config.data.source = "digits" if args.dataset == "cifar100" else config.data.source
     config.data.eval_split = "test"
     config.model.variant = args.variant if args.variant != "Ti/1" else "mu/1"
+    # 1,437 8x8 digits are too few to learn pixel positions from scratch in
+    # minutes (learned posemb: 91.7% after 600 steps); fixed sin-cos reaches
+    # 97.5% in 400. Four small blocks run faster unrolled than scanned on CPU.
+    config.model.posemb = "sincos2d"
+    config.model.pool = "gap"
+    config.model.scan = False
     config.model.remat = "none"
     config.model.drop_path = 0.0
     config.batch_size = 128
     config.eval_batch_size = 360
-    config.total_steps = 600
+    config.total_steps = 400
     config.optimizer.lr = 1e-3
     config.optimizer.warmup_steps = 50
     config.optimizer.ema_decay = 0.0
