@@ -88,7 +88,6 @@ def get_config(arg=None):
 
   if args.quick:  # offline, a couple of minutes on 2 CPU cores
     config.data.source = "digits" if args.dataset == "cifar100" else config.data.source
-    config.data.eval_split = "test"
     config.model.variant = args.variant if args.variant != "Ti/1" else "mu/1"
     # 1,437 8x8 digits are too few to learn pixel positions from scratch in
     # minutes (learned posemb: 91.7% after 600 steps); fixed sin-cos reaches

@@ -91,7 +91,7 @@ def validate_run(config, device_count: int, process_count: int) -> None:
   """Batch, steps, mesh: checks that need the device count."""
   _check_positive("batch_size", config.batch_size)
   _check_positive("eval_batch_size", config.eval_batch_size)
-  _check_positive("total_steps", config.total_steps)
+  _check_positive("total_steps", config.total_steps, allow_zero=True)  # 0: use total_epochs
   for key in ("log_every", "eval_every", "checkpoint_every"):
     _check_positive(key, config[key])
   shards = parallel.batch_shards(config.mesh, device_count)

@@ -329,17 +329,17 @@ def test_bad_config_and_inputs_raise_value_error_naming_the_key():
   def run(cfg, im=images):
     return augment.augment_batch(key, im, labels, num_classes=2, config=cfg)
 
-  with pytest.raises(ValueError, match=r"config\.mean.*length 1 or 3"):
+  with pytest.raises(ValueError, match=r"config\.augment\.mean.*length 1 or 3"):
     run(_config(mean=(0.5, 0.5)))
-  with pytest.raises(ValueError, match=r"config\.std"):
+  with pytest.raises(ValueError, match=r"config\.augment\.std"):
     run(_config(std=(0.0,)))
-  with pytest.raises(ValueError, match=r"config\.crop_scale"):
+  with pytest.raises(ValueError, match=r"config\.augment\.crop_scale"):
     run(_config(crop_scale=(0.5, 1.5)))
-  with pytest.raises(ValueError, match=r"config\.cutmix_alpha"):
+  with pytest.raises(ValueError, match=r"config\.augment\.cutmix_alpha"):
     run(_config(cutmix_alpha=-0.5))
-  with pytest.raises(ValueError, match=r"config\.mix_switch_prob"):
+  with pytest.raises(ValueError, match=r"config\.augment\.mix_switch_prob"):
     run(_config(mix_switch_prob=2.0))
-  with pytest.raises(ValueError, match=r"config\.flip"):
+  with pytest.raises(ValueError, match=r"config\.augment\.flip"):
     # Any attribute object works as a config; a non-bool switch is rejected.
     run(types.SimpleNamespace(**{**_config().to_dict(), "flip": "yes"}))
   with pytest.raises(ValueError, match="missing field 'cutmix_alpha'"):

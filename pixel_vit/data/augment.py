@@ -134,7 +134,7 @@ def _check_alpha(name: str, value: Any) -> float:
 
 
 def _check_channel_stats(mean: Any, std: Any, channels: int | None = None,
-                         prefix: str = "config."
+                         prefix: str = "config.augment."
                          ) -> tuple[tuple[float, ...], tuple[float, ...]]:
   stats = []
   for name, value in (("mean", mean), ("std", std)):
@@ -159,15 +159,15 @@ def validate_augment_config(config: Any) -> None:
   _check_channel_stats(_field(config, "mean"), _field(config, "std"))
   for name in ("crop", "flip"):
     if not isinstance(_field(config, name), bool):
-      raise ValueError(f"config.{name}={_field(config, name)!r} is not "
+      raise ValueError(f"config.augment.{name}={_field(config, name)!r} is not "
                        "allowed: expected True or False")
   _check_scale_ratio(_field(config, "crop_scale"), _field(config, "crop_ratio"),
-                     prefix="config.crop_")
-  _check_prob("config.label_smoothing", _field(config, "label_smoothing"),
+                     prefix="config.augment.crop_")
+  _check_prob("config.augment.label_smoothing", _field(config, "label_smoothing"),
               upper_open=True)
-  _check_alpha("config.mixup_alpha", _field(config, "mixup_alpha"))
-  _check_alpha("config.cutmix_alpha", _field(config, "cutmix_alpha"))
-  _check_prob("config.mix_switch_prob", _field(config, "mix_switch_prob"))
+  _check_alpha("config.augment.mixup_alpha", _field(config, "mixup_alpha"))
+  _check_alpha("config.augment.cutmix_alpha", _field(config, "cutmix_alpha"))
+  _check_prob("config.augment.mix_switch_prob", _field(config, "mix_switch_prob"))
 
 
 def _check_images(images: jax.Array, what: str = "images") -> None:

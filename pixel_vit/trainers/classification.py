@@ -27,6 +27,7 @@ def validate(config) -> None:
   configuration.validate_model(config.model)
   configuration.validate_optimizer(config.optimizer)
   configuration.validate_data(config.data)
+  augment.validate_augment_config(config.augment)
   configuration.validate_run(config, jax.device_count(), jax.process_count())
   if config.total_steps == 0 and config.total_epochs <= 0:
     raise ValueError("config.total_steps is 0 and config.total_epochs is not > 0: "
@@ -82,7 +83,7 @@ def make_train_step(config, graphdef, tx, schedule, num_classes: int):
     metrics = {
         "train/loss": loss,
         "train/accuracy": (logits.argmax(-1) == targets.argmax(-1)).mean(),
-        "train/grad_norm": optax.global_norm(grads),
+        "train/grad_norm": optax.tree.norm(grads),
         "train/lr": schedule(state.step),
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
@@ -124,7 +125,10 @@ def train_and_evaluate(config, workdir: str) -> tuple[state_lib.TrainState, dict
 
   checkpointer = checkpoint_lib.Checkpointer(
       workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+  # What makes a checkpoint this model; dtype, attention backend, scan and
+  # remat may change between runs (e.g. resuming on another machine).
   identity = {"task": "classification", "variant": config.model.variant,
+              "posemb": config.model.posemb, "pool": config.model.pool,
               "num_classes": int(train_split.num_classes),
               "image_shape": list(train_split.images.shape[1:])}
   if checkpointer.latest_step() is not None:

@@ -1,0 +1,119 @@
+"""Shared test setup: 8 fake CPU devices, the cls_pixel config, work directories.
+
+JAX must see 8 CPU devices for the whole session, so the option is set here,
+at import, before any test module touches a JAX backend: conftest.py is
+imported before the test modules are collected.
+"""
+import copy
+import importlib.util
+import os
+import pathlib
+import socket
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (the environment above must be set first)
+
+NUM_DEVICES = 8
+jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+CLS_PIXEL_PATH = REPO_ROOT / "configs" / "cls_pixel.py"
+
+# A trainer run that costs seconds: the quick config (mu/1 on 8x8 digits),
+# shortened. Dotted keys, applied with `set_dotted`.
+TINY_RUN = {
+    "total_steps": 6,
+    "batch_size": 32,
+    "eval_batch_size": 360,
+    "eval_every": 3,
+    "checkpoint_every": 3,
+    "log_every": 2,
+    "optimizer.warmup_steps": 2,
+}
+
+
+def _load_cls_pixel():
+  spec = importlib.util.spec_from_file_location("configs_cls_pixel", CLS_PIXEL_PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def set_dotted(config, overrides: dict):
+  """`{'optimizer.lr': 1e-3}` -> config.optimizer.lr = 1e-3 (keys must exist)."""
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise KeyError(f"test override {dotted!r} is not a config key")
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def eight_cpu_devices():
+  """Every test runs with the 8 fake CPU devices the conftest asked for."""
+  devices = jax.devices()
+  assert len(devices) == NUM_DEVICES and all(d.platform == "cpu" for d in devices), (
+      f"expected {NUM_DEVICES} CPU devices, got {devices}: was a JAX backend "
+      "initialised before tests/conftest.py set jax_num_cpu_devices?")
+  return devices
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+  """Any TCP connection beyond loopback fails the test: nothing may download."""
+  real_connect = socket.socket.connect
+
+  def guarded_connect(sock, address):
+    if isinstance(address, tuple) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+      raise AssertionError(f"test tried to reach the network: {address}")
+    return real_connect(sock, address)
+
+  monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+
+
+@pytest.fixture(scope="session")
+def cls_pixel():
+  """The configs/cls_pixel.py module, imported by path."""
+  return _load_cls_pixel()
+
+
+@pytest.fixture
+def quick_config(cls_pixel):
+  """`quick_config(**dotted_overrides)` -> a fresh cls_pixel:quick config.
+
+  With no arguments it is the plain quick config; `tiny=True` also applies
+  TINY_RUN (6 steps of batch 32); dotted keys are passed as a dict.
+  """
+
+  def make(overrides: dict | None = None, *, tiny: bool = True, arg: str = "quick"):
+    config = cls_pixel.get_config(arg)
+    if tiny:
+      set_dotted(config, copy.deepcopy(TINY_RUN))
+    return set_dotted(config, overrides or {})
+
+  return make
+
+
+@pytest.fixture
+def workdir(tmp_path):
+  """A fresh (not yet existing) run directory under pytest's tmp_path."""
+  return str(tmp_path / "workdir")
+
+
+@pytest.fixture
+def make_workdir(tmp_path):
+  """`make_workdir(name)` -> a fresh path under tmp_path, for tests needing several."""
+
+  def make(name: str) -> str:
+    path = tmp_path / name
+    assert not path.exists(), f"workdir {path} already used in this test"
+    return str(path)
+
+  return make
