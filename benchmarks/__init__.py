@@ -1,0 +1,1 @@
+"""Throughput / memory / compile-time measurements (not tests); see README.md."""
