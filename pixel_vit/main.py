@@ -2,6 +2,8 @@
 
 Validates the config, then hands over to the trainer named by `config.task`.
 """
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -24,8 +26,16 @@ def trainer_for(config):
   return TRAINERS[config.task]
 
 
+class _HideLibraryChatter(std_logging.Filter):
+  """Keeps orbax's per-save INFO lines out of the run log (warnings still show)."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_HideLibraryChatter())
   config = _CONFIG.value
   trainer = trainer_for(config)
   trainer.validate(config)

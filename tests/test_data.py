@@ -12,19 +12,6 @@ from sklearn import datasets as sk_datasets
 from pixel_vit.data import pipeline, sources
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-  """Any TCP connection beyond loopback fails the test: nothing here may download."""
-  real_connect = socket.socket.connect
-
-  def guarded_connect(sock, address):
-    if isinstance(address, tuple) and address[0] not in ("127.0.0.1", "::1", "localhost"):
-      raise AssertionError(f"test tried to reach the network: {address}")
-    return real_connect(sock, address)
-
-  monkeypatch.setattr(socket.socket, "connect", guarded_connect)
-
-
 def _marked_images(n, shape=(6, 5, 3)):
   """Images whose first two pixels spell their index, so every batch can be traced back."""
   images = np.zeros((n, *shape), np.uint8)
