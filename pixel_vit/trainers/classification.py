@@ -9,17 +9,15 @@ from __future__ import annotations
 import functools
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
 
-from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit import configuration, parallel
 from pixel_vit import optimizer as optimizer_lib
 from pixel_vit.data import augment, pipeline, sources
 from pixel_vit.evaluation import accuracy
 from pixel_vit.models import vit
-from pixel_vit.trainers import reporting
+from pixel_vit.trainers import loop
 from pixel_vit.trainers import state as state_lib
 
 
@@ -107,8 +105,6 @@ def make_eval_sums(config, graphdef, num_classes: int):
 def train_and_evaluate(config, workdir: str) -> tuple[state_lib.TrainState, dict]:
   """Trains to the configured length; returns the final state and the last
   evaluation's metrics."""
-  mesh = parallel.make_mesh(config.mesh)
-  rules = config.sharding_rules
   train_split, eval_split = load_splits(config)
   local_batch = config.batch_size // jax.process_count()
   local_eval_batch = config.eval_batch_size // jax.process_count()
@@ -119,82 +115,42 @@ def train_and_evaluate(config, workdir: str) -> tuple[state_lib.TrainState, dict
   abstract_params = nnx.to_pure_dict(nnx.split(nnx.eval_shape(make_model))[1])
   schedule = optimizer_lib.make_schedule(config.optimizer, total_steps, warmup_steps)
   tx = optimizer_lib.make_optimizer(config.optimizer, schedule, abstract_params)
-  described, create_state = state_lib.sharded_state(
-      make_model, tx, mesh=mesh, rules=rules, seed=config.seed,
-      ema=config.optimizer.ema_decay > 0)
-
-  checkpointer = checkpoint_lib.Checkpointer(
-      workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
   # What makes a checkpoint this model; dtype, attention backend, scan and
   # remat may change between runs (e.g. resuming on another machine).
   identity = {"task": "classification", "variant": config.model.variant,
               "posemb": config.model.posemb, "pool": config.model.pool,
               "num_classes": int(train_split.num_classes),
               "image_shape": list(train_split.images.shape[1:])}
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(
-        checkpoint_lib.abstract_with_shardings(described.abstract, described.shardings),
-        identity)
-  else:
-    state = create_state()
-  start_step = int(jax.device_get(state.step))
+  run = loop.start(config, workdir, make_model=make_model, tx=tx, identity=identity,
+                   total_steps=total_steps)
+  run.reporter.log(f"steps {run.start_step} -> {total_steps} ({steps_per_epoch} steps/epoch), "
+                   f"{train_split.total_examples} train / {eval_split.total_examples} eval examples")
 
-  batch_shardings = {name: parallel.batch_sharding(mesh, rules, ndim)
-                     for name, ndim in (("images", 4), ("labels", 1), ("mask", 1))}
-  replicated = parallel.replicated(mesh)
-  with parallel.activate(mesh, rules):
-    train_step = jax.jit(
-        make_train_step(config, described.graphdef, tx, schedule, train_split.num_classes),
-        in_shardings=(described.shardings,
-                      {k: batch_shardings[k] for k in ("images", "labels")}),
-        out_shardings=(described.shardings, replicated), donate_argnums=0)
-    eval_sums = jax.jit(
-        make_eval_sums(config, described.graphdef, train_split.num_classes),
-        in_shardings=(described.param_shardings, batch_shardings), out_shardings=replicated)
+  shardings = run.described.shardings
+  replicated = parallel.replicated(run.mesh)
+  train_step = run.jit(
+      make_train_step(config, run.described.graphdef, tx, schedule, train_split.num_classes),
+      in_shardings=(shardings, {"images": run.batch_sharding(4), "labels": run.batch_sharding(1)}),
+      out_shardings=(shardings, replicated), donate_argnums=0)
+  eval_sums = run.jit(
+      make_eval_sums(config, run.described.graphdef, train_split.num_classes),
+      in_shardings=(run.described.param_shardings,
+                    {"images": run.batch_sharding(4), "labels": run.batch_sharding(1),
+                     "mask": run.batch_sharding(1)}),
+      out_shardings=replicated)
 
-  reporter = reporting.Reporter(workdir, config, total_steps=total_steps,
-                                log_every=config.log_every)
-  reporter.log(f"steps {start_step} -> {total_steps} ({steps_per_epoch} steps/epoch), "
-               f"{train_split.total_examples} train / {eval_split.total_examples} eval examples")
-
-  def run_eval(step: int) -> dict:
+  def evaluate(step: int, state: state_lib.TrainState) -> dict:
     results = {}
     candidates = [("eval", state.params)]
     if state.ema_params is not None:
       candidates.append(("eval_ema", state.ema_params))
     for prefix, params in candidates:
-      batches = (parallel.host_to_global(b, mesh, rules) for b in
-                 pipeline.eval_batches(eval_split, local_batch_size=local_eval_batch))
-      with parallel.activate(mesh, rules):
-        metrics = accuracy.evaluate(functools.partial(eval_sums, params), batches)
+      batches = map(run.to_global,
+                    pipeline.eval_batches(eval_split, local_batch_size=local_eval_batch))
+      metrics = accuracy.evaluate(functools.partial(eval_sums, params), batches)
       results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
-    reporter.scalars(step, results)
-    reporter.log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
-    return results
+    return loop.report_eval(run, step, results)
 
   batches = pipeline.train_batches(train_split, local_batch_size=local_batch,
-                                   seed=config.seed, start_step=start_step)
-  pending: list[dict] = []
-  results: dict = {}
-  with parallel.activate(mesh, rules):
-    for step in range(start_step + 1, total_steps + 1):
-      batch = parallel.host_to_global(next(batches), mesh, rules)
-      state, metrics = train_step(state, batch)
-      pending.append(metrics)
-      reporter.tick(step)
-      if step % config.log_every == 0 or step == total_steps:
-        means = {k: np.mean([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
-        reporter.scalars(step, means)
-        pending = []
-      if step % config.eval_every == 0 or step == total_steps:
-        results = run_eval(step)
-      checkpointer.save(step, state, identity, force=step == total_steps)
-      if checkpointer.reached_preemption(step):  # orbax saved this step already
-        reporter.log(f"preempted at step {step}; checkpoint saved, exiting.")
-        break
-  if not results and start_step >= total_steps:
-    results = run_eval(start_step)
-  checkpointer.wait()
-  checkpointer.close()
-  reporter.close()
-  return state, results
+                                   seed=config.seed, start_step=run.start_step)
+  return loop.train(run, config, train_step=train_step, batches=batches, evaluate=evaluate)

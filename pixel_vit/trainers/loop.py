@@ -1,0 +1,123 @@
+"""The parts of a training run every task shares.
+
+`start` builds the mesh, the sharded train state (resumed from the workdir's
+newest checkpoint when there is one) and the reporter; `train` runs the loop:
+step, progress, periodic metrics, evaluation, checkpoints, preemption. A
+trainer supplies its jitted step, its batches and its evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from pixel_vit import checkpoint as checkpoint_lib
+from pixel_vit import parallel
+from pixel_vit.trainers import reporting
+from pixel_vit.trainers import state as state_lib
+
+
+@dataclasses.dataclass
+class Run:
+  mesh: jax.sharding.Mesh
+  rules: Any
+  described: state_lib.ShardedState
+  state: state_lib.TrainState
+  checkpointer: checkpoint_lib.Checkpointer
+  reporter: reporting.Reporter
+  identity: dict
+  total_steps: int
+
+  @property
+  def start_step(self) -> int:
+    return int(jax.device_get(self.state.step))
+
+  def batch_sharding(self, ndim: int):
+    return parallel.batch_sharding(self.mesh, self.rules, ndim)
+
+  def to_global(self, local_batch: dict) -> dict:
+    return parallel.host_to_global(local_batch, self.mesh, self.rules)
+
+  def jit(self, fn, *, in_shardings, out_shardings, donate_argnums=()):
+    """`jax.jit` traced under this run's mesh and logical-axis rules."""
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                     donate_argnums=donate_argnums)
+
+    def call(*args):
+      with parallel.activate(self.mesh, self.rules):
+        return jitted(*args)
+
+    return call
+
+
+def start(config, workdir: str, *, make_model: Callable[[], nnx.Module],
+          tx: optax.GradientTransformation, identity: dict, total_steps: int,
+          initial_params: Callable[[Any], Any] | None = None) -> Run:
+  """Mesh, sharded state (resumed or new), checkpointer and reporter.
+
+  `initial_params(params) -> params` adjusts a *new* run's parameters (e.g.
+  loading a pre-trained encoder); a resumed run takes its checkpoint instead.
+  """
+  mesh = parallel.make_mesh(config.mesh)
+  rules = config.sharding_rules
+  described, create_state = state_lib.sharded_state(
+      make_model, tx, mesh=mesh, rules=rules, seed=config.seed,
+      ema=config.optimizer.ema_decay > 0)
+  checkpointer = checkpoint_lib.Checkpointer(
+      workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(
+        checkpoint_lib.abstract_with_shardings(described.abstract, described.shardings),
+        identity)
+  else:
+    state = create_state()
+    if initial_params is not None:
+      params = jax.device_put(initial_params(state.params), described.param_shardings)
+      state = state.replace(params=params,
+                            ema_params=None if state.ema_params is None else params)
+  reporter = reporting.Reporter(workdir, config, total_steps=total_steps,
+                                log_every=config.log_every)
+  return Run(mesh, rules, described, state, checkpointer, reporter, identity, total_steps)
+
+
+def train(run: Run, config, *, train_step: Callable, batches: Iterator[dict],
+          evaluate: Callable[[int, state_lib.TrainState], dict]) -> tuple[state_lib.TrainState, dict]:
+  """Runs `train_step` from the state's step to `run.total_steps`.
+
+  `batches` yields per-process numpy batches starting at the state's step;
+  `evaluate(step, state)` reports and returns its metrics. Returns the final
+  state and the last evaluation's metrics.
+  """
+  state, start_step = run.state, run.start_step
+  pending: list[dict] = []
+  results: dict = {}
+  for step in range(start_step + 1, run.total_steps + 1):
+    state, metrics = train_step(state, run.to_global(next(batches)))
+    pending.append(metrics)
+    run.reporter.tick(step)
+    if step % config.log_every == 0 or step == run.total_steps:
+      means = {k: np.mean([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
+      run.reporter.scalars(step, means)
+      pending = []
+    if step % config.eval_every == 0 or step == run.total_steps:
+      results = evaluate(step, state)
+    run.checkpointer.save(step, state, run.identity, force=step == run.total_steps)
+    if run.checkpointer.reached_preemption(step):  # orbax saved this step already
+      run.reporter.log(f"preempted at step {step}; checkpoint saved, exiting.")
+      break
+  if not results and start_step >= run.total_steps:
+    results = evaluate(start_step, state)
+  run.checkpointer.wait()
+  run.checkpointer.close()
+  run.reporter.close()
+  return state, results
+
+
+def report_eval(run: Run, step: int, results: dict) -> dict:
+  run.reporter.scalars(step, results)
+  run.reporter.log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+  return results
