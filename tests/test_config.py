@@ -15,7 +15,7 @@ from pixel_vit import configuration
 from pixel_vit import main as main_lib
 from pixel_vit.data import augment
 from pixel_vit.models import vit
-from pixel_vit.trainers import classification
+from pixel_vit.trainers import classification, loop
 
 
 def snapshot(directory) -> dict:
@@ -57,7 +57,7 @@ def test_patch_dividing_image_is_accepted(quick_config):
   # The same check passes for a patch that tiles 8x8, so the one above is specific.
   config = quick_config({"model.variant": "mu/4"})
   classification.validate(config)
-  train, _ = classification.load_splits(config)
+  train, _ = loop.load_splits(config)
   assert train.images.shape[1:] == (8, 8, 1)
 
 

@@ -17,7 +17,7 @@ from pixel_vit import optimizer as optimizer_lib
 from pixel_vit import parallel
 from pixel_vit.data import pipeline, sources
 from pixel_vit.evaluation import accuracy
-from pixel_vit.trainers import classification
+from pixel_vit.trainers import classification, loop
 from pixel_vit.trainers import state as state_lib
 
 DIGITS_TEST_EXAMPLES = 360
@@ -150,7 +150,7 @@ def test_resume_is_exact(quick_config, make_workdir, ema_decay):
   assert_trees_equal(state_b.rng, state_a.rng, "rng")
   if ema_decay:  # the EMA really moved: it is neither the initial nor the current params
     initial = nnx.to_pure_dict(nnx.split(classification.make_model_fn(
-        config, classification.load_splits(config)[0])())[1])
+        config, loop.load_splits(config)[0])())[1])
     for other, what in ((initial, "initial"), (state_a.params, "current")):
       diff = max(float(np.abs(a - b).max()) for a, b in zip(
           as_numpy_leaves(other), as_numpy_leaves(state_a.ema_params)))
@@ -209,10 +209,10 @@ def run_train_steps(config, devices, steps: int):
   """What the trainer builds, on a mesh over `devices`: `steps` train steps."""
   mesh = parallel.make_mesh(config.mesh, devices=devices)
   rules = config.sharding_rules
-  train_split, _ = classification.load_splits(config)
+  train_split, _ = loop.load_splits(config)
   make_model = classification.make_model_fn(config, train_split)
   abstract_params = nnx.to_pure_dict(nnx.split(nnx.eval_shape(make_model))[1])
-  total_steps, warmup_steps = classification.schedule_steps(
+  total_steps, warmup_steps = loop.schedule_steps(
       config, pipeline.steps_per_epoch(train_split, config.batch_size))
   schedule = optimizer_lib.make_schedule(config.optimizer, total_steps, warmup_steps)
   tx = optimizer_lib.make_optimizer(config.optimizer, schedule, abstract_params)
@@ -257,7 +257,7 @@ def test_one_device_and_eight_devices_train_the_same(quick_config):
     for a, b in zip(as_numpy_leaves(getattr(state8, what)), as_numpy_leaves(getattr(state1, what))):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=what)
   initial = nnx.to_pure_dict(nnx.split(classification.make_model_fn(
-      config, classification.load_splits(config)[0])())[1])
+      config, loop.load_splits(config)[0])())[1])
   moved = max(float(np.abs(a - b).max())
               for a, b in zip(as_numpy_leaves(state1.params), as_numpy_leaves(initial)))
   assert moved > 1e-4  # the steps changed the parameters

@@ -91,21 +91,21 @@ def sincos2d_posemb(grid_h: int, grid_w: int, width: int,
   return pe[None].astype(np.float32)
 
 
-def _param(init, rngs: nnx.Rngs, shape, logical_axes) -> nnx.Param:
+def param(init, rngs: nnx.Rngs, shape, logical_axes) -> nnx.Param:
   return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=logical_axes)
 
 
-_dense_init = jax.nn.initializers.xavier_uniform()
-_zeros = jax.nn.initializers.zeros
-_ones = jax.nn.initializers.ones
+dense_init = jax.nn.initializers.xavier_uniform()
+zeros = jax.nn.initializers.zeros
+ones = jax.nn.initializers.ones
 
 
 class LayerNorm(nnx.Module):
   """LayerNorm with float32 statistics, output in the compute dtype."""
 
   def __init__(self, width: int, *, dtype, rngs: nnx.Rngs):
-    self.scale = _param(_ones, rngs, (width,), ("embed",))
-    self.bias = _param(_zeros, rngs, (width,), ("embed",))
+    self.scale = param(ones, rngs, (width,), ("embed",))
+    self.bias = param(zeros, rngs, (width,), ("embed",))
     self.dtype = dtype
 
   def __call__(self, x):
@@ -123,12 +123,12 @@ class MultiHeadAttention(nnx.Module):
     if width % heads:
       raise ValueError(f"width {width} is not divisible by heads {heads}.")
     head_dim = width // heads
-    self.qkv_kernel = _param(_dense_init, rngs, (width, 3, heads, head_dim),
+    self.qkv_kernel = param(dense_init, rngs, (width, 3, heads, head_dim),
                              ("embed", None, "heads", "kv"))
-    self.qkv_bias = _param(_zeros, rngs, (3, heads, head_dim), (None, "heads", "kv"))
-    self.out_kernel = _param(_dense_init, rngs, (heads, head_dim, width),
+    self.qkv_bias = param(zeros, rngs, (3, heads, head_dim), (None, "heads", "kv"))
+    self.out_kernel = param(dense_init, rngs, (heads, head_dim, width),
                              ("heads", "kv", "embed"))
-    self.out_bias = _param(_zeros, rngs, (width,), ("embed",))
+    self.out_bias = param(zeros, rngs, (width,), ("embed",))
     self.dtype = dtype
     self.attention = attention
 
@@ -144,10 +144,10 @@ class MultiHeadAttention(nnx.Module):
 class Mlp(nnx.Module):
 
   def __init__(self, width: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs):
-    self.fc1_kernel = _param(_dense_init, rngs, (width, mlp_dim), ("embed", "mlp"))
-    self.fc1_bias = _param(_zeros, rngs, (mlp_dim,), ("mlp",))
-    self.fc2_kernel = _param(_dense_init, rngs, (mlp_dim, width), ("mlp", "embed"))
-    self.fc2_bias = _param(_zeros, rngs, (width,), ("embed",))
+    self.fc1_kernel = param(dense_init, rngs, (width, mlp_dim), ("embed", "mlp"))
+    self.fc1_bias = param(zeros, rngs, (mlp_dim,), ("mlp",))
+    self.fc2_kernel = param(dense_init, rngs, (mlp_dim, width), ("mlp", "embed"))
+    self.fc2_bias = param(zeros, rngs, (width,), ("embed",))
     self.dtype = dtype
 
   def __call__(self, x):
@@ -251,13 +251,13 @@ class Encoder(nnx.Module):
     self.posemb_kind = posemb
     self.drop_path_rate = drop_path_rate
     self.depth = size.depth
-    self.tokenizer_kernel = _param(_dense_init, rngs, (patch * patch * channels, size.width),
+    self.tokenizer_kernel = param(dense_init, rngs, (patch * patch * channels, size.width),
                                    (None, "embed"))
-    self.tokenizer_bias = _param(_zeros, rngs, (size.width,), ("embed",))
+    self.tokenizer_bias = param(zeros, rngs, (size.width,), ("embed",))
     if posemb == "learn":  # random init, as in the paper: pixels are a set.
-      self.posemb = _param(jax.nn.initializers.normal(0.02), rngs,
+      self.posemb = param(jax.nn.initializers.normal(0.02), rngs,
                            (1, self.num_patches, size.width), (None, None, "embed"))
-    self.cls = (_param(_zeros, rngs, (1, 1, size.width), (None, None, "embed"))
+    self.cls = (param(zeros, rngs, (1, 1, size.width), (None, None, "embed"))
                 if cls_token else None)
     self.blocks = BlockStack(size, dtype=dtype, attention=attention, scan=scan,
                              remat=remat, rngs=rngs)
@@ -310,8 +310,8 @@ class Classifier(nnx.Module):
     self.encoder = encoder
     self.pool = pool
     # Zero-initialised head, as big_vision: the first logits are uniform.
-    self.head_kernel = _param(_zeros, rngs, (encoder.width, num_classes), ("embed", "vocab"))
-    self.head_bias = _param(_zeros, rngs, (num_classes,), ("vocab",))
+    self.head_kernel = param(zeros, rngs, (encoder.width, num_classes), ("embed", "vocab"))
+    self.head_bias = param(zeros, rngs, (num_classes,), ("vocab",))
 
   def features(self, images, *, key=None) -> jax.Array:
     x = self.encoder(images, key=key)

@@ -32,33 +32,11 @@ def validate(config) -> None:
                      "set one of them.")
 
 
-def load_splits(config) -> tuple[sources.ImageSplit, sources.ImageSplit]:
-  source = sources.parse_source(config.data.source, data_dir=config.data.get("data_dir"),
-                                download=config.data.get("download", True))
-  load = functools.partial(source.load, process_index=jax.process_index(),
-                           process_count=jax.process_count(),
-                           image_size=config.data.get("image_size"))
-  train, test = load(config.data.train_split), load(config.data.eval_split)
-  height, width = train.images.shape[1:3]
-  if height != width:
-    raise ValueError(f"images from {config.data.source} are {height}x{width}; the encoder "
-                     "needs square images: set config.data.image_size.")
-  configuration.validate_image_size(config.model, height)
-  return train, test
-
-
 def make_model_fn(config, split: sources.ImageSplit):
   height, _, channels = split.images.shape[1:]
   return lambda: vit.build_classifier(config.model, image_size=height, channels=channels,
                                       num_classes=split.num_classes,
                                       rngs=nnx.Rngs(config.seed))
-
-
-def schedule_steps(config, steps_per_epoch: int) -> tuple[int, int]:
-  total = config.total_steps or max(1, round(config.total_epochs * steps_per_epoch))
-  warmup = (config.optimizer.warmup_steps
-            or round(config.optimizer.get("warmup_epochs", 0.0) * steps_per_epoch))
-  return total, min(warmup, total)
 
 
 def make_train_step(config, graphdef, tx, schedule, num_classes: int):
@@ -105,11 +83,11 @@ def make_eval_sums(config, graphdef, num_classes: int):
 def train_and_evaluate(config, workdir: str) -> tuple[state_lib.TrainState, dict]:
   """Trains to the configured length; returns the final state and the last
   evaluation's metrics."""
-  train_split, eval_split = load_splits(config)
+  train_split, eval_split = loop.load_splits(config)
   local_batch = config.batch_size // jax.process_count()
   local_eval_batch = config.eval_batch_size // jax.process_count()
   steps_per_epoch = pipeline.steps_per_epoch(train_split, local_batch)
-  total_steps, warmup_steps = schedule_steps(config, steps_per_epoch)
+  total_steps, warmup_steps = loop.schedule_steps(config, steps_per_epoch)
 
   make_model = make_model_fn(config, train_split)
   abstract_params = nnx.to_pure_dict(nnx.split(nnx.eval_shape(make_model))[1])

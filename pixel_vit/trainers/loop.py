@@ -8,6 +8,7 @@ trainer supplies its jitted step, its batches and its evaluation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator
 
 import jax
@@ -16,7 +17,8 @@ import optax
 from flax import nnx
 
 from pixel_vit import checkpoint as checkpoint_lib
-from pixel_vit import parallel
+from pixel_vit import configuration, parallel
+from pixel_vit.data import sources
 from pixel_vit.trainers import reporting
 from pixel_vit.trainers import state as state_lib
 
@@ -52,6 +54,28 @@ class Run:
         return jitted(*args)
 
     return call
+
+
+def load_splits(config) -> tuple[sources.ImageSplit, sources.ImageSplit]:
+  source = sources.parse_source(config.data.source, data_dir=config.data.get("data_dir"),
+                                download=config.data.get("download", True))
+  load = functools.partial(source.load, process_index=jax.process_index(),
+                           process_count=jax.process_count(),
+                           image_size=config.data.get("image_size"))
+  train, test = load(config.data.train_split), load(config.data.eval_split)
+  height, width = train.images.shape[1:3]
+  if height != width:
+    raise ValueError(f"images from {config.data.source} are {height}x{width}; the encoder "
+                     "needs square images: set config.data.image_size.")
+  configuration.validate_image_size(config.model, height)
+  return train, test
+
+
+def schedule_steps(config, steps_per_epoch: int) -> tuple[int, int]:
+  total = config.total_steps or max(1, round(config.total_epochs * steps_per_epoch))
+  warmup = (config.optimizer.warmup_steps
+            or round(config.optimizer.get("warmup_epochs", 0.0) * steps_per_epoch))
+  return total, min(warmup, total)
 
 
 def start(config, workdir: str, *, make_model: Callable[[], nnx.Module],

@@ -1,0 +1,159 @@
+"""Masked autoencoder (He et al., 2022) on pixel or patch tokens.
+
+The encoder is the classification encoder (`vit.Encoder`) and runs on the
+visible tokens only, each with its own position embedding. A lighter decoder
+sees the encoded visible tokens plus a learned mask token at every masked
+position (with decoder position embeddings) and predicts each token's pixel
+values. The loss is over masked tokens only.
+
+Normalised targets (`norm_pix_loss`): MAE normalises each patch's pixels by
+that patch's mean and variance. For a 1x1 token that is degenerate (one
+grey value has variance 0; three RGB values give a per-pixel colour
+direction). We normalise over a `norm_pix_window` x `norm_pix_window`
+neighbourhood instead, independent of the token size: with window 2, PiT/1
+and ViT/2 learn the very same targets, so the two are compared on equal
+terms. Window 0 means "the token itself" (MAE's rule for patches).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pixel_vit import parallel
+from pixel_vit.models import vit
+
+
+def num_visible(num_tokens: int, mask_ratio: float) -> int:
+  """Visible tokens per example: round(N * (1 - ratio)), at least 1."""
+  return max(1, int(round(num_tokens * (1.0 - mask_ratio))))
+
+
+def random_masking(key: jax.Array, batch: int, num_tokens: int, mask_ratio: float):
+  """Per-example random masking by shuffling token indices.
+
+  Returns (keep [B, n_visible] token indices, mask [B, N] with 1 = masked,
+  restore [B, N]: the inverse permutation that unshuffles).
+  """
+  n_keep = num_visible(num_tokens, mask_ratio)
+  noise = jax.random.uniform(key, (batch, num_tokens))
+  shuffle = jnp.argsort(noise, axis=1)
+  restore = jnp.argsort(shuffle, axis=1)
+  keep = shuffle[:, :n_keep]
+  mask = jnp.ones((batch, num_tokens), jnp.float32).at[:, :n_keep].set(0.0)
+  mask = jnp.take_along_axis(mask, restore, axis=1)
+  return keep, mask, restore
+
+
+def pixel_targets(images: jax.Array, patch: int, *, norm_pix_loss: bool,
+                  norm_pix_window: int) -> jax.Array:
+  """[B, H, W, C] normalised images -> [B, N, patch*patch*C] targets."""
+  if norm_pix_loss:
+    window = norm_pix_window or patch
+    height, width = images.shape[1:3]
+    tiles = vit.patchify(images, window)
+    mean = tiles.mean(axis=-1, keepdims=True)
+    var = tiles.var(axis=-1, keepdims=True)
+    images = vit.unpatchify((tiles - mean) / jnp.sqrt(var + 1e-6), window, height, width)
+  return vit.patchify(images, patch)
+
+
+def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean squared error per token, averaged over masked tokens only."""
+  per_token = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
+  return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+class MaskedAutoencoder(nnx.Module):
+
+  def __init__(self, *, encoder: vit.Encoder, decoder_size: vit.EncoderSize, channels: int,
+               decoder_posemb: str, dtype, attention: str, scan: bool, remat: str,
+               rngs: nnx.Rngs):
+    if encoder.cls is None:
+      raise ValueError("the MAE encoder needs its [CLS] token (cls_token=True).")
+    self.encoder = encoder
+    self.patch = encoder.patch
+    self.dtype = dtype
+    width = decoder_size.width
+    self.decoder_embed_kernel = vit.param(vit.dense_init, rngs, (encoder.width, width),
+                                           ("embed", None))
+    self.decoder_embed_bias = vit.param(vit.zeros, rngs, (width,), (None,))
+    self.mask_token = vit.param(jax.nn.initializers.normal(0.02), rngs, (1, 1, width),
+                                 (None, None, None))
+    self.decoder_posemb_kind = decoder_posemb
+    if decoder_posemb == "learn":
+      self.decoder_posemb = vit.param(jax.nn.initializers.normal(0.02), rngs,
+                                       (1, encoder.num_patches, width), (None, None, None))
+    self.decoder_width = width
+    self.decoder_blocks = vit.BlockStack(decoder_size, dtype=dtype, attention=attention,
+                                         scan=scan, remat=remat, rngs=rngs)
+    self.decoder_norm = vit.LayerNorm(width, dtype=dtype, rngs=rngs)
+    out = self.patch * self.patch * channels
+    self.decoder_pred_kernel = vit.param(vit.dense_init, rngs, (width, out), (None, None))
+    self.decoder_pred_bias = vit.param(vit.zeros, rngs, (out,), (None,))
+
+  def decoder_position_embedding(self) -> jax.Array:
+    if self.decoder_posemb_kind == "learn":
+      return self.decoder_posemb[...]
+    grid = self.encoder.grid
+    if self.decoder_posemb_kind == "sincos2d":
+      return jnp.asarray(vit.sincos2d_posemb(grid, grid, self.decoder_width))
+    return jnp.zeros((1, grid * grid, self.decoder_width), jnp.float32)
+
+  def encode_visible(self, images: jax.Array, keep: jax.Array, *, key=None) -> jax.Array:
+    """Encodes only the tokens at `keep` ([B, n]); returns [B, 1 + n, width]."""
+    tokens = self.encoder.tokenize(images)
+    visible = jnp.take_along_axis(tokens, keep[:, :, None], axis=1)
+    return self.encoder.encode(visible, key=key)
+
+  def decode(self, latent: jax.Array, restore: jax.Array) -> jax.Array:
+    """[B, 1 + n, enc width] -> per-token predictions [B, N, patch*patch*C]."""
+    x = latent @ self.decoder_embed_kernel[...].astype(self.dtype)
+    x = x + self.decoder_embed_bias[...].astype(self.dtype)
+    cls, visible = x[:, :1], x[:, 1:]
+    b, n_keep, width = visible.shape
+    n_tokens = restore.shape[1]
+    masked = jnp.broadcast_to(self.mask_token[...].astype(self.dtype),
+                              (b, n_tokens - n_keep, width))
+    x = jnp.take_along_axis(jnp.concatenate([visible, masked], axis=1),
+                            restore[:, :, None], axis=1)
+    x = x + self.decoder_position_embedding().astype(self.dtype)
+    x = parallel.constrain(jnp.concatenate([cls, x], axis=1), ("batch", "length", "embed"))
+    x = self.decoder_norm(self.decoder_blocks(x))
+    pred = x[:, 1:] @ self.decoder_pred_kernel[...].astype(self.dtype)
+    return pred + self.decoder_pred_bias[...].astype(self.dtype)
+
+  def __call__(self, images: jax.Array, *, mask_key: jax.Array, mask_ratio: float,
+               key=None):
+    """Returns (predictions [B, N, p*p*C], mask [B, N] with 1 = masked)."""
+    keep, mask, restore = random_masking(mask_key, images.shape[0],
+                                         self.encoder.num_patches, mask_ratio)
+    pred = self.decode(self.encode_visible(images, keep, key=key), restore)
+    return pred.astype(jnp.float32), mask
+
+
+def build_mae(model_config, *, image_size: int, channels: int, rngs: nnx.Rngs) -> MaskedAutoencoder:
+  """The MAE a `config.model` describes (see configs/mae_pixel.py)."""
+  size, patch = vit.parse_variant(model_config.variant)
+  dtype = vit.DTYPES[model_config.dtype]
+  common = dict(dtype=dtype, attention=model_config.attention, scan=model_config.scan,
+                remat=model_config.remat)
+  encoder = vit.Encoder(size=size, patch=patch, image_size=image_size, channels=channels,
+                        posemb=model_config.posemb, cls_token=True,
+                        drop_path_rate=model_config.drop_path, rngs=rngs, **common)
+  decoder = model_config.decoder
+  decoder_size = vit.EncoderSize(width=decoder.width, depth=decoder.depth,
+                                 heads=decoder.heads, mlp_dim=decoder.mlp_dim)
+  return MaskedAutoencoder(encoder=encoder, decoder_size=decoder_size, channels=channels,
+                           decoder_posemb=decoder.posemb, rngs=rngs, **common)
+
+
+def visible_pasted(pred_tokens: jax.Array, target_tokens: jax.Array, mask: jax.Array) -> jax.Array:
+  """Reconstruction with the visible tokens replaced by the input's."""
+  return jnp.where(mask[:, :, None] > 0, pred_tokens, target_tokens)
+
+
+def masked_input(tokens: jax.Array, mask: jax.Array, fill: float) -> jax.Array:
+  """The input as the encoder sees it: masked tokens set to `fill`."""
+  return jnp.where(mask[:, :, None] > 0, jnp.asarray(fill, tokens.dtype), tokens)
+
