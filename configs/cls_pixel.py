@@ -18,42 +18,13 @@ import ml_collections
 from pixel_vit import configuration
 from pixel_vit.data import augment
 
-# Named datasets and their paper settings. ImageNet is resized to 28x28 as in
-# the paper's low-resolution study (784 pixel tokens).
-DATASETS = {
-    "cifar100": dict(source="tfds:cifar100", image_size=None, eval_split="test"),
-    "imagenet28": dict(source="tfds:imagenet2012", image_size=28, eval_split="validation"),
-    "digits": dict(source="digits", image_size=None, eval_split="test"),
-}
-
-# Mesh axes -> logical axes. Pure data parallel on one host by default; set
-# config.mesh.fsdp / tensor to shard parameters (see parallel.py).
-SHARDING_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", "seq"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("layers", None),
-)
-
-
 def get_config(arg=None):
   args = configuration.parse_arg(arg, variant="Ti/1", dataset="cifar100", quick=False)
   config = ml_collections.ConfigDict()
   config.task = "classification"
   config.seed = 0
 
-  if args.dataset in DATASETS:
-    dataset = DATASETS[args.dataset]
-  else:  # tfds:NAME or npz:PATH, checked by validation
-    dataset = dict(source=args.dataset, image_size=None, eval_split="test")
-  config.data = ml_collections.ConfigDict(dict(
-      source=dataset["source"], data_dir=None, download=True,
-      train_split="train", eval_split=dataset["eval_split"],
-      image_size=ml_collections.FieldReference(dataset["image_size"], field_type=int)))
+  config.data = configuration.dataset_config(args.dataset)
 
   config.model = ml_collections.ConfigDict(dict(
       variant=args.variant, posemb="learn", pool="cls", dtype="float32",
@@ -70,8 +41,8 @@ def get_config(arg=None):
       warmup_steps=0, warmup_epochs=20.0, ema_decay=0.0))
   config.augment = augment.default_augment_config()
 
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1, tensor=1))
-  config.sharding_rules = SHARDING_RULES
+  config.mesh = configuration.mesh_config()
+  config.sharding_rules = configuration.SHARDING_RULES
 
   config.log_every = 50
   config.eval_every = 1000

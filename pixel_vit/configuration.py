@@ -42,6 +42,47 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(result)
 
 
+# Named datasets (the `dataset=` config argument) and their paper settings.
+# ImageNet is resized to 28x28 as in
+# the paper's low-resolution study (784 pixel tokens).
+DATASETS = {
+    "cifar100": dict(source="tfds:cifar100", image_size=None, eval_split="test"),
+    "imagenet28": dict(source="tfds:imagenet2012", image_size=28, eval_split="validation"),
+    "digits": dict(source="digits", image_size=None, eval_split="test"),
+}
+
+# Logical axes -> mesh axes (see parallel.py). With the default mesh (all
+# devices on `data`) this is pure data parallelism; set config.mesh.fsdp /
+# tensor / seq to shard parameters and activations.
+SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", "seq"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def dataset_config(dataset: str) -> ml_collections.ConfigDict:
+  """`config.data` for a named dataset, `tfds:NAME` or `npz:PATH`."""
+  if dataset in DATASETS:
+    settings = DATASETS[dataset]
+  else:  # checked by validate_data
+    settings = dict(source=dataset, image_size=None, eval_split="test")
+  return ml_collections.ConfigDict(dict(
+      source=settings["source"], data_dir=None, download=True,
+      train_split="train", eval_split=settings["eval_split"],
+      image_size=ml_collections.FieldReference(settings["image_size"], field_type=int)))
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """All devices on the `data` axis; `-1` = the remaining devices."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1, tensor=1))
+
+
 def _require(condition: bool, message: str):
   if not condition:
     raise ValueError(message)
@@ -59,12 +100,30 @@ def _check_positive(key: str, value, *, allow_zero=False):
 def validate_model(model) -> None:
   _, patch = vit.parse_variant(model.variant)
   _check_choice("model.posemb", model.posemb, vit.POSEMBS)
-  _check_choice("model.pool", model.pool, vit.POOLS)
+  if "pool" in model:  # classifiers only
+    _check_choice("model.pool", model.pool, vit.POOLS)
   _check_choice("model.dtype", model.dtype, list(vit.DTYPES))
   _check_choice("model.remat", model.remat, list(vit.REMAT_POLICIES))
   _check_choice("model.attention", model.attention, list(attention.BACKENDS))
   _require(0.0 <= model.drop_path < 1.0,
            f"config.model.drop_path={model.drop_path!r} must be in [0, 1).")
+
+
+def validate_decoder(model) -> None:
+  """The MAE decoder and target settings (configs/mae_pixel.py)."""
+  decoder = model.decoder
+  for key in ("width", "depth", "heads", "mlp_dim"):
+    _check_positive(f"model.decoder.{key}", decoder[key])
+  _require(decoder.width % decoder.heads == 0,
+           f"config.model.decoder.width={decoder.width} must be divisible by "
+           f"config.model.decoder.heads={decoder.heads}.")
+  _check_choice("model.decoder.posemb", decoder.posemb, vit.POSEMBS)
+  _check_positive("model.norm_pix_window", model.norm_pix_window, allow_zero=True)
+  _, patch = vit.parse_variant(model.variant)
+  _require(not (model.norm_pix_loss and patch == 1 and model.norm_pix_window < 2),
+           "config.model.norm_pix_loss with 1x1 (pixel) tokens needs "
+           "config.model.norm_pix_window >= 2: one pixel's own statistics are degenerate "
+           "(a grey value has variance 0). Use norm_pix_window=2 (the targets of ViT/2).")
 
 
 def validate_image_size(model, image_size: int) -> None:
@@ -74,6 +133,9 @@ def validate_image_size(model, image_size: int) -> None:
            f"config.model.variant={model.variant!r} has patch {patch}, which does not "
            f"divide the image size {image_size}; pick a patch that divides it or set "
            "config.data.image_size.")
+  window = model.get("norm_pix_window", 0) if model.get("norm_pix_loss", False) else 0
+  _require(window == 0 or image_size % window == 0,
+           f"config.model.norm_pix_window={window} does not divide the image size {image_size}.")
 
 
 def validate_optimizer(opt) -> None:

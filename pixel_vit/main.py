@@ -7,10 +7,11 @@ import logging as std_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pixel_vit.trainers import classification
+from pixel_vit.trainers import classification, mae
 
 TRAINERS = {
     "classification": classification,
+    "mae": mae,
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",

@@ -45,17 +45,36 @@ def random_masking(key: jax.Array, batch: int, num_tokens: int, mask_ratio: floa
   return keep, mask, restore
 
 
+def _window_stats(images: jax.Array, window: int):
+  tiles = vit.patchify(images, window)
+  return tiles.mean(axis=-1, keepdims=True), jnp.sqrt(tiles.var(axis=-1, keepdims=True) + 1e-6)
+
+
 def pixel_targets(images: jax.Array, patch: int, *, norm_pix_loss: bool,
                   norm_pix_window: int) -> jax.Array:
   """[B, H, W, C] normalised images -> [B, N, patch*patch*C] targets."""
   if norm_pix_loss:
     window = norm_pix_window or patch
     height, width = images.shape[1:3]
-    tiles = vit.patchify(images, window)
-    mean = tiles.mean(axis=-1, keepdims=True)
-    var = tiles.var(axis=-1, keepdims=True)
-    images = vit.unpatchify((tiles - mean) / jnp.sqrt(var + 1e-6), window, height, width)
+    mean, std = _window_stats(images, window)
+    tiles = (vit.patchify(images, window) - mean) / std
+    images = vit.unpatchify(tiles, window, height, width)
   return vit.patchify(images, patch)
+
+
+def predictions_as_images(pred: jax.Array, images: jax.Array, patch: int, *,
+                          norm_pix_loss: bool, norm_pix_window: int) -> jax.Array:
+  """Inverse of `pixel_targets` for pictures: [B, N, p*p*C] -> [B, H, W, C] in
+  the input's space (normalised targets get the true window statistics back,
+  as MAE's visualisation does)."""
+  height, width = images.shape[1:3]
+  pred_images = vit.unpatchify(pred, patch, height, width)
+  if norm_pix_loss:
+    window = norm_pix_window or patch
+    mean, std = _window_stats(images, window)
+    tiles = vit.patchify(pred_images, window) * std + mean
+    pred_images = vit.unpatchify(tiles, window, height, width)
+  return pred_images
 
 
 def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
@@ -148,12 +167,8 @@ def build_mae(model_config, *, image_size: int, channels: int, rngs: nnx.Rngs) -
                            decoder_posemb=decoder.posemb, rngs=rngs, **common)
 
 
-def visible_pasted(pred_tokens: jax.Array, target_tokens: jax.Array, mask: jax.Array) -> jax.Array:
-  """Reconstruction with the visible tokens replaced by the input's."""
-  return jnp.where(mask[:, :, None] > 0, pred_tokens, target_tokens)
-
-
-def masked_input(tokens: jax.Array, mask: jax.Array, fill: float) -> jax.Array:
-  """The input as the encoder sees it: masked tokens set to `fill`."""
-  return jnp.where(mask[:, :, None] > 0, jnp.asarray(fill, tokens.dtype), tokens)
+def mask_as_image(mask: jax.Array, patch: int, height: int, width: int) -> jax.Array:
+  """[B, N] token mask -> [B, H, W, 1] pixel mask (1 = masked)."""
+  tokens = jnp.repeat(mask[:, :, None], patch * patch, axis=2)
+  return vit.unpatchify(tokens, patch, height, width)
 

@@ -1,0 +1,269 @@
+"""Initialising a classifier's encoder from a pre-trained checkpoint (`config.init_from`).
+
+`config.init_from` (a string; '' = off) names one of
+  * a run's workdir (`<workdir>/checkpoints/<step>/` inside; newest step),
+  * its `checkpoints` directory (newest step), or
+  * one `checkpoints/<step>` directory.
+
+The checkpoint may come from MAE pre-training (`task: 'mae'`,
+`trainers/mae.py`) or from a classification run (`task: 'classification'`,
+e.g. to fine-tune an ImageNet classifier on another dataset): both store the
+encoder as a pure dict under `params['encoder']` in the same layout; every
+other top-level parameter (the MAE decoder, a classifier's head) is ignored.
+
+What must agree, checked before anything compiles, each failure a ValueError
+naming the checkpoint, the field, both values and the fix:
+  * the task ('mae' or 'classification'),
+  * the model SIZE and PATCH of `config.model.variant`,
+  * `config.model.posemb` (a learned embedding loads into a learned one;
+    `sincos2d` / `none` have no parameters but change what the weights mean),
+  * the image channels (the tokenizer kernel is per channel) and, with a
+    learned position embedding, the image height and width (one embedding
+    per position),
+  * every encoder parameter's shape; a classifier parameter the checkpoint
+    lacks is an error. The checkpoint's [CLS] token is dropped when the
+    classifier pools by global average (`pool='gap'` builds no [CLS]).
+
+Only the encoder parameters are read from disk (an orbax partial restore onto
+the classifier's own shardings); the optimizer state, EMA and decoder are not.
+The head keeps its zero initialisation. `params`, not `ema_params`, is loaded.
+
+Only a new run loads `init_from`: a run that resumes from its own workdir
+takes its checkpoint (see `loop.start`), so a resumed fine-tune neither reads
+nor needs `init_from` any more.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from pixel_vit.models import vit
+
+TASKS = ("mae", "classification")
+CLS = "cls"  # the encoder's [CLS] token parameter
+
+
+def workdir_has_checkpoint(workdir: str) -> bool:
+  """Whether a run in `workdir` would resume (and so not load `init_from`)."""
+  return bool(ocp.utils.checkpoint_steps(os.path.join(workdir, "checkpoints")))
+
+
+def _steps(directory: epath.Path) -> list[int]:
+  return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
+
+
+def locate(init_from: str) -> tuple[epath.Path, int]:
+  """`init_from` -> (the checkpoints directory, the step to load)."""
+  path = epath.Path(init_from)
+  if not path.exists():
+    raise ValueError(
+        f"config.init_from={init_from!r} does not exist. Point it at a pre-training "
+        "workdir (e.g. the --workdir of configs/mae_pixel.py), its 'checkpoints' "
+        "directory or one 'checkpoints/<step>' directory; set it to '' to train from "
+        "random initialisation.")
+  if _steps(path / "checkpoints"):  # a workdir
+    directory = path / "checkpoints"
+    return directory, _steps(directory)[-1]
+  if _steps(path):  # a checkpoints directory
+    return path, _steps(path)[-1]
+  if path.name.isdigit() and int(path.name) in _steps(path.parent):  # checkpoints/<step>
+    return path.parent, int(path.name)
+  raise ValueError(
+      f"config.init_from={init_from!r} holds no finished checkpoint: expected a workdir "
+      "with 'checkpoints/<step>/' inside, a 'checkpoints' directory or one "
+      "'checkpoints/<step>' directory written by pixel_vit.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """One pre-trained checkpoint: where it is, what it says it is, and the
+  shapes of its encoder parameters (read from orbax's metadata, no arrays)."""
+  init_from: str
+  directory: epath.Path
+  step: int
+  metadata: dict
+  encoder_shapes: dict  # flat {'blocks/layers/attn/qkv_kernel': shape, ...}
+
+  @property
+  def where(self) -> str:
+    return f"config.init_from={self.init_from!r} (checkpoint {self.directory / str(self.step)})"
+
+  # ---------------------------------------------------------------- checks
+
+  def _field(self, name: str):
+    if name not in self.metadata:
+      raise ValueError(f"{self.where}: its metadata has no {name!r} "
+                       f"({sorted(self.metadata)}); it was not written by a pixel_vit "
+                       "trainer that init_from can load.")
+    return self.metadata[name]
+
+  def check_model(self, model_config) -> None:
+    """Task, SIZE, PATCH and posemb against `config.model` (no data needed)."""
+    task = self._field("task")
+    if task not in TASKS:
+      raise ValueError(
+          f"{self.where}: task {task!r} cannot initialise a classifier; init_from takes a "
+          f"checkpoint of task {list(TASKS)} (MAE pre-training or a classifier).")
+    variant = self._field("variant")
+    size, patch = vit.parse_variant(variant)
+    want_size, want_patch = vit.parse_variant(model_config.variant)
+    size_name, want_size_name = variant.partition("/")[0], model_config.variant.partition("/")[0]
+    if size != want_size:
+      raise ValueError(
+          f"{self.where}: model size (SIZE of SIZE/PATCH) differs: checkpoint "
+          f"{size_name!r} ({variant}) vs config.model.variant={model_config.variant!r} "
+          f"({want_size_name!r}). Fine-tune the size that was pre-trained "
+          f"(--config.model.variant={size_name}/{want_patch}) or point init_from at a "
+          f"{want_size_name} checkpoint.")
+    if patch != want_patch:
+      raise ValueError(
+          f"{self.where}: patch size (PATCH of SIZE/PATCH) differs: checkpoint {patch} "
+          f"({variant}) vs config.model.variant={model_config.variant!r} ({want_patch}). "
+          f"Fine-tune with --config.model.variant={size_name}/{patch} or point init_from at "
+          f"a checkpoint with patch {want_patch}.")
+    posemb = self._field("posemb")
+    if posemb != model_config.posemb:
+      raise ValueError(
+          f"{self.where}: position embedding differs: checkpoint {posemb!r} vs "
+          f"config.model.posemb={model_config.posemb!r}. Set "
+          f"--config.model.posemb={posemb} (what the encoder was trained with).")
+
+  def check_image_shape(self, image_shape, posemb: str) -> None:
+    """The data's [H, W, C] against the checkpoint's."""
+    saved = [int(x) for x in self._field("image_shape")]
+    height, width, channels = (int(x) for x in image_shape)
+    if saved[2] != channels:
+      raise ValueError(
+          f"{self.where}: image channels differ: checkpoint {saved[2]} vs {channels} in "
+          f"the data (the tokenizer kernel has one row per channel). Fine-tune on data "
+          f"with {saved[2]} channel(s) or pre-train on data like yours.")
+    if posemb == "learn" and saved[:2] != [height, width]:
+      raise ValueError(
+          f"{self.where}: image height/width differ: checkpoint {saved[0]}x{saved[1]} vs "
+          f"{height}x{width} in the data; a learned position embedding has one vector per "
+          f"position. Set --config.data.image_size={saved[0]} or pre-train at "
+          f"{height}x{width}.")
+
+  def encoder_plan(self, encoder_abstract) -> tuple[list[str], list[str]]:
+    """Compares the classifier's encoder parameters (a pure dict of shapes)
+    with the checkpoint's. Returns (loaded, dropped) parameter names; raises
+    naming every missing or mismatched one."""
+    wanted = _flat_shapes(encoder_abstract)
+    missing = sorted(set(wanted) - set(self.encoder_shapes))
+    mismatched = sorted(k for k in set(wanted) & set(self.encoder_shapes)
+                        if tuple(wanted[k]) != tuple(self.encoder_shapes[k]))
+    extra = sorted(set(self.encoder_shapes) - set(wanted))
+    problems = [f"encoder/{k}: checkpoint {tuple(self.encoder_shapes[k])} vs classifier "
+                f"{tuple(wanted[k])}" for k in mismatched]
+    problems += [f"encoder/{k}: not in the checkpoint" for k in missing]
+    problems += [f"encoder/{k}: in the checkpoint, the classifier has no such parameter"
+                 for k in extra if k != CLS]
+    if problems:
+      hint = (" The checkpoint has no [CLS] token: use --config.model.pool=gap."
+              if CLS in missing else "")
+      raise ValueError(f"{self.where}: its encoder does not fit the classifier's: "
+                       + "; ".join(problems) + "." + hint)
+    return sorted(wanted), [k for k in extra if k == CLS]
+
+  def check(self, config, image_shape, abstract_params) -> list[str]:
+    """Every check against the model about to be built; returns what is dropped."""
+    self.check_model(config.model)
+    self.check_image_shape(image_shape, config.model.posemb)
+    _, dropped = self.encoder_plan(abstract_params["encoder"])
+    return dropped
+
+  # ---------------------------------------------------------------- loading
+
+  def load_encoder(self, params: dict) -> dict:
+    """`params` with `params['encoder']` replaced by the checkpoint's encoder,
+    restored straight onto each classifier array's sharding. For
+    `loop.start(initial_params=...)`."""
+    self.encoder_plan(params["encoder"])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        params["encoder"])
+    item = {"params": {"encoder": target}}
+    manager = _reader(self.directory)
+    try:
+      restored = manager.restore(self.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True)))
+    finally:
+      manager.close()
+    return {**params, "encoder": restored.state["params"]["encoder"]}
+
+
+def _reader(directory: epath.Path) -> ocp.CheckpointManager:
+  """A manager that only reads: the `state` item as a plain pytree (so part of
+  it can be restored without knowing the rest) and the JSON `metadata`."""
+  return ocp.CheckpointManager(
+      directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                "metadata": ocp.JsonCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           save_interval_steps=0))
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def open_checkpoint(init_from: str) -> Pretrained:
+  """Finds the checkpoint and reads its JSON metadata and parameter shapes."""
+  directory, step = locate(init_from)
+  where = f"config.init_from={init_from!r} (checkpoint {directory / str(step)})"
+  manager = _reader(directory)
+  try:
+    try:
+      metadata = manager.restore(
+          step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+      tree = manager.item_metadata(step)["state"]
+    except (FileNotFoundError, KeyError, ValueError) as e:
+      raise ValueError(f"{where} could not be read as a pixel_vit checkpoint "
+                       f"(items 'state' and 'metadata'): {e}") from e
+  finally:
+    manager.close()
+  tree = getattr(tree, "tree", tree)
+  params = tree.get("params") if isinstance(tree, dict) else None
+  if not isinstance(params, dict) or not isinstance(params.get("encoder"), dict):
+    raise ValueError(
+        f"{where}: its parameters have no 'encoder' "
+        f"(top-level: {sorted(params) if isinstance(params, dict) else params!r}); "
+        "init_from loads the encoder of an MAE or classification run.")
+  return Pretrained(init_from=init_from, directory=directory, step=step,
+                    metadata=dict(metadata or {}),
+                    encoder_shapes=_flat_shapes(params["encoder"]))
+
+
+def check_config(config) -> Pretrained | None:
+  """For `validate`: when `config.init_from` names an existing path, reads it and
+  checks task, variant and posemb against `config.model`. (A missing path is
+  reported when a new run starts; a resumed run does not need it.)"""
+  init_from = config.get("init_from", "")
+  if not init_from or not epath.Path(init_from).exists():
+    return None
+  pretrained = open_checkpoint(init_from)
+  pretrained.check_model(config.model)
+  return pretrained
+
+
+def for_new_run(config, workdir: str) -> Pretrained | None:
+  """The checkpoint a new run in `workdir` starts from (None when
+  `config.init_from` is '' or the run resumes), checked against `config.model`."""
+  init_from = config.get("init_from", "")
+  if not init_from or workdir_has_checkpoint(workdir):
+    return None
+  pretrained = open_checkpoint(init_from)
+  pretrained.check_model(config.model)
+  return pretrained
+
+
+def describe(pretrained: Pretrained, dropped: list[str]) -> str:
+  meta = pretrained.metadata
+  text = (f"encoder initialised from {pretrained.directory / str(pretrained.step)} "
+          f"(task {meta.get('task')}, {meta.get('variant')}, posemb {meta.get('posemb')})")
+  return text + (f"; dropped {', '.join(dropped)}" if dropped else "")
+
