@@ -45,7 +45,8 @@ def get_config(arg=None):
       base_lr=1.5e-4, end_lr=0.0, b1=0.9, b2=0.95, weight_decay=0.05, grad_clip=0.0,
       warmup_steps=0, warmup_epochs=40.0, ema_decay=0.0))
   # MAE's rule: lr = base_lr * batch_size / 256 (follows --config.batch_size).
-  config.optimizer.lr = (config.get_ref("batch_size") * config.optimizer.get_ref("base_lr")
+  # base_lr first: the reference takes the first operand's type (float).
+  config.optimizer.lr = (config.optimizer.get_ref("base_lr") * config.get_ref("batch_size")
                          / 256)
 
   # MAE pre-training augmentation: random resized crop + flip only.

@@ -118,12 +118,17 @@ def validate_decoder(model) -> None:
            f"config.model.decoder.width={decoder.width} must be divisible by "
            f"config.model.decoder.heads={decoder.heads}.")
   _check_choice("model.decoder.posemb", decoder.posemb, vit.POSEMBS)
+  _require(decoder.posemb != "sincos2d" or decoder.width % 4 == 0,
+           f"config.model.decoder.width={decoder.width} must be a multiple of 4 for "
+           "config.model.decoder.posemb='sincos2d'.")
   _check_positive("model.norm_pix_window", model.norm_pix_window, allow_zero=True)
   _, patch = vit.parse_variant(model.variant)
-  _require(not (model.norm_pix_loss and patch == 1 and model.norm_pix_window < 2),
-           "config.model.norm_pix_loss with 1x1 (pixel) tokens needs "
-           "config.model.norm_pix_window >= 2: one pixel's own statistics are degenerate "
-           "(a grey value has variance 0). Use norm_pix_window=2 (the targets of ViT/2).")
+  window = model.norm_pix_window or patch  # 0 = the token itself
+  _require(not (model.norm_pix_loss and window < 2),
+           f"config.model.norm_pix_loss normalises over {window}x{window} pixels "
+           f"(config.model.norm_pix_window={model.norm_pix_window}, patch {patch}): one "
+           "pixel's own statistics are degenerate (a grey value has variance 0). Set "
+           "config.model.norm_pix_window >= 2; 2 gives the targets of ViT/2.")
 
 
 def validate_image_size(model, image_size: int) -> None:
@@ -147,6 +152,15 @@ def validate_optimizer(opt) -> None:
            f"config.optimizer b1={opt.b1}, b2={opt.b2} must be in [0, 1).")
   _require(opt.ema_decay == 0.0 or 0.0 < opt.ema_decay < 1.0,
            f"config.optimizer.ema_decay={opt.ema_decay!r} must be 0 (off) or in (0, 1).")
+  # Fine-tuning options (configs/mae_finetune.py; absent = off), see optimizer.py.
+  layer_decay = opt.get("layer_decay", 0.0)
+  _require(isinstance(layer_decay, (int, float)) and 0.0 <= layer_decay <= 1.0,
+           f"config.optimizer.layer_decay={layer_decay!r} must be in [0, 1]: 0 or 1 = off, "
+           "else layer i of L gets lr x layer_decay**(L+1-i) (MAE: 0.75, 0.65 for L/H).")
+  freeze = opt.get("freeze", ())
+  _require(isinstance(freeze, (tuple, list)) and all(isinstance(n, str) and n for n in freeze),
+           f"config.optimizer.freeze={freeze!r} must be a tuple of top-level parameter "
+           "names, e.g. ('encoder',) for a linear probe, or () for none.")
 
 
 def validate_run(config, device_count: int, process_count: int) -> None:

@@ -117,3 +117,47 @@ def make_workdir(tmp_path):
     return str(path)
 
   return make
+
+
+# ---------------------------------------------------------------- MAE (tests/test_mae.py)
+
+MAE_PIXEL_PATH = REPO_ROOT / "configs" / "mae_pixel.py"
+
+# A short MAE run: configs/mae_pixel.py:quick (mu/1 on 8x8 digits, a 64-wide
+# 2-deep decoder), shortened. Dotted keys, applied with `set_dotted`.
+MAE_TINY_RUN = {
+    "total_steps": 6,
+    "batch_size": 32,
+    "eval_batch_size": 40,
+    "eval_every": 3,
+    "checkpoint_every": 3,
+    "log_every": 2,
+    "optimizer.warmup_steps": 2,
+}
+
+
+def _load_mae_pixel():
+  spec = importlib.util.spec_from_file_location("configs_mae_pixel", MAE_PIXEL_PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="session")
+def mae_pixel():
+  """The configs/mae_pixel.py module, imported by path."""
+  return _load_mae_pixel()
+
+
+@pytest.fixture
+def mae_quick_config(mae_pixel):
+  """`mae_quick_config(dotted_overrides)` -> a fresh mae_pixel:quick config
+  (with MAE_TINY_RUN applied unless `tiny=False`)."""
+
+  def make(overrides: dict | None = None, *, tiny: bool = True, arg: str = "quick"):
+    config = mae_pixel.get_config(arg)
+    if tiny:
+      set_dotted(config, copy.deepcopy(MAE_TINY_RUN))
+    return set_dotted(config, overrides or {})
+
+  return make

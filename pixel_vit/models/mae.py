@@ -16,6 +16,8 @@ terms. Window 0 means "the token itself" (MAE's rule for patches).
 """
 from __future__ import annotations
 
+import fractions
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,8 +27,13 @@ from pixel_vit.models import vit
 
 
 def num_visible(num_tokens: int, mask_ratio: float) -> int:
-  """Visible tokens per example: round(N * (1 - ratio)), at least 1."""
-  return max(1, int(round(num_tokens * (1.0 - mask_ratio))))
+  """Visible tokens per example: round(N * (1 - ratio)), at least 1.
+
+  Computed on the ratio as written (0.9 is 9/10), so float noise in 1 - 0.9
+  cannot decide an exact half.
+  """
+  exact = num_tokens * (1 - fractions.Fraction(repr(float(mask_ratio))))
+  return max(1, round(exact))
 
 
 def random_masking(key: jax.Array, batch: int, num_tokens: int, mask_ratio: float):
