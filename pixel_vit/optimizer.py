@@ -72,7 +72,7 @@ def layer_id(path: tuple[str, ...], depth: int) -> int | np.ndarray:
   """The layer of the parameter at `path` (a tuple of key names): 0 for the
   tokenizer / position embedding / [CLS], [1..L] (one per stacked block) for
   the blocks, L + 1 for the final norm and anything outside the encoder."""
-  if not path or path[0] != ENCODER:
+  if len(path) < 2 or path[0] != ENCODER:
     return depth + 1
   if path[1:3] == STACKED_BLOCKS:
     return np.arange(1, depth + 1)
@@ -89,13 +89,6 @@ def layer_scale(path: tuple[str, ...], ndim: int, depth: int, decay: float):
   if np.ndim(scale) == 0:
     return float(scale)
   return scale.astype(np.float32).reshape((depth,) + (1,) * (ndim - 1))
-
-
-def layer_scales(params, decay: float):
-  """The scale tree `scale_by_layer` applies (for inspection and tests)."""
-  depth = encoder_depth(params)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: layer_scale(tuple(map(_key, path)), len(x.shape), depth, decay), params)
 
 
 def scale_by_layer(decay: float, depth: int) -> optax.GradientTransformation:

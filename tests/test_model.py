@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from pixel_vit import parallel
+from pixel_vit import configuration, parallel
 from pixel_vit.models import vit
 
 IMAGE_SIZE = 8
@@ -268,7 +268,7 @@ def test_param_shardings_on_fsdp_tensor_mesh(cls_pixel):
   mesh_config = ml_collections.ConfigDict(dict(data=-1, fsdp=2, seq=1, tensor=2))
   mesh = parallel.make_mesh(mesh_config, devices=jax.devices()[:4])
   assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "seq": 1, "tensor": 2}
-  rules = cls_pixel.SHARDING_RULES
+  rules = configuration.SHARDING_RULES
 
   def make_model():
     return build()

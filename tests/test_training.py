@@ -14,7 +14,7 @@ from flax import nnx
 
 from conftest import TINY_RUN, set_dotted
 from pixel_vit import optimizer as optimizer_lib
-from pixel_vit import parallel
+from pixel_vit import configuration, parallel
 from pixel_vit.data import pipeline, sources
 from pixel_vit.evaluation import accuracy
 from pixel_vit.trainers import classification, loop
@@ -177,7 +177,7 @@ def test_evaluate_counts_37_examples_once_on_8_devices(cls_pixel):
 
   mesh = parallel.make_mesh(cls_pixel.get_config("quick").mesh)
   assert mesh.devices.size == 8
-  rules = cls_pixel.SHARDING_RULES
+  rules = configuration.SHARDING_RULES
 
   @jax.jit
   def sums(batch):

@@ -3,6 +3,13 @@
 `validate(config)` runs before anything loads or compiles;
 `train_and_evaluate(config, workdir)` trains, evaluates periodically on the
 eval split, checkpoints and resumes automatically from the workdir.
+
+Fine-tuning and linear probing (configs/mae_finetune.py): `config.init_from`
+names a pre-trained checkpoint whose encoder a *new* run starts from
+(`trainers/pretrained.py`; a resumed run takes its own checkpoint);
+`config.optimizer.layer_decay` and `config.optimizer.freeze` are in
+`pixel_vit/optimizer.py`. A frozen parameter is also cut out of the backward
+pass (`stop_gradient`), so a linear probe costs a forward pass plus the head.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from pixel_vit import optimizer as optimizer_lib
 from pixel_vit.data import augment, pipeline, sources
 from pixel_vit.evaluation import accuracy
 from pixel_vit.models import vit
-from pixel_vit.trainers import loop
+from pixel_vit.trainers import loop, pretrained
 from pixel_vit.trainers import state as state_lib
 
 
@@ -30,6 +37,7 @@ def validate(config) -> None:
   if config.total_steps == 0 and config.total_epochs <= 0:
     raise ValueError("config.total_steps is 0 and config.total_epochs is not > 0: "
                      "set one of them.")
+  pretrained.check_config(config)  # init_from vs config.model, when the path exists
 
 
 def make_model_fn(config, split: sources.ImageSplit):
@@ -40,6 +48,7 @@ def make_model_fn(config, split: sources.ImageSplit):
 
 
 def make_train_step(config, graphdef, tx, schedule, num_classes: int):
+  frozen = tuple(config.optimizer.get("freeze", ()) or ())
 
   def train_step(state: state_lib.TrainState, batch: dict):
     step_key = jax.random.fold_in(state.rng, state.step)
@@ -48,6 +57,8 @@ def make_train_step(config, graphdef, tx, schedule, num_classes: int):
                                             num_classes=num_classes, config=config.augment)
 
     def loss_fn(params):
+      params = {name: jax.lax.stop_gradient(value) if name in frozen else value
+                for name, value in params.items()}
       logits = state_lib.merge_model(graphdef, params)(images, key=drop_key)
       return optax.softmax_cross_entropy(logits, targets).mean(), logits
 
@@ -83,6 +94,8 @@ def make_eval_sums(config, graphdef, num_classes: int):
 def train_and_evaluate(config, workdir: str) -> tuple[state_lib.TrainState, dict]:
   """Trains to the configured length; returns the final state and the last
   evaluation's metrics."""
+  # Read before the data, so a bad init_from fails fast; None when resuming.
+  source = pretrained.for_new_run(config, workdir)
   train_split, eval_split = loop.load_splits(config)
   local_batch = config.batch_size // jax.process_count()
   local_eval_batch = config.eval_batch_size // jax.process_count()
@@ -91,6 +104,8 @@ def train_and_evaluate(config, workdir: str) -> tuple[state_lib.TrainState, dict
 
   make_model = make_model_fn(config, train_split)
   abstract_params = nnx.to_pure_dict(nnx.split(nnx.eval_shape(make_model))[1])
+  if source is not None:  # every check before anything compiles
+    dropped = source.check(config, train_split.images.shape[1:], abstract_params)
   schedule = optimizer_lib.make_schedule(config.optimizer, total_steps, warmup_steps)
   tx = optimizer_lib.make_optimizer(config.optimizer, schedule, abstract_params)
   # What makes a checkpoint this model; dtype, attention backend, scan and
@@ -100,7 +115,12 @@ def train_and_evaluate(config, workdir: str) -> tuple[state_lib.TrainState, dict
               "num_classes": int(train_split.num_classes),
               "image_shape": list(train_split.images.shape[1:])}
   run = loop.start(config, workdir, make_model=make_model, tx=tx, identity=identity,
-                   total_steps=total_steps)
+                   total_steps=total_steps,
+                   initial_params=None if source is None else source.load_encoder)
+  if source is not None:
+    run.reporter.log(pretrained.describe(source, dropped))
+  elif config.get("init_from"):
+    run.reporter.log(f"resumed from {workdir}: config.init_from is not loaded again")
   run.reporter.log(f"steps {run.start_step} -> {total_steps} ({steps_per_epoch} steps/epoch), "
                    f"{train_split.total_examples} train / {eval_split.total_examples} eval examples")
 

@@ -57,7 +57,8 @@ def _steps(directory: epath.Path) -> list[int]:
 
 def locate(init_from: str) -> tuple[epath.Path, int]:
   """`init_from` -> (the checkpoints directory, the step to load)."""
-  path = epath.Path(init_from)
+  # orbax wants absolute paths; URLs (gs://...) are left as they are.
+  path = epath.Path(init_from if "://" in init_from else os.path.abspath(init_from))
   if not path.exists():
     raise ValueError(
         f"config.init_from={init_from!r} does not exist. Point it at a pre-training "
@@ -243,6 +244,9 @@ def check_config(config) -> Pretrained | None:
   checks task, variant and posemb against `config.model`. (A missing path is
   reported when a new run starts; a resumed run does not need it.)"""
   init_from = config.get("init_from", "")
+  if not isinstance(init_from, str):
+    raise ValueError(f"config.init_from={init_from!r} must be a path (a string), or '' "
+                     "for random initialisation.")
   if not init_from or not epath.Path(init_from).exists():
     return None
   pretrained = open_checkpoint(init_from)
