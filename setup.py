@@ -12,6 +12,7 @@ setuptools.setup(
         "flax>=0.12",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
+        "etils[epath]",  # checkpoint paths (local or gs://)
         "ml-collections>=1.0",
         "clu>=0.0.12",
         "absl-py",

@@ -473,3 +473,37 @@ def test_mae_finetune_config(mae_finetune, no_jit):
     classification.validate(mae_finetune.get_config(arg))
   with pytest.raises(ValueError, match=r"mode='linear' is not allowed.*finetune.*probe"):
     mae_finetune.get_config("mode=linear")
+
+
+# ---------------------------------------------------------------- the real pipeline
+
+
+def test_pretrain_finetune_probe_end_to_end(mae_quick_config, mae_finetune, make_workdir):
+  """The README's three commands on tiny data: MAE pre-training with the real
+  trainer, then fine-tuning and a linear probe from its workdir. The probe's
+  encoder is bitwise the pre-trained one; the fine-tuned one moved from it."""
+  from pixel_vit.trainers import mae as mae_trainer
+
+  mae_config = mae_quick_config()
+  mae_dir = make_workdir("mae")
+  mae_trainer.validate(mae_config)
+  mae_state, mae_results = mae_trainer.train_and_evaluate(mae_config, mae_dir)
+  assert np.isfinite(mae_results["eval/loss"])
+  pretrained_encoder = numpy_tree(mae_state.params["encoder"])
+
+  finals = {}
+  for mode in ("finetune", "probe"):
+    config = mae_finetune.get_config(f"quick,mode={mode},init_from={mae_dir}")
+    config = set_dotted(config, TINY_RUN)
+    assert config.model.posemb == mae_config.model.posemb  # follows mae_pixel.py
+    classification.validate(config)
+    state, results = classification.train_and_evaluate(config, make_workdir(mode))
+    assert results["eval/count"] == 360
+    finals[mode] = numpy_tree(state.params["encoder"])
+
+  # (a `gap` probe has no [CLS]: the loader drops it)
+  expected = {k: v for k, v in pretrained_encoder.items() if k in finals["probe"]}
+  assert_trees_equal(finals["probe"], expected, "probe encoder")
+  moved = max(np.abs(a - b).max() for a, b in zip(
+      jax.tree.leaves(finals["finetune"]["blocks"]), jax.tree.leaves(pretrained_encoder["blocks"])))
+  assert moved > 0
