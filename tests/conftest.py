@@ -5,7 +5,9 @@ at import, before any test module touches a JAX backend: conftest.py is
 imported before the test modules are collected.
 """
 import copy
+import hashlib
 import importlib.util
+import json
 import os
 import pathlib
 import socket
@@ -17,6 +19,7 @@ import jax  # noqa: E402  (the environment above must be set first)
 NUM_DEVICES = 8
 jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -35,8 +38,9 @@ TINY_RUN = {
 }
 
 
-def _load_cls_pixel():
-  spec = importlib.util.spec_from_file_location("configs_cls_pixel", CLS_PIXEL_PATH)
+def load_config_module(path: pathlib.Path):
+  """A configs/*.py file as a module (configs/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(f"configs_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -81,7 +85,7 @@ def no_network(monkeypatch):
 @pytest.fixture(scope="session")
 def cls_pixel():
   """The configs/cls_pixel.py module, imported by path."""
-  return _load_cls_pixel()
+  return load_config_module(CLS_PIXEL_PATH)
 
 
 @pytest.fixture
@@ -125,28 +129,13 @@ MAE_PIXEL_PATH = REPO_ROOT / "configs" / "mae_pixel.py"
 
 # A short MAE run: configs/mae_pixel.py:quick (mu/1 on 8x8 digits, a 64-wide
 # 2-deep decoder), shortened. Dotted keys, applied with `set_dotted`.
-MAE_TINY_RUN = {
-    "total_steps": 6,
-    "batch_size": 32,
-    "eval_batch_size": 40,
-    "eval_every": 3,
-    "checkpoint_every": 3,
-    "log_every": 2,
-    "optimizer.warmup_steps": 2,
-}
-
-
-def _load_mae_pixel():
-  spec = importlib.util.spec_from_file_location("configs_mae_pixel", MAE_PIXEL_PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+MAE_TINY_RUN = {**TINY_RUN, "eval_batch_size": 40}
 
 
 @pytest.fixture(scope="session")
 def mae_pixel():
   """The configs/mae_pixel.py module, imported by path."""
-  return _load_mae_pixel()
+  return load_config_module(MAE_PIXEL_PATH)
 
 
 @pytest.fixture
@@ -161,3 +150,48 @@ def mae_quick_config(mae_pixel):
     return set_dotted(config, overrides or {})
 
   return make
+
+
+# ---------------------------------------------------------------- shared test helpers
+
+
+@pytest.fixture
+def no_jit(monkeypatch):
+  """Makes any `jax.jit` call fail the test: the check must come first."""
+
+  def forbidden(*args, **kwargs):
+    raise AssertionError("jax.jit was called before the bad input was rejected")
+
+  monkeypatch.setattr(jax, "jit", forbidden)
+
+
+def snapshot(directory) -> dict:
+  """{relative path: sha256} of every file under `directory`."""
+  result = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        result[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return result
+
+
+def read_metrics(workdir) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def train_losses(workdir) -> dict[int, float]:
+  return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
+
+
+def as_numpy_leaves(tree) -> list:
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def assert_trees_equal(actual, desired, what: str):
+  """Same structure and bitwise-equal leaves; names the first differing leaf."""
+  assert jax.tree.structure(actual) == jax.tree.structure(desired), what
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(desired)]
+  for path, a, d in zip(paths, as_numpy_leaves(actual), as_numpy_leaves(desired)):
+    np.testing.assert_array_equal(a, d, err_msg=f"{what}{path}")

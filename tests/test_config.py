@@ -1,42 +1,19 @@
 """Bad input is rejected before anything compiles, with a ValueError naming the
 key, the value and what is allowed; config arguments; a mismatched checkpoint."""
-import hashlib
 import os
 import subprocess
 import sys
 import time
 
-import jax
 import ml_collections
 import pytest
 
-from conftest import REPO_ROOT, TINY_RUN, set_dotted
+from conftest import REPO_ROOT, TINY_RUN, set_dotted, snapshot
 from pixel_vit import configuration
 from pixel_vit import main as main_lib
 from pixel_vit.data import augment
 from pixel_vit.models import vit
 from pixel_vit.trainers import classification, loop
-
-
-def snapshot(directory) -> dict:
-  """{relative path: sha256} of every file under `directory`."""
-  result = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        result[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-  return result
-
-
-@pytest.fixture
-def no_jit(monkeypatch):
-  """Makes any `jax.jit` call fail the test: the check must come first."""
-
-  def forbidden(*args, **kwargs):
-    raise AssertionError("jax.jit was called before the bad config was rejected")
-
-  monkeypatch.setattr(jax, "jit", forbidden)
 
 
 # ---------------------------------------------------------------- patch vs image size

@@ -8,7 +8,6 @@ AdamW state of that tree, JSON metadata), so these tests do not depend on
 MAE training.
 """
 import dataclasses
-import importlib.util
 import os
 import re
 import shutil
@@ -21,7 +20,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import REPO_ROOT, TINY_RUN, set_dotted
+from conftest import REPO_ROOT, TINY_RUN, assert_trees_equal, load_config_module, set_dotted
 from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit import parallel
 from pixel_vit import optimizer as optimizer_lib
@@ -34,13 +33,6 @@ DEPTH = vit.SIZES["mu"].depth
 
 def numpy_tree(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
-def assert_trees_equal(actual, desired, what: str):
-  assert jax.tree.structure(actual) == jax.tree.structure(desired), what
-  for (path, a), d in zip(jax.tree_util.tree_leaves_with_path(numpy_tree(actual)),
-                          jax.tree.leaves(numpy_tree(desired))):
-    np.testing.assert_array_equal(a, d, err_msg=f"{what}{jax.tree_util.keystr(path)}")
 
 
 # ---------------------------------------------------------------- fabricated MAE checkpoints
@@ -94,11 +86,7 @@ def mae_run_16px(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mae_finetune():
-  path = REPO_ROOT / "configs" / "mae_finetune.py"
-  spec = importlib.util.spec_from_file_location("configs_mae_finetune", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_config_module(REPO_ROOT / "configs" / "mae_finetune.py")
 
 
 @pytest.fixture
@@ -112,16 +100,6 @@ def finetune_config(mae_finetune):
     return set_dotted(config, overrides or {})
 
   return make
-
-
-@pytest.fixture
-def no_jit(monkeypatch):
-  """Makes any `jax.jit` call fail the test: the check must come first."""
-
-  def forbidden(*args, **kwargs):
-    raise AssertionError("jax.jit was called before the bad init_from was rejected")
-
-  monkeypatch.setattr(jax, "jit", forbidden)
 
 
 def classifier_state(config, mesh_devices=None):
@@ -351,9 +329,10 @@ def test_frozen_parameters_get_exactly_zero_updates(classifier_params):
                          layer_decay=0.75)
   tx = optimizer_lib.make_optimizer(opt, optax.constant_schedule(1e-3), params)
   state = tx.init(params)
-  for step in range(3):
+  first = None
+  for _ in range(3):
     updates, state = tx.update(grads, state, params)
-    first = updates if step == 0 else first
+    first = updates if first is None else first
     for leaf in jax.tree.leaves(updates["encoder"]):
       assert not np.any(np.asarray(leaf))
     assert np.all(np.asarray(updates["head_kernel"]) != 0)
@@ -461,10 +440,7 @@ def test_mae_finetune_config(mae_finetune, no_jit):
   quick = mae_finetune.get_config("quick")
   assert quick.data.source == "digits" and quick.model.variant == "mu/1"
   # The model configs/mae_pixel.py pre-trains with the same arguments.
-  spec = importlib.util.spec_from_file_location("configs_mae_pixel",
-                                                REPO_ROOT / "configs" / "mae_pixel.py")
-  mae_pixel = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mae_pixel)
+  mae_pixel = load_config_module(REPO_ROOT / "configs" / "mae_pixel.py")
   for arg in ("quick", "", "variant=S/2"):
     pretraining, finetuning = mae_pixel.get_config(arg).model, mae_finetune.get_config(arg).model
     assert (finetuning.variant, finetuning.posemb) == (pretraining.variant, pretraining.posemb)

@@ -2,7 +2,6 @@
 normalised pixel targets, config validation, the trainer end to end on digits
 (learning, exact evaluation counts, the reconstruction PNG, exact resume, a
 mismatched checkpoint) and the offline failure of the paper config."""
-import hashlib
 import inspect
 import json
 import os
@@ -19,7 +18,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import MAE_TINY_RUN, REPO_ROOT, set_dotted
+from conftest import (MAE_TINY_RUN, REPO_ROOT, assert_trees_equal, read_metrics, set_dotted,
+                      snapshot, train_losses)
 from pixel_vit.data import augment
 from pixel_vit.evaluation import pictures
 from pixel_vit.models import mae, vit
@@ -32,48 +32,6 @@ DIGITS_TEST_EXAMPLES = 360
 def exact_visible(num_tokens: int, mask_ratio: float) -> int:
   """round(N * (1 - r)) in exact arithmetic (Python's round: half to even), >= 1."""
   return max(1, round(num_tokens * (1 - Fraction(mask_ratio))))
-
-
-def read_metrics(workdir) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def train_losses(workdir) -> dict[int, float]:
-  return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
-
-
-def as_numpy_leaves(tree) -> list:
-  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
-
-
-def assert_trees_equal(actual, desired, what: str):
-  assert jax.tree.structure(actual) == jax.tree.structure(desired), what
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(desired)]
-  assert paths, what
-  for path, a, d in zip(paths, as_numpy_leaves(actual), as_numpy_leaves(desired)):
-    np.testing.assert_array_equal(a, d, err_msg=f"{what}{path}")
-
-
-def snapshot(directory) -> dict:
-  """{relative path: sha256} of every file under `directory`."""
-  result = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        result[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-  return result
-
-
-@pytest.fixture
-def no_jit(monkeypatch):
-  """Makes any `jax.jit` call fail the test: the check must come first."""
-
-  def forbidden(*args, **kwargs):
-    raise AssertionError("jax.jit was called before the bad config was rejected")
-
-  monkeypatch.setattr(jax, "jit", forbidden)
 
 
 # ---------------------------------------------------------------- random masking

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TINY_RUN, set_dotted
+from conftest import (TINY_RUN, as_numpy_leaves, assert_trees_equal, read_metrics, set_dotted,
+                      train_losses)
 from pixel_vit import optimizer as optimizer_lib
 from pixel_vit import configuration, parallel
 from pixel_vit.data import pipeline, sources
@@ -21,26 +22,6 @@ from pixel_vit.trainers import classification, loop
 from pixel_vit.trainers import state as state_lib
 
 DIGITS_TEST_EXAMPLES = 360
-
-
-def read_metrics(workdir) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def train_losses(workdir) -> dict[int, float]:
-  return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
-
-
-def as_numpy_leaves(tree) -> list:
-  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
-
-
-def assert_trees_equal(actual, desired, what: str):
-  assert jax.tree.structure(actual) == jax.tree.structure(desired), what
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(desired)]
-  for path, a, d in zip(paths, as_numpy_leaves(actual), as_numpy_leaves(desired)):
-    np.testing.assert_array_equal(a, d, err_msg=f"{what}{path}")
 
 
 # ---------------------------------------------------------------- a short run learns
