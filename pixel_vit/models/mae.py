@@ -107,24 +107,15 @@ class MaskedAutoencoder(nnx.Module):
     self.mask_token = vit.param(jax.nn.initializers.normal(0.02), rngs, (1, 1, width),
                                  (None, None, None))
     self.decoder_posemb_kind = decoder_posemb
-    if decoder_posemb == "learn":
-      self.decoder_posemb = vit.param(jax.nn.initializers.normal(0.02), rngs,
-                                       (1, encoder.num_patches, width), (None, None, None))
+    self.decoder_posemb = vit.learned_posemb(decoder_posemb, encoder.num_patches, width, rngs,
+                                             logical_axes=(None, None, None))
     self.decoder_width = width
     self.decoder_blocks = vit.BlockStack(decoder_size, dtype=dtype, attention=attention,
                                          scan=scan, remat=remat, rngs=rngs)
-    self.decoder_norm = vit.LayerNorm(width, dtype=dtype, rngs=rngs)
+    self.decoder_norm = vit.layer_norm(width, dtype=dtype, rngs=rngs)
     out = self.patch * self.patch * channels
     self.decoder_pred_kernel = vit.param(vit.dense_init, rngs, (width, out), (None, None))
     self.decoder_pred_bias = vit.param(vit.zeros, rngs, (out,), (None,))
-
-  def decoder_position_embedding(self) -> jax.Array:
-    if self.decoder_posemb_kind == "learn":
-      return self.decoder_posemb[...]
-    grid = self.encoder.grid
-    if self.decoder_posemb_kind == "sincos2d":
-      return jnp.asarray(vit.sincos2d_posemb(grid, grid, self.decoder_width))
-    return jnp.zeros((1, grid * grid, self.decoder_width), jnp.float32)
 
   def encode_visible(self, images: jax.Array, keep: jax.Array, *, key=None) -> jax.Array:
     """Encodes only the tokens at `keep` ([B, n]); returns [B, 1 + n, width]."""
@@ -143,7 +134,8 @@ class MaskedAutoencoder(nnx.Module):
                               (b, n_tokens - n_keep, width))
     x = jnp.take_along_axis(jnp.concatenate([visible, masked], axis=1),
                             restore[:, :, None], axis=1)
-    x = x + self.decoder_position_embedding().astype(self.dtype)
+    x = x + vit.position_embedding(self.decoder_posemb_kind, self.decoder_posemb,
+                               self.encoder.grid, self.decoder_width).astype(self.dtype)
     x = parallel.constrain(jnp.concatenate([cls, x], axis=1), ("batch", "length", "embed"))
     x = self.decoder_norm(self.decoder_blocks(x))
     pred = x[:, 1:] @ self.decoder_pred_kernel[...].astype(self.dtype)

@@ -100,20 +100,31 @@ zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
 
 
-class LayerNorm(nnx.Module):
-  """LayerNorm with float32 statistics, output in the compute dtype."""
+def layer_norm(width: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """Flax's LayerNorm (statistics in float32, output in the compute dtype),
+  with logical axes on its scale and bias."""
+  axes = {"logical_axes": ("embed",)}
+  return nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, use_fast_variance=False,
+                       scale_metadata=axes, bias_metadata=axes, rngs=rngs)
 
-  def __init__(self, width: int, *, dtype, rngs: nnx.Rngs):
-    self.scale = param(ones, rngs, (width,), ("embed",))
-    self.bias = param(zeros, rngs, (width,), ("embed",))
-    self.dtype = dtype
 
-  def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + 1e-6) * self.scale[...] + self.bias[...]
-    return y.astype(self.dtype)
+def learned_posemb(kind: str, num_tokens: int, width: int, rngs: nnx.Rngs,
+                   logical_axes=(None, None, "embed")) -> nnx.Param | None:
+  """The parameter of a `learn` position embedding (random init, as in the
+  paper: pixels are a set); None for the parameter-free kinds."""
+  if kind != "learn":
+    return None
+  return param(jax.nn.initializers.normal(0.02), rngs, (1, num_tokens, width), logical_axes)
+
+
+def position_embedding(kind: str, learned: nnx.Param | None, grid: int,
+                       width: int) -> jax.Array:
+  """[1, grid*grid, width]: the learned table, fixed sin-cos, or zeros (`none`)."""
+  if kind == "learn":
+    return learned[...]
+  if kind == "sincos2d":
+    return jnp.asarray(sincos2d_posemb(grid, grid, width))
+  return jnp.zeros((1, grid * grid, width), jnp.float32)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -132,11 +143,11 @@ class MultiHeadAttention(nnx.Module):
     self.dtype = dtype
     self.attention = attention
 
-  def __call__(self, x, key_mask=None):
+  def __call__(self, x):
     qkv = jnp.einsum("bnd,dthk->tbnhk", x, self.qkv_kernel[...].astype(self.dtype))
     qkv = qkv + self.qkv_bias[...].astype(self.dtype)[:, None, None]
     q, k, v = (parallel.constrain(t, ("batch", "length", "heads", "kv")) for t in qkv)
-    y = attention_lib.get_backend(self.attention)(q, k, v, key_mask=key_mask)
+    y = attention_lib.get_backend(self.attention)(q, k, v)
     y = jnp.einsum("bnhk,hkd->bnd", y, self.out_kernel[...].astype(self.dtype))
     return y + self.out_bias[...].astype(self.dtype)
 
@@ -170,17 +181,17 @@ class EncoderBlock(nnx.Module):
   """Pre-LayerNorm Transformer block."""
 
   def __init__(self, size: EncoderSize, *, dtype, attention: str, rngs: nnx.Rngs):
-    self.norm1 = LayerNorm(size.width, dtype=dtype, rngs=rngs)
+    self.norm1 = layer_norm(size.width, dtype=dtype, rngs=rngs)
     self.attn = MultiHeadAttention(size.width, size.heads, dtype=dtype,
                                    attention=attention, rngs=rngs)
-    self.norm2 = LayerNorm(size.width, dtype=dtype, rngs=rngs)
+    self.norm2 = layer_norm(size.width, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(size.width, size.mlp_dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, *, drop_rate=None, key=None, key_mask=None):
+  def __call__(self, x, *, drop_rate=None, key=None):
     stochastic = key is not None and drop_rate is not None
     if stochastic:
       key_attn, key_mlp = jax.random.split(key)
-    y = self.attn(self.norm1(x), key_mask=key_mask)
+    y = self.attn(self.norm1(x))
     x = x + (drop_path(y, drop_rate, key_attn) if stochastic else y)
     y = self.mlp(self.norm2(x))
     x = x + (drop_path(y, drop_rate, key_mlp) if stochastic else y)
@@ -211,7 +222,7 @@ class BlockStack(nnx.Module):
     self.scan = scan
     self.remat = remat
 
-  def __call__(self, x, *, drop_rates=None, key=None, key_mask=None):
+  def __call__(self, x, *, drop_rates=None, key=None):
     graphdef, state = nnx.split(self.layers)
     stochastic = key is not None and drop_rates is not None
     per_layer = (state,
@@ -221,7 +232,7 @@ class BlockStack(nnx.Module):
     def apply_block(x, layer):
       layer_state, rate, layer_key = layer
       block = nnx.merge(graphdef, layer_state)
-      return block(x, drop_rate=rate, key=layer_key, key_mask=key_mask), None
+      return block(x, drop_rate=rate, key=layer_key), None
 
     if self.remat != "none":
       apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.remat])
@@ -254,22 +265,16 @@ class Encoder(nnx.Module):
     self.tokenizer_kernel = param(dense_init, rngs, (patch * patch * channels, size.width),
                                    (None, "embed"))
     self.tokenizer_bias = param(zeros, rngs, (size.width,), ("embed",))
-    if posemb == "learn":  # random init, as in the paper: pixels are a set.
-      self.posemb = param(jax.nn.initializers.normal(0.02), rngs,
-                           (1, self.num_patches, size.width), (None, None, "embed"))
+    self.posemb = learned_posemb(posemb, self.num_patches, size.width, rngs)
     self.cls = (param(zeros, rngs, (1, 1, size.width), (None, None, "embed"))
                 if cls_token else None)
     self.blocks = BlockStack(size, dtype=dtype, attention=attention, scan=scan,
                              remat=remat, rngs=rngs)
-    self.norm = LayerNorm(size.width, dtype=dtype, rngs=rngs)
+    self.norm = layer_norm(size.width, dtype=dtype, rngs=rngs)
 
   def position_embedding(self) -> jax.Array:
     """[1, num_patches, width] for the patch tokens (zeros for `none`)."""
-    if self.posemb_kind == "learn":
-      return self.posemb[...]
-    if self.posemb_kind == "sincos2d":
-      return jnp.asarray(sincos2d_posemb(self.grid, self.grid, self.width))
-    return jnp.zeros((1, self.num_patches, self.width), jnp.float32)
+    return position_embedding(self.posemb_kind, self.posemb, self.grid, self.width)
 
   def tokenize(self, images: jax.Array) -> jax.Array:
     """[B, H, W, C] float -> [B, num_patches, width] with position embeddings."""
@@ -279,7 +284,7 @@ class Encoder(nnx.Module):
     tokens = tokens + self.position_embedding().astype(self.dtype)
     return parallel.constrain(tokens, ("batch", "length", "embed"))
 
-  def encode(self, tokens: jax.Array, *, key=None, key_mask=None) -> jax.Array:
+  def encode(self, tokens: jax.Array, *, key=None) -> jax.Array:
     """Prepends [CLS] (if any), runs the blocks and the final norm.
 
     `key` switches on stochastic depth (training); None is deterministic.
@@ -287,12 +292,10 @@ class Encoder(nnx.Module):
     if self.cls is not None:
       cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (tokens.shape[0], 1, self.width))
       tokens = jnp.concatenate([cls, tokens], axis=1)
-      if key_mask is not None:
-        key_mask = jnp.concatenate([jnp.ones_like(key_mask[:, :1]), key_mask], axis=1)
     drop_rates = None
     if key is not None and self.drop_path_rate > 0:
       drop_rates = np.linspace(0.0, self.drop_path_rate, self.depth)
-    x = self.blocks(tokens, drop_rates=drop_rates, key=key, key_mask=key_mask)
+    x = self.blocks(tokens, drop_rates=drop_rates, key=key)
     return self.norm(x)
 
   def __call__(self, images, *, key=None):
