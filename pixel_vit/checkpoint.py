@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -71,8 +70,3 @@ class Checkpointer:
   def close(self):
     self.manager.close()
 
-
-def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs carrying the shardings a restore should produce."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)

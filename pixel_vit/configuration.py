@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from pixel_vit import parallel
-from pixel_vit.data import sources
+from pixel_vit.data import augment, sources
 from pixel_vit.models import attention, vit
 
 
@@ -183,3 +183,15 @@ def validate_data(data) -> None:
                        download=data.get("download", True))
   if data.get("image_size") is not None:
     _check_positive("data.image_size", data.image_size)
+
+
+def validate_common(config, device_count: int, process_count: int) -> None:
+  """What every trainer's config has: model, optimizer, data, augmentation,
+  batch / mesh, and a run length."""
+  validate_model(config.model)
+  validate_optimizer(config.optimizer)
+  validate_data(config.data)
+  augment.validate_augment_config(config.augment)
+  validate_run(config, device_count, process_count)
+  _require(config.total_steps > 0 or config.total_epochs > 0,
+           "config.total_steps is 0 and config.total_epochs is not > 0: set one of them.")

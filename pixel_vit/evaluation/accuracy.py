@@ -10,8 +10,9 @@ from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+
+from pixel_vit.evaluation import splits
 
 
 def masked_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
@@ -31,10 +32,7 @@ def masked_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
 def evaluate(sums_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
   """Runs `sums_fn` (a jitted global-batch function) over `batches` and
   returns {top1, top5, loss, count} for the whole split."""
-  totals: dict[str, float] = {}
-  for batch in batches:
-    for name, value in jax.device_get(sums_fn(batch)).items():
-      totals[name] = totals.get(name, 0.0) + float(np.asarray(value))
+  totals = splits.sum_over_batches(lambda _, batch: sums_fn(batch), batches)
   count = totals.get("count", 0.0)
   if count == 0:
     raise ValueError("evaluation saw no examples: the eval split is empty.")

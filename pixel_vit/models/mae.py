@@ -84,10 +84,19 @@ def predictions_as_images(pred: jax.Array, images: jax.Array, patch: int, *,
   return pred_images
 
 
+def _per_token_mse(pred: jax.Array, target: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
+
+
 def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean squared error per token, averaged over masked tokens only."""
-  per_token = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
-  return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return jnp.sum(_per_token_mse(pred, target) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def masked_mse_per_example(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+  """[B]: each example's mean squared error over its masked tokens."""
+  return (jnp.sum(_per_token_mse(pred, target) * mask, axis=1)
+          / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
 
 
 class MaskedAutoencoder(nnx.Module):

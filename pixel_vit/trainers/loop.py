@@ -18,7 +18,8 @@ from flax import nnx
 
 from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit import configuration, parallel
-from pixel_vit.data import sources
+from pixel_vit import optimizer as optimizer_lib
+from pixel_vit.data import pipeline, sources
 from pixel_vit.trainers import reporting
 from pixel_vit.trainers import state as state_lib
 
@@ -38,8 +39,11 @@ class Run:
   def start_step(self) -> int:
     return int(jax.device_get(self.state.step))
 
-  def batch_sharding(self, ndim: int):
-    return parallel.batch_sharding(self.mesh, self.rules, ndim)
+  def batch_shardings(self, *, with_mask: bool = False) -> dict:
+    """Shardings of a global image batch (`mask`: eval padding)."""
+    names = {"images": 4, "labels": 1, **({"mask": 1} if with_mask else {})}
+    return {name: parallel.batch_sharding(self.mesh, self.rules, ndim)
+            for name, ndim in names.items()}
 
   def to_global(self, local_batch: dict) -> dict:
     return parallel.host_to_global(local_batch, self.mesh, self.rules)
@@ -78,8 +82,38 @@ def schedule_steps(config, steps_per_epoch: int) -> tuple[int, int]:
   return total, min(warmup, total)
 
 
-def start(config, workdir: str, *, make_model: Callable[[], nnx.Module],
-          tx: optax.GradientTransformation, identity: dict, total_steps: int,
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a run reads and optimises, decided before anything compiles."""
+  train_split: sources.ImageSplit
+  eval_split: sources.ImageSplit
+  local_batch: int  # this process's share of config.batch_size
+  local_eval_batch: int
+  steps_per_epoch: int
+  total_steps: int
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  make_model: Callable[[], nnx.Module]
+  shapes: state_lib.ModelShapes
+
+
+def plan(config, make_model_fn: Callable[[Any, sources.ImageSplit], Callable[[], nnx.Module]]
+         ) -> Plan:
+  """Reads the data, sizes the schedule and traces the model's shapes once."""
+  train_split, eval_split = load_splits(config)
+  local_batch = config.batch_size // jax.process_count()
+  steps_per_epoch = pipeline.steps_per_epoch(train_split, local_batch)
+  total_steps, warmup_steps = schedule_steps(config, steps_per_epoch)
+  make_model = make_model_fn(config, train_split)
+  shapes = state_lib.model_shapes(make_model)
+  schedule = optimizer_lib.make_schedule(config.optimizer, total_steps, warmup_steps)
+  tx = optimizer_lib.make_optimizer(config.optimizer, schedule, shapes.params)
+  return Plan(train_split, eval_split, local_batch,
+              config.eval_batch_size // jax.process_count(), steps_per_epoch, total_steps,
+              schedule, tx, make_model, shapes)
+
+
+def start(config, workdir: str, plan: Plan, *, identity: dict,
           initial_params: Callable[[Any], Any] | None = None) -> Run:
   """Mesh, sharded state (resumed or new), checkpointer and reporter.
 
@@ -89,23 +123,22 @@ def start(config, workdir: str, *, make_model: Callable[[], nnx.Module],
   mesh = parallel.make_mesh(config.mesh)
   rules = config.sharding_rules
   described, create_state = state_lib.sharded_state(
-      make_model, tx, mesh=mesh, rules=rules, seed=config.seed,
-      ema=config.optimizer.ema_decay > 0)
+      plan.make_model, plan.tx, mesh=mesh, rules=rules, seed=config.seed,
+      ema=config.optimizer.ema_decay > 0, shapes=plan.shapes)
   checkpointer = checkpoint_lib.Checkpointer(
       workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
   if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(
-        checkpoint_lib.abstract_with_shardings(described.abstract, described.shardings),
-        identity)
+    state = checkpointer.restore(described.abstract, identity)
   else:
     state = create_state()
     if initial_params is not None:
       params = jax.device_put(initial_params(state.params), described.param_shardings)
       state = state.replace(params=params,
                             ema_params=None if state.ema_params is None else params)
-  reporter = reporting.Reporter(workdir, config, total_steps=total_steps,
+  reporter = reporting.Reporter(workdir, config, total_steps=plan.total_steps,
                                 log_every=config.log_every)
-  return Run(mesh, rules, described, state, checkpointer, reporter, identity, total_steps)
+  return Run(mesh, rules, described, state, checkpointer, reporter, identity,
+             plan.total_steps)
 
 
 def train(run: Run, config, *, train_step: Callable, batches: Iterator[dict],

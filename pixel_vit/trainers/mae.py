@@ -16,9 +16,8 @@ import optax
 from flax import nnx
 
 from pixel_vit import configuration, parallel
-from pixel_vit import optimizer as optimizer_lib
 from pixel_vit.data import augment, pipeline, sources
-from pixel_vit.evaluation import pictures
+from pixel_vit.evaluation import pictures, splits
 from pixel_vit.models import mae, vit
 from pixel_vit.trainers import loop
 from pixel_vit.trainers import state as state_lib
@@ -28,17 +27,10 @@ GRID_EXAMPLES = 8
 
 
 def validate(config) -> None:
-  configuration.validate_model(config.model)
+  configuration.validate_common(config, jax.device_count(), jax.process_count())
   configuration.validate_decoder(config.model)
-  configuration.validate_optimizer(config.optimizer)
-  configuration.validate_data(config.data)
-  augment.validate_augment_config(config.augment)
-  configuration.validate_run(config, jax.device_count(), jax.process_count())
   if not 0.0 < config.mask_ratio < 1.0:
     raise ValueError(f"config.mask_ratio={config.mask_ratio!r} must be in (0, 1).")
-  if config.total_steps == 0 and config.total_epochs <= 0:
-    raise ValueError("config.total_steps is 0 and config.total_epochs is not > 0: "
-                     "set one of them.")
 
 
 def make_model_fn(config, split: sources.ImageSplit):
@@ -69,14 +61,9 @@ def make_train_step(config, graphdef, tx, schedule, num_classes: int):
       return mae.masked_mse(pred, targets, mask)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = (None if state.ema_params is None
-           else state_lib.ema_update(state.ema_params, params, config.optimizer.ema_decay))
     metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
                "train/lr": schedule(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema_params=ema), metrics
+    return state_lib.apply_gradients(state, grads, tx, config.optimizer.ema_decay), metrics
 
   return train_step
 
@@ -88,13 +75,12 @@ def _eval_mask_key(config, batch_index):
 
 def make_eval_sums(config, graphdef, num_classes: int):
 
-  def eval_sums(params, batch, batch_index):
+  def eval_sums(params, batch_index, batch):
     images, _ = augment.preprocess_eval(batch["images"], batch["labels"],
                                         num_classes=num_classes, config=config.augment)
     pred, mask = state_lib.merge_model(graphdef, params)(
         images, mask_key=_eval_mask_key(config, batch_index), mask_ratio=config.mask_ratio)
-    per_token = jnp.mean(jnp.square(pred - _targets(config, images)), axis=-1)
-    per_example = jnp.sum(per_token * mask, axis=1) / jnp.sum(mask, axis=1)
+    per_example = mae.masked_mse_per_example(pred, _targets(config, images), mask)
     return {"loss": jnp.sum(per_example * batch["mask"]), "count": jnp.sum(batch["mask"])}
 
   return eval_sums
@@ -127,54 +113,38 @@ def make_reconstruct(config, graphdef, num_classes: int):
 def train_and_evaluate(config, workdir: str) -> tuple[state_lib.TrainState, dict]:
   """Pre-trains to the configured length; returns the final state and the
   last evaluation's metrics."""
-  train_split, eval_split = loop.load_splits(config)
-  local_batch = config.batch_size // jax.process_count()
-  local_eval_batch = config.eval_batch_size // jax.process_count()
-  steps_per_epoch = pipeline.steps_per_epoch(train_split, local_batch)
-  total_steps, warmup_steps = loop.schedule_steps(config, steps_per_epoch)
-  num_classes = train_split.num_classes
-
-  make_model = make_model_fn(config, train_split)
-  abstract_params = nnx.to_pure_dict(nnx.split(nnx.eval_shape(make_model))[1])
-  schedule = optimizer_lib.make_schedule(config.optimizer, total_steps, warmup_steps)
-  tx = optimizer_lib.make_optimizer(config.optimizer, schedule, abstract_params)
+  plan = loop.plan(config, make_model_fn)
+  num_classes = plan.train_split.num_classes
   decoder = config.model.decoder
   identity = {"task": "mae", "variant": config.model.variant, "posemb": config.model.posemb,
               "decoder": [decoder.width, decoder.depth, decoder.heads, decoder.mlp_dim,
                           decoder.posemb],
-              "image_shape": list(train_split.images.shape[1:])}
-  run = loop.start(config, workdir, make_model=make_model, tx=tx, identity=identity,
-                   total_steps=total_steps)
-  run.reporter.log(f"MAE steps {run.start_step} -> {total_steps} ({steps_per_epoch} "
+              "image_shape": list(plan.train_split.images.shape[1:])}
+  run = loop.start(config, workdir, plan, identity=identity)
+  run.reporter.log(f"MAE steps {run.start_step} -> {plan.total_steps} ({plan.steps_per_epoch} "
                    f"steps/epoch), mask ratio {config.mask_ratio}, lr {config.optimizer.lr:.3g}")
 
   graphdef, shardings = run.described.graphdef, run.described.shardings
+  param_shardings = run.described.param_shardings
   replicated = parallel.replicated(run.mesh)
-  image_batch = {"images": run.batch_sharding(4), "labels": run.batch_sharding(1)}
-  eval_batch = {**image_batch, "mask": run.batch_sharding(1)}
-  train_step = run.jit(make_train_step(config, graphdef, tx, schedule, num_classes),
-                       in_shardings=(shardings, image_batch),
+  eval_batch = run.batch_shardings(with_mask=True)
+  train_step = run.jit(make_train_step(config, graphdef, plan.tx, plan.schedule, num_classes),
+                       in_shardings=(shardings, run.batch_shardings()),
                        out_shardings=(shardings, replicated), donate_argnums=0)
   eval_sums = run.jit(make_eval_sums(config, graphdef, num_classes),
-                      in_shardings=(run.described.param_shardings, eval_batch, replicated),
+                      in_shardings=(param_shardings, replicated, eval_batch),
                       out_shardings=replicated)
   reconstruct = run.jit(make_reconstruct(config, graphdef, num_classes),
-                        in_shardings=(run.described.param_shardings, eval_batch),
-                        out_shardings=replicated)
+                        in_shardings=(param_shardings, eval_batch), out_shardings=replicated)
 
   def evaluate(step: int, state: state_lib.TrainState) -> dict:
-    totals = {"loss": 0.0, "count": 0.0}
-    grid_batch = None
-    for index, local in enumerate(
-        pipeline.eval_batches(eval_split, local_batch_size=local_eval_batch)):
-      batch = run.to_global(local)
-      grid_batch = grid_batch or batch
-      sums = jax.device_get(eval_sums(state.params, batch, jnp.int32(index)))
-      for k in totals:
-        totals[k] += float(sums[k])
+    batches = [run.to_global(b) for b in
+               pipeline.eval_batches(plan.eval_split, local_batch_size=plan.local_eval_batch)]
+    totals = splits.sum_over_batches(
+        lambda index, batch: eval_sums(state.params, jnp.int32(index), batch), batches)
     results = {"eval/loss": totals["loss"] / totals["count"], "eval/count": totals["count"]}
     columns = [np.asarray(c)[:GRID_EXAMPLES]
-               for c in jax.device_get(reconstruct(state.params, grid_batch))]
+               for c in jax.device_get(reconstruct(state.params, batches[0]))]
     image = pictures.grid([pictures.to_uint8(c) for c in columns])
     if run.reporter.is_main:
       path = os.path.join(workdir, "pictures", f"reconstructions_{step:07d}.png")
@@ -183,6 +153,6 @@ def train_and_evaluate(config, workdir: str) -> tuple[state_lib.TrainState, dict
     run.reporter.images(step, {"mae/reconstructions": image[None]})
     return loop.report_eval(run, step, results)
 
-  batches = pipeline.train_batches(train_split, local_batch_size=local_batch,
+  batches = pipeline.train_batches(plan.train_split, local_batch_size=plan.local_batch,
                                    seed=config.seed, start_step=run.start_step)
   return loop.train(run, config, train_step=train_step, batches=batches, evaluate=evaluate)
