@@ -382,26 +382,24 @@ def child_main(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _mem_available_bytes() -> int | None:
+def _proc_kib_field(path: str, field: str) -> int | None:
+  """A `Field:  N kB` line of a /proc file, in bytes (None where unreadable)."""
   try:
-    with open("/proc/meminfo") as f:
+    with open(path) as f:
       for line in f:
-        if line.startswith("MemAvailable:"):
+        if line.startswith(field + ":"):
           return int(line.split()[1]) * 1024
   except OSError:
     pass
   return None
+
+
+def _mem_available_bytes() -> int | None:
+  return _proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def _rss_bytes(pid: int) -> int | None:
-  try:
-    with open(f"/proc/{pid}/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return None
+  return _proc_kib_field(f"/proc/{pid}/status", "VmRSS")
 
 
 def _pump(stream, tag: str, out: queue.Queue) -> None:

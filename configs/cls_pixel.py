@@ -18,14 +18,10 @@ import ml_collections
 from pixel_vit import configuration
 from pixel_vit.data import augment
 
+
 def get_config(arg=None):
   args = configuration.parse_arg(arg, variant="Ti/1", dataset="cifar100", quick=False)
-  config = ml_collections.ConfigDict()
-  config.task = "classification"
-  config.seed = 0
-
-  config.data = configuration.dataset_config(args.dataset)
-
+  config = configuration.base_config("classification", args.dataset, quick=args.quick)
   config.model = ml_collections.ConfigDict(dict(
       variant=args.variant, posemb="learn", pool="cls", dtype="float32",
       attention="xla", scan=True, remat="full", drop_path=0.1))
@@ -41,13 +37,9 @@ def get_config(arg=None):
       warmup_steps=0, warmup_epochs=20.0, ema_decay=0.0))
   config.augment = augment.default_augment_config()
 
-  config.mesh = configuration.mesh_config()
-  config.sharding_rules = configuration.SHARDING_RULES
-
   config.log_every = 50
   config.eval_every = 1000
   config.checkpoint_every = 1000
-  config.keep_checkpoints = 3
 
   if args.dataset == "imagenet28":
     config.total_epochs = 300.0
@@ -58,7 +50,6 @@ def get_config(arg=None):
     config.checkpoint_every = 5000
 
   if args.quick:  # offline, a couple of minutes on 2 CPU cores
-    config.data.source = "digits" if args.dataset == "cifar100" else config.data.source
     config.model.variant = args.variant if args.variant != "Ti/1" else "mu/1"
     # 1,437 8x8 digits are too few to learn pixel positions from scratch in
     # minutes (learned posemb: 91.7% after 600 steps); fixed sin-cos reaches

@@ -21,10 +21,7 @@ from pixel_vit.data import augment
 
 def get_config(arg=None):
   args = configuration.parse_arg(arg, variant="Ti/1", dataset="cifar100", quick=False)
-  config = ml_collections.ConfigDict()
-  config.task = "mae"
-  config.seed = 0
-  config.data = configuration.dataset_config(args.dataset)
+  config = configuration.base_config("mae", args.dataset, quick=args.quick)
 
   config.mask_ratio = 0.75
   config.model = ml_collections.ConfigDict(dict(
@@ -56,16 +53,11 @@ def get_config(arg=None):
   config.augment.mixup_alpha = 0.0
   config.augment.cutmix_alpha = 0.0
 
-  config.mesh = configuration.mesh_config()
-  config.sharding_rules = configuration.SHARDING_RULES
   config.log_every = 50
   config.eval_every = 2000
   config.checkpoint_every = 2000
-  config.keep_checkpoints = 3
 
   if args.quick:  # offline, a few minutes on 2 CPU cores
-    config.data = configuration.dataset_config(
-        "digits" if args.dataset == "cifar100" else args.dataset)
     config.model.variant = args.variant if args.variant != "Ti/1" else "mu/1"
     config.model.scan = False
     config.model.remat = "none"

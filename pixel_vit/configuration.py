@@ -83,6 +83,19 @@ def mesh_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1, tensor=1))
 
 
+def base_config(task: str, dataset: str, *, quick: bool) -> ml_collections.ConfigDict:
+  """What every experiment config starts from: task, seed, data, mesh and
+  rules. `quick` swaps the default CIFAR-100 for the offline `digits`."""
+  config = ml_collections.ConfigDict()
+  config.task = task
+  config.seed = 0
+  config.data = dataset_config("digits" if quick and dataset == "cifar100" else dataset)
+  config.mesh = mesh_config()
+  config.sharding_rules = SHARDING_RULES
+  config.keep_checkpoints = 3
+  return config
+
+
 def _require(condition: bool, message: str):
   if not condition:
     raise ValueError(message)
@@ -97,8 +110,16 @@ def _check_positive(key: str, value, *, allow_zero=False):
   _require(ok, f"config.{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}.")
 
 
+def _named(key: str, check, *args):
+  """Runs `check(*args)`, prefixing its ValueError with the config key."""
+  try:
+    return check(*args)
+  except ValueError as e:
+    raise ValueError(f"config.{key}: {e}") from None
+
+
 def validate_model(model) -> None:
-  _, patch = vit.parse_variant(model.variant)
+  _named("model.variant", vit.parse_variant, model.variant)
   _check_choice("model.posemb", model.posemb, vit.POSEMBS)
   if "pool" in model:  # classifiers only
     _check_choice("model.pool", model.pool, vit.POOLS)
@@ -179,8 +200,8 @@ def validate_run(config, device_count: int, process_count: int) -> None:
 
 
 def validate_data(data) -> None:
-  sources.parse_source(data.source, data_dir=data.get("data_dir"),
-                       download=data.get("download", True))
+  _named("data.source", lambda: sources.parse_source(
+      data.source, data_dir=data.get("data_dir"), download=data.get("download", True)))
   if data.get("image_size") is not None:
     _check_positive("data.image_size", data.image_size)
 

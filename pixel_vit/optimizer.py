@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -91,19 +92,14 @@ def layer_scale(path: tuple[str, ...], ndim: int, depth: int, decay: float):
   return scale.astype(np.float32).reshape((depth,) + (1,) * (ndim - 1))
 
 
-def scale_by_layer(decay: float, depth: int) -> optax.GradientTransformation:
-  """Multiplies each update by its layer's `layer_scale` (stateless)."""
-
-  def update_fn(updates, state, params=None):
-    del params
-
-    def scale(path, u):
-      s = layer_scale(tuple(map(_key, path)), u.ndim, depth, decay)
-      return u * (s if isinstance(s, float) else s.astype(u.dtype))
-
-    return jax.tree_util.tree_map_with_path(scale, updates), state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+def scale_by_layer(params, decay: float) -> optax.GradientTransformation:
+  """Multiplies each update by its layer's `layer_scale` (stateless); the
+  scales depend only on the parameters' names and shapes."""
+  depth = encoder_depth(params)
+  scales = jax.tree_util.tree_map_with_path(
+      lambda path, x: layer_scale(tuple(map(_key, path)), len(x.shape), depth, decay), params)
+  return optax.stateless(lambda updates, _: jax.tree.map(
+      lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales))
 
 
 # ---------------------------------------------------------------- freezing
@@ -141,7 +137,7 @@ def make_optimizer(opt, schedule: optax.Schedule, params: Any) -> optax.Gradient
                            mask=decay_mask(params)))
   layer_decay = float(opt.get("layer_decay", 0.0))
   if layer_decay not in (0.0, 1.0):
-    parts.append(scale_by_layer(layer_decay, encoder_depth(params)))
+    parts.append(scale_by_layer(params, layer_decay))
   freeze = tuple(opt.get("freeze", ()) or ())
   if freeze:
     # Zero the frozen gradients first (so clipping and Adam's moments see only
