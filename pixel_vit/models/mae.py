@@ -119,8 +119,8 @@ class MaskedAutoencoder(nnx.Module):
     self.decoder_posemb = vit.learned_posemb(decoder_posemb, encoder.num_patches, width, rngs,
                                              logical_axes=(None, None, None))
     self.decoder_width = width
-    self.decoder_blocks = vit.BlockStack(decoder_size, dtype=dtype, attention=attention,
-                                         scan=scan, remat=remat, rngs=rngs)
+    self.decoder_blocks = vit.encoder_blocks(decoder_size, dtype=dtype, attention=attention,
+                                             scan=scan, remat=remat, rngs=rngs)
     self.decoder_norm = vit.layer_norm(width, dtype=dtype, rngs=rngs)
     out = self.patch * self.patch * channels
     self.decoder_pred_kernel = vit.param(vit.dense_init, rngs, (width, out), (None, None))

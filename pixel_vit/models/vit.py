@@ -11,7 +11,7 @@ heads, kv, vocab, layers) and activations are constrained by logical names;
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -203,26 +203,29 @@ class BlockStack(nnx.Module):
 
   Applied with `lax.scan` (compiles one block) or unrolled; both read the same
   stacked parameters, so they are interchangeable on one checkpoint.
+  `make_block(rngs)` builds one block (encoder, decoder or DiT block); every
+  block is called as `block(x, drop_rate=, key=, **context)`, where `context`
+  (e.g. DiT's conditioning vector) is the same for all layers.
   """
 
-  def __init__(self, size: EncoderSize, *, dtype, attention: str, scan: bool,
-               remat: str, rngs: nnx.Rngs):
+  def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], *, depth: int,
+               scan: bool, remat: str, rngs: nnx.Rngs):
 
-    @nnx.split_rngs(splits=size.depth)
+    @nnx.split_rngs(splits=depth)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make_blocks(rngs):
-      return EncoderBlock(size, dtype=dtype, attention=attention, rngs=rngs)
+      return make_block(rngs)
 
     self.layers = make_blocks(rngs)
     for _, variable in nnx.iter_graph(self.layers):
       if isinstance(variable, nnx.Variable) and variable.has_metadata("logical_axes"):
         variable.set_metadata(
             logical_axes=("layers",) + tuple(variable.get_metadata("logical_axes")))
-    self.depth = size.depth
+    self.depth = depth
     self.scan = scan
     self.remat = remat
 
-  def __call__(self, x, *, drop_rates=None, key=None):
+  def __call__(self, x, *, drop_rates=None, key=None, **context):
     graphdef, state = nnx.split(self.layers)
     stochastic = key is not None and drop_rates is not None
     per_layer = (state,
@@ -232,7 +235,7 @@ class BlockStack(nnx.Module):
     def apply_block(x, layer):
       layer_state, rate, layer_key = layer
       block = nnx.merge(graphdef, layer_state)
-      return block(x, drop_rate=rate, key=layer_key), None
+      return block(x, drop_rate=rate, key=layer_key, **context), None
 
     if self.remat != "none":
       apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.remat])
@@ -242,6 +245,13 @@ class BlockStack(nnx.Module):
       for i in range(self.depth):
         x, _ = apply_block(x, jax.tree.map(lambda a, i=i: a[i], per_layer))
     return x
+
+
+def encoder_blocks(size: EncoderSize, *, dtype, attention: str, scan: bool, remat: str,
+                   rngs: nnx.Rngs) -> BlockStack:
+  """`size.depth` pre-LN Transformer blocks (the encoder's, the MAE decoder's)."""
+  return BlockStack(lambda r: EncoderBlock(size, dtype=dtype, attention=attention, rngs=r),
+                    depth=size.depth, scan=scan, remat=remat, rngs=rngs)
 
 
 class Encoder(nnx.Module):
@@ -268,8 +278,8 @@ class Encoder(nnx.Module):
     self.posemb = learned_posemb(posemb, self.num_patches, size.width, rngs)
     self.cls = (param(zeros, rngs, (1, 1, size.width), (None, None, "embed"))
                 if cls_token else None)
-    self.blocks = BlockStack(size, dtype=dtype, attention=attention, scan=scan,
-                             remat=remat, rngs=rngs)
+    self.blocks = encoder_blocks(size, dtype=dtype, attention=attention, scan=scan,
+                                 remat=remat, rngs=rngs)
     self.norm = layer_norm(size.width, dtype=dtype, rngs=rngs)
 
   def position_embedding(self) -> jax.Array:
