@@ -8,11 +8,15 @@ the key, the value and what is allowed.
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from pixel_vit import parallel
 from pixel_vit.data import augment, sources
-from pixel_vit.models import attention, vit
+from pixel_vit.diffusion import gaussian, sampling
+from pixel_vit.models import attention, dit, vit
+from pixel_vit.trainers import pretrained
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -49,6 +53,11 @@ DATASETS = {
     "cifar100": dict(source="tfds:cifar100", image_size=None, eval_split="test"),
     "imagenet28": dict(source="tfds:imagenet2012", image_size=28, eval_split="validation"),
     "digits": dict(source="digits", image_size=None, eval_split="test"),
+    "cifar10": dict(source="tfds:cifar10", image_size=None, eval_split="test"),
+    # ImageNet 256x256 as Stable-Diffusion VAE latents (32x32x4), written once by
+    # python -m pixel_vit.data.encode_latents (see README, diffusion).
+    "imagenet256_latents": dict(source="npz:data/imagenet256_latents_{split}.npz",
+                                image_size=None, eval_split="validation"),
 }
 
 # Logical axes -> mesh axes (see parallel.py). With the default mesh (all
@@ -126,8 +135,8 @@ def validate_model(model) -> None:
   _check_choice("model.dtype", model.dtype, list(vit.DTYPES))
   _check_choice("model.remat", model.remat, list(vit.REMAT_POLICIES))
   _check_choice("model.attention", model.attention, list(attention.BACKENDS))
-  _require(0.0 <= model.drop_path < 1.0,
-           f"config.model.drop_path={model.drop_path!r} must be in [0, 1).")
+  drop_path = model.get("drop_path", 0.0)  # DiT has none
+  _require(0.0 <= drop_path < 1.0, f"config.model.drop_path={drop_path!r} must be in [0, 1).")
 
 
 def validate_decoder(model) -> None:
@@ -150,6 +159,63 @@ def validate_decoder(model) -> None:
            f"(config.model.norm_pix_window={model.norm_pix_window}, patch {patch}): one "
            "pixel's own statistics are degenerate (a grey value has variance 0). Set "
            "config.model.norm_pix_window >= 2; 2 gives the targets of ViT/2.")
+
+
+def validate_diffusion(config, device_count: int) -> None:
+  """The DiT model, diffusion, sampling and FID settings (configs/dit_pixel.py)."""
+  model = config.model
+  _check_choice("model.posemb", model.posemb, dit.POSEMBS)
+  _require(0.0 <= model.class_dropout < 1.0,
+           f"config.model.class_dropout={model.class_dropout!r} must be in [0, 1); "
+           "classifier-free guidance needs > 0 (DiT: 0.1).")
+  _check_choice("diffusion.schedule", config.diffusion.schedule, gaussian.SCHEDULES)
+  _check_positive("diffusion.num_timesteps", config.diffusion.num_timesteps)
+  sample = config.sample
+  _check_choice("sample.sampler", sample.sampler, sampling.SAMPLERS)
+  _named("sample.steps", gaussian.space_timesteps, config.diffusion.num_timesteps,
+         str(sample.steps))
+  _require(0.0 <= sample.eta <= 1.0, f"config.sample.eta={sample.eta!r} must be in [0, 1].")
+  for key in ("cfg_scale", "grid_cfg_scale"):
+    _require(sample[key] >= 1.0 or sample[key] == 0.0,
+             f"config.sample.{key}={sample[key]!r}: use 1.0 for no guidance, > 1 to guide.")
+  _require((sample.cfg_scale == 1.0 and sample.grid_cfg_scale == 1.0)
+           or model.class_dropout > 0,
+           "config.sample guidance scales > 1 need a model trained with "
+           "config.model.class_dropout > 0 (its null class is never trained otherwise).")
+  _check_positive("sample.grid_columns", sample.grid_columns)
+  fid = config.fid
+  _check_positive("fid.num_samples", fid.num_samples, allow_zero=True)
+  _check_positive("fid.batch_size", fid.batch_size)
+  _check_positive("fid.reference_examples", fid.reference_examples)
+  shards = parallel.batch_shards(config.mesh, device_count)
+  _require(fid.batch_size % shards == 0,
+           f"config.fid.batch_size={fid.batch_size} must be divisible by the {shards} batch "
+           "shards of the mesh.")
+  kind, _, where = fid.features.partition(":")
+  _require(not fid.features or (kind in ("classifier", "inception") and where),
+           f"config.fid.features={fid.features!r} must be '' (off), 'classifier:WORKDIR' "
+           "(a run of configs/cls_pixel.py on the same data) or 'inception:WEIGHTS' "
+           "(pytorch-fid's pt_inception-2015-12-05 .pth or its .npz conversion).")
+  _require(not fid.num_samples or fid.features,
+           f"config.fid.num_samples={fid.num_samples} needs config.fid.features: train a "
+           "classifier on the same data (python -m pixel_vit.main --config=configs/"
+           "cls_pixel.py:quick --workdir=DIR) and set --config.fid.features=classifier:DIR.")
+  if fid.features and kind == "classifier":
+    _require(pretrained.workdir_has_checkpoint(where),
+             f"config.fid.features={fid.features!r}: {where} holds no classifier checkpoint; "
+             f"train one with python -m pixel_vit.main --config=configs/cls_pixel.py:quick "
+             f"--workdir={where}.")
+  if fid.features and kind == "inception":
+    _require(os.path.isfile(where),
+             f"config.fid.features={fid.features!r}: no weights file at {where}; give the "
+             "local path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its .npz).")
+  _require(not fid.reference or os.path.isfile(fid.reference),
+           f"config.fid.reference={fid.reference!r} does not exist; give an npz with `mu` and "
+           "`sigma` (e.g. ADM's VIRTUAL_imagenet256_labeled.npz) or '' to use the train split.")
+  _require(not config.vae.weights or os.path.exists(config.vae.weights),
+           f"config.vae.weights={config.vae.weights!r} does not exist; give the local "
+           "diffusion_pytorch_model.safetensors of stabilityai/sd-vae-ft-ema (or -mse), or '' "
+           "to show latent previews instead of decoded images.")
 
 
 def validate_image_size(model, image_size: int) -> None:

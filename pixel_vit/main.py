@@ -7,11 +7,12 @@ import logging as std_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pixel_vit.trainers import classification, mae
+from pixel_vit.trainers import classification, diffusion, mae
 
 TRAINERS = {
     "classification": classification,
     "mae": mae,
+    "diffusion": diffusion,
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",

@@ -89,7 +89,7 @@ def _eval_batches(split, batch, count):
     pad = batch - len(labels)
     mask = np.ones((batch,), np.float32)
     if pad:
-      images = np.concatenate([images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
+      images = np.concatenate([images, np.zeros((pad, *split.images.shape[1:]), split.images.dtype)])
       labels = np.concatenate([labels, np.zeros((pad,), np.int32)])
       mask[batch - pad:] = 0.0
     yield {"images": images, "labels": labels, "mask": mask}

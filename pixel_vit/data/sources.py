@@ -32,17 +32,26 @@ _RESIZE_CHUNK = 4096
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous
 class ImageSplit:
-  """One process's shard of one split, held in host memory at training resolution."""
-  images: np.ndarray  # uint8, NHWC
+  """One process's shard of one split, held in host memory at training resolution.
+
+  `images` are uint8 pixels, or float32 VAE latents for a latent dataset
+  (`npz:` files with a `latents` array, see data/encode_latents.py).
+  """
+  images: np.ndarray  # uint8 (pixels) or float32 (latents), NHWC
   labels: np.ndarray  # int32, [n]
   num_classes: int
   total_examples: int  # size of the whole split, over all processes
   process_index: int
   process_count: int
 
+  @property
+  def is_latent(self) -> bool:
+    return self.images.dtype == np.float32
+
   def __post_init__(self):
-    if self.images.dtype != np.uint8 or self.images.ndim != 4:
-      raise ValueError(f"ImageSplit.images must be uint8 NHWC, got {self.images.dtype} "
+    if self.images.dtype not in (np.uint8, np.float32) or self.images.ndim != 4:
+      raise ValueError(f"ImageSplit.images must be uint8 or float32 (latents) NHWC, got "
+                       f"{self.images.dtype} "
                        f"with shape {self.images.shape}.")
     if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
       raise ValueError(f"ImageSplit.labels must be int32 of shape {self.images.shape[:1]}, "
@@ -136,6 +145,11 @@ def _tf_resize(tf, images, image_size: int):
 def _resize(images: np.ndarray, image_size: int | None) -> np.ndarray:
   if image_size is None or images.shape[1:3] == (image_size, image_size):
     return images
+  if images.dtype != np.uint8:
+    raise ValueError(f"latents of size {images.shape[1]}x{images.shape[2]} cannot be resized "
+                     f"to {image_size}: encode the images at the size you want (python -m "
+                     "pixel_vit.data.encode_latents --image_size=8*SIZE) and leave "
+                     "config.data.image_size unset.")
   tf = _import_tf()
   chunks = [_tf_resize(tf, images[i:i + _RESIZE_CHUNK], image_size).numpy()
             for i in range(0, len(images), _RESIZE_CHUNK)]
@@ -188,6 +202,9 @@ class DigitsSource(_InMemorySource):
 class NpzSource(_InMemorySource):
   """An .npz with `images` (uint8 NHWC or NHW), `labels` (int) and optional `class_names`.
 
+  A latent dataset (written by `python -m pixel_vit.data.encode_latents`) has
+  float32 `latents` [N, h, w, c] (already scaled) instead of `images`.
+
   A `{split}` in the path is replaced by the split name (one file per split);
   otherwise the one file is split 80/20 into 'train' and 'test'.
   """
@@ -198,7 +215,8 @@ class NpzSource(_InMemorySource):
                   if "{split}" in self.path else [self.path])
     if not any(os.path.isfile(p) for p in candidates):
       raise ValueError(f"npz source: no file at {' or '.join(candidates)}; pass "
-                       "npz:PATH with an existing .npz (PATH may contain '{split}').")
+                       "npz:PATH with an existing .npz (PATH may contain '{split}'). A "
+                       "latent dataset is written by python -m pixel_vit.data.encode_latents.")
 
   @property
   def name(self) -> str:
@@ -224,12 +242,20 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray, int]:
       arrays = {key: data[key] for key in data.files}
   except (OSError, ValueError) as e:  # not a zip / object arrays need pickle
     raise ValueError(f"npz file {path} cannot be read without pickle ({e}); {fix}.") from e
+  latent = "latents" in arrays and "images" not in arrays
+  if latent:
+    images = arrays["latents"]
+    if images.dtype not in (np.float32, np.float16) or images.ndim != 4:
+      raise ValueError(f"npz file {path}: latents have dtype {images.dtype} and shape "
+                       f"{images.shape}, expected float32 [N, h, w, c]; write them with "
+                       "python -m pixel_vit.data.encode_latents.")
+    arrays["images"] = images.astype(np.float32)
   for key in ("images", "labels"):
     if key not in arrays:
       raise ValueError(f"npz file {path} has no {key!r} array (it has {sorted(arrays)}); "
                        f"{fix}.")
   images, labels = arrays["images"], arrays["labels"]
-  if images.dtype != np.uint8:
+  if not latent and images.dtype != np.uint8:
     raise ValueError(f"npz file {path}: images have dtype {images.dtype}, expected uint8 "
                      "0..255; convert e.g. with np.round(x * 255).astype(np.uint8).")
   if images.ndim == 3:
