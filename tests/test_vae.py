@@ -259,7 +259,12 @@ def test_missing_key_is_named(tmp_path, tiny_tensors):
 
 def test_wrong_shape_is_named(tmp_path, tiny_tensors):
   tiny_tensors["encoder.conv_in.weight"] = np.zeros((8, 3, 5, 5), np.float32)
-  with pytest.raises(ValueError, match=r"wrong shape: encoder\.conv_in\.weight "
+  # A legacy-named tensor is reported under the name the file uses.
+  del tiny_tensors["decoder.mid_block.attentions.0.to_q.weight"]
+  tiny_tensors["decoder.mid_block.attentions.0.query.weight"] = np.zeros((16, 8), np.float32)
+  with pytest.raises(ValueError, match=r"2 with the wrong shape: decoder\.mid_block\."
+                                       r"attentions\.0\.query\.weight \(16, 8\) \(expected "
+                                       r"\(16, 16\)\), encoder\.conv_in\.weight "
                                        r"\(8, 3, 5, 5\) \(expected \(8, 3, 3, 3\)\)"):
     vae_lib.load_vae(write_weights(tmp_path, tiny_tensors))
 

@@ -168,6 +168,9 @@ def encode_split(encoder_for, source: sources.Source, split: str, *, image_size:
     data = source.load(split, process_index=chunk, process_count=load_chunks,
                        image_size=image_size)
     if latents is None:
+      if data.images.dtype != np.uint8:
+        raise ValueError(f"{source.name} split {split!r} holds {data.images.dtype} arrays, "
+                         "not uint8 pixels (already VAE latents?); encode a pixel source.")
       encode, batch_sharding = encoder_for(data.images.shape[-1])
       latents = np.empty((data.total_examples, *latent_shape), np.float32)
       labels = np.empty((data.total_examples,), np.int32)

@@ -417,17 +417,21 @@ def diffusers_state_dict(model: AutoencoderKL) -> dict[str, np.ndarray]:
   return tensors
 
 
-def _rename_legacy_attention(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  renamed = {}
+def _rename_legacy_attention(
+    tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """(tensors under current diffusers names, {current name: name in the file} of renamed ones)."""
+  renamed, file_names = {}, {}
   for key, value in tensors.items():
     parts = key.split(".")
     if len(parts) >= 4 and parts[-4] == "attentions" and parts[-2] in _LEGACY_ATTENTION_NAMES:
-      key = ".".join(parts[:-2] + [_LEGACY_ATTENTION_NAMES[parts[-2]], parts[-1]])
+      new_key = ".".join(parts[:-2] + [_LEGACY_ATTENTION_NAMES[parts[-2]], parts[-1]])
+      file_names[new_key] = key
+      key = new_key
     if key in renamed:
       raise ValueError(f"weights hold the attention parameter {key} under both its current "
                        "and its legacy name; keep one. " + EXPECTED_FORMAT)
     renamed[key] = value
-  return renamed
+  return renamed, file_names
 
 
 def _listed(names) -> str:
@@ -512,7 +516,7 @@ def load_vae(path: str, config: VaeConfig | None = None) -> AutoencoderKL:
   be left over; otherwise a ValueError lists the offending keys.
   """
   weights_path, config_path = resolve_vae_paths(path)
-  tensors = _rename_legacy_attention(_read_safetensors(weights_path))
+  tensors, file_names = _rename_legacy_attention(_read_safetensors(weights_path))
   if config is None and config_path is not None:
     with open(config_path) as f:
       config = VaeConfig.from_diffusers_config(json.load(f))
@@ -530,12 +534,12 @@ def load_vae(path: str, config: VaeConfig | None = None) -> AutoencoderKL:
       continue
     converted = _to_flax_layout(np.asarray(tensors[key]), flax_shape)
     if converted is None:
-      wrong_shape.append(f"{key} {tuple(tensors[key].shape)} (expected "
+      wrong_shape.append(f"{file_names.get(key, key)} {tuple(tensors[key].shape)} (expected "
                          f"{_torch_shape(flax_shape)})")
       continue
     values[nnx_path] = converted
   expected_keys = {diffusers_key(p) for p, _ in nnx.to_flat_state(state)}
-  unexpected = sorted(set(tensors) - expected_keys)
+  unexpected = sorted(file_names.get(k, k) for k in set(tensors) - expected_keys)
   problems = []
   if missing:
     problems.append(f"{len(missing)} missing: {_listed(missing)}")
