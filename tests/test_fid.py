@@ -205,7 +205,7 @@ def moments_extractor():
   return features_lib.Extractor(name="moments", forward=forward, dimension=3, num_classes=4)
 
 
-def test_sample_metrics_equal_the_formulas_on_all_features():
+def test_sample_metrics_equal_the_formulas_on_all_features(tmp_path):
   rng = np.random.default_rng(5)
   real = rng.uniform(size=(90, 4, 4, 1)).astype(np.float32)
   samples = (rng.uniform(size=(37, 4, 4, 1)) ** 1.5).astype(np.float32)
@@ -235,6 +235,14 @@ def test_sample_metrics_equal_the_formulas_on_all_features():
   streamed = fid.sample_metrics(extractor, iter([samples[:20], samples[20:]]), labels,
                                 reference, batch_size=20, splits=2)
   assert streamed["fid"] == pytest.approx(results["fid"], rel=1e-9)
+  # Two processes' shares, gathered and merged; the reference through a file.
+  shares = [fid.extract(extractor, part, batch_size=8) for part in (samples[:15], samples[15:])]
+  path = str(tmp_path / "reference.npz")
+  fid.save_stats(path, **reference)
+  merged = fid.metrics_from(shares[0].merge(shares[1]), labels, fid.load_reference(path),
+                            num_classes=4, splits=2)
+  for name, value in results.items():
+    assert merged[name] == pytest.approx(value, rel=1e-6), name
 
 
 def test_extractor_rejects_images_outside_unit_range():

@@ -176,6 +176,9 @@ def classifier_extractor(workdir: str) -> Extractor:
     raise ValueError(
         f"{where} is of task {metadata.get('task')!r}, not 'classification': features and "
         f"logits come from a classifier; {TRAIN_CLASSIFIER}.")
+  if "model" not in config or "augment" not in config:
+    raise ValueError(f"{workdir}/config.json has no 'model' or 'augment' section: it is not "
+                     f"the resolved config of a classification run; {TRAIN_CLASSIFIER}.")
   missing = [k for k in ("variant", "posemb", "pool", "num_classes", "image_shape")
              if k not in metadata]
   if missing:
