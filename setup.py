@@ -23,9 +23,13 @@ setuptools.setup(
         "importlib_resources",  # tfds 4.9.10 imports it without declaring it
         "tensorflow-cpu",  # tf.data for TFDS and clu's metric writers; CPU only
         "tensorboard",  # clu.metric_writers needs it
+        "safetensors",  # VAE weights (models/vae.py)
+        "scipy",  # FID tests' reference; sklearn needs it anyway
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist"],
+        # torch + diffusers: the VAE is tested against diffusers' AutoencoderKL.
+        # Install the CPU build of torch first (.ci/run does) or pip pulls CUDA.
+        "test": ["pytest>=8", "pytest-xdist", "torch", "diffusers"],
         "bench": ["matplotlib"],
     },
 )

@@ -129,7 +129,7 @@ def make_eval_sums(config, graphdef):
 
 @dataclasses.dataclass(frozen=True)
 class Generator:
-  """Turns (params, noise, labels, key) into images in [0, 1] on the mesh."""
+  """Turns (params, labels, batch index) into images in [0, 1] on the mesh."""
   sample_shape: tuple[int, int, int]  # H, W, C of what the model generates
   num_classes: int
   run: loop.Run
@@ -143,7 +143,8 @@ class Generator:
     labels = jax.make_array_from_callback(
         labels.shape, parallel.batch_sharding(self.run.mesh, self.run.rules, 1),
         lambda index: labels[index])
-    return self._sample(params, labels, key)
+    samples = self._sample(params, labels, key)
+    return samples if self.decode is None else self.decode(samples)
 
 
 def make_generator(config, run: loop.Run, graphdef, train_split: sources.ImageSplit,
@@ -167,9 +168,7 @@ def make_generator(config, run: loop.Run, graphdef, train_split: sources.ImageSp
     noise = jax.random.normal(noise_key, (labels.shape[0], *shape), jnp.float32)
     noise = parallel.constrain(noise, ("batch", None, None, None))
     x0 = sample_fn(model_fn, process, noise, labels, step_key, **options)
-    if decode is not None:
-      return decode(x0)
-    return jnp.clip((x0 + 1.0) / 2.0, 0.0, 1.0)
+    return x0 if train_split.is_latent else jnp.clip((x0 + 1.0) / 2.0, 0.0, 1.0)
 
   labels_sharding = parallel.batch_sharding(run.mesh, run.rules, 1)
   jitted = run.jit(sample, in_shardings=(run.described.param_shardings, labels_sharding,
@@ -179,14 +178,20 @@ def make_generator(config, run: loop.Run, graphdef, train_split: sources.ImageSp
 
 
 def latent_decoder(config, train_split: sources.ImageSplit):
-  """For latent data: the VAE's `decode_latents` (None for pixel data)."""
+  """For latent data: scaled latents -> images in [0, 1] (None for pixel data).
+
+  With `config.vae.weights` the VAE decodes them; its weights are a jit
+  argument, not constants baked into the program. Without, a preview of the
+  first three latent channels is shown.
+  """
   if not train_split.is_latent:
     return None
   if not config.vae.weights:
-    return lambda z: jnp.clip((z[..., :3] / 4.0 + 1.0) / 2.0, 0.0, 1.0)  # a latent preview
+    return jax.jit(lambda z: jnp.clip((z[..., :3] / 4.0 + 1.0) / 2.0, 0.0, 1.0))
   from pixel_vit.models import vae
-  codec = vae.load_vae(config.vae.weights)
-  return codec.decode_latents
+  graphdef, weights = nnx.split(vae.load_vae(config.vae.weights))
+  decode = jax.jit(lambda w, z: nnx.merge(graphdef, w).decode_latents(z))
+  return lambda z: decode(weights, z)
 
 
 def grid_labels(config, num_classes: int) -> np.ndarray:
