@@ -30,13 +30,15 @@ class EncoderSize:
   mlp_dim: int
 
 
-# The ViT size table (Dosovitskiy et al.; DeiT for Ti), plus `mu` for tests.
+# The ViT size table (Dosovitskiy et al.; DeiT for Ti; XL from DiT), plus `mu`
+# for tests and quick runs. DiT uses the same S / B / L / XL.
 SIZES: dict[str, EncoderSize] = {
     "mu": EncoderSize(width=64, depth=4, heads=4, mlp_dim=256),
     "Ti": EncoderSize(width=192, depth=12, heads=3, mlp_dim=768),
     "S": EncoderSize(width=384, depth=12, heads=6, mlp_dim=1536),
     "B": EncoderSize(width=768, depth=12, heads=12, mlp_dim=3072),
     "L": EncoderSize(width=1024, depth=24, heads=16, mlp_dim=4096),
+    "XL": EncoderSize(width=1152, depth=28, heads=16, mlp_dim=4608),
     "H": EncoderSize(width=1280, depth=32, heads=16, mlp_dim=5120),
 }
 
