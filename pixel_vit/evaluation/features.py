@@ -124,16 +124,6 @@ def inception_extractor(weights_path: str) -> Extractor:
 # ---------------------------------------------------------------- a project classifier
 
 
-def _checkpoint_reader(directory) -> ocp.CheckpointManager:
-  """Reads the trainers' checkpoints: `state` as a plain pytree (so one
-  part can be restored alone) and the JSON `metadata`."""
-  return ocp.CheckpointManager(
-      directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                "metadata": ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                           save_interval_steps=0))
-
-
 def _read_run(workdir: str) -> tuple[ml_collections.ConfigDict, object, int]:
   """(resolved config, checkpoints directory, newest step) of a run, or a
   ValueError saying what is missing."""
@@ -164,7 +154,7 @@ def classifier_extractor(workdir: str) -> Extractor:
   """
   config, directory, step = _read_run(workdir)
   where = f"classifier checkpoint {directory / str(step)}"
-  reader = _checkpoint_reader(directory)
+  reader = pretrained.checkpoint_reader(directory)
   try:
     metadata = reader.restore(step, args=ocp.args.Composite(
         metadata=ocp.args.JsonRestore())).metadata or {}
@@ -201,7 +191,7 @@ def classifier_extractor(workdir: str) -> Extractor:
   replicated = NamedSharding(mesh, PartitionSpec())
   target = {item_name: jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_params)}
-  reader = _checkpoint_reader(directory)
+  reader = pretrained.checkpoint_reader(directory)
   try:
     restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

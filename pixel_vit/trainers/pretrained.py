@@ -187,7 +187,7 @@ class Pretrained:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         params["encoder"])
     item = {"params": {"encoder": target}}
-    manager = _reader(self.directory)
+    manager = checkpoint_reader(self.directory)
     try:
       restored = manager.restore(self.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
@@ -197,7 +197,7 @@ class Pretrained:
     return {**params, "encoder": restored.state["params"]["encoder"]}
 
 
-def _reader(directory: epath.Path) -> ocp.CheckpointManager:
+def checkpoint_reader(directory) -> ocp.CheckpointManager:
   """A manager that only reads: the `state` item as a plain pytree (so part of
   it can be restored without knowing the rest) and the JSON `metadata`."""
   return ocp.CheckpointManager(
@@ -216,7 +216,7 @@ def open_checkpoint(init_from: str) -> Pretrained:
   """Finds the checkpoint and reads its JSON metadata and parameter shapes."""
   directory, step = locate(init_from)
   where = f"config.init_from={init_from!r} (checkpoint {directory / str(step)})"
-  manager = _reader(directory)
+  manager = checkpoint_reader(directory)
   try:
     try:
       metadata = manager.restore(
