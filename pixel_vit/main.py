@@ -19,7 +19,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures; "
                                "a run resumes from it automatically.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def trainer_for(config):
@@ -46,4 +45,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Required only when run as a command, so that importing this module (tests,
+  # other tools) does not make every later absl flag parse demand them.
+  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -22,7 +22,6 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 50_000, "How many samples to 
                                     "(50,000 for the paper's FID).")
 _OUT = flags.DEFINE_string("out", "", "Output path without extension (default: "
                            "<workdir>/samples/<sampler><steps>_cfg<scale>_step<step>_n<N>).")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
@@ -40,4 +39,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Required only when run as a command, so that importing this module (tests,
+  # other tools) does not make every later absl flag parse demand them.
+  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -306,8 +306,8 @@ def test_pipeline_argument_errors():
 
 
 def test_image_split_rejects_inconsistent_arrays():
-  with pytest.raises(ValueError, match="must be uint8 NHWC"):
-    sources.ImageSplit(np.zeros((2, 4, 4, 1), np.float32), np.zeros(2, np.int32), 2, 2, 0, 1)
+  with pytest.raises(ValueError, match=r"must be uint8 or float32 \(latents\) NHWC"):
+    sources.ImageSplit(np.zeros((2, 4, 4, 1), np.float64), np.zeros(2, np.int32), 2, 2, 0, 1)
   with pytest.raises(ValueError, match="labels must be int32 of shape"):
     sources.ImageSplit(np.zeros((2, 4, 4, 1), np.uint8), np.zeros(3, np.int32), 2, 2, 0, 1)
   with pytest.raises(ValueError, match="more than a 1/2 shard"):

@@ -58,7 +58,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the posterior samples (with --s
 _LOAD_CHUNKS = flags.DEFINE_integer("load_chunks", 1, "Read each split in this many "
                                     "consecutive pieces to bound host memory (ImageNet at "
                                     "256: ~64).")
-flags.mark_flags_as_required(["vae", "source", "out"])
 
 
 def output_paths(out: str, splits: list[str]) -> dict[str, str]:
@@ -244,4 +243,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Required only when run as a command, so that importing this module (tests,
+  # other tools) does not make every later absl flag parse demand them.
+  flags.mark_flags_as_required(["vae", "source", "out"])
   app.run(main)
