@@ -368,3 +368,23 @@ def test_quick_config_validates(dit_pixel):
   config = dit_pixel.get_config("quick")
   diffusion_trainer.validate(config)
   assert config.data.source == "digits" and config.model.variant == "mu/1"
+
+
+def test_training_evaluation_reports_sample_metrics_with_the_own_classifier(
+    dit_pixel, quick_config, make_workdir):
+  """classifier=DIR: every evaluation generates samples and scores them with the
+  project's classifier; sample accuracy is a fraction of the generated count."""
+  from pixel_vit.trainers import classification
+  cls_config = quick_config()
+  cls_dir = make_workdir("classifier")
+  classification.train_and_evaluate(cls_config, cls_dir)
+  config = tiny_config(dit_pixel, {"total_steps": 3, "fid.num_samples": 48,
+                                   "fid.reference_examples": 200}, arg=f"quick,classifier={cls_dir}")
+  diffusion_trainer.validate(config)
+  _, results = diffusion_trainer.train_and_evaluate(config, make_workdir("dit"))
+  assert results["samples/count"] == 48
+  assert np.isfinite(results["samples/fid"]) and results["samples/fid"] > 0
+  assert 0.0 <= results["samples/accuracy"] <= 1.0
+  assert results["samples/accuracy"] * 48 == pytest.approx(round(results["samples/accuracy"] * 48))
+  for key in ("samples/inception_score", "samples/precision", "samples/recall"):
+    assert key in results
