@@ -1,12 +1,16 @@
 """Entry point: `python -m pixel_vit.main --config=configs/X.py[:ARGS] --workdir=DIR`.
 
-Validates the config, then hands over to the trainer named by `config.task`.
+Joins a multi-process run when asked (`--coordinator_address/--num_processes/
+--process_id`, or `--distributed=auto`; see `pixel_vit/distributed.py` and
+launch/README.md), validates the config, then hands over to the trainer
+named by `config.task`.
 """
 import logging as std_logging
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pixel_vit import distributed
 from pixel_vit.trainers import classification, diffusion, mae
 
 TRAINERS = {
@@ -37,6 +41,9 @@ class _HideLibraryChatter(std_logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_HideLibraryChatter())
+  # First: JAX fixes its device set when a backend starts (validation below
+  # asks for the device count).
+  distributed.initialize_from_flags()
   config = _CONFIG.value
   trainer = trainer_for(config)
   trainer.validate(config)

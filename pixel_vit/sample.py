@@ -8,11 +8,12 @@ format: `arr_0` uint8 images, `arr_1` labels, so ADM's evaluator can read
 it), a grid `.png` and the metrics of `config.fid.features` as `.json`.
 Pass the config the run was trained with; overrides such as
 `--config.sample.cfg_scale=1.0` or `--config.sample.steps=ddim50` change only
-the sampling.
+the sampling. Multi-process: the same distributed flags as `pixel_vit.main`.
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pixel_vit import distributed
 from pixel_vit.trainers import diffusion
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The diffusion run's config file.",
@@ -26,6 +27,7 @@ _OUT = flags.DEFINE_string("out", "", "Output path without extension (default: "
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()  # before any JAX backend use
   config = _CONFIG.value
   if config.task != "diffusion":
     raise ValueError(f"config.task={config.task!r}: pixel_vit.sample samples diffusion runs "
