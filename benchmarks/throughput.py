@@ -382,8 +382,11 @@ def child_main(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _proc_kib_field(path: str, field: str) -> int | None:
-  """A `Field:  N kB` line of a /proc file, in bytes (None where unreadable)."""
+def proc_kib_field(path: str, field: str) -> int | None:
+  """A `Field:  N kB` line of a /proc file, in bytes (None where unreadable).
+
+  Also benchmarks/attention.py's peak-memory reader (VmHWM).
+  """
   try:
     with open(path) as f:
       for line in f:
@@ -395,11 +398,11 @@ def _proc_kib_field(path: str, field: str) -> int | None:
 
 
 def _mem_available_bytes() -> int | None:
-  return _proc_kib_field("/proc/meminfo", "MemAvailable")
+  return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def _rss_bytes(pid: int) -> int | None:
-  return _proc_kib_field(f"/proc/{pid}/status", "VmRSS")
+  return proc_kib_field(f"/proc/{pid}/status", "VmRSS")
 
 
 def _pump(stream, tag: str, out: queue.Queue) -> None:
