@@ -14,11 +14,27 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 
+def checkpoint_directory(workdir: str) -> str:
+  """`<workdir>/checkpoints`: absolute when local, as given for a URL (gs://...).
+
+  On several hosts every process writes its shards of each array into this
+  one directory, so it must be storage they all see: a bucket, or a shared
+  filesystem. (abspath would turn `gs://b/run` into a local `./gs:/b/run`.)
+  """
+  path = os.path.join(workdir, "checkpoints")
+  return path if "://" in path else os.path.abspath(path)
+
+
 class Checkpointer:
-  """Saves to and resumes from `<workdir>/checkpoints`."""
+  """Saves to and resumes from `<workdir>/checkpoints`.
+
+  Multi-process: every process constructs it and calls `save` / `restore`
+  with the same arguments; orbax writes each process's shards and process 0
+  the metadata, with barriers through `jax.distributed`.
+  """
 
   def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = checkpoint_directory(workdir)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
