@@ -348,7 +348,8 @@ def test_slurm_header_asks_for_one_task_per_gpu():
 
 
 @pytest.mark.parametrize("args, env, message", [
-    ([f"--config={CONFIG}", "--workdir=/shared/run"], {}, "not inside a SLURM job: submit with sbatch"),
+    ([f"--config={CONFIG}", "--workdir=/shared/run"], {},
+     "not inside a SLURM job: submit with sbatch"),
     (["--dry_run", "--workdir=/shared/run"], {}, "pass --config=CONFIG and --workdir=DIR"),
     (["--dry_run", f"--config={CONFIG}", "--workdir=/shared/run", "--num_processes=2"], {},
      "--num_processes=2: under SLURM every process joins with --distributed=auto"),

@@ -18,7 +18,6 @@ to float32 reduction-order rounding.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -122,7 +121,8 @@ def test_commands_reject_bad_distributed_flags_before_starting(tmp_path, command
 
 def test_checkpoint_directory_keeps_urls_and_absolutises_local_paths(tmp_path, monkeypatch):
   """A pod's workdir is a bucket every worker writes its shards to."""
-  assert checkpoint_lib.checkpoint_directory("gs://bucket/runs/s1") == "gs://bucket/runs/s1/checkpoints"
+  assert (checkpoint_lib.checkpoint_directory("gs://bucket/runs/s1")
+          == "gs://bucket/runs/s1/checkpoints")
   monkeypatch.chdir(tmp_path)
   assert checkpoint_lib.checkpoint_directory("run") == str(tmp_path / "run" / "checkpoints")
 
@@ -208,8 +208,8 @@ def two_process_run(tmp_path_factory):
       time.sleep(0.5)
     outcome = "; ".join(f"process {i}: exit {p.poll()}" for i, p in enumerate(procs))
     if any(p.poll() != 0 for p in procs):
-      pytest.fail(f"2-process run failed or timed out after {TIMEOUT_S}s ({outcome})\n" + "\n".join(
-          f"--- process {i} log tail:\n{tail(log)}" for i, log in enumerate(logs)))
+      tails = "\n".join(f"--- process {i} log tail:\n{tail(log)}" for i, log in enumerate(logs))
+      pytest.fail(f"2-process run failed or passed its {TIMEOUT_S} s limit ({outcome})\n{tails}")
   finally:
     for p in procs:
       if p.poll() is None:
@@ -288,7 +288,8 @@ def test_process_count_changes_the_global_batch(cls_pixel):
 
 @pytest.fixture(scope="module")
 def one_process_reference(cls_pixel):
-  """1 process x 4 devices on the 2 processes' global batches: (config, state, losses, described)."""
+  """1 process x 4 devices on the 2 processes' global batches:
+  (config, state, losses, described)."""
   config = multihost_config(cls_pixel)
   state, losses, described = train_on(
       config, jax.devices()[:4], two_process_global_batches(config, config.total_steps))
