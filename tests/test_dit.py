@@ -160,7 +160,7 @@ def test_dit_parameters_carry_logical_axes():
   model = small_dit()
   blocks = model.blocks.layers
   assert blocks.modulation.kernel.get_metadata("logical_axes") == ("layers", "embed", None, None)
-  assert model.class_table.get_metadata("logical_axes") == ("vocab", "embed")
+  assert model.class_table.get_metadata("logical_axes") == (None, "embed")
 
 
 # ---------------------------------------------------------------- latent data

@@ -112,8 +112,9 @@ class DiT(nnx.Module):
     self.time_fc1_bias = vit.param(vit.zeros, rngs, (width,), ("embed",))
     self.time_fc2_kernel = vit.param(normal_init, rngs, (width, width), (None, "embed"))
     self.time_fc2_bias = vit.param(vit.zeros, rngs, (width,), ("embed",))
-    # The last row is the null class used for unconditional predictions.
-    self.class_table = vit.param(normal_init, rngs, (num_classes + 1, width), ("vocab", "embed"))
+    # The last row is the null class used for unconditional predictions. Rows
+    # are not sharded: num_classes + 1 is odd for the usual class counts.
+    self.class_table = vit.param(normal_init, rngs, (num_classes + 1, width), (None, "embed"))
     self.blocks = vit.BlockStack(
         lambda r: DiTBlock(size, dtype=dtype, attention=attention, rngs=r),
         depth=size.depth, scan=scan, remat=remat, rngs=rngs)

@@ -77,9 +77,10 @@ def make_eval_sums(config, graphdef, num_classes: int):
   return eval_sums
 
 
-def train_and_evaluate(config, workdir: str) -> tuple[state_lib.TrainState, dict]:
-  """Trains to the configured length; returns the final state and the last
-  evaluation's metrics."""
+def train_and_evaluate(config, workdir: str, *, devices=None
+                       ) -> tuple[state_lib.TrainState, dict]:
+  """Trains to the configured length on `devices` (default: all); returns the
+  final state and the last evaluation's metrics."""
   # Read before the data, so a bad init_from fails fast; None when resuming.
   source = pretrained.for_new_run(config, workdir)
   plan = loop.plan(config, make_model_fn)
@@ -93,7 +94,8 @@ def train_and_evaluate(config, workdir: str) -> tuple[state_lib.TrainState, dict
               "num_classes": int(train_split.num_classes),
               "image_shape": list(train_split.images.shape[1:])}
   run = loop.start(config, workdir, plan, identity=identity,
-                   initial_params=None if source is None else source.load_encoder)
+                   initial_params=None if source is None else source.load_encoder,
+                   devices=devices)
   if source is not None:
     run.reporter.log(pretrained.describe(source, dropped))
   elif config.get("init_from"):

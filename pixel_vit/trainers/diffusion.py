@@ -207,7 +207,8 @@ def sample_grid(config, generator: Generator, params) -> np.ndarray:
   labels = grid_labels(config, generator.num_classes)
   columns = config.sample.grid_columns
   flat = np.repeat(labels, columns)
-  batch = padded_size(len(flat), parallel.batch_shards(config.mesh, jax.device_count()))
+  mesh = generator.run.mesh.shape
+  batch = padded_size(len(flat), mesh["data"] * mesh["fsdp"])
   images = gather(generator.images(params, np.resize(flat, batch), 0, config.sample.seed))
   images = images[:len(flat)].reshape(len(labels), columns, *images.shape[1:])
   return pictures.grid([pictures.to_uint8(images[:, j]) for j in range(columns)])
@@ -292,11 +293,13 @@ def identity_of(config, split: sources.ImageSplit) -> dict:
           "image_shape": list(split.images.shape[1:]), "latent": split.is_latent}
 
 
-def train_and_evaluate(config, workdir: str) -> tuple[state_lib.TrainState, dict]:
-  """Trains to the configured length; returns the final state and the last
-  evaluation's metrics."""
+def train_and_evaluate(config, workdir: str, *, devices=None
+                       ) -> tuple[state_lib.TrainState, dict]:
+  """Trains to the configured length on `devices` (default: all); returns the
+  final state and the last evaluation's metrics."""
   plan = loop.plan(config, make_model_fn)
-  run = loop.start(config, workdir, plan, identity=identity_of(config, plan.train_split))
+  run = loop.start(config, workdir, plan, identity=identity_of(config, plan.train_split),
+                   devices=devices)
   run.reporter.log(
       f"diffusion steps {run.start_step} -> {plan.total_steps} ({plan.steps_per_epoch} "
       f"steps/epoch) on {'latents' if plan.train_split.is_latent else 'pixels'} "

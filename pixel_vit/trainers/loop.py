@@ -117,13 +117,14 @@ def plan(config, make_model_fn: Callable[[Any, sources.ImageSplit], Callable[[],
 
 
 def start(config, workdir: str, plan: Plan, *, identity: dict,
-          initial_params: Callable[[Any], Any] | None = None) -> Run:
+          initial_params: Callable[[Any], Any] | None = None, devices=None) -> Run:
   """Mesh, sharded state (resumed or new), checkpointer and reporter.
 
   `initial_params(params) -> params` adjusts a *new* run's parameters (e.g.
   loading a pre-trained encoder); a resumed run takes its checkpoint instead.
+  `devices` (default: all) are laid out on the mesh `config.mesh` describes.
   """
-  mesh = parallel.make_mesh(config.mesh)
+  mesh = parallel.make_mesh(config.mesh, devices=devices)
   rules = config.sharding_rules
   described, create_state = state_lib.sharded_state(
       plan.make_model, plan.tx, mesh=mesh, rules=rules, seed=config.seed,

@@ -110,8 +110,10 @@ def make_reconstruct(config, graphdef, num_classes: int):
   return reconstruct
 
 
-def train_and_evaluate(config, workdir: str) -> tuple[state_lib.TrainState, dict]:
-  """Pre-trains to the configured length; returns the final state and the
+def train_and_evaluate(config, workdir: str, *, devices=None
+                       ) -> tuple[state_lib.TrainState, dict]:
+  """Pre-trains to the configured length on `devices` (default: all); returns
+  the final state and the
   last evaluation's metrics."""
   plan = loop.plan(config, make_model_fn)
   num_classes = plan.train_split.num_classes
@@ -120,7 +122,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[state_lib.TrainState, dict
               "decoder": [decoder.width, decoder.depth, decoder.heads, decoder.mlp_dim,
                           decoder.posemb],
               "image_shape": list(plan.train_split.images.shape[1:])}
-  run = loop.start(config, workdir, plan, identity=identity)
+  run = loop.start(config, workdir, plan, identity=identity, devices=devices)
   run.reporter.log(f"MAE steps {run.start_step} -> {plan.total_steps} ({plan.steps_per_epoch} "
                    f"steps/epoch), mask ratio {config.mask_ratio}, lr {config.optimizer.lr:.3g}")
 
