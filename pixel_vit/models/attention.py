@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pixel_vit.models import ring_attention
+
 AttentionFn = Callable[..., jax.Array]
 
 
@@ -271,6 +273,7 @@ BACKENDS: dict[str, AttentionFn] = {
     "xla": xla_attention,
     "dot_product": dot_product_attention,
     "chunked": chunked_attention,
+    "ring": ring_attention.ring_attention,
 }
 
 
