@@ -45,10 +45,13 @@ def dot_product_attention(q, k, v, key_mask=None):
 
 # Default block sizes of `chunked` (upper bounds, see `_blocking`). Measured
 # with benchmarks/attention.py on the 2-core AVX-512 CPU, Ti heads (3 x 64):
-# key blocks of 128-256 keep a block's scores in cache, which is where the
-# speed over `xla` comes from; larger query blocks mean fewer loop trips. Pass
-# other sizes with functools.partial(chunked_attention, key_block=...).
-QUERY_BLOCK = 512
+# 1024 / 256 was the fastest or within noise of it at 1,024 tokens x batch 32,
+# 4,096 x 2 and 16,384 x 1 (128 / 128: up to 1.8x slower at 4,096 x 2, where
+# batch x heads is small and many small blocks cost loop overhead). A block's
+# float32 scores are batch x heads x 1024 x 256 x 4 bytes (1 MiB per batch x
+# head); smaller blocks trade speed for memory. Other sizes:
+# functools.partial(chunked_attention, query_block=..., key_block=...).
+QUERY_BLOCK = 1024
 KEY_BLOCK = 256
 # Blocks are rounded up to a multiple of this (SIMD-friendly row counts).
 _BLOCK_MULTIPLE = 8
