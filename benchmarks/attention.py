@@ -14,7 +14,7 @@ Each child runs under RLIMIT_AS (--mem_limit_gb, default 20 GiB) and a
 timeout, so a backend that cannot fit becomes an "out of memory" row instead
 of freezing the machine.
 
-  python -m benchmarks.attention                       # the README table
+  python -m benchmarks.attention                       # the README table (~20 min)
   python -m benchmarks.attention --cases=1024:32 --backends=xla,chunked \
       --query_block=256 --key_block=128                # one case, other blocks
 
@@ -40,9 +40,10 @@ MIB = 1024 ** 2
 GIB = 1024 ** 3
 BACKENDS = ("xla", "dot_product", "chunked")
 # (length, batch, backends). 65,536 is chunked only: one [1, 3, N, N] float32
-# score matrix alone would be 48 GiB.
+# score matrix alone would be 48 GiB. The batch-1 rows at 1,024 and 4,096 put
+# chunked's memory at 1k / 4k / 16k / 64k on one batch size.
 CASES = ((1024, 32, BACKENDS), (4096, 2, BACKENDS), (16384, 1, BACKENDS),
-         (65536, 1, ("chunked",)))
+         (65536, 1, ("chunked",)), (1024, 1, ("chunked",)), (4096, 1, ("chunked",)))
 HEADS, HEAD_DIM = 3, 64  # ViT-Ti / PiT-Ti
 
 
@@ -160,6 +161,10 @@ def run_child(args: argparse.Namespace) -> dict:
   t0 = time.perf_counter()
   compiled = forward_backward.lower(q, k, v, d_out).compile()
   compile_s = time.perf_counter() - t0
+  try:  # XLA's own estimate of the temporaries (not every backend has one)
+    xla_temp = int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # noqa: BLE001
+    xla_temp = None
   _progress(f"compiled in {compile_s:.1f}s; warmup call")
   jax.block_until_ready(compiled(q, k, v, d_out))
   times = []
@@ -177,6 +182,7 @@ def run_child(args: argparse.Namespace) -> dict:
   step_s = statistics.median(times)
   achieved = attention_flops(batch, length) / step_s / 1e9
   return dict(times_s=times, step_s=step_s, compile_s=compile_s, peak_rss_bytes=peak,
+              xla_temp_bytes=xla_temp,
               achieved_gflops=achieved, matmul_peak_gflops=peak_gflops, blocks=blocks,
               jax_version=jax.__version__, load_average=os.getloadavg()[0])
 
@@ -244,7 +250,7 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 def markdown_table(rows: list[dict], baseline: int | None) -> str:
   header = ["backend", "length", "batch", "ms / fwd+bwd (median, n)", "speedup vs xla",
             "GFLOP/s", "matmul peak GFLOP/s", "% of peak", "compile s", "peak MiB",
-            "extra MiB", "error"]
+            "extra MiB", "XLA temp MiB", "error"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   xla_ms = {(r["length"], r["batch"]): r["step_s"] for r in rows
             if r["backend"] == "xla" and "error" not in r}
@@ -256,7 +262,7 @@ def markdown_table(rows: list[dict], baseline: int | None) -> str:
       backend += f" ({r['blocks']['query_block']}/{r['blocks']['key_block']})"
     if "error" in r:
       cells = [backend, str(r["length"]), str(r["batch"])] + ["—"] * 6 + [
-          _fmt(peak, ".0f", MIB), _fmt(extra, ".0f", MIB), r["error"].replace("|", "/")]
+          _fmt(peak, ".0f", MIB), _fmt(extra, ".0f", MIB), "—", r["error"].replace("|", "/")]
     else:
       reference = xla_ms.get((r["length"], r["batch"]))
       cells = [backend, str(r["length"]), str(r["batch"]),
@@ -264,7 +270,8 @@ def markdown_table(rows: list[dict], baseline: int | None) -> str:
                f"{reference / r['step_s']:.2f}x" if reference else "—",
                f"{r['achieved_gflops']:.0f}", f"{r['matmul_peak_gflops']:.0f}",
                f"{100 * r['achieved_gflops'] / r['matmul_peak_gflops']:.0f}%",
-               f"{r['compile_s']:.1f}", _fmt(peak, ".0f", MIB), _fmt(extra, ".0f", MIB), ""]
+               f"{r['compile_s']:.1f}", _fmt(peak, ".0f", MIB), _fmt(extra, ".0f", MIB),
+               _fmt(r.get("xla_temp_bytes"), ".0f", MIB), ""]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
