@@ -1,7 +1,8 @@
-"""Every task trains the same on any mesh layout: one device vs data=8, fsdp=8
-and data=2 x fsdp=2 x tensor=2 over the 8 fake CPU devices give the same loss
-and updated parameters, and the parameters really are sharded as the rules
-say. (`seq` with ring attention: issue 5's ring backend.)"""
+"""Every task trains the same on any mesh layout: one device vs data=8, fsdp=8,
+data=2 x fsdp=2 x tensor=2 and data=2 x seq=4 (ring attention) over the 8
+fake CPU devices give the same loss and updated parameters, the parameters
+really are sharded as the rules say, and with `seq` every attention really
+runs on a quarter of the sequence per device."""
 import copy
 
 import jax
@@ -10,13 +11,22 @@ import pytest
 
 from conftest import (MAE_TINY_RUN, REPO_ROOT, TINY_RUN, as_numpy_leaves, load_config_module,
                       read_metrics, set_dotted)
+from pixel_vit.models import ring_attention
 from pixel_vit.trainers import classification, diffusion, mae
 
 LAYOUTS = {
     "data8": dict(data=8, fsdp=1, seq=1, tensor=1),
     "fsdp8": dict(data=1, fsdp=8, seq=1, tensor=1),
     "data2_fsdp2_tensor2": dict(data=2, fsdp=2, seq=1, tensor=2),
+    "data2_seq4": dict(data=2, fsdp=1, seq=4, tensor=1),
 }
+# Config overrides a layout needs: splitting `seq` needs the ring backend (the
+# one-device reference keeps `xla`).
+LAYOUT_OVERRIDES = {"data2_seq4": {"model.attention": "ring"}}
+# Per task, the (padded) token counts of its attentions: classification quick
+# (gap pooling) and DiT see 8x8 = 64 pixel tokens; the MAE encoder sees the
+# 32 visible + [CLS] = 33 (padded to 36 for seq=4), its decoder 64 + [CLS].
+ATTENTION_LENGTHS = {"classification": {64}, "mae": {36, 68}, "diffusion": {64}}
 ONE_DEVICE = dict(data=1, fsdp=1, seq=1, tensor=1)
 
 # Three steps: the lr warms up from 0 and a classifier's head starts at 0, so
@@ -41,9 +51,10 @@ def config_for(task: str):
   return config, diffusion
 
 
-def run(task: str, mesh: dict, devices, workdir: str):
+def run(task: str, mesh: dict, devices, workdir: str, overrides: dict | None = None):
   config, trainer = config_for(task)
   set_dotted(config, dict(STEPS))
+  set_dotted(config, dict(overrides or {}))
   config.mesh.update(mesh)
   state, _ = trainer.train_and_evaluate(config, workdir, devices=devices)
   losses = [r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r]
@@ -63,9 +74,19 @@ def one_device_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("task", ["classification", "mae", "diffusion"])
-def test_layout_trains_like_one_device(task, layout, one_device_runs, make_workdir):
+def test_layout_trains_like_one_device(task, layout, one_device_runs, make_workdir,
+                                       monkeypatch):
   state1, losses1 = one_device_runs[task]
-  state, losses = run(task, LAYOUTS[layout], jax.devices(), make_workdir(f"{task}_{layout}"))
+  ring_blocks = []  # the q block shape each device's ring body sees while tracing
+  ring_body = ring_attention._ring_body
+
+  def recording_ring_body(q, *args, **kwargs):
+    ring_blocks.append(q.shape)
+    return ring_body(q, *args, **kwargs)
+
+  monkeypatch.setattr(ring_attention, "_ring_body", recording_ring_body)
+  state, losses = run(task, LAYOUTS[layout], jax.devices(), make_workdir(f"{task}_{layout}"),
+                      LAYOUT_OVERRIDES.get(layout))
   assert len(losses) == len(losses1) == 3
   np.testing.assert_allclose(losses, losses1, rtol=2e-5, err_msg=f"{task} {layout}")
   assert losses1[0] != losses1[2]
@@ -90,3 +111,11 @@ def test_layout_trains_like_one_device(task, layout, one_device_runs, make_workd
   # Optimizer moments are sharded like their parameters.
   moments = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, "shape", None) == fc1.shape]
   assert moments and all(m.sharding.spec == fc1.sharding.spec for m in moments)
+
+  # With `seq`, every attention (train, eval, sampling) ran as a ring over
+  # contiguous quarter-length blocks; without it there was no ring.
+  if mesh["seq"] == 1:
+    assert not ring_blocks
+  else:
+    assert {shape[1] * mesh["seq"] for shape in ring_blocks} == ATTENTION_LENGTHS[task], (
+        task, layout, ring_blocks)
