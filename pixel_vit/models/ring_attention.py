@@ -133,7 +133,9 @@ def _ring_body(q, k, v, keep, fill, *, ring: tuple[str, ...], ring_size: int):
            jnp.zeros((batch, heads, length, dim), jnp.float32))
   # Under shard_map the statistics vary across devices like the blocks do;
   # constants must say so before they can be a scan carry.
-  varying = tuple(sorted(set().union(*(jax.typeof(x).manual_axis_type.varying for x in (q, k, v, keep, fill)))))
+  varying = set().union(*(jax.typeof(x).manual_axis_type.varying
+                          for x in (q, k, v, keep, fill)))
+  varying = tuple(sorted(varying))
   if varying:
     stats = tuple(lax.pcast(s, varying, to="varying") for s in stats)
   blocks = (k, v, keep, fill)
