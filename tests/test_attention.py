@@ -29,9 +29,9 @@ def qkv(seed: int, batch=2, length=37, heads=3, head_dim=16, key_length=None,
   return [jax.random.normal(k, s).astype(dtype) for k, s in zip(keys, shapes)]
 
 
-def chunked(query_block: int, key_block: int):
+def chunked(query_block: int, key_block: int, batch_block: int | None = None):
   return functools.partial(attention.chunked_attention, query_block=query_block,
-                           key_block=key_block)
+                           key_block=key_block, batch_block=batch_block)
 
 
 def cotangent(out):
@@ -119,18 +119,19 @@ def test_config_accepts_every_backend_including_chunked():
 
 
 # Lengths that blocks of 32 / 64 do not divide (1, 7, 65, 130) and one they do
-# (128); several batch x heads shapes; q block != k block.
-@pytest.mark.parametrize("length,query_block,key_block,batch,heads", [
-    (1, 32, 32, 2, 3),
-    (7, 32, 64, 1, 1),
-    (65, 32, 32, 3, 2),
-    (130, 64, 64, 1, 4),
-    (130, 32, 64, 2, 1),
-    (128, 64, 32, 2, 2),
+# (128); several batch x heads shapes; q block != k block; examples one at a
+# time (batch_block 1), in groups (2 of 4) or all at once (None: automatic).
+@pytest.mark.parametrize("length,query_block,key_block,batch,heads,batch_block", [
+    (1, 32, 32, 2, 3, None),
+    (7, 32, 64, 1, 1, None),
+    (65, 32, 32, 3, 2, 1),
+    (130, 64, 64, 1, 4, None),
+    (130, 32, 64, 4, 1, 2),
+    (128, 64, 32, 2, 2, None),
 ])
 @pytest.mark.parametrize("masked", [False, True])
 def test_chunked_matches_xla_with_padding_and_masks(length, query_block, key_block, batch,
-                                                    heads, masked):
+                                                    heads, batch_block, masked):
   q, k, v = qkv(length, batch=batch, length=length, heads=heads)
   key_mask = None
   if masked:  # a different pattern per example, including a masked first block
@@ -138,7 +139,7 @@ def test_chunked_matches_xla_with_padding_and_masks(length, query_block, key_blo
     key_mask = rng.random((batch, length)) < 0.7
     key_mask[:, -1] = True  # at least one key each (fully masked: its own test)
     key_mask[0, :min(length - 1, key_block + 3)] = False
-  assert_matches_xla(chunked(query_block, key_block), q, k, v, key_mask)
+  assert_matches_xla(chunked(query_block, key_block, batch_block), q, k, v, key_mask)
 
 
 @pytest.mark.parametrize("query_length,key_length", [(20, 70), (70, 9)])
@@ -246,6 +247,27 @@ def test_vit_classifier_with_chunked_equals_xla(monkeypatch):
                                err_msg=str(path))
 
 
+@pytest.mark.parametrize("length,block,expected", [
+    (1025, 256, (208, 5)),  # 32x32 pixels + [CLS]: 1,040 rows, not 1,280
+    (1025, 1024, (520, 2)),
+    (4096, 1024, (1024, 4)),  # divides: no padding
+    (7, 32, (8, 1)),  # shorter than a block: one block, rounded up to 8 rows
+    (7, 7, (7, 1)),
+    (130, 64, (48, 3)),
+    (10, 7, (5, 2)),  # rounding to 8 would exceed the block: kept at 5
+])
+def test_chunked_blocking_pads_little(length, block, expected):
+  size, count = attention._blocking(length, block)
+  assert (size, count) == expected
+  assert size <= block and count * size >= length > (count - 1) * size
+
+
+@pytest.mark.parametrize("batch,limit,expected", [(32, 5, 4), (32, 100, 32), (7, 6, 1),
+                                                  (12, 6, 6), (3, 0, 1)])
+def test_chunked_batch_group_divides_the_batch(batch, limit, expected):
+  assert attention._batch_group(batch, limit) == expected
+
+
 # ---------------------------------------------------------------- memory is O(length)
 
 
@@ -309,6 +331,8 @@ def test_chunked_compiled_memory_grows_linearly():
 
 @pytest.mark.parametrize("call,message", [
     (lambda q, k, v: attention.chunked_attention(q, k, v, key_block=0), r"key_block=0 must be"),
+    (lambda q, k, v: attention.chunked_attention(q, k, v, batch_block=0),
+     r"batch_block=0 must be"),
     (lambda q, k, v: attention.chunked_attention(q, k, v, query_block=1.5),
      r"query_block=1\.5 must be"),
     (lambda q, k, v: attention.chunked_attention(q[0], k[0], v[0]), r"\[batch, length, heads"),

@@ -43,16 +43,18 @@ def dot_product_attention(q, k, v, key_mask=None):
 # chunked: blockwise online-softmax attention with a custom VJP.
 # ---------------------------------------------------------------------------
 
-# Default block sizes of `chunked` (upper bounds, see `_blocking`). Measured
-# with benchmarks/attention.py on the 2-core AVX-512 CPU, Ti heads (3 x 64):
-# 1024 / 256 was the fastest or within noise of it at 1,024 tokens x batch 32,
-# 4,096 x 2 and 16,384 x 1 (128 / 128: up to 1.8x slower at 4,096 x 2, where
-# batch x heads is small and many small blocks cost loop overhead). A block's
-# float32 scores are batch x heads x 1024 x 256 x 4 bytes (1 MiB per batch x
-# head); smaller blocks trade speed for memory. Other sizes:
-# functools.partial(chunked_attention, query_block=..., key_block=...).
+# Default block sizes of `chunked` (upper bounds, see `_blocking`), measured
+# with benchmarks/attention.py on the 2-core AVX-512 CPU, Ti heads (3 x 64).
+# A block is (examples, heads, query rows, key rows) of float32 scores; its
+# passes (max, exp, sum, the products) are bound by memory traffic when it is
+# large and by per-iteration loop overhead when it is small. About 3-4M
+# scores (12-16 MiB) per block was fastest at 1,024 tokens x batch 32,
+# 4,096 x 2 and 16,384 x 1, so the query / key block sizes are large and the
+# examples per block (`batch_block`) are chosen to stay under BLOCK_SCORES.
+# Other sizes: functools.partial(chunked_attention, query_block=..., ...).
 QUERY_BLOCK = 1024
-KEY_BLOCK = 256
+KEY_BLOCK = 512
+BLOCK_SCORES = 4 * 2 ** 20
 # Blocks are rounded up to a multiple of this (SIMD-friendly row counts).
 _BLOCK_MULTIPLE = 8
 
@@ -133,8 +135,25 @@ def _prepare(q, k, v, key_mask, query_block, key_block):
   return q_blocks, k_blocks, v_blocks, key_fill
 
 
-def _chunked_forward(q, k, v, key_mask, query_block, key_block):
-  """Output [B, Lq, H, D] and log-sum-exp [q blocks, B, H, block] (float32)."""
+def _split_batch(x, group: int):
+  """[B, ...] -> [B / group, group, ...] (None stays None)."""
+  return None if x is None else x.reshape(x.shape[0] // group, group, *x.shape[1:])
+
+
+def _merge_batch(x):
+  return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _chunked_forward(q, k, v, key_mask, query_block, key_block, batch_block):
+  """Output [B, Lq, H, D] and log-sum-exp [B / batch_block, q blocks,
+  batch_block, H, block] (float32); the batch groups run one after another."""
+  out, lse = lax.map(lambda xs: _forward_group(*xs, query_block, key_block),
+                     tuple(_split_batch(x, batch_block) for x in (q, k, v, key_mask)))
+  return _merge_batch(out), lse
+
+
+def _forward_group(q, k, v, key_mask, query_block, key_block):
+  """_chunked_forward for one batch group: lse is [q blocks, B, H, block]."""
   q_blocks, k_blocks, v_blocks, key_fill = _prepare(q, k, v, key_mask, query_block,
                                                     key_block)
   _, batch, heads, q_size, dim = q_blocks.shape
@@ -168,21 +187,30 @@ def _chunked_forward(q, k, v, key_mask, query_block, key_block):
   return _from_blocks(out_blocks, q.shape[1]), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked(q, k, v, key_mask, query_block, key_block):
-  return _chunked_forward(q, k, v, key_mask, query_block, key_block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked(q, k, v, key_mask, query_block, key_block, batch_block):
+  return _chunked_forward(q, k, v, key_mask, query_block, key_block, batch_block)[0]
 
 
-def _chunked_fwd(q, k, v, key_mask, query_block, key_block):
-  out, lse = _chunked_forward(q, k, v, key_mask, query_block, key_block)
+def _chunked_fwd(q, k, v, key_mask, query_block, key_block, batch_block):
+  out, lse = _chunked_forward(q, k, v, key_mask, query_block, key_block, batch_block)
   # O(length) residuals: the inputs, the output and one float per query row.
   # The probabilities are recomputed block by block in the backward pass.
   return out, (q, k, v, key_mask, out, lse)
 
 
-def _chunked_bwd(query_block, key_block, residuals, d_out):
+def _chunked_bwd(query_block, key_block, batch_block, residuals, d_out):
   """FlashAttention-2 backward: P = exp(S - lse), dS = P * (dP - rowsum(dO * O))."""
   q, k, v, key_mask, out, lse = residuals
+  split = lambda x: _split_batch(x, batch_block)
+  dq, dk, dv = lax.map(
+      lambda xs: _backward_group(query_block, key_block, *xs),
+      (split(q), split(k), split(v), split(key_mask), split(out), lse, split(d_out)))
+  return _merge_batch(dq), _merge_batch(dk), _merge_batch(dv), None  # bool mask: none
+
+
+def _backward_group(query_block, key_block, q, k, v, key_mask, out, lse, d_out):
+  """_chunked_bwd for one batch group: (dq, dk, dv)."""
   q_blocks, k_blocks, v_blocks, key_fill = _prepare(q, k, v, key_mask, query_block,
                                                     key_block)
   q_count, batch, heads, q_size, dim = q_blocks.shape
@@ -222,14 +250,19 @@ def _chunked_bwd(query_block, key_block, residuals, d_out):
   dq = _from_blocks(dq * dim ** -0.5, q.shape[1]).astype(q.dtype)
   dk = _from_blocks(dk, k.shape[1]).astype(k.dtype)
   dv = _from_blocks(dv, v.shape[1]).astype(v.dtype)
-  return dq, dk, dv, None  # the key mask is boolean: no cotangent
+  return dq, dk, dv
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
+def _batch_group(batch: int, limit: int) -> int:
+  """The largest divisor of `batch` that is <= limit (at least 1)."""
+  return max(d for d in range(1, min(batch, max(limit, 1)) + 1) if batch % d == 0)
+
+
 def chunked_attention(q, k, v, key_mask=None, *, query_block: int = QUERY_BLOCK,
-                      key_block: int = KEY_BLOCK):
+                      key_block: int = KEY_BLOCK, batch_block: int | None = None):
   """Blockwise online-softmax ("flash") attention; memory linear in length.
 
   The forward pass loops over query blocks and, inside, over key blocks,
@@ -241,6 +274,9 @@ def chunked_attention(q, k, v, key_mask=None, *, query_block: int = QUERY_BLOCK,
   `query_block` / `key_block` are upper bounds on the block sizes; lengths
   that they do not divide are padded inside (padded keys are never attended,
   padded query rows are dropped). Keys may be fewer or more than queries.
+  Examples are processed `batch_block` at a time (the largest divisor of the
+  batch not above it); None picks as many as keep a block's scores under
+  BLOCK_SCORES.
 
   Matches `xla_attention` (float32: to rounding) including where a key_mask
   masks every key of an example: the output is then the mean of that
@@ -259,17 +295,25 @@ def chunked_attention(q, k, v, key_mask=None, *, query_block: int = QUERY_BLOCK,
   if q.shape[1] < 1 or k.shape[1] < 1:
     raise ValueError(f"chunked attention needs at least one query and one key; got "
                      f"q {q.shape}, k {k.shape}.")
-  for name, block in (("query_block", query_block), ("key_block", key_block)):
-    if not isinstance(block, int) or block < 1:
+  for name, block, default in (("query_block", query_block, QUERY_BLOCK),
+                               ("key_block", key_block, KEY_BLOCK),
+                               ("batch_block", batch_block, None)):
+    if block is None and default is None:
+      continue
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
       raise ValueError(f"chunked attention: {name}={block!r} must be a positive integer "
-                       f"(default {QUERY_BLOCK if name == 'query_block' else KEY_BLOCK}).")
+                       f"(default {default}).")
   if key_mask is not None:
     key_mask = jnp.asarray(key_mask)
     if key_mask.shape != (k.shape[0], k.shape[1]) or key_mask.dtype != jnp.bool_:
       raise ValueError(f"chunked attention: key_mask must be boolean [batch, key_length] "
                        f"= {(k.shape[0], k.shape[1])}; got {key_mask.dtype} "
                        f"{key_mask.shape}.")
-  return _chunked(q, k, v, key_mask, query_block, key_block)
+  batch, heads = q.shape[0], q.shape[2]
+  if batch_block is None:
+    scores = heads * _blocking(q.shape[1], query_block)[0] * _blocking(k.shape[1], key_block)[0]
+    batch_block = BLOCK_SCORES // scores
+  return _chunked(q, k, v, key_mask, query_block, key_block, _batch_group(batch, batch_block))
 
 
 BACKENDS: dict[str, AttentionFn] = {
