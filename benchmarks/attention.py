@@ -192,10 +192,17 @@ def child_main(args: argparse.Namespace) -> int:
     result = run_child(args)
   except BaseException as e:  # noqa: BLE001 - reported as an error row
     message = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
+    peak = _peak_rss()
+    limit, _ = resource.getrlimit(resource.RLIMIT_AS)
     if ("RESOURCE_EXHAUSTED" in message or "Out of memory" in message
         or isinstance(e, MemoryError)):
       message = "out of memory: " + message
-    print(RESULT_MARK + json.dumps(dict(error=message, peak_rss_bytes=_peak_rss())), flush=True)
+    elif peak and limit != resource.RLIM_INFINITY and peak > 0.75 * limit:
+      # A kernel's own allocation failing (e.g. "YNNPACK operation failed")
+      # with the process near its address-space limit is running out too.
+      message = (f"out of memory (peak RSS {peak / GIB:.1f} GiB, address-space limit "
+                 f"{limit / GIB:.0f} GiB): {message}")
+    print(RESULT_MARK + json.dumps(dict(error=message, peak_rss_bytes=peak)), flush=True)
     return 1
   print(RESULT_MARK + json.dumps(result), flush=True)
   return 0
