@@ -10,9 +10,9 @@ cotangent: the attention part of a training step.
 Every (backend, length) runs in a FRESH subprocess, so its peak RSS (VmHWM
 of /proc/self/status) is that case's alone. "extra MiB" subtracts the peak
 of an idle child that imported the same modules and started the CPU client.
-Each child runs under RLIMIT_AS (--mem_limit_gb, default 20 GiB) and a
-timeout, so a backend that cannot fit becomes an "out of memory" row instead
-of freezing the machine.
+Each child runs under RLIMIT_AS (--mem_limit_gb: default 20 GiB, or 90% of
+MemAvailable if that is less) and a timeout, so a backend that cannot fit
+becomes an "out of memory" row instead of freezing the machine.
 
   python -m benchmarks.attention                       # the README table (~20 min)
   python -m benchmarks.attention --cases=1024:32 --backends=xla,chunked \
@@ -100,8 +100,11 @@ def parse_flags(argv=None) -> argparse.Namespace:
   p.add_argument("--matmul_size", type=int, default=2048)
   p.add_argument("--matmul_repeats", type=int, default=20)
   p.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
-  p.add_argument("--mem_limit_gb", type=float, default=20.0,
-                 help="RLIMIT_AS of every child (GiB): past it allocations fail cleanly")
+  p.add_argument("--mem_limit_gb", type=float, default=None,
+                 help="RLIMIT_AS of every child (GiB): past it allocations fail cleanly. "
+                      "Default: 20 GiB or 90%% of MemAvailable, whichever is less, so a "
+                      "child that fills its limit cannot push the machine into the OOM "
+                      "killer")
   p.add_argument("--json_out", default=None, help="also write the results as JSON here")
   p.add_argument("--_child", default=None, help=argparse.SUPPRESS)  # backend or 'idle'
   p.add_argument("--_length", type=int, default=0, help=argparse.SUPPRESS)
@@ -213,6 +216,13 @@ def child_main(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 
 
+def mem_limit_gb(args: argparse.Namespace) -> float:
+  if args.mem_limit_gb:
+    return args.mem_limit_gb
+  available = proc_kib_field("/proc/meminfo", "MemAvailable")
+  return min(20.0, 0.9 * available / GIB) if available else 20.0
+
+
 def run_case(args: argparse.Namespace, backend: str, length: int, batch: int) -> dict:
   """Runs one case in a fresh child under RLIMIT_AS and a timeout."""
   argv = [sys.executable, "-m", "benchmarks.attention", f"--_child={backend}",
@@ -222,7 +232,7 @@ def run_case(args: argparse.Namespace, backend: str, length: int, batch: int) ->
   for name in ("query_block", "key_block"):
     if getattr(args, name) is not None:
       argv.append(f"--{name}={getattr(args, name)}")
-  limit = int(args.mem_limit_gb * GIB)
+  limit = int(mem_limit_gb(args) * GIB)
 
   def limit_memory():  # runs in the child before exec
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -293,8 +303,9 @@ def main(argv=None) -> int:
   else:
     plan = [(b, length, batch) for length, batch in args.cases for b in args.backends]
   load = os.getloadavg()[0]
+  args.mem_limit_gb = mem_limit_gb(args)  # fixed for the whole run
   print(f"{len(plan)} case(s) + 1 idle baseline, each in a fresh process under RLIMIT_AS "
-        f"{args.mem_limit_gb:.0f} GiB; {os.cpu_count()} CPUs, load average {load:.2f}",
+        f"{args.mem_limit_gb:.1f} GiB; {os.cpu_count()} CPUs, load average {load:.2f}",
         file=sys.stderr, flush=True)
   start = time.perf_counter()
   idle = run_case(args, "idle", 0, 0)
@@ -316,7 +327,8 @@ def main(argv=None) -> int:
   print()
   print(f"Attention forward+backward, {datetime.date.today().isoformat()}, "
         f"{os.cpu_count()} CPUs, jax {ok[0]['jax_version'] if ok else '?'}, float32, "
-        f"{HEADS} heads x {HEAD_DIM}; load average at start {load:.2f}; idle-child baseline "
+        f"{HEADS} heads x {HEAD_DIM}; RLIMIT_AS {args.mem_limit_gb:.1f} GiB; load average "
+        f"at start {load:.2f}; idle-child baseline "
         f"{_fmt(baseline, '.0f', MIB)} MiB; best matmul peak "
         f"{_fmt(best_peak, '.0f')} GFLOP/s; total {time.perf_counter() - start:.0f}s")
   print()
