@@ -132,7 +132,8 @@ def _peak_rss() -> int | None:
   return proc_kib_field("/proc/self/status", "VmHWM")
 
 
-def run_child(args: argparse.Namespace) -> dict:
+def run_child(args: argparse.Namespace, facts: dict) -> dict:
+  """Measures one case; `facts` collects what is known so far (for error rows)."""
   import functools
 
   import jax
@@ -168,6 +169,7 @@ def run_child(args: argparse.Namespace) -> dict:
     xla_temp = int(compiled.memory_analysis().temp_size_in_bytes)
   except Exception:  # noqa: BLE001
     xla_temp = None
+  facts["xla_temp_bytes"] = xla_temp
   _progress(f"compiled in {compile_s:.1f}s; warmup call")
   jax.block_until_ready(compiled(q, k, v, d_out))
   times = []
@@ -191,21 +193,23 @@ def run_child(args: argparse.Namespace) -> dict:
 
 
 def child_main(args: argparse.Namespace) -> int:
+  facts = {}
   try:
-    result = run_child(args)
+    result = run_child(args, facts)
   except BaseException as e:  # noqa: BLE001 - reported as an error row
     message = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
-    peak = _peak_rss()
     limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+    address_peak = proc_kib_field("/proc/self/status", "VmPeak")
     if ("RESOURCE_EXHAUSTED" in message or "Out of memory" in message
         or isinstance(e, MemoryError)):
       message = "out of memory: " + message
-    elif peak and limit != resource.RLIM_INFINITY and peak > 0.75 * limit:
+    elif address_peak and limit != resource.RLIM_INFINITY and address_peak > 0.9 * limit:
       # A kernel's own allocation failing (e.g. "YNNPACK operation failed")
-      # with the process near its address-space limit is running out too.
-      message = (f"out of memory (peak RSS {peak / GIB:.1f} GiB, address-space limit "
-                 f"{limit / GIB:.0f} GiB): {message}")
-    print(RESULT_MARK + json.dumps(dict(error=message, peak_rss_bytes=peak)), flush=True)
+      # once the address space is at RLIMIT_AS is running out of memory too.
+      message = (f"out of memory (address space {address_peak / GIB:.1f} GiB at the "
+                 f"{limit / GIB:.1f} GiB RLIMIT_AS): {message}")
+    print(RESULT_MARK + json.dumps(dict(error=message, peak_rss_bytes=_peak_rss(), **facts)),
+          flush=True)
     return 1
   print(RESULT_MARK + json.dumps(result), flush=True)
   return 0
@@ -279,7 +283,8 @@ def markdown_table(rows: list[dict], baseline: int | None) -> str:
       backend += f" ({r['blocks']['query_block']}/{r['blocks']['key_block']})"
     if "error" in r:
       cells = [backend, str(r["length"]), str(r["batch"])] + ["—"] * 6 + [
-          _fmt(peak, ".0f", MIB), _fmt(extra, ".0f", MIB), "—", r["error"].replace("|", "/")]
+          _fmt(peak, ".0f", MIB), _fmt(extra, ".0f", MIB),
+          _fmt(r.get("xla_temp_bytes"), ".0f", MIB), r["error"].replace("|", "/")]
     else:
       reference = xla_ms.get((r["length"], r["batch"]))
       cells = [backend, str(r["length"]), str(r["batch"]),
