@@ -161,8 +161,8 @@ def _forward_group(q, k, v, key_mask, query_block, key_block):
   def one_query_block(q_block):
     def one_key_block(carry, xs):
       running_max, running_sum, acc = carry
-      k_block, v_block, fill = xs
-      logits = _block_logits(q_block, k_block, fill)
+      k_block, v_block, block_fill = xs
+      logits = _block_logits(q_block, k_block, block_fill)
       new_max = jnp.maximum(running_max, logits.max(axis=-1))
       probs = jnp.exp(logits - new_max[..., None])
       correction = jnp.exp(running_max - new_max)
@@ -206,7 +206,8 @@ def _chunked_bwd(query_block, key_block, batch_block, residuals, d_out):
   dq, dk, dv = lax.map(
       lambda xs: _backward_group(query_block, key_block, *xs),
       (split(q), split(k), split(v), split(key_mask), split(out), lse, split(d_out)))
-  return _merge_batch(dq), _merge_batch(dk), _merge_batch(dv), None  # bool mask: none
+  # The key mask is boolean: it has no cotangent.
+  return _merge_batch(dq), _merge_batch(dk), _merge_batch(dv), None
 
 
 def _backward_group(query_block, key_block, q, k, v, key_mask, out, lse, d_out):
@@ -220,19 +221,20 @@ def _backward_group(query_block, key_block, q, k, v, key_mask, out, lse, d_out):
   delta_blocks = _to_blocks(delta, q_count, q_size)[..., 0]  # [q blocks, B, H, bq]
 
   def one_key_block(dq, xs):
-    k_block, v_block, fill = xs
+    k_block, v_block, block_fill = xs
 
     def one_query_block(carry, ys):
       dk, dv = carry
       q_block, do_block, lse_block, delta_block = ys
-      probs = jnp.exp(_block_logits(q_block, k_block, fill) - lse_block[..., None])
+      probs = jnp.exp(_block_logits(q_block, k_block, block_fill) - lse_block[..., None])
       dv = dv + jnp.einsum("bhqk,bhqd->bhkd", probs.astype(d_out.dtype), do_block,
                            preferred_element_type=jnp.float32)
       d_probs = jnp.einsum("bhqd,bhkd->bhqk", do_block, v_block,
                            preferred_element_type=jnp.float32)
       d_logits = probs * (d_probs - delta_block[..., None])
-      if fill is not None:  # a replaced logit does not depend on q or k
-        d_logits = jnp.where(fill[0][:, None, None, :], d_logits, 0.0)
+      if block_fill is not None:  # a replaced logit does not depend on q or k
+        keep = block_fill[0]
+        d_logits = jnp.where(keep[:, None, None, :], d_logits, 0.0)
       dk = dk + jnp.einsum("bhqk,bhqd->bhkd", d_logits.astype(q.dtype), q_block,
                            preferred_element_type=jnp.float32)
       dq_part = jnp.einsum("bhqk,bhkd->bhqd", d_logits.astype(k.dtype), k_block,
