@@ -138,11 +138,9 @@ class DiT(nnx.Module):
     return (h + self.class_table[...][labels]).astype(self.dtype)
 
   def tokenize(self, x) -> jax.Array:
-    tokens = vit.patchify(x.astype(self.dtype), self.patch)
-    tokens = tokens @ self.tokenizer_kernel[...].astype(self.dtype)
-    tokens = tokens + self.tokenizer_bias[...].astype(self.dtype)
     posemb = vit.position_embedding(self.posemb_kind, self.posemb, self.grid, self.width)
-    return parallel.constrain(tokens + posemb.astype(self.dtype), ("batch", "length", "embed"))
+    return vit.embed_patches(x, self.patch, self.tokenizer_kernel, self.tokenizer_bias, posemb,
+                             self.dtype)
 
   def __call__(self, x, t, labels, *, key=None) -> jax.Array:
     """x [B, H, W, C], t [B], labels [B] int -> [B, H, W, out_channels] float32.

@@ -129,6 +129,15 @@ def position_embedding(kind: str, learned: nnx.Param | None, grid: int,
   return jnp.zeros((1, grid * grid, width), jnp.float32)
 
 
+def embed_patches(images: jax.Array, patch: int, kernel: nnx.Param, bias: nnx.Param,
+                  posemb: jax.Array, dtype) -> jax.Array:
+  """[B, H, W, C] -> [B, num_patches, width]: linear patch embedding plus
+  position embedding (the encoder's and DiT's tokenizer)."""
+  tokens = patchify(images.astype(dtype), patch)
+  tokens = tokens @ kernel[...].astype(dtype) + bias[...].astype(dtype)
+  return parallel.constrain(tokens + posemb.astype(dtype), ("batch", "length", "embed"))
+
+
 class MultiHeadAttention(nnx.Module):
   """Self-attention with a fused qkv projection; the math is a backend choice."""
 
@@ -290,11 +299,8 @@ class Encoder(nnx.Module):
 
   def tokenize(self, images: jax.Array) -> jax.Array:
     """[B, H, W, C] float -> [B, num_patches, width] with position embeddings."""
-    tokens = patchify(images.astype(self.dtype), self.patch)
-    tokens = tokens @ self.tokenizer_kernel[...].astype(self.dtype)
-    tokens = tokens + self.tokenizer_bias[...].astype(self.dtype)
-    tokens = tokens + self.position_embedding().astype(self.dtype)
-    return parallel.constrain(tokens, ("batch", "length", "embed"))
+    return embed_patches(images, self.patch, self.tokenizer_kernel, self.tokenizer_bias,
+                         self.position_embedding(), self.dtype)
 
   def encode(self, tokens: jax.Array, *, key=None) -> jax.Array:
     """Prepends [CLS] (if any), runs the blocks and the final norm.

@@ -71,10 +71,7 @@ def to_model_space(config, images: jax.Array, key=None) -> jax.Array:
   if images.dtype != jnp.uint8:
     return images.astype(jnp.float32)
   x = augment.normalize(images, config.augment.mean, config.augment.std)
-  if key is not None and config.augment.flip:
-    flip = jax.random.bernoulli(key, 0.5, (x.shape[0], 1, 1, 1))
-    x = jnp.where(flip, x[:, :, ::-1], x)
-  return x
+  return augment.random_flip(key, x) if key is not None and config.augment.flip else x
 
 
 def diffusion_losses(config, process, model, x0, labels, key, *, drop_key=None) -> dict:
@@ -220,8 +217,6 @@ def padded_size(n: int, multiple: int) -> int:
 
 def gather(x: jax.Array) -> np.ndarray:
   """A global array, whole, on every process."""
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -265,11 +260,12 @@ def reference_for(config, extractor, train_split: sources.ImageSplit, decode):
   count = min(len(train_split.images), config.fid.reference_examples)
   real = train_split.images[:count]
   if train_split.is_latent:
-    if decode is None:
-      raise ValueError("config.fid.reference is empty and the data are latents: set "
-                       "config.vae.weights to decode them, or give reference statistics.")
-    real = np.concatenate([np.asarray(decode(jnp.asarray(real[i:i + 256])))
-                           for i in range(0, count, 256)])
+    if not config.vae.weights:  # the preview decoder's images are not comparable
+      raise ValueError("config.fid.features scores images, and these data are latents: set "
+                       "config.vae.weights to decode them.")
+    batch = config.fid.batch_size
+    real = np.concatenate([np.asarray(decode(jnp.asarray(real[i:i + batch])))
+                           for i in range(0, count, batch)])
   else:
     real = real.astype(np.float32) / 255.0
   return fid.reference_from_images(extractor, real, batch_size=config.fid.batch_size)
