@@ -25,7 +25,7 @@ def get_config(arg=None):
 
   config.mask_ratio = 0.75
   config.model = ml_collections.ConfigDict(dict(
-      variant=args.variant, posemb="learn", dtype="float32", attention="xla",
+      variant=args.variant, posemb="learn", dtype="float32", attention="auto",
       scan=True, remat="full", drop_path=0.0,
       # MAE's lighter decoder (512 wide, 8 deep), sized down for 32x32 inputs
       # whose decoder sees every pixel token.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
 
 from pixel_vit import parallel
@@ -265,6 +266,23 @@ def validate_run(config, device_count: int, process_count: int) -> None:
              f"{process_count} processes.")
 
 
+def validate_attention(config, device_count: int, platform: str) -> None:
+  """The attention backend against the platform and the mesh's `seq` axis."""
+  name = config.model.attention
+  seq = dict(zip(parallel.MESH_AXES, parallel.mesh_shape(config.mesh, device_count)))["seq"]
+  _require(name != "splash" or platform == "tpu",
+           f"config.model.attention='splash' is the TPU Pallas kernel, but this run's "
+           f"platform is {platform!r} (it would run in Pallas interpret mode, orders of "
+           "magnitude slower). Use 'auto' (picks the backend for the platform) or 'chunked'.")
+  _require(name != "ring" or seq > 1,
+           f"config.model.attention='ring' splits the tokens over the mesh's seq axis, "
+           f"which has size {seq} here; set config.mesh.seq > 1, or use 'auto'.")
+  _require(seq == 1 or name in ("ring", "auto"),
+           f"config.mesh.seq={seq} splits the tokens over devices, but attention "
+           f"{name!r} needs whole sequences on each device (they would be gathered); "
+           "use config.model.attention='ring' or 'auto'.")
+
+
 def validate_data(data) -> None:
   _named("data.source", lambda: sources.parse_source(
       data.source, data_dir=data.get("data_dir"), download=data.get("download", True)))
@@ -280,5 +298,6 @@ def validate_common(config, device_count: int, process_count: int) -> None:
   validate_data(config.data)
   augment.validate_augment_config(config.augment)
   validate_run(config, device_count, process_count)
+  validate_attention(config, device_count, jax.default_backend())
   _require(config.total_steps > 0 or config.total_epochs > 0,
            "config.total_steps is 0 and config.total_epochs is not > 0: set one of them.")

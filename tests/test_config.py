@@ -68,6 +68,10 @@ BAD_VALUES = [
     ({"model.posemb": "sin"}, r"config\.model\.posemb='sin' is not allowed.*'learn'"),
     ({"model.pool": "max"}, r"config\.model\.pool='max' is not allowed.*'gap'"),
     ({"model.attention": "flash"}, r"config\.model\.attention='flash' is not allowed.*'xla'"),
+    ({"model.attention": "splash"}, r"attention='splash' is the TPU Pallas kernel.*'cpu'.*'auto'"),
+    ({"model.attention": "ring"}, r"attention='ring' splits the tokens.*size 1 here.*mesh\.seq > 1"),
+    ({"mesh.data": 2, "mesh.seq": 4, "model.attention": "chunked"},
+     r"config\.mesh\.seq=4 splits the tokens.*'chunked'.*'ring' or 'auto'"),
     ({"model.dtype": "float16"}, r"config\.model\.dtype='float16' is not allowed.*'bfloat16'"),
     ({"model.remat": "some"}, r"config\.model\.remat='some' is not allowed.*'dots'"),
     ({"model.drop_path": 1.0}, r"config\.model\.drop_path=1\.0"),
@@ -81,6 +85,12 @@ def test_validate_rejects(quick_config, overrides, match, no_jit):
   config = quick_config(overrides)
   with pytest.raises(ValueError, match=match):
     classification.validate(config)
+
+
+@pytest.mark.parametrize("attention", ["ring", "auto"])
+def test_sequence_parallel_mesh_accepts_ring_and_auto(quick_config, attention):
+  classification.validate(quick_config(
+      {"mesh.data": 2, "mesh.seq": 4, "model.attention": attention}))
 
 
 def test_validate_rejects_unknown_mesh_axis(quick_config):

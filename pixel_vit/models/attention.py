@@ -8,6 +8,10 @@ by name from the config, so the choice is validated before anything compiles.
 `chunked` is blockwise online-softmax ("flash") attention with a custom VJP:
 it never holds a [length, length] array, so its memory grows linearly with
 the sequence length (pixel tokens: 1,025 for 32x32, 16,384 for 128x128).
+`ring` (ring_attention.py) splits the tokens over the `seq` mesh axis;
+`splash` (splash_attention.py) is the TPU Pallas flash kernel; `auto` picks
+one of them per call from the platform, the length and the mesh
+(`choose_backend`).
 """
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax.core import spmd as flax_spmd
 from jax import lax
 
-from pixel_vit.models import ring_attention
+from pixel_vit.models import ring_attention, splash_attention
 
 AttentionFn = Callable[..., jax.Array]
 
@@ -318,11 +323,65 @@ def chunked_attention(q, k, v, key_mask=None, *, query_block: int = QUERY_BLOCK,
   return _chunked(q, k, v, key_mask, query_block, key_block, _batch_group(batch, batch_block))
 
 
+# ---------------------------------------------------------------------------
+# auto: the backend for the platform, the sequence length and the mesh.
+# ---------------------------------------------------------------------------
+
+# `chunked` is used from this many keys on (below it `xla`); provisional until
+# the crossover is measured with benchmarks/attention.py.
+CHUNKED_FROM_LENGTH = 512
+_HALF_PRECISION = (jnp.bfloat16, jnp.float16)
+
+
+def choose_backend(*, platform: str, length: int, dtype, seq_shards: int = 1,
+                   self_attention: bool = True) -> str:
+  """The backend `auto` runs: a pure function of what it depends on.
+
+  - keys other than the queries (cross-attention): `chunked` or `xla` by
+    length (`ring` and `splash` take self-attention only);
+  - tokens split over a `seq` mesh axis: `ring` (every other backend would
+    gather the whole sequence onto each device);
+  - TPU: `splash`, the Pallas flash kernel;
+  - GPU in bfloat16 / float16: `dot_product` (cuDNN flash attention);
+  - otherwise `chunked` from CHUNKED_FROM_LENGTH keys on (flash-style,
+    memory linear in length), `xla` for shorter sequences.
+  """
+  by_length = "chunked" if length >= CHUNKED_FROM_LENGTH else "xla"
+  if not self_attention:
+    return by_length
+  if seq_shards > 1:
+    return "ring"
+  if platform == "tpu":
+    return "splash"
+  if platform in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in map(jnp.dtype, _HALF_PRECISION):
+    return "dot_product"
+  return by_length
+
+
+def _seq_shards(q_shape) -> int:
+  """How many devices the active mesh splits the token axis over (1 without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  return ring_attention.ring_layout(q_shape, mesh, flax_spmd.get_logical_axis_rules())[3]
+
+
+def auto_attention(q, k, v, key_mask=None):
+  """Runs `choose_backend(...)`'s pick for these shapes, the platform and the mesh."""
+  self_attention = k.shape == q.shape
+  name = choose_backend(platform=jax.default_backend(), length=k.shape[1], dtype=q.dtype,
+                        seq_shards=_seq_shards(q.shape) if self_attention else 1,
+                        self_attention=self_attention)
+  return BACKENDS[name](q, k, v, key_mask)
+
+
 BACKENDS: dict[str, AttentionFn] = {
     "xla": xla_attention,
     "dot_product": dot_product_attention,
     "chunked": chunked_attention,
     "ring": ring_attention.ring_attention,
+    "splash": splash_attention.splash_attention,
+    "auto": auto_attention,
 }
 
 
