@@ -12,7 +12,8 @@ Every measurement runs in a FRESH subprocess, so its peak RSS
 (`getrusage(RUSAGE_SELF).ru_maxrss`) is the memory that configuration needs;
 XLA's `memory_analysis()` is shown beside it and underestimates CPU peak.
 
-  python -m benchmarks.throughput --variant=Ti/1 --image_size=32 --batch=32
+  python -m benchmarks.throughput --variant=Ti/1 --image_size=32 --batch=32 \
+      --attention=chunked --remat=dots
   python -m benchmarks.throughput --variant=Ti/2 --remat=dots --scan=false --steps=10
   python -m benchmarks.throughput --sweep                 # the README table
 
@@ -42,15 +43,25 @@ RESULT_MARK = "BENCH_RESULT "
 PROGRESS_MARK = "[bench] "
 GIB = 1024 ** 3
 
-# The --sweep table: (label, flags). Kept small: the whole sweep takes a few
-# minutes on a 2-core CPU (Ti/1 steps dominate: ~2 TFLOP each).
+# The --sweep table: (label, flags). The PiT-Ti/1 rows compare attention
+# backends on the real train step at the paper's 32x32, then pixel tokens at
+# 64x64 (4,096 tokens) and 128x128 (16,384, batch 1: must fit 24 GiB) with
+# `chunked`. The whole sweep takes ~30 min on a 2-core CPU.
 SWEEP = (
-    dict(variant="Ti/1", image_size=32, batch=32, remat="full", scan=True),
-    dict(variant="Ti/1", image_size=32, batch=32, remat="dots", scan=True),
-    dict(variant="Ti/2", image_size=32, batch=32, remat="full", scan=True),
-    # Extra row (cheap): the same ViT-Ti/2 step unrolled instead of lax.scan.
-    dict(variant="Ti/2", image_size=32, batch=32, remat="full", scan=False),
-    dict(variant="mu/1", image_size=8, batch=128, remat="full", scan=True),
+    dict(variant="Ti/1", image_size=32, batch=32, remat="full", scan=True, attention="xla"),
+    dict(variant="Ti/1", image_size=32, batch=32, remat="dots", scan=True, attention="xla"),
+    dict(variant="Ti/1", image_size=32, batch=32, remat="full", scan=True,
+         attention="chunked"),
+    dict(variant="Ti/1", image_size=32, batch=32, remat="dots", scan=True,
+         attention="chunked"),
+    dict(variant="Ti/1", image_size=64, batch=4, remat="full", scan=True, attention="xla"),
+    dict(variant="Ti/1", image_size=64, batch=4, remat="dots", scan=True,
+         attention="chunked"),
+    # ~2 min a step: one untimed step would double the row's time.
+    dict(variant="Ti/1", image_size=128, batch=1, remat="dots", scan=True,
+         attention="chunked", warmup=0, steps=2, min_steps=2),
+    dict(variant="Ti/2", image_size=32, batch=32, remat="full", scan=True, attention="xla"),
+    dict(variant="mu/1", image_size=8, batch=128, remat="full", scan=True, attention="auto"),
 )
 
 

@@ -89,8 +89,15 @@ def dataset_config(dataset: str) -> ml_collections.ConfigDict:
 
 
 def mesh_config() -> ml_collections.ConfigDict:
-  """All devices on the `data` axis; `-1` = the remaining devices."""
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1, tensor=1))
+  """All devices on the `data` axis; `-1` = the remaining devices.
+
+  `dcn`: of each axis, how many ways go across granules (TPU slices, or
+  processes with granule='process') over the data-centre network; by
+  default all granules are on `data`. One granule: no effect.
+  """
+  return ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, seq=1, tensor=1,
+      dcn=dict(data=-1, fsdp=1, seq=1, tensor=1), granule="slice"))
 
 
 def base_config(task: str, dataset: str, *, quick: bool) -> ml_collections.ConfigDict:

@@ -5,7 +5,9 @@ Parameters and activations are annotated with logical axis names (`embed`,
 `sharding_rules` map each logical name to mesh axes (`data`, `fsdp`, `seq`,
 `tensor`); a mesh axis is used at most once per array (the first rule that
 still fits wins, as in flax's `logical_to_mesh_axes`). One code path serves a
-single CPU and a pod: on one device every spec is simply replicated.
+single CPU and a pod: on one device every spec is simply replicated. On a
+multi-slice pod the device grid splits each axis into an ICI part (within a
+slice) and a DCN part (across slices) by `config.mesh.dcn` (`device_grid`).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn_linen
 import jax
+from absl import logging
 from jax.experimental import mesh_utils
 import numpy as np
 from flax import nnx
@@ -26,34 +29,94 @@ MESH_AXES = ("data", "fsdp", "seq", "tensor")
 LogicalRules = Sequence[tuple[str, Any]]
 
 
-def mesh_shape(mesh_config, device_count: int) -> tuple[int, ...]:
-  """Resolves `-1` (the remaining devices) and checks the product."""
-  unknown = [k for k in mesh_config.keys() if k not in MESH_AXES]
+# Keys of config.mesh that are not axis sizes: the split of each axis across
+# granules (slices of a TPU pod, or processes), and what a granule is.
+MESH_OPTIONS = ("dcn", "granule")
+GRANULES = {"slice": "slices", "process": "processes"}  # name: plural
+
+
+def _resolve_sizes(sizes: dict, count: int, key: str, what: str) -> tuple[int, ...]:
+  """Axis sizes with at most one -1 (= what remains of `count`), checked to multiply to it."""
+  unknown = [k for k in sizes if k not in MESH_AXES]
   if unknown:
-    raise ValueError(f"config.mesh has unknown axes {unknown}; allowed: {MESH_AXES}.")
-  sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"config.mesh sizes {dict(zip(MESH_AXES, sizes))} must be positive, "
-                     "with at most one -1 (= the remaining devices).")
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if device_count % known:
-      raise ValueError(f"config.mesh fixed sizes multiply to {known}, which does not "
-                       f"divide the {device_count} devices.")
-    sizes[sizes.index(-1)] = device_count // known
-  if math.prod(sizes) != device_count:
-    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} "
-                     f"devices but {device_count} are available; set one axis to -1.")
-  return tuple(sizes)
+    raise ValueError(f"{key} has unknown axes {unknown}; allowed: {MESH_AXES}.")
+  values = [int(sizes.get(axis, 1)) for axis in MESH_AXES]
+  if values.count(-1) > 1 or any(s == 0 or s < -1 for s in values):
+    raise ValueError(f"{key} sizes {dict(zip(MESH_AXES, values))} must be positive, "
+                     f"with at most one -1 (= the remaining {what}).")
+  known = math.prod(s for s in values if s != -1)
+  if -1 in values:
+    if count % known:
+      raise ValueError(f"{key} fixed sizes multiply to {known}, which does not "
+                       f"divide the {count} {what}.")
+    values[values.index(-1)] = count // known
+  if math.prod(values) != count:
+    raise ValueError(f"{key} {dict(zip(MESH_AXES, values))} uses {math.prod(values)} "
+                     f"{what} but {count} are available; set one axis to -1.")
+  return tuple(values)
+
+
+def mesh_shape(mesh_config, device_count: int) -> tuple[int, ...]:
+  """The mesh's axis sizes: resolves `-1` (the remaining devices), checks the product."""
+  sizes = {k: v for k, v in mesh_config.items() if k not in MESH_OPTIONS}
+  return _resolve_sizes(sizes, device_count, "config.mesh", "devices")
+
+
+def granule_of(device, granule: str) -> int:
+  """The slice (TPU multi-slice) or process a device belongs to; one slice when
+  the platform has no slices."""
+  if granule == "process":
+    return device.process_index
+  return getattr(device, "slice_index", 0) or 0
+
+
+def dcn_shape(mesh_config, granule_count: int) -> tuple[int, ...]:
+  """How many ways each axis is split ACROSS granules (the slow network)."""
+  granule = mesh_config.get("granule", "slice")
+  if granule not in GRANULES:
+    raise ValueError(f"config.mesh.granule={granule!r} is not allowed; choose one of "
+                     f"{list(GRANULES)} ('process' for GPU hosts joined by a network).")
+  dcn = mesh_config.get("dcn") or {"data": -1}
+  return _resolve_sizes(dict(dcn), granule_count, "config.mesh.dcn", GRANULES[granule])
+
+
+def device_grid(mesh_config, devices) -> np.ndarray:
+  """Devices arranged as the mesh (`data, fsdp, seq, tensor`).
+
+  Within a granule (a TPU slice; or a process with config.mesh.granule =
+  'process') devices talk over the fast interconnect (ICI, NVLink); granules
+  talk over the data-centre network (DCN). With more than one granule, each
+  axis of size N is split as dcn x N/dcn with `config.mesh.dcn` (default: all
+  granules on `data`, the axis that communicates least), so collectives on
+  the other axes stay inside a granule.
+  """
+  shape = mesh_shape(mesh_config, len(devices))
+  granule = mesh_config.get("granule", "slice")
+  granules = len({granule_of(d, granule) for d in devices})
+  dcn = dcn_shape(mesh_config, granules)
+  if granules == 1:
+    return mesh_utils.create_device_mesh(shape, devices=devices,
+                                         allow_split_physical_axes=True)
+  bad = [axis for axis, size, across in zip(MESH_AXES, shape, dcn) if size % across]
+  if bad:
+    raise ValueError(
+        f"config.mesh {dict(zip(MESH_AXES, shape))} cannot be split over {granules} "
+        f"{GRANULES[granule]} as config.mesh.dcn {dict(zip(MESH_AXES, dcn))}: axes {bad} are "
+        "not divisible by their dcn size. Put the granules on axes they divide, e.g. "
+        "--config.mesh.dcn.data=1 --config.mesh.dcn.fsdp=" + str(granules) + ".")
+  ici = tuple(size // across for size, across in zip(shape, dcn))
+  logging.info("mesh %s over %d %s: within each (ICI) %s, across them (DCN) %s",
+               dict(zip(MESH_AXES, shape)), granules, GRANULES[granule],
+               dict(zip(MESH_AXES, ici)), dict(zip(MESH_AXES, dcn)))
+  return mesh_utils.create_hybrid_device_mesh(
+      ici, dcn, devices=devices, process_is_granule=granule == "process",
+      allow_split_physical_axes=True)
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
   """A mesh with axes `data, fsdp, seq, tensor` (auto axis types: GSPMD)."""
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(mesh_config, len(devices))
-  device_grid = mesh_utils.create_device_mesh(
-      shape, devices=devices, allow_split_physical_axes=True)
-  return Mesh(device_grid, MESH_AXES)
+  return Mesh(device_grid(mesh_config, devices), MESH_AXES)
 
 
 def batch_shards(mesh_config, device_count: int) -> int:

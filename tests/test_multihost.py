@@ -143,6 +143,10 @@ MULTIHOST_RUN = {
     "mesh.data": 1,
     "mesh.fsdp": 4,
 }
+# The 2-process run treats each process as a DCN granule (as GPU hosts would
+# be) and splits FSDP across them: 2 x 2. Same device order as the flat
+# 1-process fsdp=4 mesh it is compared with.
+DCN_SPLIT = {"mesh.granule": "process", "mesh.dcn.data": 1, "mesh.dcn.fsdp": 2}
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2
 TIMEOUT_S = 240
@@ -183,7 +187,8 @@ def two_process_run(tmp_path_factory):
   workdir = str(root / "workdir")
   address = f"127.0.0.1:{free_port()}"
   env = {**_without_cluster_env(), "JAX_NUM_CPU_DEVICES": str(DEVICES_PER_PROCESS)}
-  overrides = [f"--config.{key}={value}" for key, value in MULTIHOST_RUN.items()]
+  overrides = [f"--config.{key}={value}"
+               for key, value in {**MULTIHOST_RUN, **DCN_SPLIT}.items()]
   logs, procs, handles = [], [], []
   try:
     for process_id in range(NUM_PROCESSES):
@@ -301,6 +306,8 @@ def test_two_processes_train_like_one_on_the_same_global_batches(two_process_run
   workdir, logs = two_process_run
   for process_id, log in enumerate(logs):
     assert (f"process {process_id} of 2 joined via explicit: 2 local / 4 global devices"
+            in tail(log, 10**6)), tail(log)
+    assert ("over 2 processes: within each (ICI) {'data': 1, 'fsdp': 2, 'seq': 1, 'tensor': 1}"
             in tail(log, 10**6)), tail(log)
   config, state, losses, described = one_process_reference
   steps = config.total_steps
