@@ -210,6 +210,25 @@ def test_chunked_grad_under_jit_remat_and_scan():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("policy,keeps_attention", [("dots", True), ("full", False)])
+def test_dots_remat_keeps_chunked_output_and_lse(capsys, policy, keeps_attention):
+  """Under remat 'dots' the backward pass reuses chunked's output and
+  log-sum-exp instead of running its forward again; gradients unchanged."""
+  q, k, v = qkv(8, length=65)
+  weight = jnp.cos(jnp.arange(16.0))
+
+  def block(x):
+    return (chunked(32, 16)(x, x * 0.5, x * 2.0) @ weight).sum()
+
+  remat = jax.checkpoint(block, policy=vit.REMAT_POLICIES[policy])
+  jax.ad_checkpoint.print_saved_residuals(remat, q)
+  saved = capsys.readouterr().out
+  for name in attention.REMAT_SAVEABLE_NAMES:
+    assert (f"named '{name}'" in saved) == keeps_attention, saved
+  np.testing.assert_allclose(jax.jit(jax.grad(remat))(q), jax.jit(jax.grad(block))(q),
+                             **GRAD_TOL)
+
+
 def test_vit_classifier_with_chunked_equals_xla(monkeypatch):
   """A whole mu/1 classifier (65 tokens with [CLS]): logits and every parameter
   gradient agree, with the layers under lax.scan and full remat as in

@@ -22,10 +22,15 @@ import jax
 import jax.numpy as jnp
 from flax.core import spmd as flax_spmd
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from pixel_vit.models import ring_attention, splash_attention
 
 AttentionFn = Callable[..., jax.Array]
+
+# What `chunked` names for remat policies: its output and per-row log-sum-exp,
+# O(length) each; keeping them saves re-running its forward pass.
+REMAT_SAVEABLE_NAMES = ("attention_out", "attention_lse")
 
 
 def xla_attention(q, k, v, key_mask=None):
@@ -199,6 +204,9 @@ def _chunked(q, k, v, key_mask, query_block, key_block, batch_block):
 
 def _chunked_fwd(q, k, v, key_mask, query_block, key_block, batch_block):
   out, lse = _chunked_forward(q, k, v, key_mask, query_block, key_block, batch_block)
+  # Named so a remat policy can keep them (vit.REMAT_POLICIES['dots']): then
+  # the backward pass does not run the attention forward again.
+  out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
   # O(length) residuals: the inputs, the output and one float per query row.
   # The probabilities are recomputed block by block in the backward pass.
   return out, (q, k, v, key_mask, out, lse)
