@@ -547,7 +547,7 @@ def markdown_table(results: list[dict]) -> str:
       cells = [
           r["variant"], image, str(r["tokens"]), str(r["batch"]), r["remat"],
           str(r["scan"]).lower(), f"{r['attention']}, {r['dtype']}",
-          f"{r['images_per_s']:.1f}", f"{r['step_s']:.3f} ({len(r['step_times_s'])})",
+          f"{r['images_per_s']:.3g}", f"{r['step_s']:.3f} ({len(r['step_times_s'])})",
           f"{r['flops_per_image']['train'] / 1e9:.2f}", xla_cell,
           f"{r['achieved_gflops']:.1f}", f"{r['matmul_peak_gflops']:.1f}",
           f"{100 * r['mfu']:.1f}%", f"{100 * r['hfu']:.1f}%",

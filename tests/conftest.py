@@ -165,6 +165,20 @@ def no_jit(monkeypatch):
   monkeypatch.setattr(jax, "jit", forbidden)
 
 
+def record_first_shapes(monkeypatch, module, name: str) -> list:
+  """Wraps `module.name` so each call (each trace, under jit) appends the shape
+  of its first argument to the returned list: what a per-device body saw."""
+  seen = []
+  function = getattr(module, name)
+
+  def recording(first, *args, **kwargs):
+    seen.append(first.shape)
+    return function(first, *args, **kwargs)
+
+  monkeypatch.setattr(module, name, recording)
+  return seen
+
+
 def snapshot(directory) -> dict:
   """{relative path: sha256} of every file under `directory`."""
   result = {}

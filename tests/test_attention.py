@@ -229,11 +229,13 @@ def test_dots_remat_keeps_chunked_output_and_lse(capsys, policy, keeps_attention
                              **GRAD_TOL)
 
 
-def test_vit_classifier_with_chunked_equals_xla(monkeypatch):
+@pytest.mark.parametrize("backend", ["chunked", "splash"])
+def test_vit_classifier_equals_xla(monkeypatch, backend):
   """A whole mu/1 classifier (65 tokens with [CLS]): logits and every parameter
   gradient agree, with the layers under lax.scan and full remat as in
-  training. Small blocks, so the encoder really runs several padded blocks
-  (the defaults would fit 65 tokens in one)."""
+  training. chunked with small blocks, so the encoder really runs several
+  padded blocks (the defaults would fit 65 tokens in one); splash (the TPU
+  kernel, interpreted here) pads the 65 tokens to its 128 block."""
   monkeypatch.setitem(attention.BACKENDS, "chunked", chunked(32, 16))
   x = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
   labels = jnp.array([0, 3, 9])
@@ -256,7 +258,7 @@ def test_vit_classifier_with_chunked_equals_xla(monkeypatch):
 
     return loss_and_grad(params)
 
-  (loss_c, logits_c), grads_c = run("chunked")
+  (loss_c, logits_c), grads_c = run(backend)
   (loss_x, logits_x), grads_x = run("xla")
   np.testing.assert_allclose(logits_c, logits_x, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(loss_c, loss_x, rtol=1e-5)

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import record_first_shapes
 from pixel_vit import configuration, parallel
 from pixel_vit.models import attention, ring_attention
 
@@ -59,15 +60,7 @@ def assert_close(actual, desired, what):
 
 def record_local_shapes(monkeypatch) -> list:
   """Records the q block shape each device's ring body sees while tracing."""
-  seen = []
-  body = ring_attention._ring_body
-
-  def recording_body(q, *args, **kwargs):
-    seen.append(q.shape)
-    return body(q, *args, **kwargs)
-
-  monkeypatch.setattr(ring_attention, "_ring_body", recording_body)
-  return seen
+  return record_first_shapes(monkeypatch, ring_attention, "_ring_body")
 
 
 def test_registered_as_backend():

@@ -4,8 +4,8 @@ and `auto` (the backend chosen per platform, length and mesh).
 splash is checked against `xla` in output and q/k/v gradients (float32,
 rtol 1e-5 / atol 1e-5 for outputs, rtol 1e-4 / atol 1e-5 for gradients) at
 lengths its 128/256/512 blocks do not divide, with masks, with an example
-whose keys are all masked, under a data x tensor mesh (shard_map over batch
-and heads), and inside the classifier.
+whose keys are all masked, and under a data x tensor mesh (shard_map over
+batch and heads); inside the classifier in test_attention.py.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
 from pixel_vit import configuration, parallel
-from pixel_vit.models import attention, splash_attention, vit
+from pixel_vit.models import attention, splash_attention
+from conftest import record_first_shapes
 from test_attention import assert_matches_xla, qkv
 
 RULES = configuration.SHARDING_RULES
@@ -57,14 +57,7 @@ def test_fully_masked_example_is_the_mean_of_values_like_xla():
 
 
 def test_under_a_mesh_each_device_runs_whole_sequences_of_its_batch_and_heads(monkeypatch):
-  seen = []
-  local = splash_attention._local_splash
-
-  def recording(q, *args, **kwargs):
-    seen.append(q.shape)
-    return local(q, *args, **kwargs)
-
-  monkeypatch.setattr(splash_attention, "_local_splash", recording)
+  seen = record_first_shapes(monkeypatch, splash_attention, "_local_splash")
   q, k, v = qkv(5, batch=4, length=50, heads=4, head_dim=16)
   key_mask = np.ones((4, 50), bool)
   key_mask[2, 20:] = False
@@ -86,33 +79,6 @@ def test_bad_input_is_rejected():
     splash_attention.splash_attention(q, k[:, :5], v[:, :5])
   with pytest.raises(ValueError, match="key_mask must be boolean"):
     splash_attention.splash_attention(q, k, v, np.ones((2, 10), np.int32))
-
-
-def test_classifier_with_splash_equals_xla():
-  """A pixel classifier (65 tokens) with splash gives xla's logits and gradients."""
-  images = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
-
-  def logits_and_grad(backend):
-    config = ml_collections.ConfigDict(dict(
-        variant="mu/1", posemb="learn", pool="cls", dtype="float32", attention=backend,
-        scan=True, remat="full", drop_path=0.0))
-    model = vit.build_classifier(config, image_size=8, channels=1, num_classes=10,
-                                 rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def run(params):
-      logits = nnx.merge(graphdef, params)(images)
-      return (logits * jnp.arange(10.0)).sum(), logits
-
-    (_, logits), grads = jax.value_and_grad(run, has_aux=True)(params)
-    return logits, jax.tree.leaves(grads)
-
-  want_logits, want_grads = logits_and_grad("xla")
-  got_logits, got_grads = logits_and_grad("splash")
-  np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
-  for got, want in zip(got_grads, want_grads, strict=True):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- auto
