@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -127,14 +128,13 @@ def inception_extractor(weights_path: str) -> Extractor:
 def _read_run(workdir: str) -> tuple[ml_collections.ConfigDict, object, int]:
   """(resolved config, checkpoints directory, newest step) of a run, or a
   ValueError saying what is missing."""
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():
     raise ValueError(f"classifier workdir {workdir!r} does not exist; {TRAIN_CLASSIFIER}.")
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
+  config_path = epath.Path(workdir) / "config.json"
+  if not config_path.exists():
     raise ValueError(f"{workdir!r} has no config.json, so it is not a pixel_vit run "
                      f"directory; {TRAIN_CLASSIFIER}.")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
   if not pretrained.workdir_has_checkpoint(workdir):
     raise ValueError(f"classifier workdir {workdir!r} holds no finished checkpoint (is the "
                      f"run still at step 0?); {TRAIN_CLASSIFIER}, or wait for its first "

@@ -1,9 +1,10 @@
 """Image grids people look at: PNG files and TensorBoard images."""
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 # Tiny images (8x8 digits, 28x28 MNIST) are enlarged so a grid is readable.
@@ -38,5 +39,9 @@ def grid(columns: list[np.ndarray], *, separator: int = 2) -> np.ndarray:
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image).save(path)
+  """Writes a PNG to a local or gs:// path, creating its directory."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  path.write_bytes(buffer.getvalue())

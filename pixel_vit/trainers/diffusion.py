@@ -20,7 +20,7 @@ pixel_vit.sample` runs the same generation on a trained workdir.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import io
 import json
 import os
 import time
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -370,18 +371,20 @@ def sample_and_evaluate(config, workdir: str, *, num_samples: int, out: str = ""
     metrics = {}
     images, labels = generate(config, generator, params, num_samples, reporter=run.reporter)
   if run.reporter.is_main:
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    np.savez(out + ".npz", arr_0=pictures.to_uint8(images), arr_1=labels.astype(np.int32))
+    epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, arr_0=pictures.to_uint8(images), arr_1=labels.astype(np.int32))
+    epath.Path(out + ".npz").write_bytes(buffer.getvalue())
     per_class = [images[labels == c][:8] for c in range(min(plan.train_split.num_classes, 10))]
     columns = min(len(p) for p in per_class)
     if columns:
       pictures.save_png(out + ".png", pictures.grid(
           [pictures.to_uint8(np.stack([p[j] for p in per_class])) for j in range(columns)]))
-    with open(out + ".json", "w") as f:
-      json.dump({"step": step, "num_samples": num_samples, "sampler": config.sample.sampler,
-                 "steps": str(config.sample.steps), "cfg_scale": config.sample.cfg_scale,
-                 "features": config.fid.features, **{k: float(v) for k, v in metrics.items()}},
-                f, indent=2)
+    epath.Path(out + ".json").write_text(json.dumps(
+        {"step": step, "num_samples": num_samples, "sampler": config.sample.sampler,
+         "steps": str(config.sample.steps), "cfg_scale": config.sample.cfg_scale,
+         "features": config.fid.features, **{k: float(v) for k, v in metrics.items()}},
+        indent=2))
     run.reporter.log(f"wrote {out}.npz / .png / .json: " +
                      ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
   run.checkpointer.close()

@@ -1,15 +1,18 @@
 """What a run leaves in its workdir: config, TensorBoard events, metrics JSON
-lines, progress (steps/s, ETA) in the log. Only process 0 writes files."""
+lines, progress (steps/s, ETA) in the log. Only process 0 writes files.
+
+Paths go through `etils.epath`, so a workdir may be local or `gs://...` (a
+TPU pod's workers share a bucket)."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 
 class Reporter:
@@ -19,20 +22,20 @@ class Reporter:
     self.is_main = jax.process_index() == 0
     self.workdir = workdir
     if self.is_main:
-      os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      (epath.Path(workdir) / "config.json").write_text(
+          config.to_json_best_effort(indent=2, sort_keys=True))
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=not self.is_main, asynchronous=True)
     self.progress = periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=self.writer, every_steps=log_every)
-    self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self._jsonl_path = epath.Path(workdir) / "metrics.jsonl"
 
   def scalars(self, step: int, scalars: dict[str, float]) -> None:
     scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
     self.writer.write_scalars(step, scalars)
     if self.is_main:
-      with open(self._jsonl_path, "a") as f:
+      with self._jsonl_path.open("a") as f:
         f.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
 
   def images(self, step: int, images: dict[str, np.ndarray]) -> None:
