@@ -210,21 +210,33 @@ def test_chunked_grad_under_jit_remat_and_scan():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+# How print_saved_residuals describes the kept output and log-sum-exp: chunked
+# names them itself; splash names them inside its jitted kernel call, so they
+# are described as that call's outputs.
+SAVED_ATTENTION = {
+    "chunked": {f"named '{name}'": 1 for name in attention.REMAT_SAVEABLE_NAMES},
+    "splash": {"jitted function '_splash_attention'": 2},
+}
+
+
+@pytest.mark.parametrize("backend", sorted(SAVED_ATTENTION))
 @pytest.mark.parametrize("policy,keeps_attention", [("dots", True), ("full", False)])
-def test_dots_remat_keeps_chunked_output_and_lse(capsys, policy, keeps_attention):
-  """Under remat 'dots' the backward pass reuses chunked's output and
-  log-sum-exp instead of running its forward again; gradients unchanged."""
+def test_dots_remat_keeps_the_flash_output_and_lse(capsys, backend, policy,
+                                                   keeps_attention):
+  """Under remat 'dots' the backward pass reuses chunked's / splash's output
+  and log-sum-exp instead of running their forward again; gradients unchanged."""
   q, k, v = qkv(8, length=65)
   weight = jnp.cos(jnp.arange(16.0))
+  attend = chunked(32, 16) if backend == "chunked" else attention.get_backend(backend)
 
   def block(x):
-    return (chunked(32, 16)(x, x * 0.5, x * 2.0) @ weight).sum()
+    return (attend(x, x * 0.5, x * 2.0) @ weight).sum()
 
   remat = jax.checkpoint(block, policy=vit.REMAT_POLICIES[policy])
   jax.ad_checkpoint.print_saved_residuals(remat, q)
   saved = capsys.readouterr().out
-  for name in attention.REMAT_SAVEABLE_NAMES:
-    assert (f"named '{name}'" in saved) == keeps_attention, saved
+  for description, count in SAVED_ATTENTION[backend].items():
+    assert saved.count(description) == (count if keeps_attention else 0), saved
   np.testing.assert_allclose(jax.jit(jax.grad(remat))(q), jax.jit(jax.grad(block))(q),
                              **GRAD_TOL)
 

@@ -29,7 +29,8 @@ from pixel_vit.models import ring_attention, splash_attention
 AttentionFn = Callable[..., jax.Array]
 
 # What `chunked` names for remat policies: its output and per-row log-sum-exp,
-# O(length) each; keeping them saves re-running its forward pass.
+# O(length) each; keeping them saves re-running its forward pass. `splash`
+# names both with the first.
 REMAT_SAVEABLE_NAMES = ("attention_out", "attention_lse")
 
 

@@ -63,13 +63,18 @@ def _kernel(length: int, heads: int, block: int, interpret: bool):
 
 
 def _make_kernel(length: int, heads: int, block: int, interpret: bool):
+  # Imported here: attention.py imports this module to register the backend.
+  from pixel_vit.models.attention import REMAT_SAVEABLE_NAMES
   mask = splash_mask.MultiHeadMask([splash_mask.FullMask((length, length))] * heads)
   sizes = splash_kernel.BlockSizes(
       block_q=block, block_kv=block, block_kv_compute=block,
       block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
       block_q_dq=block, block_kv_dq=block)
-  return splash_kernel.make_splash_mha(mask, head_shards=1, q_seq_shards=1,
-                                       block_sizes=sizes, interpret=interpret)
+  # Its output and log-sum-exp carry a name remat 'dots' keeps (as chunked's),
+  # so the backward pass does not run the kernel's forward again.
+  return splash_kernel.make_splash_mha(
+      mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret,
+      residual_checkpoint_name=REMAT_SAVEABLE_NAMES[0])
 
 
 def _local_splash(q, k, v, kv_segments, *, interpret: bool):

@@ -48,9 +48,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    # Keeps the projection / MLP matmul outputs and `chunked` attention's
-    # output and log-sum-exp (O(length)); recomputes the cheap elementwise
-    # work and the [length, length] attention scores of other backends.
+    # Keeps the projection / MLP matmul outputs and the flash backends'
+    # (`chunked`, `splash`) output and log-sum-exp (O(length)); recomputes
+    # the cheap elementwise work and the [length, length] scores of `xla`.
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(*attention_lib.REMAT_SAVEABLE_NAMES)),
