@@ -110,6 +110,9 @@ def base_config(task: str, dataset: str, *, quick: bool) -> ml_collections.Confi
   config.mesh = mesh_config()
   config.sharding_rules = SHARDING_RULES
   config.keep_checkpoints = 3
+  # A jax.profiler trace of `steps` train steps from `first_step` on, written
+  # to <workdir>/plugins/profile/ (TensorBoard's profile tab); 0 = off.
+  config.profile = ml_collections.ConfigDict(dict(steps=0, first_step=10))
   return config
 
 
@@ -265,6 +268,9 @@ def validate_run(config, device_count: int, process_count: int) -> None:
   _check_positive("total_steps", config.total_steps, allow_zero=True)  # 0: use total_epochs
   for key in ("log_every", "eval_every", "checkpoint_every"):
     _check_positive(key, config[key])
+  if "profile" in config:
+    _check_positive("profile.steps", config.profile.steps, allow_zero=True)
+    _check_positive("profile.first_step", config.profile.first_step)
   shards = parallel.batch_shards(config.mesh, device_count)
   for key in ("batch_size", "eval_batch_size"):
     _require(config[key] % shards == 0 and config[key] % process_count == 0,

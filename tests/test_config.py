@@ -55,6 +55,8 @@ BAD_VALUES = [
     ({"total_steps": -1}, r"config\.total_steps=-1"),
     ({"log_every": 0}, r"config\.log_every=0"),
     ({"checkpoint_every": -5}, r"config\.checkpoint_every=-5"),
+    ({"profile.steps": -1}, r"config\.profile\.steps=-1 must be >= 0"),
+    ({"profile.first_step": 0}, r"config\.profile\.first_step=0 must be > 0"),
     ({"optimizer.lr": -1.0}, r"config\.optimizer\.lr=-1\.0 must be > 0"),
     ({"optimizer.lr": 0.0}, r"config\.optimizer\.lr=0\.0 must be > 0"),
     ({"optimizer.weight_decay": -0.1}, r"config\.optimizer\.weight_decay=-0\.1"),

@@ -82,6 +82,24 @@ def test_workdir_artifacts(learning_run):
   assert len(checkpoints) <= config.keep_checkpoints
 
 
+@pytest.mark.parametrize("first_step,steps", [(3, 2), (5, 4)],
+                         ids=["inside_the_run", "past_its_end"])
+def test_profile_trace_is_written(quick_config, workdir, first_step, steps):
+  """config.profile records a jax.profiler trace into the workdir, also when
+  the run ends before the trace's last step (written at close)."""
+  config = quick_config({"profile.steps": steps, "profile.first_step": first_step})
+  classification.train_and_evaluate(config, workdir)
+  traces = glob.glob(os.path.join(workdir, "plugins", "profile", "*", "*.xplane.pb"))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, traces
+
+
+def test_no_profile_by_default(quick_config, workdir):
+  config = quick_config()
+  assert config.profile.steps == 0
+  classification.train_and_evaluate(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, "plugins"))
+
+
 def test_trainer_eval_counts_every_example_once(learning_run):
   config, workdir, _, results = learning_run
   assert config.eval_batch_size == 16 and DIGITS_TEST_EXAMPLES % 16 != 0

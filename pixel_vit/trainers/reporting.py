@@ -1,5 +1,7 @@
 """What a run leaves in its workdir: config, TensorBoard events, metrics JSON
-lines, progress (steps/s, ETA) in the log. Only process 0 writes files.
+lines, progress (steps/s, ETA) in the log, and on request a profiler trace.
+Only process 0 writes files, except traces: every process records its own
+devices (one file per host).
 
 Paths go through `etils.epath`, so a workdir may be local or `gs://...` (a
 TPU pod's workers share a bucket)."""
@@ -11,7 +13,7 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers, periodic_actions, profiler
 from etils import epath
 
 
@@ -29,6 +31,12 @@ class Reporter:
         workdir, just_logging=not self.is_main, asynchronous=True)
     self.progress = periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=self.writer, every_steps=log_every)
+    profile = config.get("profile")
+    self.profile = None
+    if profile is not None and profile.steps > 0:
+      self.profile = periodic_actions.Profile(
+          logdir=workdir, num_profile_steps=profile.steps, profile_duration_ms=None,
+          first_profile=profile.first_step, every_steps=None, every_secs=None)
     self._jsonl_path = epath.Path(workdir) / "metrics.jsonl"
 
   def scalars(self, step: int, scalars: dict[str, float]) -> None:
@@ -43,13 +51,20 @@ class Reporter:
     self.writer.write_images(step, images)
 
   def tick(self, step: int) -> None:
-    """Call once per train step: steps/s and ETA every `log_every` steps."""
+    """Call once per train step: steps/s and ETA every `log_every` steps; the
+    profiler trace when its steps come."""
     self.progress(step)
+    if self.profile is not None:
+      self.profile(step)
 
   def log(self, message: str) -> None:
     if self.is_main:
       logging.info(message)
 
   def close(self) -> None:
+    # A trace still recording (the run ended inside its window) is written now;
+    # clu's Profile only stops one from a later step.
+    if self.profile is not None and getattr(self.profile, "_session_running", False):
+      self.profile._end_session(profiler.stop())
     self.writer.flush()
     self.writer.close()
