@@ -24,7 +24,7 @@ from flax.core import spmd as flax_spmd
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from pixel_vit.models import ring_attention, splash_attention
+from pixel_vit.models import online_softmax, ring_attention, splash_attention
 
 AttentionFn = Callable[..., jax.Array]
 
@@ -170,29 +170,17 @@ def _forward_group(q, k, v, key_mask, query_block, key_block):
   _, batch, heads, q_size, dim = q_blocks.shape
 
   def one_query_block(q_block):
-    def one_key_block(carry, xs):
-      running_max, running_sum, acc = carry
+    def one_key_block(stats, xs):
       k_block, v_block, block_fill = xs
-      logits = _block_logits(q_block, k_block, block_fill)
-      new_max = jnp.maximum(running_max, logits.max(axis=-1))
-      probs = jnp.exp(logits - new_max[..., None])
-      correction = jnp.exp(running_max - new_max)
-      running_sum = running_sum * correction + probs.sum(axis=-1)
-      acc = acc * correction[..., None] + jnp.einsum(
-          "bhqk,bhkd->bhqd", probs.astype(v.dtype), v_block,
-          preferred_element_type=jnp.float32)
-      return (new_max, running_sum, acc), None
+      return online_softmax.merge(stats, _block_logits(q_block, k_block, block_fill),
+                                  v_block), None
 
-    # The running max starts at the lowest finite float, not -inf: a first key
-    # block that is all masked (-inf) then gives exp(-inf - min) = 0, not NaN.
-    init = (jnp.full((batch, heads, q_size), jnp.finfo(jnp.float32).min),
-            jnp.zeros((batch, heads, q_size), jnp.float32),
-            jnp.zeros((batch, heads, q_size, dim), jnp.float32))
-    (row_max, row_sum, acc), _ = lax.scan(one_key_block, init,
-                                          (k_blocks, v_blocks, key_fill))
-    # row_sum >= 1 for every row: its max logit contributes exp(0). Fully
-    # masked rows have a max of 0 (their fill), padded query rows are harmless.
-    return (acc / row_sum[..., None]).astype(q.dtype), row_max + jnp.log(row_sum)
+    stats, _ = lax.scan(one_key_block, online_softmax.initial(batch, heads, q_size, dim),
+                        (k_blocks, v_blocks, key_fill))
+    # Fully masked rows have a max of 0 (their fill); padded query rows are
+    # dropped by _from_blocks.
+    out, lse = online_softmax.finish(stats)
+    return out.astype(q.dtype), lse
 
   out_blocks, lse = lax.map(one_query_block, q_blocks)
   return _from_blocks(out_blocks, q.shape[1]), lse
@@ -207,7 +195,7 @@ def _chunked_fwd(q, k, v, key_mask, query_block, key_block, batch_block):
   out, lse = _chunked_forward(q, k, v, key_mask, query_block, key_block, batch_block)
   # Named so a remat policy can keep them (vit.REMAT_POLICIES['dots']): then
   # the backward pass does not run the attention forward again.
-  out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
+  out, lse = (checkpoint_name(x, name) for x, name in zip((out, lse), REMAT_SAVEABLE_NAMES))
   # O(length) residuals: the inputs, the output and one float per query row.
   # The probabilities are recomputed block by block in the backward pass.
   return out, (q, k, v, key_mask, out, lse)

@@ -42,6 +42,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from pixel_vit import parallel
+from pixel_vit.models import online_softmax
 
 # Logical axes of q / k / v (as MultiHeadAttention constrains them) and of the mask.
 QKV_AXES = ("batch", "length", "heads", "kv")
@@ -105,18 +106,9 @@ def _ring_body(q, k, v, keep, fill, *, ring: tuple[str, ...], ring_size: int):
   # saved blocks instead of keeping [l, l] probabilities for every step.
   @functools.partial(jax.checkpoint, prevent_cse=False)
   def merge_block(stats, k, v, keep, fill):
-    running_max, running_sum, acc = stats
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = jnp.where(keep[:, None, None, :], logits, fill[:, None, None, :])
-    # The max only keeps exp() in range; the result does not depend on it, so
-    # its gradient is zero exactly and need not be traced.
-    new_max = lax.stop_gradient(jnp.maximum(running_max, logits.max(axis=-1)))
-    probs = jnp.exp(logits - new_max[..., None])
-    correction = jnp.exp(running_max - new_max)
-    running_sum = running_sum * correction + probs.sum(axis=-1)
-    acc = acc * correction[..., None] + jnp.einsum(
-        "bhqk,bkhd->bhqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return new_max, running_sum, acc
+    return online_softmax.merge(stats, logits, v, values_layout="bkhd")
 
   def step(carry, _):
     stats, blocks = carry
@@ -124,13 +116,9 @@ def _ring_body(q, k, v, keep, fill, *, ring: tuple[str, ...], ring_size: int):
     blocks = tuple(lax.ppermute(x, axis, perm) for x in blocks)
     return (stats, blocks), None
 
-  # The running max starts at finfo.min, not -inf: a row whose keys are all
-  # masked (finfo.min logits) then gets exp(0) = 1 per real key, a uniform
-  # softmax over the real keys as xla_attention gives, and padded keys
-  # (-inf) get exp(-inf) = 0 in every case, never NaN.
-  stats = (jnp.full((batch, heads, length), jnp.finfo(jnp.float32).min),
-           jnp.zeros((batch, heads, length), jnp.float32),
-           jnp.zeros((batch, heads, length, dim), jnp.float32))
+  # Masked keys carry finfo.min (a row with all keys masked: uniform over the
+  # real keys, as xla_attention), padded keys -inf (never attended).
+  stats = online_softmax.initial(batch, heads, length, dim)
   # Under shard_map the statistics vary across devices like the blocks do;
   # constants must say so before they can be a scan carry.
   varying = set().union(*(jax.typeof(x).manual_axis_type.varying
@@ -141,9 +129,7 @@ def _ring_body(q, k, v, keep, fill, *, ring: tuple[str, ...], ring_size: int):
   blocks = (k, v, keep, fill)
   # ring_size - 1 steps that pass the blocks on, then the last block in place.
   (stats, blocks), _ = lax.scan(step, (stats, blocks), None, length=ring_size - 1)
-  _, running_sum, acc = merge_block(stats, *blocks)
-  # running_sum >= 1 for every real query row (its max logit gives exp(0)).
-  out = acc / running_sum[..., None]
+  out, _ = online_softmax.finish(merge_block(stats, *blocks))
   return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
