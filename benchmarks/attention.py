@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.throughput import matmul_peak_gflops, proc_kib_field
+from benchmarks.throughput import fmt_or_dash, matmul_peak_gflops, proc_kib_field
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_MARK = "BENCH_RESULT "
@@ -264,10 +264,6 @@ def run_case(args: argparse.Namespace, backend: str, length: int, batch: int) ->
   return result
 
 
-def _fmt(value, spec: str, scale: float = 1.0) -> str:
-  return "—" if value is None else format(value / scale, spec)
-
-
 def markdown_table(rows: list[dict], baseline: int | None) -> str:
   header = ["backend", "length", "batch", "ms / fwd+bwd (median, n)", "speedup vs xla",
             "GFLOP/s", "matmul peak GFLOP/s", "% of peak", "compile s", "peak MiB",
@@ -283,8 +279,8 @@ def markdown_table(rows: list[dict], baseline: int | None) -> str:
       backend += f" ({r['blocks']['query_block']}/{r['blocks']['key_block']})"
     if "error" in r:
       cells = [backend, str(r["length"]), str(r["batch"])] + ["—"] * 6 + [
-          _fmt(peak, ".0f", MIB), _fmt(extra, ".0f", MIB),
-          _fmt(r.get("xla_temp_bytes"), ".0f", MIB), r["error"].replace("|", "/")]
+          fmt_or_dash(peak, ".0f", MIB), fmt_or_dash(extra, ".0f", MIB),
+          fmt_or_dash(r.get("xla_temp_bytes"), ".0f", MIB), r["error"].replace("|", "/")]
     else:
       reference = xla_ms.get((r["length"], r["batch"]))
       cells = [backend, str(r["length"]), str(r["batch"]),
@@ -292,8 +288,9 @@ def markdown_table(rows: list[dict], baseline: int | None) -> str:
                f"{reference / r['step_s']:.2f}x" if reference else "—",
                f"{r['achieved_gflops']:.0f}", f"{r['matmul_peak_gflops']:.0f}",
                f"{100 * r['achieved_gflops'] / r['matmul_peak_gflops']:.0f}%",
-               f"{r['compile_s']:.1f}", _fmt(peak, ".0f", MIB), _fmt(extra, ".0f", MIB),
-               _fmt(r.get("xla_temp_bytes"), ".0f", MIB), ""]
+               f"{r['compile_s']:.1f}", fmt_or_dash(peak, ".0f", MIB),
+               fmt_or_dash(extra, ".0f", MIB),
+               fmt_or_dash(r.get("xla_temp_bytes"), ".0f", MIB), ""]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -316,7 +313,7 @@ def main(argv=None) -> int:
   idle = run_case(args, "idle", 0, 0)
   baseline = idle.get("peak_rss_bytes")
   print(f"idle child (jax + pixel_vit imported, CPU client started): peak "
-        f"{_fmt(baseline, '.0f', MIB)} MiB", file=sys.stderr, flush=True)
+        f"{fmt_or_dash(baseline, '.0f', MIB)} MiB", file=sys.stderr, flush=True)
   rows = []
   for i, (backend, length, batch) in enumerate(plan):
     print(f"[{i + 1}/{len(plan)}] {backend} length {length} batch {batch}", file=sys.stderr,
@@ -334,8 +331,8 @@ def main(argv=None) -> int:
         f"{os.cpu_count()} CPUs, jax {ok[0]['jax_version'] if ok else '?'}, float32, "
         f"{HEADS} heads x {HEAD_DIM}; RLIMIT_AS {args.mem_limit_gb:.1f} GiB; load average "
         f"at start {load:.2f}; idle-child baseline "
-        f"{_fmt(baseline, '.0f', MIB)} MiB; best matmul peak "
-        f"{_fmt(best_peak, '.0f')} GFLOP/s; total {time.perf_counter() - start:.0f}s")
+        f"{fmt_or_dash(baseline, '.0f', MIB)} MiB; best matmul peak "
+        f"{fmt_or_dash(best_peak, '.0f')} GFLOP/s; total {time.perf_counter() - start:.0f}s")
   print()
   print(markdown_table(rows, baseline))
   if args.json_out:

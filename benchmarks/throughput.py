@@ -43,10 +43,10 @@ RESULT_MARK = "BENCH_RESULT "
 PROGRESS_MARK = "[bench] "
 GIB = 1024 ** 3
 
-# The --sweep table: (label, flags). The PiT-Ti/1 rows compare attention
-# backends on the real train step at the paper's 32x32, then pixel tokens at
-# 64x64 (4,096 tokens) and 128x128 (16,384, batch 1: must fit 24 GiB) with
-# `chunked`. The whole sweep takes ~30 min on a 2-core CPU.
+# The --sweep table: one dict of flags per row. The PiT-Ti/1 rows compare
+# attention backends on the real train step at the paper's 32x32, then pixel
+# tokens at 64x64 (4,096 tokens) and 128x128 (16,384, batch 1: must fit
+# 24 GiB) with `chunked`. The whole sweep took 14 min on the 2-core CPU.
 SWEEP = (
     dict(variant="Ti/1", image_size=32, batch=32, remat="full", scan=True, attention="xla"),
     dict(variant="Ti/1", image_size=32, batch=32, remat="dots", scan=True, attention="xla"),
@@ -510,7 +510,8 @@ def run_config(args: argparse.Namespace, cfg: dict, mem_limit: int, label: str) 
   return result
 
 
-def _fmt(value, spec: str, scale: float = 1.0) -> str:
+def fmt_or_dash(value, spec: str, scale: float = 1.0) -> str:
+  """`value / scale` formatted, or a dash for a missing figure (also attention.py's)."""
   return "—" if value is None else format(value / scale, spec)
 
 
@@ -539,11 +540,11 @@ def markdown_table(results: list[dict]) -> str:
       cells = [cfg["variant"], image, _tokens(cfg), str(cfg["batch"]),
                _setting(cfg.get("remat")), _setting(cfg.get("scan")),
                f"{_setting(cfg.get('attention'))}, {_setting(cfg.get('dtype'))}"]
-      cells += ["—"] * 11 + [_fmt(r.get("peak_rss_bytes"), ".2f", GIB), "—",
+      cells += ["—"] * 11 + [fmt_or_dash(r.get("peak_rss_bytes"), ".2f", GIB), "—",
                              r["error"].replace("|", "/")]
     else:
       xla = r["xla_flops_per_image"]
-      xla_cell = _fmt(xla, ".2f", 1e9) + (" (1 layer: scan)" if r["scan"] and xla else "")
+      xla_cell = fmt_or_dash(xla, ".2f", 1e9) + (" (1 layer: scan)" if r["scan"] and xla else "")
       cells = [
           r["variant"], image, str(r["tokens"]), str(r["batch"]), r["remat"],
           str(r["scan"]).lower(), f"{r['attention']}, {r['dtype']}",
@@ -553,8 +554,8 @@ def markdown_table(results: list[dict]) -> str:
           f"{100 * r['mfu']:.1f}%", f"{100 * r['hfu']:.1f}%",
           f"{r['cpu_cores_busy']:.2f}/{r['cpu_count']}",
           f"{r['lower_s'] + r['compile_s']:.1f}",
-          _fmt(r["baseline_rss_bytes"], ".2f", GIB), _fmt(r["peak_rss_bytes"], ".2f", GIB),
-          _fmt(r["xla_memory_bytes"], ".2f", GIB), ""]
+          fmt_or_dash(r["baseline_rss_bytes"], ".2f", GIB), fmt_or_dash(r["peak_rss_bytes"], ".2f", GIB),
+          fmt_or_dash(r["xla_memory_bytes"], ".2f", GIB), ""]
     assert len(cells) == len(header)
     rows.append("| " + " | ".join(cells) + " |")
   return "\n".join(rows)

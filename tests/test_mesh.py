@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import (MAE_TINY_RUN, REPO_ROOT, TINY_RUN, as_numpy_leaves, load_config_module,
-                      read_metrics, set_dotted)
+                      read_metrics, record_first_shapes, set_dotted)
 from pixel_vit.models import ring_attention
 from pixel_vit.trainers import classification, diffusion, mae
 
@@ -20,8 +20,9 @@ LAYOUTS = {
     "data2_fsdp2_tensor2": dict(data=2, fsdp=2, seq=1, tensor=2),
     "data2_seq4": dict(data=2, fsdp=1, seq=4, tensor=1),
 }
-# Config overrides a layout needs: splitting `seq` needs the ring backend (the
-# one-device reference keeps `xla`).
+# Config overrides a layout needs: splitting `seq` is tested with `ring` named
+# explicitly (`auto` would pick it too); the one-device reference runs `auto`,
+# which is `xla` at these lengths.
 LAYOUT_OVERRIDES = {"data2_seq4": {"model.attention": "ring"}}
 # Per task, the (padded) token counts of its attentions: classification quick
 # (gap pooling) and DiT see 8x8 = 64 pixel tokens; the MAE encoder sees the
@@ -77,14 +78,8 @@ def one_device_runs(tmp_path_factory):
 def test_layout_trains_like_one_device(task, layout, one_device_runs, make_workdir,
                                        monkeypatch):
   state1, losses1 = one_device_runs[task]
-  ring_blocks = []  # the q block shape each device's ring body sees while tracing
-  ring_body = ring_attention._ring_body
-
-  def recording_ring_body(q, *args, **kwargs):
-    ring_blocks.append(q.shape)
-    return ring_body(q, *args, **kwargs)
-
-  monkeypatch.setattr(ring_attention, "_ring_body", recording_ring_body)
+  # The q block shape each device's ring body sees while tracing.
+  ring_blocks = record_first_shapes(monkeypatch, ring_attention, "_ring_body")
   state, losses = run(task, LAYOUTS[layout], jax.devices(), make_workdir(f"{task}_{layout}"),
                       LAYOUT_OVERRIDES.get(layout))
   assert len(losses) == len(losses1) == 3

@@ -128,9 +128,10 @@ def inception_extractor(weights_path: str) -> Extractor:
 def _read_run(workdir: str) -> tuple[ml_collections.ConfigDict, object, int]:
   """(resolved config, checkpoints directory, newest step) of a run, or a
   ValueError saying what is missing."""
-  if not epath.Path(workdir).is_dir():
+  directory = epath.Path(workdir)
+  if not directory.is_dir():
     raise ValueError(f"classifier workdir {workdir!r} does not exist; {TRAIN_CLASSIFIER}.")
-  config_path = epath.Path(workdir) / "config.json"
+  config_path = directory / "config.json"
   if not config_path.exists():
     raise ValueError(f"{workdir!r} has no config.json, so it is not a pixel_vit run "
                      f"directory; {TRAIN_CLASSIFIER}.")

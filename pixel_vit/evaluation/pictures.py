@@ -1,8 +1,6 @@
 """Image grids people look at: PNG files and TensorBoard images."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from etils import epath
 from PIL import Image
@@ -42,6 +40,5 @@ def save_png(path: str, image: np.ndarray) -> None:
   """Writes a PNG to a local or gs:// path, creating its directory."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format="PNG")
-  path.write_bytes(buffer.getvalue())
+  with path.open("wb") as f:
+    Image.fromarray(image).save(f, format="PNG")

@@ -20,7 +20,6 @@ pixel_vit.sample` runs the same generation on a trained workdir.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import time
@@ -372,9 +371,8 @@ def sample_and_evaluate(config, workdir: str, *, num_samples: int, out: str = ""
     images, labels = generate(config, generator, params, num_samples, reporter=run.reporter)
   if run.reporter.is_main:
     epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez(buffer, arr_0=pictures.to_uint8(images), arr_1=labels.astype(np.int32))
-    epath.Path(out + ".npz").write_bytes(buffer.getvalue())
+    with epath.Path(out + ".npz").open("wb") as f:
+      np.savez(f, arr_0=pictures.to_uint8(images), arr_1=labels.astype(np.int32))
     per_class = [images[labels == c][:8] for c in range(min(plan.train_split.num_classes, 10))]
     columns = min(len(p) for p in per_class)
     if columns:

@@ -113,8 +113,7 @@ def make_reconstruct(config, graphdef, num_classes: int):
 def train_and_evaluate(config, workdir: str, *, devices=None
                        ) -> tuple[state_lib.TrainState, dict]:
   """Pre-trains to the configured length on `devices` (default: all); returns
-  the final state and the
-  last evaluation's metrics."""
+  the final state and the last evaluation's metrics."""
   plan = loop.plan(config, make_model_fn)
   num_classes = plan.train_split.num_classes
   decoder = config.model.decoder

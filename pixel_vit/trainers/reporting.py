@@ -23,9 +23,10 @@ class Reporter:
   def __init__(self, workdir: str, config, *, total_steps: int, log_every: int):
     self.is_main = jax.process_index() == 0
     self.workdir = workdir
+    directory = epath.Path(workdir)
     if self.is_main:
-      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      (epath.Path(workdir) / "config.json").write_text(
+      directory.mkdir(parents=True, exist_ok=True)
+      (directory / "config.json").write_text(
           config.to_json_best_effort(indent=2, sort_keys=True))
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=not self.is_main, asynchronous=True)
@@ -37,7 +38,7 @@ class Reporter:
       self.profile = periodic_actions.Profile(
           logdir=workdir, num_profile_steps=profile.steps, profile_duration_ms=None,
           first_profile=profile.first_step, every_steps=None, every_secs=None)
-    self._jsonl_path = epath.Path(workdir) / "metrics.jsonl"
+    self._jsonl_path = directory / "metrics.jsonl"
 
   def scalars(self, step: int, scalars: dict[str, float]) -> None:
     scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
