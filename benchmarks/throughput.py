@@ -276,7 +276,8 @@ def run_child(args: argparse.Namespace) -> dict:
   def make_model():
     return vit.build_classifier(config.model, image_size=args.image_size,
                                 channels=args.channels, num_classes=num_classes,
-                                rngs=nnx.Rngs(config.seed))
+                                rngs=nnx.Rngs(config.seed),
+                                pixel_stats=(config.augment.mean, config.augment.std))
 
   abstract_params = nnx.to_pure_dict(nnx.split(nnx.eval_shape(make_model))[1])
   total_steps, warmup_steps = config.total_steps, 100

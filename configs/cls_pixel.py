@@ -6,6 +6,10 @@ pixel a token). Arguments (comma-separated after the colon):
   variant=Ti/1      SIZE/PATCH; Ti/2 is the ViT baseline on the same recipe
   dataset=cifar100  cifar100 | imagenet28 | digits | tfds:NAME | npz:PATH
   quick             a couple of minutes on a 2-core CPU, offline (digits)
+  posemb=learn      learn | sincos2d | none (the position-embedding ablation)
+  tokenizer=linear  linear | vocab (8-bit pixel values index learned tables)
+  swaps=0           T pixel-pair swaps within swap_distance (the permutation
+  swap_distance=1   ablation, data/locality.py); 0 = off
 
   python -m pixel_vit.main --config=configs/cls_pixel.py:quick --workdir=/tmp/quick
   python -m pixel_vit.main --config=configs/cls_pixel.py:variant=S/1 --workdir=gs://...
@@ -20,10 +24,11 @@ from pixel_vit.data import augment
 
 
 def get_config(arg=None):
-  args = configuration.parse_arg(arg, variant="Ti/1", dataset="cifar100", quick=False)
+  args = configuration.parse_arg(arg, variant="Ti/1", dataset="cifar100", quick=False,
+                                 **configuration.LOCALITY_ARGS)
   config = configuration.base_config("classification", args.dataset, quick=args.quick)
   config.model = ml_collections.ConfigDict(dict(
-      variant=args.variant, posemb="learn", pool="cls", dtype="float32",
+      variant=args.variant, posemb="learn", tokenizer="linear", pool="cls", dtype="float32",
       attention="auto", scan=True, remat="full", drop_path=0.1))
 
   # DeiT-style recipe for training a ViT from scratch on CIFAR-100, as the
@@ -73,4 +78,5 @@ def get_config(arg=None):
     config.log_every = 50
     config.eval_every = 200
     config.checkpoint_every = 200
+  configuration.apply_locality_args(config, args)
   return config

@@ -12,6 +12,8 @@ Arguments (comma-separated after the colon):
   classifier=DIR    FID / accuracy-on-samples with the project's own classifier
                     (a configs/cls_pixel.py run on the same data)
   quick             minutes on a 2-core CPU, offline: mu/1 on 8x8 digits
+  posemb=, swaps=, swap_distance=   the locality ablations (posemb: sincos2d |
+                    learn); samples are un-permuted before pictures and FID
 
   python -m pixel_vit.main --config=configs/dit_pixel.py:quick --workdir=/tmp/dit
   python -m pixel_vit.sample --config=configs/dit_pixel.py:quick,classifier=/tmp/cls \
@@ -28,7 +30,7 @@ from pixel_vit.data import augment
 
 def get_config(arg=None):
   args = configuration.parse_arg(arg, variant="L/1", dataset="imagenet256_latents",
-                                 classifier="", quick=False)
+                                 classifier="", quick=False, **configuration.LOCALITY_ARGS)
   dataset = "digits" if args.quick and args.dataset == "imagenet256_latents" else args.dataset
   config = configuration.base_config("diffusion", dataset, quick=False)
 
@@ -96,4 +98,5 @@ def get_config(arg=None):
     config.log_every = 100
     config.eval_every = 1000
     config.checkpoint_every = 1000
+  configuration.apply_locality_args(config, args)
   return config

@@ -11,6 +11,8 @@ official code's defaults). Arguments (comma-separated after the colon):
   dataset=cifar100  cifar100 | imagenet28 | digits | tfds:NAME | npz:PATH
   quick             about a minute on a 2-core CPU, offline (digits, mu/1),
                     for a configs/mae_pixel.py:quick workdir
+  posemb=, tokenizer=, swaps=, swap_distance=   the locality ablations: pass
+                    the ones the encoder was pre-trained with
 
   python -m pixel_vit.main --config=configs/mae_pixel.py:quick --workdir=/tmp/mae
   python -m pixel_vit.main --config=configs/mae_finetune.py:quick,init_from=/tmp/mae \
@@ -69,11 +71,14 @@ def _sibling_config(name: str):
 
 def get_config(arg=None):
   args = configuration.parse_arg(arg, mode="finetune", init_from="", variant="Ti/1",
-                                 dataset="cifar100", quick=False)
+                                 dataset="cifar100", quick=False,
+                                 **configuration.LOCALITY_ARGS)
   if args.mode not in MODES:
     raise ValueError(f"config argument mode={args.mode!r} is not allowed; choose one of "
                      f"{list(MODES)}.")
-  shared = f"variant={args.variant},dataset={args.dataset}" + (",quick" if args.quick else "")
+  shared = ",".join([f"variant={args.variant}", f"dataset={args.dataset}",
+                     *(f"{key}={args[key]}" for key in configuration.LOCALITY_ARGS)]
+                    + (["quick"] if args.quick else []))
   config = _sibling_config("cls_pixel").get_config(shared)
   config.init_from = args.init_from
   # The encoder configs/mae_pixel.py pre-trains with the same arguments (its
@@ -81,6 +86,7 @@ def get_config(arg=None):
   pretraining = _sibling_config("mae_pixel").get_config(shared).model
   config.model.variant = pretraining.variant
   config.model.posemb = pretraining.posemb
+  config.model.tokenizer = pretraining.tokenizer
   # Global average pooling for both (MAE fine-tunes with `global_pool`; see
   # above for the probe). The checkpoint's [CLS] token is then dropped.
   config.model.pool = "gap"

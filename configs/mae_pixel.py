@@ -6,6 +6,8 @@ Defaults: the paper's CIFAR-100 PiT MAE setting (Ti/1: every pixel a token,
   variant=Ti/1      SIZE/PATCH; Ti/2 is the MAE ViT baseline
   dataset=cifar100  cifar100 | digits | tfds:NAME | npz:PATH
   quick             a few minutes on a 2-core CPU, offline (digits)
+  posemb=, tokenizer=, swaps=, swap_distance=   the locality ablations, as in
+                    configs/cls_pixel.py
 
   python -m pixel_vit.main --config=configs/mae_pixel.py --workdir=DIR
   python -m pixel_vit.main --config=configs/mae_pixel.py:quick --workdir=/tmp/mae
@@ -20,12 +22,14 @@ from pixel_vit.data import augment
 
 
 def get_config(arg=None):
-  args = configuration.parse_arg(arg, variant="Ti/1", dataset="cifar100", quick=False)
+  args = configuration.parse_arg(arg, variant="Ti/1", dataset="cifar100", quick=False,
+                                 **configuration.LOCALITY_ARGS)
   config = configuration.base_config("mae", args.dataset, quick=args.quick)
 
   config.mask_ratio = 0.75
   config.model = ml_collections.ConfigDict(dict(
-      variant=args.variant, posemb="learn", dtype="float32", attention="auto",
+      variant=args.variant, posemb="learn", tokenizer="linear", dtype="float32",
+      attention="auto",
       scan=True, remat="full", drop_path=0.0,
       # MAE's lighter decoder (512 wide, 8 deep), sized down for 32x32 inputs
       # whose decoder sees every pixel token.
@@ -79,4 +83,5 @@ def get_config(arg=None):
     config.log_every = 50
     config.eval_every = 400
     config.checkpoint_every = 400
+  configuration.apply_locality_args(config, args)
   return config

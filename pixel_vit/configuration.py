@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from pixel_vit import parallel
-from pixel_vit.data import augment, sources
+from pixel_vit.data import augment, locality, sources
 from pixel_vit.diffusion import gaussian, sampling
 from pixel_vit.models import attention, dit, vit
 from pixel_vit.trainers import pretrained
@@ -45,6 +45,27 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         raise ValueError(f"config argument {key}={value!r} is not a "
                          f"{type(default).__name__}.") from None
   return ml_collections.ConfigDict(result)
+
+
+# The locality ablations as config arguments, one flag per run
+# (`cls_pixel.py:variant=Ti/1,posemb=none`, `...,swaps=1000,swap_distance=2`,
+# `...,tokenizer=vocab`); '' / 0 leave the config's own setting.
+LOCALITY_ARGS = dict(posemb="", tokenizer="", swaps=0, swap_distance=1)
+
+
+def apply_locality_args(config: ml_collections.ConfigDict, args) -> None:
+  """Sets config.model.posemb / .tokenizer and config.data.permute_pixels from
+  the arguments in LOCALITY_ARGS (checked later by validate)."""
+  if args.posemb:
+    config.model.posemb = args.posemb
+  if args.tokenizer:
+    if "tokenizer" not in config.model:
+      raise ValueError(f"config argument tokenizer={args.tokenizer!r}: this task's model has "
+                       "no pixel tokenizer choice (a DiT's input is a noisy image, not 8-bit "
+                       "values); drop the argument.")
+    config.model.tokenizer = args.tokenizer
+  config.data.permute_pixels.swaps = args.swaps
+  config.data.permute_pixels.max_distance = args.swap_distance
 
 
 # Named datasets (the `dataset=` config argument) and their paper settings.
@@ -85,7 +106,9 @@ def dataset_config(dataset: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       source=settings["source"], data_dir=None, download=True,
       train_split="train", eval_split=settings["eval_split"],
-      image_size=ml_collections.FieldReference(settings["image_size"], field_type=int)))
+      image_size=ml_collections.FieldReference(settings["image_size"], field_type=int),
+      # The locality ablation: T swaps of pixel pairs within delta (data/locality.py).
+      permute_pixels=locality.permute_pixels_config()))
 
 
 def mesh_config() -> ml_collections.ConfigDict:
@@ -141,6 +164,8 @@ def _named(key: str, check, *args):
 def validate_model(model) -> None:
   _named("model.variant", vit.parse_variant, model.variant)
   _check_choice("model.posemb", model.posemb, vit.POSEMBS)
+  if "tokenizer" in model:  # classifier and MAE encoders; DiT's input is noisy, not 8-bit
+    _check_choice("model.tokenizer", model.tokenizer, vit.TOKENIZERS)
   if "pool" in model:  # classifiers only
     _check_choice("model.pool", model.pool, vit.POOLS)
   _check_choice("model.dtype", model.dtype, list(vit.DTYPES))
@@ -301,6 +326,8 @@ def validate_data(data) -> None:
       data.source, data_dir=data.get("data_dir"), download=data.get("download", True)))
   if data.get("image_size") is not None:
     _check_positive("data.image_size", data.image_size)
+  if "permute_pixels" in data:
+    locality.validate_permute_config(data.permute_pixels)
 
 
 def validate_common(config, device_count: int, process_count: int) -> None:

@@ -183,7 +183,8 @@ def classifier_extractor(workdir: str) -> Extractor:
 
   def make_model():
     return vit.build_classifier(model_config, image_size=height, channels=channels,
-                                num_classes=num_classes, rngs=nnx.Rngs(0))
+                                num_classes=num_classes, rngs=nnx.Rngs(0),
+                                pixel_stats=(config.augment.mean, config.augment.std))
 
   graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
   abstract_params = nnx.to_pure_dict(abstract)

@@ -159,15 +159,19 @@ class MaskedAutoencoder(nnx.Module):
     return pred.astype(jnp.float32), mask
 
 
-def build_mae(model_config, *, image_size: int, channels: int, rngs: nnx.Rngs) -> MaskedAutoencoder:
-  """The MAE a `config.model` describes (see configs/mae_pixel.py)."""
+def build_mae(model_config, *, image_size: int, channels: int, rngs: nnx.Rngs,
+              pixel_stats: tuple | None = None) -> MaskedAutoencoder:
+  """The MAE a `config.model` describes (see configs/mae_pixel.py);
+  `pixel_stats` = (config.augment.mean, config.augment.std)."""
   size, patch = vit.parse_variant(model_config.variant)
   dtype = vit.DTYPES[model_config.dtype]
   common = dict(dtype=dtype, attention=model_config.attention, scan=model_config.scan,
                 remat=model_config.remat)
   encoder = vit.Encoder(size=size, patch=patch, image_size=image_size, channels=channels,
                         posemb=model_config.posemb, cls_token=True,
-                        drop_path_rate=model_config.drop_path, rngs=rngs, **common)
+                        drop_path_rate=model_config.drop_path,
+                        tokenizer=model_config.get("tokenizer", "linear"),
+                        pixel_stats=pixel_stats, rngs=rngs, **common)
   decoder = model_config.decoder
   decoder_size = vit.EncoderSize(width=decoder.width, depth=decoder.depth,
                                  heads=decoder.heads, mlp_dim=decoder.mlp_dim)

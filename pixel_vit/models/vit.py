@@ -43,6 +43,11 @@ SIZES: dict[str, EncoderSize] = {
 }
 
 POSEMBS = ("learn", "sincos2d", "none")
+# How a token's pixels become a vector: `linear`, a projection of the
+# (normalised) values (ViT's patch embedding); `vocab`, learned embeddings of
+# the 8-bit values (see `embed_pixel_values`).
+TOKENIZERS = ("linear", "vocab")
+PIXEL_LEVELS = 256
 POOLS = ("cls", "gap")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = {
@@ -137,9 +142,36 @@ def embed_patches(images: jax.Array, patch: int, kernel: nnx.Param, bias: nnx.Pa
                   posemb: jax.Array, dtype) -> jax.Array:
   """[B, H, W, C] -> [B, num_patches, width]: linear patch embedding plus
   position embedding (the encoder's and DiT's tokenizer)."""
-  tokens = patchify(images.astype(dtype), patch)
-  tokens = tokens @ kernel[...].astype(dtype) + bias[...].astype(dtype)
+  tokens = patchify(images.astype(dtype), patch) @ kernel[...].astype(dtype)
+  return add_bias_and_position(tokens, bias, posemb, dtype)
+
+
+def add_bias_and_position(tokens: jax.Array, bias: nnx.Param, posemb: jax.Array,
+                          dtype) -> jax.Array:
+  tokens = tokens + bias[...].astype(dtype)
   return parallel.constrain(tokens + posemb.astype(dtype), ("batch", "length", "embed"))
+
+
+def embed_pixel_values(images: jax.Array, patch: int, table: nnx.Param,
+                       pixel_stats: tuple, dtype) -> jax.Array:
+  """[B, H, W, C] normalised images -> [B, num_patches, width]: the sum, over
+  a token's p*p*C 8-bit values, of learned embeddings, one 256-entry table per
+  (position in the patch, channel). For one RGB pixel that is three tables
+  summed: the memory-feasible form of the paper's 256^3 colour vocabulary.
+
+  `pixel_stats` = (mean, std) of the normalisation, to recover the 8-bit
+  level v = 255 * (x * std + mean). Integer levels (every eval image) select
+  one table row exactly; values between levels (after a resized crop or
+  mixup) interpolate linearly between the two neighbouring rows. The lookup
+  is a matmul with "hat" weights max(0, 1 - |v - level|), which TPUs and
+  CPUs run as a dense dot rather than a gather.
+  """
+  mean, std = (jnp.asarray(s, jnp.float32) for s in pixel_stats)
+  levels = jnp.clip((images.astype(jnp.float32) * std + mean) * 255.0, 0.0, PIXEL_LEVELS - 1)
+  levels = patchify(levels, patch)  # [B, N, p*p*C]
+  grid = jnp.arange(PIXEL_LEVELS, dtype=jnp.float32)
+  weights = jax.nn.relu(1.0 - jnp.abs(levels[..., None] - grid))  # [B, N, p*p*C, 256]
+  return jnp.einsum("bnkv,kvd->bnd", weights.astype(dtype), table[...].astype(dtype))
 
 
 class MultiHeadAttention(nnx.Module):
@@ -276,9 +308,16 @@ class Encoder(nnx.Module):
                posemb: Literal["learn", "sincos2d", "none"] = "learn",
                cls_token: bool = True, dtype=jnp.float32, attention: str = "xla",
                scan: bool = True, remat: str = "none", drop_path_rate: float = 0.0,
-               rngs: nnx.Rngs):
+               tokenizer: Literal["linear", "vocab"] = "linear",
+               pixel_stats: tuple | None = None, rngs: nnx.Rngs):
+    """`pixel_stats` = (mean, std) of the input normalisation: `vocab` needs it."""
     if image_size % patch:
       raise ValueError(f"patch size {patch} does not divide image size {image_size}.")
+    if tokenizer not in TOKENIZERS:
+      raise ValueError(f"tokenizer {tokenizer!r} is not one of {TOKENIZERS}.")
+    if tokenizer == "vocab" and pixel_stats is None:
+      raise ValueError("tokenizer 'vocab' needs pixel_stats=(mean, std) of the input "
+                       "normalisation to recover 8-bit pixel values.")
     self.patch = patch
     self.grid = image_size // patch
     self.num_patches = self.grid * self.grid
@@ -287,8 +326,14 @@ class Encoder(nnx.Module):
     self.posemb_kind = posemb
     self.drop_path_rate = drop_path_rate
     self.depth = size.depth
-    self.tokenizer_kernel = param(dense_init, rngs, (patch * patch * channels, size.width),
-                                   (None, "embed"))
+    self.tokenizer = tokenizer
+    self.pixel_stats = pixel_stats
+    values = patch * patch * channels
+    if tokenizer == "vocab":  # N(0, 0.02) rows, like a word-embedding table
+      self.tokenizer_table = param(jax.nn.initializers.normal(0.02), rngs,
+                                   (values, PIXEL_LEVELS, size.width), (None, None, "embed"))
+    else:
+      self.tokenizer_kernel = param(dense_init, rngs, (values, size.width), (None, "embed"))
     self.tokenizer_bias = param(zeros, rngs, (size.width,), ("embed",))
     self.posemb = learned_posemb(posemb, self.num_patches, size.width, rngs)
     self.cls = (param(zeros, rngs, (1, 1, size.width), (None, None, "embed"))
@@ -303,8 +348,13 @@ class Encoder(nnx.Module):
 
   def tokenize(self, images: jax.Array) -> jax.Array:
     """[B, H, W, C] float -> [B, num_patches, width] with position embeddings."""
-    return embed_patches(images, self.patch, self.tokenizer_kernel, self.tokenizer_bias,
-                         self.position_embedding(), self.dtype)
+    if self.tokenizer == "linear":
+      return embed_patches(images, self.patch, self.tokenizer_kernel, self.tokenizer_bias,
+                           self.position_embedding(), self.dtype)
+    tokens = embed_pixel_values(images, self.patch, self.tokenizer_table, self.pixel_stats,
+                                self.dtype)
+    return add_bias_and_position(tokens, self.tokenizer_bias, self.position_embedding(),
+                                 self.dtype)
 
   def encode(self, tokens: jax.Array, *, key=None) -> jax.Array:
     """Prepends [CLS] (if any), runs the blocks and the final norm.
@@ -349,14 +399,16 @@ class Classifier(nnx.Module):
 
 
 def build_classifier(model_config, *, image_size: int, channels: int, num_classes: int,
-                     rngs: nnx.Rngs) -> Classifier:
-  """The classifier a `config.model` describes (see configs/cls_pixel.py)."""
+                     rngs: nnx.Rngs, pixel_stats: tuple | None = None) -> Classifier:
+  """The classifier a `config.model` describes (see configs/cls_pixel.py);
+  `pixel_stats` = (config.augment.mean, config.augment.std)."""
   size, patch = parse_variant(model_config.variant)
   encoder = Encoder(
       size=size, patch=patch, image_size=image_size, channels=channels,
       posemb=model_config.posemb, cls_token=model_config.pool == "cls",
       dtype=DTYPES[model_config.dtype], attention=model_config.attention,
       scan=model_config.scan, remat=model_config.remat,
-      drop_path_rate=model_config.drop_path, rngs=rngs)
+      drop_path_rate=model_config.drop_path,
+      tokenizer=model_config.get("tokenizer", "linear"), pixel_stats=pixel_stats, rngs=rngs)
   return Classifier(encoder=encoder, pool=model_config.pool, num_classes=num_classes,
                     rngs=rngs)

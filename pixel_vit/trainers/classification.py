@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from pixel_vit import configuration, parallel
-from pixel_vit.data import augment, pipeline, sources
+from pixel_vit.data import augment, locality, pipeline, sources
 from pixel_vit.evaluation import accuracy
 from pixel_vit.models import vit
 from pixel_vit.trainers import loop, pretrained
@@ -36,10 +36,12 @@ def make_model_fn(config, split: sources.ImageSplit):
   height, _, channels = split.images.shape[1:]
   return lambda: vit.build_classifier(config.model, image_size=height, channels=channels,
                                       num_classes=split.num_classes,
-                                      rngs=nnx.Rngs(config.seed))
+                                      rngs=nnx.Rngs(config.seed),
+                                      pixel_stats=(config.augment.mean, config.augment.std))
 
 
-def make_train_step(config, graphdef, tx, schedule, num_classes: int):
+def make_train_step(config, graphdef, tx, schedule, num_classes: int, permutation=None):
+  """`permutation` (data/locality.py) scrambles the augmented images' pixels."""
   frozen = tuple(config.optimizer.get("freeze", ()) or ())
 
   def train_step(state: state_lib.TrainState, batch: dict):
@@ -47,6 +49,7 @@ def make_train_step(config, graphdef, tx, schedule, num_classes: int):
     augment_key, drop_key = jax.random.split(step_key)
     images, targets = augment.augment_batch(augment_key, batch["images"], batch["labels"],
                                             num_classes=num_classes, config=config.augment)
+    images = locality.permute(permutation, images)
 
     def loss_fn(params):
       params = {name: jax.lax.stop_gradient(value) if name in frozen else value
@@ -66,11 +69,12 @@ def make_train_step(config, graphdef, tx, schedule, num_classes: int):
   return train_step
 
 
-def make_eval_sums(config, graphdef, num_classes: int):
+def make_eval_sums(config, graphdef, num_classes: int, permutation=None):
 
   def eval_sums(params, batch):
     images, _ = augment.preprocess_eval(batch["images"], batch["labels"],
                                         num_classes=num_classes, config=config.augment)
+    images = locality.permute(permutation, images)
     logits = state_lib.merge_model(graphdef, params)(images)
     return accuracy.masked_sums(logits, batch["labels"], batch["mask"])
 
@@ -91,6 +95,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   # remat may change between runs (e.g. resuming on another machine).
   identity = {"task": "classification", "variant": config.model.variant,
               "posemb": config.model.posemb, "pool": config.model.pool,
+              "tokenizer": config.model.get("tokenizer", "linear"),
               "num_classes": int(train_split.num_classes),
               "image_shape": list(train_split.images.shape[1:])}
   run = loop.start(config, workdir, plan, identity=identity,
@@ -107,10 +112,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   graphdef, shardings = run.described.graphdef, run.described.shardings
   replicated = parallel.replicated(run.mesh)
   num_classes = train_split.num_classes
-  train_step = run.jit(make_train_step(config, graphdef, plan.tx, plan.schedule, num_classes),
+  permutation = locality.permutation_for(config.data, *train_split.images.shape[1:3])
+  train_step = run.jit(make_train_step(config, graphdef, plan.tx, plan.schedule, num_classes,
+                                       permutation),
                        in_shardings=(shardings, run.batch_shardings()),
                        out_shardings=(shardings, replicated), donate_argnums=0)
-  eval_sums = run.jit(make_eval_sums(config, graphdef, num_classes),
+  eval_sums = run.jit(make_eval_sums(config, graphdef, num_classes, permutation),
                       in_shardings=(run.described.param_shardings,
                                     run.batch_shardings(with_mask=True)),
                       out_shardings=replicated)

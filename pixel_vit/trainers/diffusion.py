@@ -33,7 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from pixel_vit import configuration, parallel
-from pixel_vit.data import augment, pipeline, sources
+from pixel_vit.data import augment, locality, pipeline, sources
 from pixel_vit.diffusion import gaussian, sampling
 from pixel_vit.evaluation import pictures, splits
 from pixel_vit.models import dit
@@ -65,13 +65,15 @@ def make_model_fn(config, split: sources.ImageSplit):
                                num_classes=split.num_classes, rngs=nnx.Rngs(config.seed))
 
 
-def to_model_space(config, images: jax.Array, key=None) -> jax.Array:
+def to_model_space(config, images: jax.Array, key=None, permutation=None) -> jax.Array:
   """A batch as the model sees it: uint8 pixels -> [-1, 1] (flipped at random in
-  training when config.augment.flip); latents pass through unchanged."""
+  training when config.augment.flip); latents pass through unchanged. Then
+  the pixel `permutation` (data/locality.py), if any."""
   if images.dtype != jnp.uint8:
-    return images.astype(jnp.float32)
+    return locality.permute(permutation, images.astype(jnp.float32))
   x = augment.normalize(images, config.augment.mean, config.augment.std)
-  return augment.random_flip(key, x) if key is not None and config.augment.flip else x
+  x = augment.random_flip(key, x) if key is not None and config.augment.flip else x
+  return locality.permute(permutation, x)
 
 
 def diffusion_losses(config, process, model, x0, labels, key, *, drop_key=None) -> dict:
@@ -85,13 +87,13 @@ def diffusion_losses(config, process, model, x0, labels, key, *, drop_key=None) 
                                  learn_sigma=config.model.learn_sigma)
 
 
-def make_train_step(config, graphdef, tx, schedule):
+def make_train_step(config, graphdef, tx, schedule, permutation=None):
   process = diffusion_process(config)
 
   def train_step(state: state_lib.TrainState, batch: dict):
     flip_key, loss_key, drop_key = jax.random.split(
         jax.random.fold_in(state.rng, state.step), 3)
-    x0 = to_model_space(config, batch["images"], flip_key)
+    x0 = to_model_space(config, batch["images"], flip_key, permutation)
 
     def loss_fn(params):
       model = state_lib.merge_model(graphdef, params)
@@ -107,14 +109,15 @@ def make_train_step(config, graphdef, tx, schedule):
   return train_step
 
 
-def make_eval_sums(config, graphdef):
+def make_eval_sums(config, graphdef, permutation=None):
   """Summed losses of one eval batch; timesteps and noise fixed per batch index."""
   process = diffusion_process(config)
 
   def eval_sums(params, batch_index, batch):
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), batch_index)
     losses = diffusion_losses(config, process, state_lib.merge_model(graphdef, params),
-                              to_model_space(config, batch["images"]), batch["labels"], key)
+                              to_model_space(config, batch["images"], permutation=permutation),
+                              batch["labels"], key)
     sums = {k: jnp.sum(v * batch["mask"]) for k, v in losses.items()}
     return {**sums, "count": jnp.sum(batch["mask"])}
 
@@ -146,9 +149,12 @@ class Generator:
 
 def make_generator(config, run: loop.Run, graphdef, train_split: sources.ImageSplit,
                    *, cfg_scale: float) -> Generator:
-  """A jitted sampler (config.sample.*) with guidance `cfg_scale`, sharded over the batch."""
+  """A jitted sampler (config.sample.*) with guidance `cfg_scale`, sharded over the
+  batch. With a pixel permutation the model generates scrambled images; they
+  are put back in image order before decoding, pictures and metrics."""
   process = sampling_process(config)
   shape = tuple(train_split.images.shape[1:])
+  permutation = locality.permutation_for(config.data, *shape[:2])
   channels = shape[-1]
   decode = latent_decoder(config, train_split)
   sample_fn = sampling.sampler(config.sample.sampler)
@@ -165,13 +171,21 @@ def make_generator(config, run: loop.Run, graphdef, train_split: sources.ImageSp
     noise = jax.random.normal(noise_key, (labels.shape[0], *shape), jnp.float32)
     noise = parallel.constrain(noise, ("batch", None, None, None))
     x0 = sample_fn(model_fn, process, noise, labels, step_key, **options)
-    return x0 if train_split.is_latent else jnp.clip((x0 + 1.0) / 2.0, 0.0, 1.0)
+    return samples_as_images(x0, permutation=permutation, latent=train_split.is_latent)
 
   labels_sharding = parallel.batch_sharding(run.mesh, run.rules, 1)
   jitted = run.jit(sample, in_shardings=(run.described.param_shardings, labels_sharding,
                                          parallel.replicated(run.mesh)),
                    out_shardings=parallel.batch_sharding(run.mesh, run.rules, 4))
   return Generator(shape, train_split.num_classes, run, decode, jitted)
+
+
+def samples_as_images(x0: jax.Array, *, permutation, latent: bool) -> jax.Array:
+  """Generated x0 -> pixels in image order: un-permuted (data/locality.py) and,
+  for pixel data, [-1, 1] -> [0, 1]; latents stay latents (decoded later)."""
+  if permutation is not None:
+    x0 = permutation.unpermute(x0)
+  return x0 if latent else jnp.clip((x0 + 1.0) / 2.0, 0.0, 1.0)
 
 
 def latent_decoder(config, train_split: sources.ImageSplit):
@@ -302,10 +316,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None
       f"{plan.train_split.images.shape[1:]}, lr {config.optimizer.lr:.3g}")
   graphdef, shardings = run.described.graphdef, run.described.shardings
   replicated = parallel.replicated(run.mesh)
-  train_step = run.jit(make_train_step(config, graphdef, plan.tx, plan.schedule),
+  permutation = locality.permutation_for(config.data, *plan.train_split.images.shape[1:3])
+  train_step = run.jit(make_train_step(config, graphdef, plan.tx, plan.schedule, permutation),
                        in_shardings=(shardings, run.batch_shardings()),
                        out_shardings=(shardings, replicated), donate_argnums=0)
-  eval_sums = run.jit(make_eval_sums(config, graphdef),
+  eval_sums = run.jit(make_eval_sums(config, graphdef, permutation),
                       in_shardings=(run.described.param_shardings, replicated,
                                     run.batch_shardings(with_mask=True)),
                       out_shardings=replicated)

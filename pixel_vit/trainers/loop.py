@@ -67,6 +67,10 @@ def load_splits(config) -> tuple[sources.ImageSplit, sources.ImageSplit]:
                            process_count=jax.process_count(),
                            image_size=config.data.get("image_size"))
   train, test = load(config.data.train_split), load(config.data.eval_split)
+  if train.is_latent and config.model.get("tokenizer") == "vocab":
+    raise ValueError(f"config.model.tokenizer='vocab' embeds 8-bit pixel values, but "
+                     f"{config.data.source} holds VAE latents (float); use "
+                     "config.model.tokenizer='linear'.")
   if train.is_latent and config.task != "diffusion":
     raise ValueError(f"{config.data.source} holds VAE latents, which only the diffusion task "
                      f"trains on; config.task={config.task!r} needs images.")

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from pixel_vit import configuration, parallel
-from pixel_vit.data import augment, pipeline, sources
+from pixel_vit.data import augment, locality, pipeline, sources
 from pixel_vit.evaluation import pictures, splits
 from pixel_vit.models import mae, vit
 from pixel_vit.trainers import loop
@@ -36,7 +36,8 @@ def validate(config) -> None:
 def make_model_fn(config, split: sources.ImageSplit):
   height, _, channels = split.images.shape[1:]
   return lambda: mae.build_mae(config.model, image_size=height, channels=channels,
-                               rngs=nnx.Rngs(config.seed))
+                               rngs=nnx.Rngs(config.seed),
+                               pixel_stats=(config.augment.mean, config.augment.std))
 
 
 def _targets(config, images):
@@ -45,13 +46,16 @@ def _targets(config, images):
                            norm_pix_window=config.model.norm_pix_window)
 
 
-def make_train_step(config, graphdef, tx, schedule, num_classes: int):
+def make_train_step(config, graphdef, tx, schedule, num_classes: int, permutation=None):
+  """`permutation` (data/locality.py) scrambles the augmented images' pixels;
+  the targets are the scrambled pixels."""
 
   def train_step(state: state_lib.TrainState, batch: dict):
     step_key = jax.random.fold_in(state.rng, state.step)
     augment_key, mask_key, drop_key = jax.random.split(step_key, 3)
     images, _ = augment.augment_batch(augment_key, batch["images"], batch["labels"],
                                       num_classes=num_classes, config=config.augment)
+    images = locality.permute(permutation, images)
     targets = _targets(config, images)
 
     def loss_fn(params):
@@ -73,11 +77,12 @@ def _eval_mask_key(config, batch_index):
   return jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), batch_index)
 
 
-def make_eval_sums(config, graphdef, num_classes: int):
+def make_eval_sums(config, graphdef, num_classes: int, permutation=None):
 
   def eval_sums(params, batch_index, batch):
     images, _ = augment.preprocess_eval(batch["images"], batch["labels"],
                                         num_classes=num_classes, config=config.augment)
+    images = locality.permute(permutation, images)
     pred, mask = state_lib.merge_model(graphdef, params)(
         images, mask_key=_eval_mask_key(config, batch_index), mask_ratio=config.mask_ratio)
     per_example = mae.masked_mse_per_example(pred, _targets(config, images), mask)
@@ -86,8 +91,10 @@ def make_eval_sums(config, graphdef, num_classes: int):
   return eval_sums
 
 
-def make_reconstruct(config, graphdef, num_classes: int):
-  """Params, batch -> the four grid columns as float images in [0, 1]."""
+def make_reconstruct(config, graphdef, num_classes: int, permutation=None):
+  """Params, batch -> the four grid columns as float images in [0, 1]; with a
+  pixel permutation the model works on scrambled pixels and the columns are
+  put back in image order."""
   _, patch = vit.parse_variant(config.model.variant)
   mean = jnp.asarray(config.augment.mean, jnp.float32)
   std = jnp.asarray(config.augment.std, jnp.float32)
@@ -95,6 +102,7 @@ def make_reconstruct(config, graphdef, num_classes: int):
   def reconstruct(params, batch):
     images, _ = augment.preprocess_eval(batch["images"], batch["labels"],
                                         num_classes=num_classes, config=config.augment)
+    images = locality.permute(permutation, images)
     pred, mask = state_lib.merge_model(graphdef, params)(
         images, mask_key=_eval_mask_key(config, 0), mask_ratio=config.mask_ratio)
     recon = mae.predictions_as_images(pred, images, patch,
@@ -105,7 +113,8 @@ def make_reconstruct(config, graphdef, num_classes: int):
     original = show(images)
     masked = jnp.where(pixel_mask > 0, 0.5, original)  # grey where masked
     pasted = jnp.where(pixel_mask > 0, show(recon), original)
-    return original, masked, show(recon), pasted
+    columns = (original, masked, show(recon), pasted)
+    return columns if permutation is None else tuple(map(permutation.unpermute, columns))
 
   return reconstruct
 
@@ -118,6 +127,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   num_classes = plan.train_split.num_classes
   decoder = config.model.decoder
   identity = {"task": "mae", "variant": config.model.variant, "posemb": config.model.posemb,
+              "tokenizer": config.model.get("tokenizer", "linear"),
               "decoder": [decoder.width, decoder.depth, decoder.heads, decoder.mlp_dim,
                           decoder.posemb],
               "image_shape": list(plan.train_split.images.shape[1:])}
@@ -129,13 +139,15 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   param_shardings = run.described.param_shardings
   replicated = parallel.replicated(run.mesh)
   eval_batch = run.batch_shardings(with_mask=True)
-  train_step = run.jit(make_train_step(config, graphdef, plan.tx, plan.schedule, num_classes),
+  permutation = locality.permutation_for(config.data, *plan.train_split.images.shape[1:3])
+  train_step = run.jit(make_train_step(config, graphdef, plan.tx, plan.schedule, num_classes,
+                                       permutation),
                        in_shardings=(shardings, run.batch_shardings()),
                        out_shardings=(shardings, replicated), donate_argnums=0)
-  eval_sums = run.jit(make_eval_sums(config, graphdef, num_classes),
+  eval_sums = run.jit(make_eval_sums(config, graphdef, num_classes, permutation),
                       in_shardings=(param_shardings, replicated, eval_batch),
                       out_shardings=replicated)
-  reconstruct = run.jit(make_reconstruct(config, graphdef, num_classes),
+  reconstruct = run.jit(make_reconstruct(config, graphdef, num_classes, permutation),
                         in_shardings=(param_shardings, eval_batch), out_shardings=replicated)
 
   def evaluate(step: int, state: state_lib.TrainState) -> dict:

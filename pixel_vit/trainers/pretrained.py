@@ -125,6 +125,12 @@ class Pretrained:
           f"({variant}) vs config.model.variant={model_config.variant!r} ({want_patch}). "
           f"Fine-tune with --config.model.variant={size_name}/{patch} or point init_from at "
           f"a checkpoint with patch {want_patch}.")
+    tokenizer = self.metadata.get("tokenizer", "linear")  # older checkpoints: linear
+    if tokenizer != model_config.get("tokenizer", "linear"):
+      raise ValueError(
+          f"{self.where}: tokenizer differs: checkpoint {tokenizer!r} vs "
+          f"config.model.tokenizer={model_config.get('tokenizer', 'linear')!r}. Set "
+          f"--config.model.tokenizer={tokenizer} (what the encoder was trained with).")
     posemb = self._field("posemb")
     if posemb != model_config.posemb:
       raise ValueError(
