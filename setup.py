@@ -29,7 +29,8 @@ setuptools.setup(
     extras_require={
         # torch + diffusers: the VAE is tested against diffusers' AutoencoderKL.
         # Install the CPU build of torch first (.ci/run does) or pip pulls CUDA.
-        "test": ["pytest>=8", "pytest-xdist", "torch", "diffusers"],
+        "test": ["pytest>=8", "pytest-xdist", "torch", "diffusers",
+                 "nbclient", "nbformat", "ipykernel"],  # tests/test_notebook.py
         "bench": ["matplotlib"],
     },
 )
