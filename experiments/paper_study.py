@@ -581,9 +581,9 @@ def parse_flags(argv=None) -> argparse.Namespace:
   p.add_argument("--only", default=",".join(GROUPS),
                  help=f"comma-separated groups of {list(GROUPS)}")
   p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--steps", type=int, default=300, help="classification steps per run")
-  p.add_argument("--mae_steps", type=int, default=800)
-  p.add_argument("--finetune_steps", type=int, default=300)
+  p.add_argument("--steps", type=int, default=200, help="classification steps per run")
+  p.add_argument("--mae_steps", type=int, default=400)
+  p.add_argument("--finetune_steps", type=int, default=200)
   p.add_argument("--dit_samples", type=int, default=1000)
   p.add_argument("--report_only", action="store_true", help="only rewrite docs/results.md")
   p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
