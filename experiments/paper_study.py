@@ -26,6 +26,10 @@ warmup steps and cosine decay, no augmentation, global average pooling.
   python -m experiments.paper_study --report_only       # rewrite docs/ from the workdirs
   python -m experiments.paper_study --dry_run           # print the commands
 
+Small models keep a process from filling both cores, so two processes with
+disjoint --only / --match selections can share the machine (the report run
+after both, --report_only, reads every workdir).
+
 A finished run (its study.json records the same command) is not run again,
 so an interrupted study continues where it stopped; an unfinished one
 resumes from its checkpoint (exact resume).
@@ -128,7 +132,7 @@ def jobs_for(args) -> list[Job]:
         f"--variant=mu/{patch}", f"--image_size={IMAGE_SIZE}", "--batch=128", "--channels=1",
         "--num_classes=10", "--steps=10", "--min_steps=5", "--max_timing_s=60"),
         workdir_flag=False, labels=(("patch", patch),)))
-  return [j for j in jobs if j.group in args.only]
+  return [j for j in jobs if j.group in args.only and args.match in j.name]
 
 
 def _mae_jobs(args) -> list[Job]:
@@ -380,7 +384,7 @@ def _patch_section(args, results: Results) -> list[str]:
 
 
 def jobs_for_report(args):
-  return jobs_for(argparse.Namespace(**{**vars(args), "only": GROUPS}))
+  return jobs_for(argparse.Namespace(**{**vars(args), "only": GROUPS, "match": ""}))
 
 
 def _posemb_section(args, results: Results) -> list[str]:
@@ -580,6 +584,9 @@ def parse_flags(argv=None) -> argparse.Namespace:
   p.add_argument("--root", default="/tmp/pixel_vit_study", help="where the workdirs go")
   p.add_argument("--only", default=",".join(GROUPS),
                  help=f"comma-separated groups of {list(GROUPS)}")
+  p.add_argument("--match", default="",
+                 help="only the runs whose name contains this (e.g. _p2_), to split a group "
+                      "between processes")
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--steps", type=int, default=200, help="classification steps per run")
   p.add_argument("--mae_steps", type=int, default=400)
