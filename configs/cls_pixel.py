@@ -4,7 +4,7 @@ Defaults: the paper's CIFAR-100 from-scratch PiT-Ti/1 setting (32x32, every
 pixel a token). Arguments (comma-separated after the colon):
 
   variant=Ti/1      SIZE/PATCH; Ti/2 is the ViT baseline on the same recipe
-  dataset=cifar100  cifar100 | imagenet28 | digits | tfds:NAME | npz:PATH
+  dataset=cifar100  cifar100 | imagenet28 | imagenet224 | digits | tfds:NAME | npz:PATH
   quick             a couple of minutes on a 2-core CPU, offline (digits)
   posemb=learn      learn | sincos2d | none (the position-embedding ablation)
   tokenizer=linear  linear | vocab (8-bit pixel values index learned tables)
@@ -41,12 +41,15 @@ def get_config(arg=None):
       lr=2e-3, end_lr=1e-6, b1=0.9, b2=0.999, weight_decay=0.05, grad_clip=1.0,
       warmup_steps=0, warmup_epochs=20.0, ema_decay=0.0))
   config.augment = augment.default_augment_config()
+  # DeiT's RandAugment (rand-m9-mstd0.5-inc1) and random erasing (p 0.25).
+  config.augment.randaugment_ops = 2
+  config.augment.erase_prob = 0.25
 
   config.log_every = 50
   config.eval_every = 1000
   config.checkpoint_every = 1000
 
-  if args.dataset == "imagenet28":
+  if args.dataset in ("imagenet28", "imagenet224"):  # DeiT's ImageNet recipe
     config.total_epochs = 300.0
     config.optimizer.warmup_epochs = 5.0
     config.optimizer.lr = 1e-3 * config.batch_size / 512  # DeiT lr rule
@@ -75,6 +78,8 @@ def get_config(arg=None):
     config.augment.mixup_alpha = 0.0
     config.augment.cutmix_alpha = 0.0
     config.augment.label_smoothing = 0.0
+    config.augment.randaugment_ops = 0  # 8x8 digits: geometry ops would erase them
+    config.augment.erase_prob = 0.0
     config.log_every = 50
     config.eval_every = 200
     config.checkpoint_every = 200

@@ -24,9 +24,8 @@ Fine-tune (MAE's end-to-end recipe): AdamW (0.9, 0.999), lr = base_lr x
 batch / 256 with base_lr 5e-4, layer-wise lr decay 0.75 (0.65 for L/H),
 weight decay 0.05, drop path 0.1 (0.2 for L/H), 5 warmup epochs, 100 epochs
 (50 for L/H), mixup 0.8, cutmix 1.0, label smoothing 0.1, no gradient
-clipping, and global average pooling (MAE fine-tunes with `global_pool`).
-RandAugment and random erasing, also in MAE's recipe, are not implemented
-(pixel_vit's augmentation is crop, flip, mixup, cutmix, label smoothing).
+clipping, global average pooling (MAE fine-tunes with `global_pool`),
+RandAugment rand-m9-mstd0.5-inc1 and random erasing with p 0.25.
 
 Linear probe: the encoder is frozen (`optimizer.freeze=('encoder',)`: exact
 zero updates, no weight decay, no backward pass through it) and a linear head
@@ -110,6 +109,8 @@ def get_config(arg=None):
     config.augment.mixup_alpha = 0.8
     config.augment.cutmix_alpha = 1.0
     config.augment.label_smoothing = 0.1
+    config.augment.randaugment_ops = 2
+    config.augment.erase_prob = 0.25
   else:  # probe
     config.model.drop_path = 0.0
     config.total_epochs = 90.0
@@ -120,6 +121,8 @@ def get_config(arg=None):
     config.augment.mixup_alpha = 0.0
     config.augment.cutmix_alpha = 0.0
     config.augment.label_smoothing = 0.0
+    config.augment.randaugment_ops = 0
+    config.augment.erase_prob = 0.0
   # MAE's rule: lr = base_lr * batch_size / 256 (follows --config.batch_size).
   del opt["lr"]  # cls_pixel's plain value becomes a reference
   # base_lr's (float) reference first: the result takes the first operand's type,
@@ -134,6 +137,8 @@ def get_config(arg=None):
     config.augment.mixup_alpha = 0.0  # as cls_pixel:quick: digits are few and tiny
     config.augment.cutmix_alpha = 0.0
     config.augment.label_smoothing = 0.0
+    config.augment.randaugment_ops = 0
+    config.augment.erase_prob = 0.0
     config.eval_every = 75
     config.checkpoint_every = 75
   return config

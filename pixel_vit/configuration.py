@@ -74,6 +74,8 @@ def apply_locality_args(config: ml_collections.ConfigDict, args) -> None:
 DATASETS = {
     "cifar100": dict(source="tfds:cifar100", image_size=None, eval_split="test"),
     "imagenet28": dict(source="tfds:imagenet2012", image_size=28, eval_split="validation"),
+    # Full-resolution ImageNet for the paper's locality ablations on ViT-B/16.
+    "imagenet224": dict(source="tfds:imagenet2012", image_size=224, eval_split="validation"),
     "digits": dict(source="digits", image_size=None, eval_split="test"),
     "cifar10": dict(source="tfds:cifar10", image_size=None, eval_split="test"),
     # ImageNet 256x256 as Stable-Diffusion VAE latents (32x32x4), written once by
