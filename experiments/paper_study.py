@@ -306,6 +306,7 @@ def machine() -> str:
 
 
 def write_report(args, jobs: list[Job]) -> str:
+  os.makedirs(DOCS, exist_ok=True)  # the sections write their plots and pictures there
   results = Results(args.root, jobs)
   lines = [
       "# Measured study: pixels vs patches on real data, 2 CPU cores",
@@ -318,6 +319,9 @@ def write_report(args, jobs: list[Job]) -> str:
       "",
       "**Recipe (all classification runs).** " + RECIPE,
       "",
+      f"**Runs.** {len(results.records)} of {len(jobs)} finished; a cell marked — was not "
+      "run yet (`python -m experiments.paper_study` runs only what is missing).",
+      "",
   ]
   lines += _patch_section(args, results)
   lines += _posemb_section(args, results)
@@ -326,7 +330,6 @@ def write_report(args, jobs: list[Job]) -> str:
   lines += _dit_section(args, results)
   lines += _wall_section(results)
   text = "\n".join(lines) + "\n"
-  os.makedirs(DOCS, exist_ok=True)
   with open(os.path.join(DOCS, "results.md"), "w") as f:
     f.write(text)
   return text
@@ -533,6 +536,12 @@ def _wall_section(results: Results) -> list[str]:
       total += wall
       lines.append(f"| {group} | {len(runs)} | {wall / 60:.0f} |")
   lines += [f"| all | {len(results.records)} | {total / 60:.0f} |", ""]
+  loads = [record["load_average"] for _, record in results.records.values()
+           if "load_average" in record]
+  if loads:
+    lines += [f"The 1-minute load average at the end of the runs ranged {min(loads):.1f}-"
+              f"{max(loads):.1f} on {os.cpu_count()} cores: above the core count, runs shared "
+              "the machine and their wall times are longer than alone.", ""]
   return lines
 
 
