@@ -21,7 +21,7 @@ PiT step was ~5x slower and the study would not fit a day on 2 cores; 16
 also lets 4x4 patches tile the image), batch 128, AdamW lr 1e-3 with 50
 warmup steps and cosine decay, no augmentation, global average pooling.
 
-  python -m experiments.paper_study                     # everything (~8 h here)
+  python -m experiments.paper_study                     # everything (~3-4 h on 2 idle cores)
   python -m experiments.paper_study --only=patch --seeds=3
   python -m experiments.paper_study --report_only       # rewrite docs/ from the workdirs
   python -m experiments.paper_study --dry_run           # print the commands

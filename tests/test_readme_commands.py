@@ -85,6 +85,7 @@ def set_override(config, dotted: str, text: str) -> None:
   node = config
   for name in parents:
     node = node[name]
+  node[leaf]  # noqa: B018 - a missing key is a KeyError, as for the real command
   kind = node.get_type(leaf)  # also typed when the value is None (a placeholder)
   if kind is bool:
     value = text.lower() in ("true", "1")
