@@ -30,6 +30,12 @@ Small models keep a process from filling both cores, so two processes with
 disjoint --only / --match selections can share the machine (the report run
 after both, --report_only, reads every workdir).
 
+docs/study_runs/ keeps each run's records (study.json, metrics.jsonl,
+samples / throughput JSON, the last picture; no checkpoints): copy it to the
+root (`cp -r docs/study_runs/. /tmp/pixel_vit_study/`) and --report_only
+rewrites the committed report, and a plain run runs only what is missing
+(an MAE fine-tune or probe still needs its pre-training's checkpoint).
+
 A finished run (its study.json records the same command) is not run again,
 so an interrupted study continues where it stopped; an unfinished one
 resumes from its checkpoint (exact resume).
