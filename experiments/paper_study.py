@@ -21,14 +21,13 @@ PiT step was ~5x slower and the study would not fit a day on 2 cores; 16
 also lets 4x4 patches tile the image), batch 128, AdamW lr 1e-3 with 50
 warmup steps and cosine decay, no augmentation, global average pooling.
 
-  python -m experiments.paper_study                     # everything (~3-4 h on 2 idle cores)
+  python -m experiments.paper_study    # everything (an estimated 3-4 h on 2 idle cores)
   python -m experiments.paper_study --only=patch --seeds=3
   python -m experiments.paper_study --report_only       # rewrite docs/ from the workdirs
   python -m experiments.paper_study --dry_run           # print the commands
 
-Small models keep a process from filling both cores, so two processes with
-disjoint --only / --match selections can share the machine (the report run
-after both, --report_only, reads every workdir).
+--only / --match split the study between processes that share --root (the
+report, --report_only once they are done, reads every workdir).
 
 docs/study_runs/ keeps each run's records (study.json, metrics.jsonl,
 samples / throughput JSON, the last picture; no checkpoints): copy it to the
@@ -259,6 +258,7 @@ class Results:
 
   def __init__(self, root: str, jobs: list[Job]):
     self.root = root
+    self._metrics = {}
     self.records = {}
     for job in jobs:
       record = finished(root, job)
@@ -270,7 +270,9 @@ class Results:
             if job.group == group and all(job.label(k) == v for k, v in labels.items())]
 
   def metric(self, job: Job, key: str):
-    return last_metrics(os.path.join(self.root, job.name)).get(key)
+    if job.name not in self._metrics:  # every section reads the same files
+      self._metrics[job.name] = last_metrics(os.path.join(self.root, job.name))
+    return self._metrics[job.name].get(key)
 
   def top1(self, group: str, **labels) -> list[float]:
     return [self.metric(job, "eval/top1") for job, _ in self.select(group, **labels)]
@@ -395,16 +397,17 @@ def _patch_section(args, results: Results) -> list[str]:
 
 def _paper_direction(args, results: Results) -> str:
   """Whether the smaller patch won here, as the paper finds on CIFAR and ImageNet."""
-  verdicts = []
+  orders = {}  # dataset -> patches, best first
   for dataset in DATASETS:
     means = {p: statistics.mean(v) for p in PATCHES
              if (v := results.top1("patch", dataset=dataset, patch=p))}
     if len(means) == len(PATCHES):
-      order = sorted(PATCHES, key=lambda p: -means[p])
-      verdicts.append(f"{DATASET_NAMES[dataset]} ranks " + " > ".join(f"/{p}" for p in order))
-  if not verdicts:
+      orders[dataset] = sorted(PATCHES, key=lambda p: -means[p])
+  if not orders:
     return ""
-  agree = all(v.partition(" ranks ")[2].startswith("/1") for v in verdicts)
+  verdicts = [f"{DATASET_NAMES[d]} ranks " + " > ".join(f"/{p}" for p in order)
+              for d, order in orders.items()]
+  agree = all(order[0] == 1 for order in orders.values())
   return ("**Against the paper.** The paper finds smaller patches better (/1 ≥ /2 at "
           "convergence, after hundreds of epochs). Here " + "; ".join(verdicts) + f", after "
           f"{args.steps * 128 / 60000:.1f} epochs, far from convergence: this measures how "
