@@ -120,9 +120,10 @@ GOOD_LABELS = np.arange(5, dtype=np.int32)
      "dtype float32 .* integer class ids"),
     (dict(images=GOOD_IMAGES, labels=GOOD_LABELS[:4]), "5 images but 4 labels"),
     (dict(images=GOOD_IMAGES[:0], labels=GOOD_LABELS[:0]), "is empty"),
-    (dict(images=GOOD_IMAGES, labels=GOOD_LABELS - 1), "negative value -1"),
+    (dict(images=GOOD_IMAGES, labels=GOOD_LABELS - 1),
+     r"1 of 5 labels are negative: -1 \(1 example\)"),
     (dict(images=GOOD_IMAGES, labels=GOOD_LABELS, class_names=np.array(["a", "b", "c"])),
-     "label 4 is >= the 3 class_names"),
+     r"2 of 5 labels are outside \[0, 3\) of its 3 class_names: 3 \(1 example\), 4 "),
     (dict(images=np.array([None] * 5, dtype=object), labels=GOOD_LABELS),
      "cannot be read without pickle"),
 ])

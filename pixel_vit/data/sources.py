@@ -18,6 +18,9 @@ import socket
 import threading
 import urllib.parse
 import urllib.request
+import zipfile
+from typing import NamedTuple
+import zlib
 
 import numpy as np
 
@@ -43,6 +46,14 @@ class ImageSplit:
   total_examples: int  # size of the whole split, over all processes
   process_index: int
   process_count: int
+  # Where the split came from, for messages: "npz file PATH", "tfds:NAME split 'test'".
+  origin: str = ""
+  # Examples per class id over the whole split (all processes), when the
+  # source read the whole split (digits, npz); None for TFDS.
+  class_counts: np.ndarray | None = None
+  # True when num_classes was inferred as the largest label + 1 (an npz file
+  # without `class_names`) rather than stated by the dataset.
+  num_classes_inferred: bool = False
 
   @property
   def is_latent(self) -> bool:
@@ -61,6 +72,120 @@ class ImageSplit:
     if len(self.images) > largest_shard:
       raise ValueError(f"ImageSplit holds {len(self.images)} examples, more than a "
                        f"1/{self.process_count} shard of {self.total_examples}.")
+
+
+def _describe_counts(ids, counts, limit: int = 5) -> str:
+  """'999 (1 example), 1000 (3 examples)' for the first `limit` ids."""
+  ids, counts = list(ids), list(counts)
+  shown = ", ".join(f"{i} ({c} example{'s' if c != 1 else ''})"
+                    for i, c in zip(ids[:limit], counts[:limit]))
+  return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def describe_labels(labels: np.ndarray, limit: int = 5) -> str:
+  """'999 (1 example), 1000 (3 examples)': the distinct values of `labels` with counts."""
+  values, counts = np.unique(labels, return_counts=True)
+  return _describe_counts(values, counts, limit)
+
+
+def _describe_images(split: ImageSplit) -> str:
+  height, width, channels = split.images.shape[1:]
+  kind = "latents" if split.is_latent else "images"
+  return f"{height}x{width}x{channels} {kind}"
+
+
+def _padded(counts: np.ndarray, length: int) -> np.ndarray:
+  return np.pad(counts, (0, max(0, length - len(counts))))
+
+
+def check_splits(train: ImageSplit, test: ImageSplit, *, labelled: bool = True) -> list[str]:
+  """Checks, before anything compiles, that a model built for `train` can evaluate `test`.
+
+  Raises ValueError when the eval images have another size, channel count or
+  kind (pixels / latents) than the train images; with `labelled` (the labels
+  are the target), when eval labels fall outside the model's class count
+  (the train split's), when the two splits state different class counts,
+  when a class count inferred from the largest label (no `class_names`)
+  leaves most ids unused (a stray label), or when no eval class occurs in
+  train. Returns warnings, one paragraph each, for what a run can live with:
+  a few eval classes absent from a small train split, a few unused ids.
+  """
+  train_name = train.origin or "the train split"
+  test_name = test.origin or "the eval split"
+  if train.images.shape[1:] != test.images.shape[1:] or train.is_latent != test.is_latent:
+    fix = ("encode both splits at one size with python -m pixel_vit.data.encode_latents"
+           if train.is_latent or test.is_latent else
+           "set config.data.image_size to resize both splits to one square size, or write "
+           "both at one size")
+    raise ValueError(f"{test_name} holds {_describe_images(test)} but {train_name} holds "
+                     f"{_describe_images(train)}: the model is built for the train split and "
+                     f"could not evaluate the other (it would fail at the first evaluation, "
+                     f"after training). Fix: {fix}.")
+  if not labelled:
+    return []
+  num_classes = train.num_classes
+  if (not train.num_classes_inferred and not test.num_classes_inferred
+      and test.num_classes != num_classes):
+    raise ValueError(f"{test_name} states {test.num_classes} classes but {train_name} states "
+                     f"{num_classes}: both splits must share one class list (the same "
+                     "class_names); write them with the same class_names.")
+  if train.class_counts is None or test.class_counts is None:
+    return []  # a TFDS dataset: labels are within its ClassLabel, the same for every split
+  length = max(num_classes, len(train.class_counts), len(test.class_counts))
+  train_counts = _padded(train.class_counts, length)
+  test_counts = _padded(test.class_counts, length)
+  if train.num_classes_inferred:
+    origin = (f"inferred as the largest train label + 1, since {train_name} has no "
+              "class_names")
+    explicit = (f"save class_names=<the names of all classes> in the npz file(s) so the class "
+                "count is explicit")
+  else:
+    origin = f"the class_names of {train_name}"
+    explicit = "use files with the same class_names"
+  beyond = np.nonzero(test_counts[num_classes:])[0] + num_classes
+  if len(beyond):
+    count = int(test_counts[beyond].sum())
+    raise ValueError(f"{test_name}: {count} of {test.total_examples} labels are outside [0, "
+                     f"{num_classes}) of the model's {num_classes} classes ({origin}): "
+                     f"{_describe_counts(beyond, test_counts[beyond])}. Those examples would "
+                     "score eval/top1 0 and eval/loss nan. Fix: drop or relabel them, or "
+                     f"{explicit}.")
+  warnings = []
+  if train.num_classes_inferred:
+    used = (train_counts[:num_classes] + test_counts[:num_classes]) > 0
+    unused = np.nonzero(~used)[0]
+    largest = num_classes - 1
+    examples = int(train_counts[largest] + test_counts[largest])
+    message = (f"{train_name} has no class_names, so the class count {num_classes} is "
+               f"inferred from the largest label, {largest} ({examples} example"
+               f"{'s' if examples != 1 else ''}), but {len(unused)} of the {num_classes} ids "
+               f"0..{largest} never occur in either split (e.g. "
+               f"{', '.join(map(str, unused[:5]))}).")
+    if len(unused) > used.sum():
+      raise ValueError(f"{message} Most of the {num_classes}-class head would never train: a "
+                       f"stray label is the likely cause. Fix: drop or relabel the stray "
+                       f"examples, or, if the dataset really has {num_classes} classes, "
+                       f"{explicit}.")
+    if len(unused):
+      warnings.append(f"{message} Their outputs never train. If {num_classes} classes are "
+                      f"intended, {explicit} (which also silences this warning); else fix "
+                      "the labels.")
+  only_eval = np.nonzero((test_counts[:num_classes] > 0) & (train_counts[:num_classes] == 0))[0]
+  if len(only_eval):
+    count = int(test_counts[only_eval].sum())
+    share = 100.0 * count / test.total_examples
+    message = (f"{len(only_eval)} of the {num_classes} classes occur in {test_name} "
+               f"({count} of {test.total_examples} examples, {share:.1f}%) but never in "
+               f"{train_name}: {_describe_counts(only_eval, test_counts[only_eval])}.")
+    if count == test.total_examples:
+      raise ValueError(f"{message} No eval example is of a class the model trains on, so "
+                       "eval/top1 would be 0. Fix: check config.data.train_split / "
+                       "eval_split (or the npz files): the splits must share classes.")
+    warnings.append(f"{message} The model never trains on them, so eval/top1 is at most "
+                    f"{100.0 - share:.1f}%. Expected for a train split too small to hold every "
+                    "class; otherwise use a train split with every class or drop those eval "
+                    "examples.")
+  return warnings
 
 
 class Source(abc.ABC):
@@ -158,18 +283,28 @@ def _resize(images: np.ndarray, image_size: int | None) -> np.ndarray:
   return np.concatenate(chunks)
 
 
+class _WholeSplit(NamedTuple):
+  images: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+  num_classes_inferred: bool = False  # the largest label + 1 (no class_names)
+
+
 class _InMemorySource(Source):
   """A source whose whole split is read into memory, then sharded."""
 
   @abc.abstractmethod
-  def _read_split(self, split: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Returns (uint8 NHWC images, int labels, num_classes) of the whole split."""
+  def _read_split(self, split: str) -> _WholeSplit:
+    """The whole split: uint8 NHWC images, int labels and the class count."""
+
+  def _origin(self, split: str) -> str:
+    return f"{self.name} split {split!r}"
 
   def load(self, split: str, *, process_index: int = 0, process_count: int = 1,
            image_size: int | None = None) -> ImageSplit:
     _check_process(process_index, process_count)
     _check_image_size(image_size)
-    images, labels, num_classes = self._read_split(split)
+    images, labels, num_classes, inferred = self._read_split(split)
     shard = np.array_split(np.arange(len(images)), process_count)[process_index]
     return ImageSplit(
         images=_resize(np.ascontiguousarray(images[shard]), image_size),
@@ -177,7 +312,10 @@ class _InMemorySource(Source):
         num_classes=num_classes,
         total_examples=len(images),
         process_index=process_index,
-        process_count=process_count)
+        process_count=process_count,
+        origin=self._origin(split),
+        class_counts=np.bincount(labels, minlength=num_classes),
+        num_classes_inferred=inferred)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +333,7 @@ class DigitsSource(_InMemorySource):
     # Pixel values are 0..16; stretch them to the 0..255 range of every other source.
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     index = _train_test_indices(len(images), split)
-    return images[index], digits.target[index], 10
+    return _WholeSplit(images[index], digits.target[index], 10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,26 +360,61 @@ class NpzSource(_InMemorySource):
   def name(self) -> str:
     return f"npz:{self.path}"
 
+  def _file(self, split: str) -> str:
+    return self.path.replace("{split}", split)
+
+  def _origin(self, split: str) -> str:
+    if "{split}" in self.path:
+      return f"npz file {self._file(split)}"
+    return f"npz file {self.path} (its {split!r} part)"
+
   def _read_split(self, split):
     if "{split}" in self.path:
-      return _read_npz(self.path.replace("{split}", split))
+      return _read_npz(self._file(split))
     _check_train_test(self.name, split)
-    images, labels, num_classes = _read_npz(self.path)
-    index = _train_test_indices(len(images), split)
-    return images[index], labels[index], num_classes
+    whole = _read_npz(self.path)
+    index = _train_test_indices(len(whole.images), split)
+    return whole._replace(images=whole.images[index], labels=whole.labels[index])
 
 
-def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray, int]:
-  """Loads and validates one .npz file."""
-  fix = ("save it with np.savez(path, images=<uint8 [N,H,W,C]>, labels=<int [N]>"
-         "[, class_names=<str [K]>])")
+_NPZ_FIX = ("save it with np.savez(path, images=<uint8 [N,H,W,C]>, labels=<int [N]>"
+            "[, class_names=<str [K]>])")
+
+
+def _open_npz(path: str) -> dict[str, np.ndarray]:
+  """Every array of the .npz at `path`, or a ValueError saying what the file is instead."""
   if not os.path.isfile(path):
-    raise ValueError(f"npz file {path} does not exist; {fix}.")
+    raise ValueError(f"npz file {path} does not exist; {_NPZ_FIX}.")
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(64)
+  if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # a zip's first record / empty zip
+    if head.startswith(b"\x93NUMPY"):
+      what = "a single .npy array (np.save), not an .npz archive of named arrays"
+    elif not head:
+      what = "empty (0 bytes): an interrupted write or copy"
+    elif all(32 <= c < 127 or c in b"\t\r\n" for c in head):
+      what = f"text, not an .npz (zip) archive; it starts with {head[:40].decode()!r}"
+    else:
+      what = f"not an .npz (zip) archive; its first bytes are {head[:8]!r}"
+    raise ValueError(f"npz file {path} cannot be read: it is {what}. Point config.data.source "
+                     f"at the right file, or {_NPZ_FIX}.")
   try:
     with np.load(path, allow_pickle=False) as data:
-      arrays = {key: data[key] for key in data.files}
-  except (OSError, ValueError) as e:  # not a zip / object arrays need pickle
-    raise ValueError(f"npz file {path} cannot be read without pickle ({e}); {fix}.") from e
+      return {key: data[key] for key in data.files}
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+    raise ValueError(f"npz file {path} cannot be read: it is truncated or damaged ({size} "
+                     f"bytes; {type(e).__name__}: {e}). Copy or write it again (an "
+                     f"interrupted download or np.savez leaves such a file); {_NPZ_FIX}.") from None
+  except ValueError as e:  # object arrays would need pickle
+    raise ValueError(f"npz file {path} cannot be read without pickle ({e}); store plain "
+                     f"number / string arrays instead: {_NPZ_FIX}.") from None
+
+
+def _read_npz(path: str) -> _WholeSplit:
+  """Loads and validates one .npz file."""
+  arrays = _open_npz(path)
+  fix = _NPZ_FIX
   latent = "latents" in arrays and "images" not in arrays
   if latent:
     images = arrays["latents"]
@@ -272,18 +445,24 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray, int]:
   if len(images) == 0:
     raise ValueError(f"npz file {path} is empty (0 examples).")
   if labels.min() < 0:
-    raise ValueError(f"npz file {path}: labels contain negative value {labels.min()}; "
-                     "class ids must be in [0, num_classes).")
-  if "class_names" in arrays:
+    bad = labels < 0
+    raise ValueError(f"npz file {path}: {bad.sum()} of {len(labels)} labels are negative: "
+                     f"{describe_labels(labels[bad])}; class ids must be in [0, num_classes): "
+                     "fix or drop these examples.")
+  inferred = "class_names" not in arrays
+  if not inferred:
     num_classes = len(arrays["class_names"])
     if labels.max() >= num_classes:
-      raise ValueError(f"npz file {path}: label {labels.max()} is >= the {num_classes} "
-                       "class_names; add the missing names or fix the labels.")
+      bad = labels >= num_classes
+      raise ValueError(f"npz file {path}: {bad.sum()} of {len(labels)} labels are outside "
+                       f"[0, {num_classes}) of its {num_classes} class_names: "
+                       f"{describe_labels(labels[bad])}; add the missing class_names or fix "
+                       "the labels.")
   else:
     num_classes = int(labels.max()) + 1
   if num_classes > np.iinfo(np.int32).max:
     raise ValueError(f"npz file {path}: {num_classes} classes do not fit int32 labels.")
-  return images, labels, num_classes
+  return _WholeSplit(images, labels, num_classes, inferred)
 
 
 def _network_reachable(host: str = "storage.googleapis.com", port: int = 443,
@@ -392,7 +571,8 @@ class TfdsSource(Source):
         num_classes=features["label"].num_classes,
         total_examples=total_examples,
         process_index=process_index,
-        process_count=process_count)
+        process_count=process_count,
+        origin=f"{self.name} split {split!r}")
 
   def _read(self, tf, builder, split, process_index, process_count, image_size, empty_shape):
     """Reads only this process's even split into numpy, in the dataset's fixed order."""
