@@ -5,7 +5,8 @@ pixel a token). Arguments (comma-separated after the colon):
 
   variant=Ti/1      SIZE/PATCH; Ti/2 is the ViT baseline on the same recipe
   dataset=cifar100  cifar100 | imagenet28 | imagenet224 | digits | tfds:NAME | npz:PATH
-  quick             a couple of minutes on a 2-core CPU, offline (digits)
+  quick             a couple of minutes on a 2-core CPU, offline (digits); its
+                    length is pinned to 400 steps (total_epochs=0)
   posemb=learn      learn | sincos2d | none (the position-embedding ablation)
   tokenizer=linear  linear | vocab (8-bit pixel values index learned tables)
   swaps=0           T pixel-pair swaps within swap_distance (the permutation
@@ -70,6 +71,7 @@ def get_config(arg=None):
     config.batch_size = 128
     config.eval_batch_size = 360
     config.total_steps = 400
+    config.total_epochs = 0.0  # pinned: --config.total_steps=0 is an error, not 2400 epochs
     config.optimizer.lr = 1e-3
     config.optimizer.warmup_steps = 50
     config.optimizer.ema_decay = 0.0

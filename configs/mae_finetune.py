@@ -132,6 +132,7 @@ def get_config(arg=None):
   if args.quick:  # cls_pixel's quick run (mu/1 on 8x8 digits), for mae_pixel.py:quick
     config.model.drop_path = 0.0
     config.total_steps = 150
+    config.total_epochs = 0.0  # pinned, as cls_pixel's quick run
     opt.warmup_steps = 15
     opt.base_lr = 4e-3 if args.mode == "finetune" else 2e-2  # lr 2e-3 / 1e-2 at batch 128
     config.augment.mixup_alpha = 0.0  # as cls_pixel:quick: digits are few and tiny

@@ -5,7 +5,8 @@ Defaults: the paper's CIFAR-100 PiT MAE setting (Ti/1: every pixel a token,
 
   variant=Ti/1      SIZE/PATCH; Ti/2 is the MAE ViT baseline
   dataset=cifar100  cifar100 | digits | tfds:NAME | npz:PATH
-  quick             a few minutes on a 2-core CPU, offline (digits)
+  quick             a few minutes on a 2-core CPU, offline (digits); its length
+                    is pinned to 800 steps (total_epochs=0)
   posemb=, tokenizer=, swaps=, swap_distance=   the locality ablations, as in
                     configs/cls_pixel.py
 
@@ -76,6 +77,7 @@ def get_config(arg=None):
     config.batch_size = 128
     config.eval_batch_size = 360
     config.total_steps = 800
+    config.total_epochs = 0.0  # pinned: --config.total_steps=0 is an error, not 1600 epochs
     config.optimizer.base_lr = 2e-3
     config.optimizer.warmup_steps = 50
     config.augment.crop = False  # 8x8 digits lose too much to crops

@@ -8,6 +8,7 @@ the key, the value and what is allowed.
 """
 from __future__ import annotations
 
+import fractions
 import os
 
 import jax
@@ -16,7 +17,7 @@ import ml_collections
 from pixel_vit import parallel
 from pixel_vit.data import augment, locality, sources
 from pixel_vit.diffusion import gaussian, sampling
-from pixel_vit.models import attention, dit, vit
+from pixel_vit.models import attention, dit, mae, vit
 from pixel_vit.trainers import pretrained
 
 
@@ -268,6 +269,33 @@ def validate_image_size(model, image_size: int) -> None:
            f"config.model.norm_pix_window={window} does not divide the image size {image_size}.")
 
 
+def validate_mask_ratio(mask_ratio: float, model, image_size: int) -> None:
+  """MAE masking hides at least one token and keeps at least one, on the real
+  token count and with the model's own rounding (models/mae.py, `num_visible`)."""
+  _, patch = vit.parse_variant(model.variant)
+  tokens = (image_size // patch) ** 2
+  kept = round(tokens * (1 - fractions.Fraction(repr(float(mask_ratio)))))
+  _require(tokens - mae.num_visible(tokens, mask_ratio) > 0 and kept > 0,
+           f"config.mask_ratio={mask_ratio!r} masks {tokens - kept} of the {tokens} tokens "
+           f"({image_size}x{image_size} images, config.model.variant={model.variant!r} with "
+           f"patch {patch}) and keeps {kept} visible (round({tokens} x (1 - ratio))); MAE "
+           "needs at least one masked token (else the loss is 0 and nothing trains) and at "
+           f"least one visible. With {tokens} tokens use a ratio in [1/{tokens}, "
+           f"{tokens - 1}/{tokens}] = [{1 / tokens:.4g}, {(tokens - 1) / tokens:.4g}] "
+           "(MAE: 0.75).")
+
+
+def describe_length(config, start_step: int, total_steps: int, steps_per_epoch: int) -> str:
+  """'steps 0 -> 400 (...)': the run's length and what decided it, for the first log line."""
+  if config.total_steps:
+    how = (f"config.total_steps; {steps_per_epoch} steps/epoch, so "
+           f"{total_steps / steps_per_epoch:.3g} epochs")
+  else:
+    how = (f"from config.total_epochs={config.total_epochs:g} x {steps_per_epoch} "
+           "steps/epoch, since config.total_steps=0")
+  return f"steps {start_step} -> {total_steps} ({how})"
+
+
 def validate_optimizer(opt) -> None:
   _check_positive("optimizer.lr", opt.lr)
   _check_positive("optimizer.weight_decay", opt.weight_decay, allow_zero=True)
@@ -341,5 +369,10 @@ def validate_common(config, device_count: int, process_count: int) -> None:
   augment.validate_augment_config(config.augment)
   validate_run(config, device_count, process_count)
   validate_attention(config, device_count, jax.default_backend())
+  _check_positive("total_epochs", config.total_epochs, allow_zero=True)
   _require(config.total_steps > 0 or config.total_epochs > 0,
-           "config.total_steps is 0 and config.total_epochs is not > 0: set one of them.")
+           f"config.total_steps={config.total_steps} and config.total_epochs="
+           f"{config.total_epochs:g} leave the run without a length: 0 steps means \"use "
+           "total_epochs\", and the quick configs pin total_epochs=0. Set "
+           "--config.total_steps=N (> 0), or --config.total_epochs=E (> 0) with "
+           "--config.total_steps=0.")

@@ -17,6 +17,7 @@ import functools
 
 import jax
 import optax
+from absl import logging
 from flax import nnx
 
 from pixel_vit import configuration, parallel
@@ -30,6 +31,13 @@ from pixel_vit.trainers import state as state_lib
 def validate(config) -> None:
   configuration.validate_common(config, jax.device_count(), jax.process_count())
   pretrained.check_config(config)  # init_from vs config.model, when the path exists
+
+
+def check_data(plan: loop.Plan) -> list[str]:
+  """What needs the data, before anything compiles: the eval images match the
+  train images and the labels fit the model's classes over both splits.
+  Returns warnings (classes only eval has, unused class ids) for the log."""
+  return sources.check_splits(plan.train_split, plan.eval_split, labelled=True)
 
 
 def make_model_fn(config, split: sources.ImageSplit):
@@ -88,6 +96,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   # Read before the data, so a bad init_from fails fast; None when resuming.
   source = pretrained.for_new_run(config, workdir)
   plan = loop.plan(config, make_model_fn)
+  warnings = check_data(plan)
   train_split, eval_split = plan.train_split, plan.eval_split
   if source is not None:  # every check before anything compiles
     dropped = source.check(config, train_split.images.shape[1:], plan.shapes.params)
@@ -101,13 +110,17 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   run = loop.start(config, workdir, plan, identity=identity,
                    initial_params=None if source is None else source.load_encoder,
                    devices=devices)
+  length = configuration.describe_length(config, run.start_step, plan.total_steps,
+                                        plan.steps_per_epoch)
+  run.reporter.log(f"{length}, {train_split.total_examples} train / "
+                   f"{eval_split.total_examples} eval examples")
+  for warning in warnings:
+    if run.reporter.is_main:
+      logging.warning("%s", warning)
   if source is not None:
     run.reporter.log(pretrained.describe(source, dropped))
   elif config.get("init_from"):
     run.reporter.log(f"resumed from {workdir}: config.init_from is not loaded again")
-  run.reporter.log(f"steps {run.start_step} -> {plan.total_steps} ({plan.steps_per_epoch} "
-                   f"steps/epoch), {train_split.total_examples} train / "
-                   f"{eval_split.total_examples} eval examples")
 
   graphdef, shardings = run.described.graphdef, run.described.shardings
   replicated = parallel.replicated(run.mesh)

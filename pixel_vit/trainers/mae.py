@@ -31,6 +31,16 @@ def validate(config) -> None:
   configuration.validate_decoder(config.model)
   if not 0.0 < config.mask_ratio < 1.0:
     raise ValueError(f"config.mask_ratio={config.mask_ratio!r} must be in (0, 1).")
+  if config.data.get("image_size"):  # else checked once the data says (check_data)
+    configuration.validate_mask_ratio(config.mask_ratio, config.model, config.data.image_size)
+
+
+def check_data(config, plan: loop.Plan) -> None:
+  """What needs the data: the eval images match the train images, and the mask
+  ratio masks and keeps tokens at this image size. Before anything compiles."""
+  sources.check_splits(plan.train_split, plan.eval_split, labelled=False)  # labels unused
+  configuration.validate_mask_ratio(config.mask_ratio, config.model,
+                                    plan.train_split.images.shape[1])
 
 
 def make_model_fn(config, split: sources.ImageSplit):
@@ -124,6 +134,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   """Pre-trains to the configured length on `devices` (default: all); returns
   the final state and the last evaluation's metrics."""
   plan = loop.plan(config, make_model_fn)
+  check_data(config, plan)
   num_classes = plan.train_split.num_classes
   decoder = config.model.decoder
   identity = {"task": "mae", "variant": config.model.variant, "posemb": config.model.posemb,
@@ -132,8 +143,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None
                           decoder.posemb],
               "image_shape": list(plan.train_split.images.shape[1:])}
   run = loop.start(config, workdir, plan, identity=identity, devices=devices)
-  run.reporter.log(f"MAE steps {run.start_step} -> {plan.total_steps} ({plan.steps_per_epoch} "
-                   f"steps/epoch), mask ratio {config.mask_ratio}, lr {config.optimizer.lr:.3g}")
+  length = configuration.describe_length(config, run.start_step, plan.total_steps,
+                                        plan.steps_per_epoch)
+  run.reporter.log(f"MAE {length}, mask ratio {config.mask_ratio}, "
+                   f"lr {config.optimizer.lr:.3g}")
 
   graphdef, shardings = run.described.graphdef, run.described.shardings
   param_shardings = run.described.param_shardings
