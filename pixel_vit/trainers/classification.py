@@ -114,9 +114,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None
                                         plan.steps_per_epoch)
   run.reporter.log(f"{length}, {train_split.total_examples} train / "
                    f"{eval_split.total_examples} eval examples")
-  for warning in warnings:
-    if run.reporter.is_main:
-      logging.warning("%s", warning)
+  for warning in warnings if run.reporter.is_main else ():
+    logging.warning("%s", warning)
   if source is not None:
     run.reporter.log(pretrained.describe(source, dropped))
   elif config.get("init_from"):
