@@ -27,10 +27,14 @@ setuptools.setup(
         "scipy",  # FID tests' reference; sklearn needs it anyway
     ],
     extras_require={
-        # torch + diffusers: the VAE is tested against diffusers' AutoencoderKL.
-        # Install the CPU build of torch first (.ci/run does) or pip pulls CUDA.
-        "test": ["pytest>=8", "pytest-xdist", "torch", "diffusers",
+        # No torch here: the three tasks and the tests run without it.
+        "test": ["pytest>=8", "pytest-xdist",
                  "nbclient", "nbformat", "ipykernel"],  # tests/test_notebook.py
+        # The parity tests: our VAE against diffusers' AutoencoderKL, the FID
+        # Inception-v3 against torch, reading .pth weights (they skip without it).
+        # Install the CPU build of torch first (.ci/run does:
+        # pip install torch==2.13.0), or pip pulls several GB of CUDA.
+        "parity": ["torch", "diffusers"],
         "bench": ["matplotlib"],
     },
 )

@@ -3,7 +3,8 @@ of pytorch-fid / ADM), streaming statistics, reference files, Inception Score
 and precision / recall against closed forms and brute force; the FID
 Inception-v3 block by block against a torch.nn.functional reference on the
 same random weights; and a classifier trained by the real trainer as a
-feature extractor (its logits, accuracy and FID on digits)."""
+feature extractor (its logits, accuracy and FID on digits). The torch
+comparisons skip without torch (the [parity] extra); the rest runs without it."""
 import json
 import math
 import os
@@ -15,8 +16,6 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.spatial.distance
-import torch
-import torch.nn.functional as F
 from flax import nnx
 
 from conftest import set_dotted
@@ -28,6 +27,14 @@ from pixel_vit.trainers import classification, loop
 from pixel_vit.trainers import state as state_lib
 
 DIGITS_TEST_EXAMPLES = 360
+PARITY = ("needs torch for the reference: install the [parity] extra: "
+          "pip install torch==2.13.0 (CPU wheel) diffusers")
+
+
+def import_torch():
+  """(torch, torch.nn.functional), or skips the calling test naming the extra."""
+  torch = pytest.importorskip("torch", reason=PARITY)
+  return torch, torch.nn.functional
 
 
 # ---------------------------------------------------------------- Frechet distance
@@ -333,6 +340,7 @@ def full_state_dict(seed=0) -> dict:
 
 def torch_conv(x, state, layers, name, prefix=""):
   _, _, _, stride, padding = layers[name]
+  torch, F = import_torch()
   key = f"{prefix}{name}"
   t = {k: torch.from_numpy(v) for k, v in state.items() if k.startswith(key + ".")}
   x = F.conv2d(x, t[f"{key}.conv.weight"], stride=stride, padding=padding)
@@ -343,6 +351,7 @@ def torch_conv(x, state, layers, name, prefix=""):
 
 def torch_block(kind, x, state, layers, prefix=""):
   """pytorch-fid's forward of one block, in torch.nn.functional (NCHW)."""
+  torch, F = import_torch()
   c = lambda name, h: torch_conv(h, state, layers, name, prefix)  # noqa: E731
   tf_avg = lambda h: F.avg_pool2d(h, 3, stride=1, padding=1, count_include_pad=False)  # noqa: E731
   if kind == "A":
@@ -374,6 +383,7 @@ def torch_block(kind, x, state, layers, prefix=""):
 
 def torch_inception(images_nhwc, state):
   """pytorch-fid's FID InceptionV3 forward -> (pool, logits, Mixed_6d.branch1x1)."""
+  torch, F = import_torch()
   x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
   if x.shape[1] == 1:
     x = x.repeat(1, 3, 1, 1)
@@ -398,6 +408,7 @@ def nhwc(x_nchw):
 
 
 def test_basic_conv_matches_torch():
+  torch, _ = import_torch()
   layers = {"conv1": (5, 7, (3, 1), 2, (1, 0))}
   state = random_state_dict(np.random.default_rng(6), layers)
   x = np.random.default_rng(7).normal(size=(2, 5, 9, 8)).astype(np.float32)
@@ -420,6 +431,7 @@ BLOCKS = {
 
 @pytest.mark.parametrize("kind", list(BLOCKS))
 def test_each_block_matches_the_torch_reference(kind):
+  torch, _ = import_torch()
   make, layers, size = BLOCKS[kind]
   state = random_state_dict(np.random.default_rng(8), layers)
   # Signed inputs: zero-padded max pooling or pad-counting averages would differ.
@@ -442,10 +454,16 @@ def test_pooling_differs_between_e_1_and_e_2():
 
 
 @pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
-  """A random state dict with pytorch-fid's keys, as .pth (torch.save) and .npz
-  (through the converter)."""
-  state = full_state_dict()
+def inception_state():
+  """A random state dict {key: numpy array} with pytorch-fid's keys (torch-free)."""
+  return full_state_dict()
+
+
+@pytest.fixture(scope="module")
+def inception_weights(inception_state, tmp_path_factory):
+  """The random state dict, as .pth (torch.save) and .npz (through the converter)."""
+  torch, _ = import_torch()
+  state = inception_state
   # Newer torch state dicts carry BatchNorm step counters; they are no weights.
   saved = {k: torch.from_numpy(v) for k, v in state.items()}
   saved["Conv2d_1a_3x3.bn.num_batches_tracked"] = torch.tensor(0)
@@ -471,9 +489,12 @@ def expected_keys():
       nnx.eval_shape(lambda: inception.FIDInceptionV3(rngs=nnx.Rngs(0))))
 
 
-def test_expected_keys_are_pytorch_fids(inception_weights, expected_keys):
+def test_expected_keys_are_pytorch_fids(inception_state, expected_keys):
+  assert expected_keys == {k: v.shape for k, v in inception_state.items()}
+
+
+def test_converter_keeps_keys_and_layouts(inception_weights):
   state, _, npz = inception_weights
-  assert expected_keys == {k: v.shape for k, v in state.items()}
   with np.load(npz) as converted:  # the converter keeps keys and torch layouts
     assert set(converted.files) == set(state)
     for key in ("Mixed_6d.branch7x7_2.conv.weight", "fc.weight",
@@ -522,16 +543,16 @@ def test_inception_extractor_runs_the_converted_weights(inception_weights, incep
     (lambda s: s.update({"fc.weight": np.zeros((1000, 2048), np.float32)}),
      r"wrong shapes fc\.weight: \(1000, 2048\) \(expected \(1008, 2048\)\)"),
 ], ids=["missing", "unexpected", "shape"])
-def test_bad_state_dicts_are_named(inception_weights, expected_keys, edit, match):
-  state = dict(inception_weights[0])
+def test_bad_state_dicts_are_named(inception_state, expected_keys, edit, match):
+  state = dict(inception_state)
   edit(state)
   with pytest.raises(ValueError, match=r"'w.pth' does not hold the FID Inception-v3 weights: "
                                        + match + r".*pt_inception-2015-12-05"):
     inception.check_state_dict(expected_keys, state, "'w.pth'")
 
 
-def test_loading_checks_the_keys_first(inception_weights, tmp_path):
-  state = dict(inception_weights[0])
+def test_loading_checks_the_keys_first(inception_state, tmp_path):
+  state = dict(inception_state)
   del state["fc.bias"]
   path = str(tmp_path / "partial.npz")
   np.savez(path, **{k: state[k] for k in list(state)[:5]})
@@ -539,21 +560,27 @@ def test_loading_checks_the_keys_first(inception_weights, tmp_path):
     inception.load_inception(path)
 
 
-def test_pth_without_torch_says_how_to_convert(inception_weights, monkeypatch):
+def test_pth_without_torch_says_how_to_convert(tmp_path, monkeypatch):
+  pth = tmp_path / "pt_inception.pth"
+  pth.write_bytes(b"not read: torch is missing")
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
   with pytest.raises(ImportError, match=r"needs torch.*--convert IN\.pth OUT\.npz"):
-    inception.load_inception(inception_weights[1])
+    inception.load_inception(str(pth))
   with pytest.raises(ValueError, match="do not exist"):
     inception.load_inception("/nonexistent/pt_inception.pth")
 
 
 def test_preprocessing_is_pytorch_fids_resize():
+  torch, F = import_torch()
   for shape in ((1, 3, 8, 8), (1, 3, 320, 301)):  # up- and downsampling
     x = np.random.default_rng(14).uniform(size=shape).astype(np.float32)
     expected = 2 * F.interpolate(torch.from_numpy(x), size=(299, 299), mode="bilinear",
                                  align_corners=False) - 1
     actual = inception.preprocess(jnp.asarray(nhwc(x)))
     np.testing.assert_allclose(actual, nhwc(expected), atol=2e-6)
+
+
+def test_preprocessing_channels():
   # A grey image enters the network as the same image in all three channels.
   grey = jnp.asarray(np.random.default_rng(15).uniform(size=(2, 20, 20, 1)), jnp.float32)
   np.testing.assert_array_equal(inception.preprocess(grey),

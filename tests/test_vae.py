@@ -2,7 +2,7 @@
 KL-f8 configs, current and legacy attention names), loader errors, posterior
 sampling, and the dataset encoding tool (`pixel_vit.data.encode_latents`).
 
-Tests that compare with diffusers skip without torch / diffusers; the loader
+Tests that compare with diffusers skip without torch / diffusers (the [parity] extra); the loader
 error and tool tests write their checkpoints with the torch-free exporter
 `vae.diffusers_state_dict` (whose mapping the diffusers tests prove).
 """
@@ -21,6 +21,8 @@ from pixel_vit.data import encode_latents, sources
 from pixel_vit.models import vae as vae_lib
 
 TOLERANCE = 1e-4  # max abs error vs diffusers, float32
+PARITY = ("needs {} for the diffusers reference: install the [parity] extra: "
+          "pip install torch==2.13.0 (CPU wheel) diffusers")
 SMALL = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
              latent_channels=4)
 SD_KL_F8 = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
@@ -91,8 +93,8 @@ def max_error(actual, desired) -> float:
 def diffusers_vae(config: dict, seed: int = 0):
   """A diffusers AutoencoderKL with random weights, GroupNorms included (their
   default ones / zeros would hide a scale / bias mix-up)."""
-  torch = pytest.importorskip("torch")
-  diffusers = pytest.importorskip("diffusers")
+  torch = pytest.importorskip("torch", reason=PARITY.format("torch"))
+  diffusers = pytest.importorskip("diffusers", reason=PARITY.format("diffusers"))
   levels = len(config["block_out_channels"])
   torch.manual_seed(seed)
   model = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
@@ -114,7 +116,7 @@ def compare_with_diffusers(reference, model: vae_lib.AutoencoderKL, *, batch: in
                            scaled_path: bool = True) -> None:
   """Encoder mean/logvar and decoder output agree, and (with `scaled_path`)
   encode_to_latents / decode_latents agree with the scaled [0, 1] codec."""
-  torch = pytest.importorskip("torch")
+  torch = pytest.importorskip("torch", reason=PARITY.format("torch"))
   generator = torch.Generator().manual_seed(seed)
   images = torch.rand(batch, 3, height, width, generator=generator) * 2 - 1
   with torch.no_grad():
@@ -172,7 +174,7 @@ def test_small_config_matches_diffusers(small_reference):
 def test_sd_kl_f8_config_matches_diffusers(tmp_path):
   """The real SD layout (4 levels, 2 resnets, 32 groups, shortcut convs) loads from
   a bare safetensors file: the architecture comes from the tensor shapes."""
-  safetensors_torch = pytest.importorskip("safetensors.torch")
+  safetensors_torch = pytest.importorskip("safetensors.torch", reason=PARITY.format("torch"))
   reference = diffusers_vae(SD_KL_F8, seed=2)
   path = tmp_path / "sd_vae.safetensors"
   safetensors_torch.save_file(torch_state_dict(reference), str(path))
