@@ -5,13 +5,37 @@ step, base RNG key). The data position needs nothing more: batches are a
 function of (seed, step), see `pixel_vit.data.pipeline`. A small JSON item
 records what model the state belongs to, so a mismatch is reported by name
 instead of as a shape error deep inside orbax.
+
+Faults lose nothing already saved: a checkpoint that cannot be read is moved
+aside to `<workdir>/checkpoints.damaged/` (never deleted) and the previous
+one is restored instead; a save that fails stops the run with one message,
+removes its temporary directory and leaves the earlier checkpoints as they
+were.
 """
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+DAMAGED = "checkpoints.damaged"
+
+
+class CheckpointSaveError(RuntimeError):
+  """A save failed (disk full, permissions, ...); earlier checkpoints are intact."""
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint was written by a different model or train state."""
+
+
+class NoRestorableCheckpointError(RuntimeError):
+  """Every checkpoint in the workdir failed to read."""
 
 
 def checkpoint_directory(workdir: str) -> str:
@@ -25,6 +49,16 @@ def checkpoint_directory(workdir: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 
 
+def first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}".strip()
+
+
+# orbax's words when the saved tree differs from the one asked for (another
+# optimizer, EMA on/off, ...): a config problem, not damage.
+_STRUCTURE_MISMATCH = ("tree structures do not match", "Structure mismatch")
+
+
 class Checkpointer:
   """Saves to and resumes from `<workdir>/checkpoints`.
 
@@ -34,7 +68,12 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f"config.keep_checkpoints={keep} would delete every checkpoint, the "
+                       "final one included; set it to 1 or more.")
     self.directory = checkpoint_directory(workdir)
+    self.damaged_directory = os.path.join(os.path.dirname(self.directory), DAMAGED)
+    self._saving_step: int | None = None  # an async save not yet known to have committed
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -44,11 +83,59 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def should_save(self, step: int, *, force: bool = False) -> bool:
+    return force or self.manager.should_save(step)
+
   def save(self, step: int, state: Any, metadata: dict, *, force: bool = False) -> bool:
-    return self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      metadata=ocp.args.JsonSave(metadata)),
-        force=force)
+    """Starts an (async) save when one is due; a failure, this one's or the
+    previous async one's, raises CheckpointSaveError."""
+    try:
+      saved = self.manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        metadata=ocp.args.JsonSave(metadata)),
+          force=force)
+    except Exception as e:  # orbax raises whatever the filesystem raised
+      self._save_failed(self._saving_step or step, e)
+    if saved:
+      self._saving_step = step
+    return saved
+
+  def wait(self):
+    """Blocks until the last save has committed (raises CheckpointSaveError)."""
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:
+      self._save_failed(self._saving_step, e)
+    self._saving_step = None
+
+  def _save_failed(self, step: int | None, error: BaseException):
+    removed = self._remove_temporaries()
+    kept = [s for s in self.all_steps() if s != step]
+    raise CheckpointSaveError(
+        f"saving checkpoint step {step} to {self.directory} failed ({first_line(error)}). "
+        f"Earlier checkpoints are intact (steps {kept or 'none'})"
+        f"{'; removed its partial ' + ', '.join(removed) if removed else ''}. Free disk space "
+        "or fix the directory's permissions, then rerun the same command: it resumes from "
+        "the newest checkpoint.") from error
+
+  def _remove_temporaries(self) -> list[str]:
+    if jax.process_index() != 0:
+      return []
+    removed = []
+    directory = epath.Path(self.directory)
+    if directory.exists():
+      for path in directory.iterdir():
+        if ".orbax-checkpoint-tmp" in path.name:
+          try:
+            path.rmtree() if path.is_dir() else path.unlink()
+            removed.append(path.name)
+          except OSError as e:
+            logging.warning("could not remove %s: %s", path, e)
+    return removed
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
@@ -60,29 +147,76 @@ class Checkpointer:
   def restore(self, abstract_state: Any, metadata: dict, step: int | None = None) -> Any:
     """Restores onto the shardings in `abstract_state` (ShapeDtypeStructs).
 
-    Raises ValueError naming the checkpoint when it was written by a
-    different model, instead of failing inside orbax.
+    Without `step`: the newest checkpoint that reads. Newer ones that failed
+    to read are then moved aside with a warning, and only then: when none
+    reads, nothing is moved (the cause may be the config, not the files).
+    Raises CheckpointMismatchError, naming the checkpoint, when it was
+    written by a different model or train state.
     """
-    step = self.latest_step() if step is None else step
+    steps = [step] if step is not None else self.all_steps()[::-1]
+    failures = []
+    for candidate in steps:
+      try:
+        restored = self._restore_step(candidate, abstract_state, metadata)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # a damaged checkpoint raises anything tensorstore can
+        if step is not None:
+          raise
+        failures.append((candidate, first_line(e)))
+        continue
+      for damaged, error in failures:
+        where = self._set_aside(damaged)
+        logging.warning("checkpoint step %d in %s could not be read (%s); moved it to %s and "
+                        "resumed from step %d instead.", damaged, self.directory, error, where,
+                        candidate)
+      return restored
+    listing = "; ".join(f"step {s}: {error}" for s, error in failures)
+    raise NoRestorableCheckpointError(
+        f"no checkpoint in {self.directory} could be read ({listing}). Nothing was moved or "
+        "deleted. If the files are damaged, move them away (or use a fresh --workdir); if "
+        "the config changed, run with the config they were written with.")
+
+  def _restore_step(self, step: int, abstract_state: Any, metadata: dict) -> Any:
     saved = self.read_metadata(step)
     mismatched = {k: (saved.get(k), v) for k, v in metadata.items() if saved.get(k) != v}
     if mismatched:
-      details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items())
-      raise ValueError(
+      details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}"
+                          for k, (a, b) in mismatched.items())
+      raise CheckpointMismatchError(
           f"checkpoint {self.directory}/{step} does not match the config ({details}). "
-          "Use a fresh --workdir, or set the config back to what the checkpoint was trained with.")
+          "Use a fresh --workdir, or set the config back to what the checkpoint was "
+          "trained with.")
     try:
       restored = self.manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    except (ValueError, KeyError) as e:
-      raise ValueError(
-          f"checkpoint {self.directory}/{step} could not be restored into the current "
-          f"train state ({e}). Use a fresh --workdir or the config it was written with.") from e
+    except ValueError as e:
+      if not any(words in str(e) for words in _STRUCTURE_MISMATCH):
+        raise
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory}/{step} holds a different train state than the "
+          f"config builds ({' '.join(str(e).split()[:40])}), e.g. another optimizer, EMA "
+          "setting or config.on_nonfinite mode. Use a fresh --workdir or the config it was written "
+          "with.") from e
     return restored.state
 
-  def wait(self):
-    self.manager.wait_until_finished()
+  def _set_aside(self, step: int) -> str:
+    """Moves a damaged step out of orbax's sight (all processes agree first)."""
+    target = os.path.join(self.damaged_directory, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"set_aside_{step}")
+    if jax.process_index() == 0:
+      epath.Path(self.damaged_directory).mkdir(parents=True, exist_ok=True)
+      epath.Path(self.directory, str(step)).rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"set_aside_{step}_done")
+    self.manager.reload()
+    return target
 
   def close(self):
-    self.manager.close()
-
+    try:
+      self.manager.close()
+    except Exception as e:  # a failed async save, already reported by wait()/save()
+      logging.warning("closing the checkpoint manager: %s", first_line(e))

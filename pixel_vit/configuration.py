@@ -135,7 +135,12 @@ def base_config(task: str, dataset: str, *, quick: bool) -> ml_collections.Confi
   config.data = dataset_config("digits" if quick and dataset == "cifar100" else dataset)
   config.mesh = mesh_config()
   config.sharding_rules = SHARDING_RULES
-  config.keep_checkpoints = 3
+  config.keep_checkpoints = 3  # >= 1: the newest N, the final one included
+  # A non-finite loss or gradient norm: 'stop' the run (no NaN checkpoint is
+  # ever written), or 'skip' that update and stop after more than
+  # max_nonfinite_skips in a row (trainers/divergence.py).
+  config.on_nonfinite = "stop"
+  config.max_nonfinite_skips = 10
   # A jax.profiler trace of `steps` train steps from `first_step` on, written
   # to <workdir>/plugins/profile/ (TensorBoard's profile tab); 0 = off.
   config.profile = ml_collections.ConfigDict(dict(steps=0, first_step=10))
@@ -321,8 +326,10 @@ def validate_run(config, device_count: int, process_count: int) -> None:
   _check_positive("batch_size", config.batch_size)
   _check_positive("eval_batch_size", config.eval_batch_size)
   _check_positive("total_steps", config.total_steps, allow_zero=True)  # 0: use total_epochs
-  for key in ("log_every", "eval_every", "checkpoint_every"):
+  for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     _check_positive(key, config[key])
+  _check_choice("on_nonfinite", config.get("on_nonfinite", "stop"), ("stop", "skip"))
+  _check_positive("max_nonfinite_skips", config.get("max_nonfinite_skips", 0), allow_zero=True)
   if "profile" in config:
     _check_positive("profile.steps", config.profile.steps, allow_zero=True)
     _check_positive("profile.first_step", config.profile.first_step)

@@ -205,16 +205,15 @@ def test_get_config_arguments(cls_pixel):
 def test_main_rejects_negative_lr_quickly(tmp_path):
   workdir = tmp_path / "run"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  start = time.monotonic()
   proc = subprocess.run(
       [sys.executable, "-m", "pixel_vit.main", "--config=configs/cls_pixel.py:quick",
        "--config.optimizer.lr=-1", f"--workdir={workdir}"],
-      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=90)
-  elapsed = time.monotonic() - start
-  assert proc.returncode != 0
-  assert "ValueError" in proc.stderr and "optimizer.lr" in proc.stderr, proc.stderr[-2000:]
-  assert elapsed < 60, elapsed
-  assert not (workdir / "checkpoints").exists()
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  # One message, no traceback; and nothing was created (it came before any compile).
+  assert "error: config.optimizer.lr=-1.0 must be > 0." in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) < 10
+  assert not workdir.exists()
 
 
 # ---------------------------------------------------------------- checkpoint mismatch
@@ -242,7 +241,7 @@ def mu1_checkpoint(cls_pixel, tmp_path_factory):
     # Same variant, other arrays: orbax's structure error, re-raised naming the
     # checkpoint. Arrays missing from the checkpoint (EMA added) ...
     pytest.param({"optimizer.ema_decay": 0.9},
-                 r"(?s)checkpoint .*checkpoints/3 could not be restored.*ema_params",
+                 r"(?s)checkpoint .*checkpoints/3 holds a different train state.*ema_params",
                  id="ema_added"),
     # ... and model settings recorded with the checkpoint, named in the message.
     pytest.param({"model.posemb": "none"},

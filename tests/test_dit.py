@@ -316,7 +316,14 @@ def test_resume_with_another_model_is_refused(learning_run):
 def test_sample_command_writes_adm_npz_grid_and_json(learning_run, tmp_path):
   config, workdir, _, _ = learning_run
   out = str(tmp_path / "samples" / "s")
-  metrics = diffusion_trainer.sample_and_evaluate(config, workdir, num_samples=50, out=out)
+  with open(os.path.join(workdir, "config.json")) as f:
+    trained_with = f.read()
+  sampling = set_dotted(config.copy_and_resolve_references(), {"sample.cfg_scale": 2.5})
+  metrics = diffusion_trainer.sample_and_evaluate(sampling, workdir, num_samples=50, out=out)
+  with open(os.path.join(workdir, "config.json")) as f:  # the training record is kept
+    assert f.read() == trained_with
+  with open(out + ".config.json") as f:  # the sampling config sits beside its output
+    assert json.load(f)["sample"]["cfg_scale"] == 2.5
   assert metrics == {}  # no feature extractor configured
   with np.load(out + ".npz") as data:
     assert data["arr_0"].shape == (50, 8, 8, 1) and data["arr_0"].dtype == np.uint8
@@ -324,6 +331,14 @@ def test_sample_command_writes_adm_npz_grid_and_json(learning_run, tmp_path):
   assert os.path.isfile(out + ".png")
   with open(out + ".json") as f:
     assert json.load(f)["num_samples"] == 50
+
+
+def test_sample_command_writes_a_picture_for_a_few_samples(learning_run, tmp_path):
+  config, workdir, _, _ = learning_run
+  out = str(tmp_path / "few")
+  diffusion_trainer.sample_and_evaluate(config, workdir, num_samples=3, out=out)
+  from PIL import Image
+  assert Image.open(out + ".png").size[0] > 0
 
 
 def test_sample_command_needs_a_checkpoint(dit_pixel, make_workdir):

@@ -19,6 +19,7 @@ from sklearn import datasets
 
 from conftest import REPO_ROOT, load_config_module
 from pixel_vit import configuration
+from pixel_vit import command_line
 from pixel_vit import main as main_lib
 from pixel_vit.data import sources
 from pixel_vit.models import mae as mae_model
@@ -150,7 +151,7 @@ def test_classes_only_eval_has_are_a_warning_with_the_counts(tmp_path, quick_con
   names = np.array([str(i) for i in range(10)])
   source = _split_files(tmp_path, class_names=names, train_keep=lambda y: y != 9)
   plan = loop.plan(quick_config({"data.source": source}), classification.make_model_fn)
-  warnings = classification.check_data(plan)
+  warnings = plan.data_warnings
   assert len(warnings) == 1, warnings
   count = int(np.sum(_digits()[1][1400:] == 9))
   share = 100 * count / 397
@@ -361,8 +362,8 @@ def test_command_line_check_names_the_argument_and_the_fix(args, expected):
   cwd = os.getcwd()
   os.chdir(REPO_ROOT)
   try:
-    with pytest.raises(main_lib.CommandLineError) as excinfo:
-      main_lib.check_command_line(["pixel_vit.main", *args, "--workdir=/tmp/unused"])
+    with pytest.raises(command_line.CommandLineError) as excinfo:
+      command_line.check_command_line(["pixel_vit.main", *args, "--workdir=/tmp/unused"])
   finally:
     os.chdir(cwd)
   assert expected in str(excinfo.value)
@@ -373,7 +374,7 @@ def test_command_line_check_accepts_good_overrides():
   cwd = os.getcwd()
   os.chdir(REPO_ROOT)
   try:
-    main_lib.check_command_line(
+    command_line.check_command_line(
         ["pixel_vit.main", "--config=configs/mae_pixel.py:quick", "--config.mask_ratio=0.6",
          "--config.optimizer.base_lr=1e-3", "--config.augment.crop_scale=(0.3, 1.0)",
          "--config.data.image_size=8", "--workdir=/tmp/unused"])

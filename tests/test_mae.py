@@ -567,15 +567,18 @@ def test_paper_config_fails_fast_offline(tmp_path, how):
     command.append("--config.data.download=False")
   start = time.monotonic()
   proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                        timeout=120)
+                        timeout=300)
   elapsed = time.monotonic() - start
-  assert proc.returncode != 0
+  assert proc.returncode == 1
   tail = proc.stderr[-3000:]
-  assert "ValueError: tfds:cifar100 is not prepared" in proc.stderr, tail
+  assert "error: tfds:cifar100 is not prepared" in proc.stderr, tail
+  assert "Traceback" not in proc.stderr, tail
   assert "--config.data.data_dir=DIR" in proc.stderr, tail
   if how == "download_off":
     assert "download is off" in proc.stderr, tail
   else:
     assert "unreachable (no network)" in proc.stderr, tail
-  assert elapsed < 60, elapsed
+  # Not tfds's ~200 s of download retries (the bound is loose: cold imports on
+  # a loaded 2-core machine take most of a minute).
+  assert elapsed < 150, elapsed
   assert not (workdir / "checkpoints").exists()

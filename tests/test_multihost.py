@@ -95,24 +95,23 @@ def _without_cluster_env() -> dict:
 
 @pytest.mark.parametrize("command, flags, expected", [
     ("pixel_vit.main", ["--process_id=1"],
-     "ValueError: --process_id=1 was given without --coordinator_address and --num_processes"),
+     "error: --process_id=1 was given without --coordinator_address and --num_processes"),
     ("pixel_vit.main", ["--distributed=auto"],
-     "ValueError: --distributed=auto found no cluster to join"),
+     "error: --distributed=auto found no cluster to join"),
     ("pixel_vit.sample", ["--coordinator_address=127.0.0.1:1234", "--num_processes=2"],
-     "ValueError: --coordinator_address=127.0.0.1:1234 --num_processes=2 was given without "
+     "error: --coordinator_address=127.0.0.1:1234 --num_processes=2 was given without "
      "--process_id"),
 ], ids=["main_process_id_alone", "main_auto_outside_a_cluster", "sample_no_process_id"])
 def test_commands_reject_bad_distributed_flags_before_starting(tmp_path, command, flags,
                                                                expected):
   workdir = tmp_path / "run"
   config = "configs/cls_pixel.py:quick" if command.endswith("main") else "configs/dit_pixel.py:quick"
-  start = time.monotonic()
   proc = subprocess.run(
       [sys.executable, "-m", command, f"--config={config}", f"--workdir={workdir}", *flags],
-      cwd=REPO_ROOT, env=_without_cluster_env(), capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0
+      cwd=REPO_ROOT, env=_without_cluster_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
   assert expected in proc.stderr, proc.stderr[-3000:]
-  assert time.monotonic() - start < 60
+  assert "Traceback" not in proc.stderr
   assert not workdir.exists()  # failed before the trainer wrote anything
 
 

@@ -17,7 +17,6 @@ import functools
 
 import jax
 import optax
-from absl import logging
 from flax import nnx
 
 from pixel_vit import configuration, parallel
@@ -31,13 +30,6 @@ from pixel_vit.trainers import state as state_lib
 def validate(config) -> None:
   configuration.validate_common(config, jax.device_count(), jax.process_count())
   pretrained.check_config(config)  # init_from vs config.model, when the path exists
-
-
-def check_data(plan: loop.Plan) -> list[str]:
-  """What needs the data, before anything compiles: the eval images match the
-  train images and the labels fit the model's classes over both splits.
-  Returns warnings (classes only eval has, unused class ids) for the log."""
-  return sources.check_splits(plan.train_split, plan.eval_split, labelled=True)
 
 
 def make_model_fn(config, split: sources.ImageSplit):
@@ -96,7 +88,6 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   # Read before the data, so a bad init_from fails fast; None when resuming.
   source = pretrained.for_new_run(config, workdir)
   plan = loop.plan(config, make_model_fn)
-  warnings = check_data(plan)
   train_split, eval_split = plan.train_split, plan.eval_split
   if source is not None:  # every check before anything compiles
     dropped = source.check(config, train_split.images.shape[1:], plan.shapes.params)
@@ -114,8 +105,6 @@ def train_and_evaluate(config, workdir: str, *, devices=None
                                         plan.steps_per_epoch)
   run.reporter.log(f"{length}, {train_split.total_examples} train / "
                    f"{eval_split.total_examples} eval examples")
-  for warning in warnings if run.reporter.is_main else ():
-    logging.warning("%s", warning)
   if source is not None:
     run.reporter.log(pretrained.describe(source, dropped))
   elif config.get("init_from"):

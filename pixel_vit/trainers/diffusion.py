@@ -359,6 +359,18 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   return loop.train(run, config, train_step=train_step, batches=batches, evaluate=evaluate)
 
 
+def sample_grid_by_class(images: np.ndarray, labels: np.ndarray, per_row: int = 8) -> np.ndarray:
+  """One row per class (the first 10 classes, up to `per_row` samples each);
+  rows a class has too few samples for are padded black, so any number of
+  samples makes a picture."""
+  rows = [images[labels == c][:per_row] for c in np.unique(labels)[:10]]
+  columns = max(len(r) for r in rows)
+  blank = np.zeros_like(images[:1])
+  rows = [np.concatenate([r] + [blank] * (columns - len(r))) for r in rows]
+  return pictures.grid([pictures.to_uint8(np.stack([r[j] for r in rows]))
+                        for j in range(columns)])
+
+
 def sample_and_evaluate(config, workdir: str, *, num_samples: int, out: str = "") -> dict:
   """Restores a trained workdir's EMA parameters, generates `num_samples`
   (ADM's npz: `arr_0` uint8 images, `arr_1` labels), a grid PNG, and the
@@ -367,7 +379,8 @@ def sample_and_evaluate(config, workdir: str, *, num_samples: int, out: str = ""
     raise ValueError(f"{workdir} holds no checkpoint to sample from; train first with "
                      f"python -m pixel_vit.main --config=<the same config> --workdir={workdir}")
   plan = loop.plan(config, make_model_fn)
-  run = loop.start(config, workdir, plan, identity=identity_of(config, plan.train_split))
+  run = loop.start(config, workdir, plan, identity=identity_of(config, plan.train_split),
+                   read_only=True)
   state = run.state
   params = state.ema_params if state.ema_params is not None else state.params
   step = run.start_step
@@ -388,17 +401,15 @@ def sample_and_evaluate(config, workdir: str, *, num_samples: int, out: str = ""
     epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
     with epath.Path(out + ".npz").open("wb") as f:
       np.savez(f, arr_0=pictures.to_uint8(images), arr_1=labels.astype(np.int32))
-    per_class = [images[labels == c][:8] for c in range(min(plan.train_split.num_classes, 10))]
-    columns = min(len(p) for p in per_class)
-    if columns:
-      pictures.save_png(out + ".png", pictures.grid(
-          [pictures.to_uint8(np.stack([p[j] for p in per_class])) for j in range(columns)]))
+    pictures.save_png(out + ".png", sample_grid_by_class(images, labels))
+    epath.Path(out + ".config.json").write_text(  # the sampling config, beside its output
+        config.to_json_best_effort(indent=2, sort_keys=True))
     epath.Path(out + ".json").write_text(json.dumps(
         {"step": step, "num_samples": num_samples, "sampler": config.sample.sampler,
          "steps": str(config.sample.steps), "cfg_scale": config.sample.cfg_scale,
          "features": config.fid.features, **{k: float(v) for k, v in metrics.items()}},
         indent=2))
-    run.reporter.log(f"wrote {out}.npz / .png / .json: " +
+    run.reporter.log(f"wrote {out}.npz / .png / .json / .config.json: " +
                      ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
   run.checkpointer.close()
   run.reporter.close()

@@ -14,13 +14,15 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
 from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit import configuration, parallel
 from pixel_vit import optimizer as optimizer_lib
+from pixel_vit import workdir as workdir_lib
 from pixel_vit.data import pipeline, sources
-from pixel_vit.trainers import reporting
+from pixel_vit.trainers import divergence, interrupts, reporting
 from pixel_vit.trainers import state as state_lib
 
 
@@ -34,6 +36,8 @@ class Run:
   reporter: reporting.Reporter
   identity: dict
   total_steps: int
+  lock: workdir_lib.WorkdirLock
+  stopped_by: str | None = None  # the signal that stopped the run early
 
   @property
   def start_step(self) -> int:
@@ -102,32 +106,53 @@ class Plan:
   tx: optax.GradientTransformation
   make_model: Callable[[], nnx.Module]
   shapes: state_lib.ModelShapes
+  # What the run can live with in its data (classes only eval has, unused
+  # class ids), one paragraph each; `start` logs them.
+  data_warnings: tuple[str, ...] = ()
 
 
 def plan(config, make_model_fn: Callable[[Any, sources.ImageSplit], Callable[[], nnx.Module]]
          ) -> Plan:
   """Reads the data, sizes the schedule and traces the model's shapes once."""
   train_split, eval_split = load_splits(config)
+  # Before anything compiles: a model built for the train split can evaluate
+  # the eval split (sizes, kinds, labels vs classes); MAE ignores labels.
+  data_warnings = sources.check_splits(train_split, eval_split,
+                                       labelled=config.task != "mae")
   local_batch = config.batch_size // jax.process_count()
   steps_per_epoch = pipeline.steps_per_epoch(train_split, local_batch)
   total_steps, warmup_steps = schedule_steps(config, steps_per_epoch)
   make_model = make_model_fn(config, train_split)
   shapes = state_lib.model_shapes(make_model)
   schedule = optimizer_lib.make_schedule(config.optimizer, total_steps, warmup_steps)
-  tx = optimizer_lib.make_optimizer(config.optimizer, schedule, shapes.params)
+  tx = divergence.wrap_optimizer(
+      config, optimizer_lib.make_optimizer(config.optimizer, schedule, shapes.params))
   return Plan(train_split, eval_split, local_batch,
               config.eval_batch_size // jax.process_count(), steps_per_epoch, total_steps,
-              schedule, tx, make_model, shapes)
+              schedule, tx, make_model, shapes, tuple(data_warnings))
 
 
 def start(config, workdir: str, plan: Plan, *, identity: dict,
-          initial_params: Callable[[Any], Any] | None = None, devices=None) -> Run:
-  """Mesh, sharded state (resumed or new), checkpointer and reporter.
+          initial_params: Callable[[Any], Any] | None = None, devices=None,
+          read_only: bool = False) -> Run:
+  """Workdir lock, mesh, sharded state (resumed or new), checkpointer and reporter.
 
   `initial_params(params) -> params` adjusts a *new* run's parameters (e.g.
   loading a pre-trained encoder); a resumed run takes its checkpoint instead.
   `devices` (default: all) are laid out on the mesh `config.mesh` describes.
+  `read_only=True` (sampling a trained run, possibly while it trains on)
+  takes no lock and leaves the workdir's `config.json`, the record of how it
+  was trained, as it is.
   """
+  lock = workdir_lib.WorkdirLock(None) if read_only else workdir_lib.claim(workdir)
+  try:
+    return _start(config, workdir, plan, identity, initial_params, devices, read_only, lock)
+  except BaseException:
+    lock.release()  # e.g. a checkpoint of another model: the workdir is left as it was
+    raise
+
+
+def _start(config, workdir, plan, identity, initial_params, devices, read_only, lock) -> Run:
   mesh = parallel.make_mesh(config.mesh, devices=devices)
   rules = config.sharding_rules
   described, create_state = state_lib.sharded_state(
@@ -144,9 +169,11 @@ def start(config, workdir: str, plan: Plan, *, identity: dict,
       state = state.replace(params=params,
                             ema_params=None if state.ema_params is None else params)
   reporter = reporting.Reporter(workdir, config, total_steps=plan.total_steps,
-                                log_every=config.log_every)
+                                log_every=config.log_every, record_config=not read_only)
+  for warning in plan.data_warnings if reporter.is_main else ():
+    logging.warning("%s", warning)
   return Run(mesh, rules, described, state, checkpointer, reporter, identity,
-             plan.total_steps)
+             plan.total_steps, lock)
 
 
 def train(run: Run, config, *, train_step: Callable, batches: Iterator[dict],
@@ -155,31 +182,61 @@ def train(run: Run, config, *, train_step: Callable, batches: Iterator[dict],
 
   `batches` yields per-process numpy batches starting at the state's step;
   `evaluate(step, state)` reports and returns its metrics. Returns the final
-  state and the last evaluation's metrics.
+  state and the last evaluation's metrics. SIGTERM / SIGINT end it early
+  with a checkpoint of the current step (`run.stopped_by` names the signal);
+  a non-finite loss raises divergence.TrainingDivergedError (see there).
   """
   state, start_step = run.state, run.start_step
+  guard = divergence.Guard(config)
   pending: list[dict] = []
   results: dict = {}
-  for step in range(start_step + 1, run.total_steps + 1):
-    state, metrics = train_step(state, run.to_global(next(batches)))
-    pending.append(metrics)
-    run.reporter.tick(step)
-    if step % config.log_every == 0 or step == run.total_steps:
-      means = {k: np.mean([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
-      run.reporter.scalars(step, means)
-      pending = []
-    if step % config.eval_every == 0 or step == run.total_steps:
-      results = evaluate(step, state)
-    run.checkpointer.save(step, state, run.identity, force=step == run.total_steps)
-    if run.checkpointer.reached_preemption(step):  # orbax saved this step already
-      run.reporter.log(f"preempted at step {step}; checkpoint saved, exiting.")
-      break
-  if not results and start_step >= run.total_steps:
-    results = evaluate(start_step, state)
-  run.checkpointer.wait()
-  run.checkpointer.close()
-  run.reporter.close()
+  try:
+    with interrupts.StopRequests() as stops:
+      for step in range(start_step + 1, run.total_steps + 1):
+        state, metrics = train_step(state, run.to_global(next(batches)))
+        pending.append(metrics)
+        guard.observe(step, metrics)
+        run.reporter.tick(step)
+        last = step == run.total_steps
+        if step % config.log_every == 0 or last:
+          means = {k: np.mean([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
+          try:
+            guard.check(lambda: _last_checkpoint(run))
+          finally:  # also when it stops the run: these metrics show the divergence
+            if guard.skipped_total:
+              means["train/nonfinite_skipped"] = guard.skipped_total
+            run.reporter.scalars(step, means)
+            pending = []
+        if step % config.eval_every == 0 or last:
+          results = evaluate(step, state)
+        stopping = stops.requested is not None and jax.process_count() == 1
+        if run.checkpointer.should_save(step, force=last or stopping):
+          guard.check(lambda: _last_checkpoint(run))
+          guard.check_params(step, state.params, lambda: _last_checkpoint(run))
+          run.checkpointer.save(step, state, run.identity, force=last or stopping)
+        if stopping or run.checkpointer.reached_preemption(step):  # orbax saved this step
+          run.checkpointer.wait()
+          run.stopped_by = stops.requested or "preemption notice"
+          run.reporter.log(f"{run.stopped_by}: saved a checkpoint at step {step} in "
+                           f"{run.checkpointer.directory}; exiting. Rerun the same command "
+                           "to resume from it.")
+          break
+      if not results and start_step >= run.total_steps:
+        results = evaluate(start_step, state)
+      run.checkpointer.wait()
+  finally:
+    run.checkpointer.close()
+    run.reporter.close()
+    run.lock.release()
   return state, results
+
+
+def _last_checkpoint(run: Run) -> str:
+  run.checkpointer.wait()  # an async save in flight counts once committed
+  step = run.checkpointer.latest_step()
+  if step is None:
+    return f"no checkpoint was written yet in {run.checkpointer.directory}"
+  return f"the last checkpoint, step {step} in {run.checkpointer.directory}, is finite"
 
 
 def report_eval(run: Run, step: int, results: dict) -> dict:

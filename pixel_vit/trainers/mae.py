@@ -36,9 +36,8 @@ def validate(config) -> None:
 
 
 def check_data(config, plan: loop.Plan) -> None:
-  """What needs the data: the eval images match the train images, and the mask
-  ratio masks and keeps tokens at this image size. Before anything compiles."""
-  sources.check_splits(plan.train_split, plan.eval_split, labelled=False)  # labels unused
+  """What needs the data: the mask ratio masks and keeps tokens at this image
+  size. Before anything compiles."""
   configuration.validate_mask_ratio(config.mask_ratio, config.model,
                                     plan.train_split.images.shape[1])
 

@@ -20,12 +20,14 @@ from etils import epath
 class Reporter:
   """clu metric writer + `metrics.jsonl` + `ReportProgress`."""
 
-  def __init__(self, workdir: str, config, *, total_steps: int, log_every: int):
+  def __init__(self, workdir: str, config, *, total_steps: int, log_every: int,
+               record_config: bool = True):
     self.is_main = jax.process_index() == 0
     self.workdir = workdir
     directory = epath.Path(workdir)
     if self.is_main:
       directory.mkdir(parents=True, exist_ok=True)
+    if self.is_main and record_config:
       (directory / "config.json").write_text(
           config.to_json_best_effort(indent=2, sort_keys=True))
     self.writer = metric_writers.create_default_writer(
@@ -45,7 +47,10 @@ class Reporter:
     self.writer.write_scalars(step, scalars)
     if self.is_main:
       with self._jsonl_path.open("a") as f:
-        f.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        # null, not the bare NaN token json.dumps writes (invalid JSON)
+        finite = {k: v if np.isfinite(v) else None for k, v in scalars.items()}
+        f.write(json.dumps({"step": step, "time": time.time(), **finite}, allow_nan=False)
+                + "\n")
 
   def images(self, step: int, images: dict[str, np.ndarray]) -> None:
     """uint8 [N, H, W, C] arrays to TensorBoard."""

@@ -1,0 +1,240 @@
+"""Faults that must lose nothing (issue 11), unit by unit: the workdir lock,
+unwritable workdirs, checkpoint damage and failed saves, the non-finite
+guard, metrics JSON, and the sample grid. End-to-end runs with signals, NaN
+and damaged checkpoints are in test_faults_end_to_end.py."""
+import fcntl
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+from pixel_vit import checkpoint as checkpoint_lib
+from pixel_vit import workdir as workdir_lib
+from pixel_vit.trainers import divergence, reporting
+from pixel_vit.trainers import diffusion as diffusion_trainer
+
+# ---------------------------------------------------------------- workdir
+
+
+def test_live_lock_refuses_a_second_run(tmp_path):
+  first = workdir_lib.claim(str(tmp_path))
+  try:
+    with pytest.raises(workdir_lib.WorkdirInUseError, match=f"pid {os.getpid()}"):
+      workdir_lib.claim(str(tmp_path))
+  finally:
+    first.release()
+  workdir_lib.claim(str(tmp_path)).release()  # free again once released
+
+
+def test_stale_lock_is_taken_over_with_a_message(tmp_path, caplog):
+  (tmp_path / ".lock").write_text("pid 999999 on a-dead-host\n")  # no process holds it
+  lock = workdir_lib.claim(str(tmp_path))
+  try:
+    assert "pid 999999 on a-dead-host" in caplog.text and "taking it over" in caplog.text
+    assert (tmp_path / ".lock").read_text().startswith(f"pid {os.getpid()} ")
+    with open(tmp_path / ".lock") as other:  # really held
+      with pytest.raises(OSError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  finally:
+    lock.release()
+  assert (tmp_path / ".lock").read_text() == ""  # a clean release leaves no stale record
+
+
+def test_workdir_that_is_a_file_or_unwritable_is_refused(tmp_path):
+  a_file = tmp_path / "file"
+  a_file.write_text("not a directory")
+  with pytest.raises(ValueError, match="is a file, not a directory"):
+    workdir_lib.claim(str(a_file))
+  with pytest.raises(ValueError, match="is not writable"):  # a path under a file
+    workdir_lib.claim(str(a_file / "run"))
+  assert a_file.read_text() == "not a directory"
+
+
+def test_keep_zero_checkpoints_is_refused(tmp_path):
+  with pytest.raises(ValueError, match="keep_checkpoints=0 would delete every checkpoint"):
+    checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, keep=0)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+STATE = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.float32)}
+IDENTITY = {"model": "tiny"}
+
+
+def abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+
+@pytest.fixture
+def saved(tmp_path):
+  """A workdir with checkpoints at steps 1, 2, 3 (state * step)."""
+  workdir = str(tmp_path / "run")
+  checkpointer = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=5, async_save=False)
+  for step in (1, 2, 3):
+    checkpointer.save(step, jax.tree.map(lambda x: x * step, STATE), IDENTITY)
+  checkpointer.close()
+  return workdir
+
+
+def damage(step_dir: str, how: str) -> None:
+  state = os.path.join(step_dir, "state")
+  if how == "truncate":
+    data = [os.path.join(root, f) for root, _, files in os.walk(state)
+            for f in files if os.path.basename(root) == "d"]
+    assert data
+    for path in data:
+      os.truncate(path, os.path.getsize(path) // 2)
+  elif how == "metadata":
+    os.remove(os.path.join(state, "_METADATA"))
+  elif how == "ocdbt":
+    shutil.rmtree(os.path.join(state, "ocdbt.process_0"))
+
+
+# (A deleted ocdbt.process_0/ breaks a real train state's checkpoint, see
+# test_faults_end_to_end.py; this tiny one keeps its data in the merged root.)
+@pytest.mark.parametrize("how", ["truncate", "metadata"])
+def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_restored(saved, how,
+                                                                           caplog):
+  damage(os.path.join(saved, "checkpoints", "3"), how)
+  checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5)
+  restored = checkpointer.restore(abstract(STATE), IDENTITY)
+  for name in STATE:
+    np.testing.assert_array_equal(restored[name], STATE[name] * 2)
+  assert "checkpoint step 3" in caplog.text and "resumed from step 2" in caplog.text
+  assert checkpointer.all_steps() == [1, 2]
+  moved = os.listdir(os.path.join(saved, checkpoint_lib.DAMAGED))
+  assert len(moved) == 1 and moved[0].startswith("3.")  # set aside, not deleted
+  assert os.path.isdir(os.path.join(saved, checkpoint_lib.DAMAGED, moved[0], "state"))
+  checkpointer.save(3, STATE, IDENTITY, force=True)  # the step can be written again
+  checkpointer.wait()
+  checkpointer.close()
+
+
+def test_no_readable_checkpoint_is_one_clear_error_and_nothing_is_deleted(saved):
+  for step in (1, 2, 3):
+    damage(os.path.join(saved, "checkpoints", str(step)), "metadata")
+  checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5)
+  with pytest.raises(checkpoint_lib.NoRestorableCheckpointError,
+                     match=r"no checkpoint in .* could be read \(step 3: .*step 1: .*"
+                     "Nothing was moved or deleted"):
+    checkpointer.restore(abstract(STATE), IDENTITY)
+  assert checkpointer.all_steps() == [1, 2, 3]
+  assert not os.path.exists(os.path.join(saved, checkpoint_lib.DAMAGED))
+
+
+def test_a_checkpoint_of_another_model_is_a_mismatch_not_damage(saved):
+  checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5)
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="model: checkpoint 'tiny'"):
+    checkpointer.restore(abstract(STATE), {"model": "other"})
+  other_tree = {**STATE, "extra": np.zeros(2, np.float32)}
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="different train state"):
+    checkpointer.restore(abstract(other_tree), IDENTITY)
+  assert checkpointer.all_steps() == [1, 2, 3]  # nothing moved aside
+  assert not os.path.exists(os.path.join(saved, checkpoint_lib.DAMAGED))
+
+
+def test_a_failed_save_is_one_error_and_leaves_earlier_checkpoints(saved, monkeypatch):
+  checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5)
+  partial = os.path.join(saved, "checkpoints", "4.orbax-checkpoint-tmp-1234")
+  os.makedirs(partial)  # what an interrupted write leaves
+
+  def disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(checkpointer.manager, "save", disk_full)
+  with pytest.raises(checkpoint_lib.CheckpointSaveError,
+                     match=r"step 4 .* failed \(OSError: .*No space left.*steps \[1, 2, 3\]"):
+    checkpointer.save(4, STATE, IDENTITY, force=True)
+  assert not os.path.exists(partial)
+  monkeypatch.undo()
+  restored = checkpointer.restore(abstract(STATE), IDENTITY)
+  np.testing.assert_array_equal(restored["w"], STATE["w"] * 3)
+
+
+def test_a_failed_async_save_surfaces_at_wait(saved, monkeypatch):
+  checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5)
+  checkpointer.save(4, STATE, IDENTITY, force=True)
+
+  def failed(*args, **kwargs):
+    raise RuntimeError("background write failed")
+
+  monkeypatch.setattr(checkpointer.manager, "wait_until_finished", failed)
+  with pytest.raises(checkpoint_lib.CheckpointSaveError, match="saving checkpoint step 4"):
+    checkpointer.wait()
+
+
+# ---------------------------------------------------------------- non-finite guard
+
+
+def metrics(loss, grad_norm=1.0):
+  return {"train/loss": jnp.float32(loss), "train/grad_norm": jnp.float32(grad_norm),
+          "train/lr": jnp.float32(np.nan)}  # not watched: lr is not an update's health
+
+
+def test_stop_mode_names_the_first_bad_step_and_the_checkpoint():
+  guard = divergence.Guard(ConfigDict({"on_nonfinite": "stop"}))
+  for step, loss in ((1, 2.0), (2, 1.5), (3, np.nan), (4, np.inf)):
+    guard.observe(step, metrics(loss))
+  with pytest.raises(divergence.TrainingDivergedError,
+                     match=r"diverged at step 3: train/loss=nan\. .*step 2 in X"):
+    guard.check(lambda: "the last checkpoint, step 2 in X, is finite")
+
+
+def test_skip_mode_tolerates_the_configured_run_of_bad_steps():
+  guard = divergence.Guard(ConfigDict({"on_nonfinite": "skip", "max_nonfinite_skips": 2}))
+  for step, norm in enumerate([1, np.nan, np.nan, 1, np.nan, 1], start=1):
+    guard.observe(step, metrics(1.0, norm))
+  guard.check(lambda: "")
+  assert guard.skipped_total == 3
+  for step in (7, 8, 9):
+    guard.observe(step, metrics(1.0, np.nan))
+  with pytest.raises(divergence.TrainingDivergedError,
+                     match=r"step 9: .*more than config.max_nonfinite_skips=2 in a row"):
+    guard.check(lambda: "")
+
+
+def test_params_check_catches_inf():
+  guard = divergence.Guard(ConfigDict({}))
+  guard.check_params(5, {"a": jnp.ones(3)}, lambda: "")
+  with pytest.raises(divergence.TrainingDivergedError, match="step 5, so it was not saved"):
+    guard.check_params(5, {"a": jnp.ones(3), "b": jnp.array([1.0, jnp.inf])}, lambda: "")
+
+
+def test_skip_mode_optimizer_leaves_params_unchanged_on_nan_gradients():
+  tx = divergence.wrap_optimizer(ConfigDict({"on_nonfinite": "skip"}), optax.adam(0.1))
+  params = {"w": jnp.ones(3)}
+  opt_state = tx.init(params)
+  updates, opt_state = tx.update({"w": jnp.array([1.0, jnp.nan, 1.0])}, opt_state, params)
+  np.testing.assert_array_equal(optax.apply_updates(params, updates)["w"], params["w"])
+  updates, _ = tx.update({"w": jnp.ones(3)}, opt_state, params)
+  assert np.all(np.asarray(optax.apply_updates(params, updates)["w"]) < 1.0)
+  assert divergence.wrap_optimizer(ConfigDict({}), optax.adam(0.1)) is not tx
+
+
+# ---------------------------------------------------------------- reporting / sampling
+
+
+def test_metrics_jsonl_stays_valid_json_with_nan(tmp_path):
+  config = ConfigDict({"x": 1})
+  reporter = reporting.Reporter(str(tmp_path), config, total_steps=2, log_every=1)
+  reporter.scalars(1, {"train/loss": np.nan, "train/grad_norm": np.inf, "train/lr": 0.5})
+  reporter.close()
+  line = (tmp_path / "metrics.jsonl").read_text().strip()
+  record = json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in {line}"))
+  assert record["train/loss"] is None and record["train/grad_norm"] is None
+  assert record["train/lr"] == 0.5
+
+
+@pytest.mark.parametrize("count", [1, 3, 25])
+def test_sample_grid_has_a_picture_for_any_number_of_samples(count):
+  images = np.random.default_rng(0).random((count, 8, 8, 1)).astype(np.float32)
+  labels = np.arange(count) % 10
+  grid = diffusion_trainer.sample_grid_by_class(images, labels)
+  assert grid.dtype == np.uint8 and grid.size > 0
+  assert grid.shape[0] >= min(count, 10) * 8  # one row per class present
