@@ -15,6 +15,7 @@ were.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -49,9 +50,31 @@ def checkpoint_directory(workdir: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 
 
-def first_line(error: BaseException) -> str:
+def first_line(error: BaseException, limit: int = 300) -> str:
+  """`Type: first line`, cut at `limit` characters (tensorstore puts a whole
+  JSON spec on its first line)."""
   text = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {text[0] if text else ''}".strip()
+  line = f"{type(error).__name__}: {text[0] if text else ''}".strip()
+  return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _quiet_closed_event_loops() -> None:
+  """After one read of a restore fails, orbax closes its event loop while
+  other reads are in flight; their callbacks then report dozens of
+  `RuntimeError: Event loop is closed` as unraisable exceptions. The failure
+  itself is reported once, by `restore`; this drops exactly those echoes."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_event_loops", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._drops_closed_event_loops = True
+  sys.unraisablehook = hook
 
 
 # orbax's words when the saved tree differs from the one asked for (another
@@ -164,6 +187,7 @@ class Checkpointer:
         if step is not None:
           raise
         failures.append((candidate, first_line(e)))
+        _quiet_closed_event_loops()
         continue
       for damaged, error in failures:
         where = self._set_aside(damaged)

@@ -70,7 +70,6 @@ class Guard:
         self.skipped_in_a_row = 0
         continue
       self.skipped_in_a_row += 1
-      self.skipped_total += 1
       if self.skipped_in_a_row > self.max_skips:
         values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
         limit = (f" (more than config.max_nonfinite_skips={self.max_skips} in a row)"
@@ -80,6 +79,7 @@ class Guard:
             f"checkpoint was saved; {last_checkpoint()}. Lower the learning rate (config.optimizer.lr), "
             "raise the warmup or clip gradients (config.optimizer.grad_clip), or set "
             "config.on_nonfinite='skip' to step over rare bad batches.")
+      self.skipped_total += 1  # only reached in 'skip' mode: this update was not applied
 
   def check_params(self, step: int, params, last_checkpoint: Callable[[], str]) -> None:
     if not bool(all_finite(params)):
