@@ -310,9 +310,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   plan = loop.plan(config, make_model_fn)
   run = loop.start(config, workdir, plan, identity=identity_of(config, plan.train_split),
                    devices=devices)
+  length = configuration.describe_length(config, run.start_step, plan.total_steps,
+                                        plan.steps_per_epoch)
   run.reporter.log(
-      f"diffusion steps {run.start_step} -> {plan.total_steps} ({plan.steps_per_epoch} "
-      f"steps/epoch) on {'latents' if plan.train_split.is_latent else 'pixels'} "
+      f"diffusion {length} on {'latents' if plan.train_split.is_latent else 'pixels'} "
       f"{plan.train_split.images.shape[1:]}, lr {config.optimizer.lr:.3g}")
   graphdef, shardings = run.described.graphdef, run.described.shardings
   replicated = parallel.replicated(run.mesh)
