@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import socket
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -209,3 +210,25 @@ def assert_trees_equal(actual, desired, what: str):
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(desired)]
   for path, a, d in zip(paths, as_numpy_leaves(actual), as_numpy_leaves(desired)):
     np.testing.assert_array_equal(a, d, err_msg=f"{what}{path}")
+
+
+# ---------------------------------------------------------------- faults (test_faults*.py)
+
+
+def damage_checkpoint(step_dir: str, how: str) -> None:
+  """Damages one orbax step directory as a crash or a bad disk would:
+  `truncate` its data files, delete its `metadata` (_METADATA) or its `ocdbt`
+  process directory."""
+  state = os.path.join(step_dir, "state")
+  if how == "truncate":  # every data file (under a d/ directory) to half its size
+    data = [os.path.join(root, name) for root, _, names in os.walk(state)
+            for name in names if os.path.basename(root) == "d"]
+    assert data, f"no data files under {state}"
+    for path in data:
+      os.truncate(path, os.path.getsize(path) // 2)
+  elif how == "metadata":
+    os.remove(os.path.join(state, "_METADATA"))
+  elif how == "ocdbt":
+    shutil.rmtree(os.path.join(state, "ocdbt.process_0"))
+  else:
+    raise ValueError(how)

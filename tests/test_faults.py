@@ -5,7 +5,6 @@ and damaged checkpoints are in test_faults_end_to_end.py."""
 import fcntl
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
+from conftest import damage_checkpoint as damage
 from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit import workdir as workdir_lib
 from pixel_vit.trainers import divergence, reporting
@@ -80,20 +80,6 @@ def saved(tmp_path):
     checkpointer.save(step, jax.tree.map(lambda x: x * step, STATE), IDENTITY)
   checkpointer.close()
   return workdir
-
-
-def damage(step_dir: str, how: str) -> None:
-  state = os.path.join(step_dir, "state")
-  if how == "truncate":
-    data = [os.path.join(root, f) for root, _, files in os.walk(state)
-            for f in files if os.path.basename(root) == "d"]
-    assert data
-    for path in data:
-      os.truncate(path, os.path.getsize(path) // 2)
-  elif how == "metadata":
-    os.remove(os.path.join(state, "_METADATA"))
-  elif how == "ocdbt":
-    shutil.rmtree(os.path.join(state, "ocdbt.process_0"))
 
 
 # (A deleted ocdbt.process_0/ breaks a real train state's checkpoint, see

@@ -22,8 +22,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import (REPO_ROOT, TINY_RUN, as_numpy_leaves, assert_trees_equal, set_dotted,
-                      snapshot)
+from conftest import (REPO_ROOT, TINY_RUN, as_numpy_leaves, assert_trees_equal,
+                      damage_checkpoint as damage, set_dotted, snapshot)
 from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit.trainers import classification, divergence
 
@@ -435,22 +435,6 @@ def clean_run(cls_pixel, tmp_path_factory):
   state, results = classification.train_and_evaluate(config, workdir)
   assert checkpoint_steps(workdir) == [1, 3, 6, 8]
   return config, workdir, jax.device_get(state), results
-
-
-def damage(step_dir: str, how: str) -> None:
-  state = os.path.join(step_dir, "state")
-  if how == "truncate":  # every data file (under a d/ directory) to half its size
-    data = [os.path.join(root, name) for root, _, names in os.walk(state)
-            for name in names if os.path.basename(root) == "d"]
-    assert data, f"no data files under {state}"
-    for path in data:
-      os.truncate(path, os.path.getsize(path) // 2)
-  elif how == "metadata":
-    os.remove(os.path.join(state, "_METADATA"))
-  elif how == "ocdbt":
-    shutil.rmtree(os.path.join(state, "ocdbt.process_0"))
-  else:
-    raise ValueError(how)
 
 
 def copy_without_final(source: str, target: str) -> None:
