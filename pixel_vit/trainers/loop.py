@@ -183,7 +183,9 @@ def train(run: Run, config, *, train_step: Callable, batches: Iterator[dict],
   `batches` yields per-process numpy batches starting at the state's step;
   `evaluate(step, state)` reports and returns its metrics. Returns the final
   state and the last evaluation's metrics. SIGTERM / SIGINT end it early
-  with a checkpoint of the current step (`run.stopped_by` names the signal);
+  with a checkpoint of the current step (`run.stopped_by` names the signal;
+  multi-process, a notice during a resumed run's startup ends it before the
+  first step, its checkpoint being the current state);
   a non-finite loss raises divergence.TrainingDivergedError (see there).
   """
   state, start_step = run.state, run.start_step
@@ -192,6 +194,12 @@ def train(run: Run, config, *, train_step: Callable, batches: Iterator[dict],
   results: dict = {}
   try:
     with interrupts.StopRequests() as stops:
+      if _preempted_before_the_first_step(run, start_step):
+        run.stopped_by = "preemption notice"
+        run.reporter.log(f"preemption notice during startup: the checkpoint at step "
+                         f"{start_step} in {run.checkpointer.directory} already holds this "
+                         "state; exiting. Rerun the same command to resume from it.")
+        return state, results
       for step in range(start_step + 1, run.total_steps + 1):
         state, metrics = train_step(state, run.to_global(next(batches)))
         pending.append(metrics)
@@ -229,6 +237,28 @@ def train(run: Run, config, *, train_step: Callable, batches: Iterator[dict],
     run.reporter.close()
     run.lock.release()
   return state, results
+
+
+def _preempted_before_the_first_step(run: Run, start_step: int) -> bool:
+  """Multi-process, resumed: whether a preemption notice that came during
+  startup (after jax.distributed joined: restoring, building the state)
+  already fixed the stop at or before `start_step`; JAX's sync drops it
+  otherwise.
+
+  The sync stops every process at (the largest step any process last passed
+  to `reached_preemption`) + 1, and a process counts as at step 0 until its
+  first call. A notice during a resumed run's startup therefore fixed step 1,
+  which the run never reaches: the notice was ignored and the run trained on
+  until the scheduler killed it. Passing every step up to `start_step`, as if
+  this run had trained them (no communication, ~2 us each), hits that stop
+  step on every process alike (each one's counter went into it, so it lies
+  above that counter and every process passes it), and leaves the counter at
+  `start_step`: a later notice (e.g. while the first step compiles) stops at
+  a step still ahead, with a checkpoint.
+  """
+  if jax.process_count() == 1 or start_step == 0:
+    return False
+  return any(run.checkpointer.reached_preemption(step) for step in range(1, start_step + 1))
 
 
 def _last_checkpoint(run: Run) -> str:
