@@ -245,40 +245,33 @@ def _xla_memory_bytes(compiled) -> int | None:
              - m.alias_size_in_bytes + m.generated_code_size_in_bytes)
 
 
-def run_child(args: argparse.Namespace) -> dict:
-  t_start = time.perf_counter()
-  _progress("importing jax and the trainer")
+def build_train_step(config, make_model, make_train_step, host_batch: dict):
+  """The trainer's sharded state and jitted train step, compiled for `host_batch`.
+
+  Built the way the trainers build them: the config's mesh and sharding rules,
+  `config.optimizer`'s schedule (over `config.total_steps`, 100 warmup steps)
+  and optimizer, the state from `state_lib.sharded_state`, the host batch put
+  on the mesh, and `jax.jit` with the trainer's in/out shardings and state
+  donation, lowered and compiled once. `make_model()` builds the task's model
+  and `make_train_step(graphdef, tx, schedule)` returns its step function
+  (e.g. `classification.make_train_step` with the config bound). Also used by
+  benchmarks/peer.py for the classification, MAE and DiT steps.
+
+  Returns a namespace: mesh, rules, state, batch, compiled, num_params,
+  baseline_rss (bytes, after building the state and batch), lower_s, compile_s.
+  """
+  import types
+
   import jax
   import numpy as np
   from flax import nnx
 
-  from pixel_vit import configuration, parallel
   from pixel_vit import optimizer as optimizer_lib
-  from pixel_vit.trainers import classification
+  from pixel_vit import parallel
   from pixel_vit.trainers import state as state_lib
-
-  config = _load_config(args.config)
-  config.model.variant = args.variant
-  for key in ("remat", "scan", "attention", "dtype"):
-    if getattr(args, key) is not None:
-      config.model[key] = getattr(args, key)
-  config.batch_size = args.batch
-  config.data.image_size = args.image_size
-  config.total_steps = 10_000  # only shapes the lr schedule
-  classification.validate(config)
-  configuration.validate_image_size(config.model, args.image_size)
 
   mesh = parallel.make_mesh(config.mesh)
   rules = config.sharding_rules
-  num_classes = args.num_classes
-
-  # As classification.make_model_fn / train_and_evaluate, minus the data files.
-  def make_model():
-    return vit.build_classifier(config.model, image_size=args.image_size,
-                                channels=args.channels, num_classes=num_classes,
-                                rngs=nnx.Rngs(config.seed),
-                                pixel_stats=(config.augment.mean, config.augment.std))
-
   abstract_params = nnx.to_pure_dict(nnx.split(nnx.eval_shape(make_model))[1])
   total_steps, warmup_steps = config.total_steps, 100
   schedule = optimizer_lib.make_schedule(config.optimizer, total_steps, warmup_steps)
@@ -292,25 +285,18 @@ def run_child(args: argparse.Namespace) -> dict:
   jax.block_until_ready(state)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
-  rng = np.random.default_rng(0)
-  host_batch = {
-      "images": rng.integers(0, 256, (args.batch, args.image_size, args.image_size,
-                                      args.channels), dtype=np.uint8),
-      "labels": rng.integers(0, num_classes, (args.batch,), dtype=np.int32),
-  }
   batch = parallel.host_to_global(host_batch, mesh, rules)
   jax.block_until_ready(batch)
   baseline_rss = _maxrss_bytes()
   _progress(f"state built ({num_params / 1e6:.2f}M params), baseline RSS "
             f"{baseline_rss / GIB:.2f} GiB; lowering + compiling")
 
-  batch_shardings = {name: parallel.batch_sharding(mesh, rules, ndim)
-                     for name, ndim in (("images", 4), ("labels", 1))}
+  batch_shardings = {name: parallel.batch_sharding(mesh, rules, value.ndim)
+                     for name, value in host_batch.items()}
   replicated = parallel.replicated(mesh)
   with parallel.activate(mesh, rules):
     train_step = jax.jit(
-        classification.make_train_step(config, described.graphdef, tx, schedule,
-                                       num_classes),
+        make_train_step(described.graphdef, tx, schedule),
         in_shardings=(described.shardings, batch_shardings),
         out_shardings=(described.shardings, replicated), donate_argnums=0)
     t0 = time.perf_counter()
@@ -318,7 +304,56 @@ def run_child(args: argparse.Namespace) -> dict:
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-  lower_s, compile_s = t1 - t0, t2 - t1
+  return types.SimpleNamespace(
+      mesh=mesh, rules=rules, state=state, batch=batch, compiled=compiled,
+      num_params=num_params, baseline_rss=baseline_rss, lower_s=t1 - t0, compile_s=t2 - t1)
+
+
+def run_child(args: argparse.Namespace) -> dict:
+  t_start = time.perf_counter()
+  _progress("importing jax and the trainer")
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from pixel_vit import configuration, parallel
+  from pixel_vit.trainers import classification
+
+  config = _load_config(args.config)
+  config.model.variant = args.variant
+  for key in ("remat", "scan", "attention", "dtype"):
+    if getattr(args, key) is not None:
+      config.model[key] = getattr(args, key)
+  config.batch_size = args.batch
+  config.data.image_size = args.image_size
+  config.total_steps = 10_000  # only shapes the lr schedule
+  classification.validate(config)
+  configuration.validate_image_size(config.model, args.image_size)
+
+  num_classes = args.num_classes
+
+  # As classification.make_model_fn / train_and_evaluate, minus the data files.
+  def make_model():
+    return vit.build_classifier(config.model, image_size=args.image_size,
+                                channels=args.channels, num_classes=num_classes,
+                                rngs=nnx.Rngs(config.seed),
+                                pixel_stats=(config.augment.mean, config.augment.std))
+
+  rng = np.random.default_rng(0)
+  host_batch = {
+      "images": rng.integers(0, 256, (args.batch, args.image_size, args.image_size,
+                                      args.channels), dtype=np.uint8),
+      "labels": rng.integers(0, num_classes, (args.batch,), dtype=np.int32),
+  }
+  built = build_train_step(
+      config, make_model,
+      lambda graphdef, tx, schedule: classification.make_train_step(
+          config, graphdef, tx, schedule, num_classes),
+      host_batch)
+  mesh, rules, state, batch, compiled = (built.mesh, built.rules, built.state, built.batch,
+                                         built.compiled)
+  num_params, baseline_rss = built.num_params, built.baseline_rss
+  lower_s, compile_s = built.lower_s, built.compile_s
   compile_rss = _maxrss_bytes()
   xla_flops = _cost_flops(compiled)
   xla_memory = _xla_memory_bytes(compiled)
