@@ -230,7 +230,7 @@ def test_diffusion_trains_on_latents_and_decodes_grids_with_the_vae(tmp_path, di
 
   plan = loop.plan(config, diffusion_trainer.make_model_fn)
   run = loop.start(config, workdir, plan, identity=diffusion_trainer.identity_of(
-      config, plan.train_split))
+      config, plan.train_split), read_only=True)
   generator = diffusion_trainer.make_generator(config, run, run.described.graphdef,
                                                plan.train_split, cfg_scale=1.0)
   latents = generator._sample(run.state.ema_params, jnp.zeros(8, jnp.int32),
@@ -273,7 +273,7 @@ def test_grid_uses_fixed_noise_and_labels(learning_run):
   config, workdir, state, _ = learning_run
   plan = loop.plan(config, diffusion_trainer.make_model_fn)
   run = loop.start(config, workdir, plan, identity=diffusion_trainer.identity_of(
-      config, plan.train_split))
+      config, plan.train_split), read_only=True)
   generator = diffusion_trainer.make_generator(config, run, run.described.graphdef,
                                                plan.train_split,
                                                cfg_scale=config.sample.grid_cfg_scale)

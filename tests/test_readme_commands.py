@@ -127,8 +127,11 @@ def write_stand_in_data(directory, config, size: int, sizes=(("train", 24), ("te
   _, _, channels, classes, latent = REAL_DATA[config.data.source]
   rng = np.random.default_rng(0)
   path = os.path.join(directory, f"data_{size}_{channels}_{classes}_{latent}_{{split}}.npz")
+  # Eval labels drawn from the train labels: the trainers refuse an eval split
+  # none of whose classes the model trains on (sources.check_splits).
+  seen = rng.integers(0, classes, max(n for _, n in sizes)).astype(np.int32)
   for split, n in sizes:
-    labels = rng.integers(0, classes, n).astype(np.int32)
+    labels = seen[:n] if split == "train" else rng.choice(seen[:sizes[0][1]], n).astype(np.int32)
     names = np.array([f"class{i}" for i in range(classes)])
     if latent:
       np.savez(path.format(split=split), labels=labels, class_names=names,
