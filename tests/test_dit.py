@@ -14,7 +14,6 @@ from flax import nnx
 
 from conftest import (REPO_ROOT, assert_trees_equal, load_config_module, read_metrics,
                       set_dotted, snapshot, train_losses)
-from pixel_vit import configuration
 from pixel_vit.data import sources
 from pixel_vit.diffusion import sampling
 from pixel_vit.models import dit, vit

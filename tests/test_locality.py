@@ -1,10 +1,7 @@
 """The paper's locality ablations: pixel permutation, position embeddings as a
 config argument, and the 8-bit pixel-value vocabulary tokenizer."""
-import importlib.util
-
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import io
 import os
 import time
 

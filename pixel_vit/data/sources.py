@@ -137,7 +137,7 @@ def check_splits(train: ImageSplit, test: ImageSplit, *, labelled: bool = True) 
   if train.num_classes_inferred:
     origin = (f"inferred as the largest train label + 1, since {train_name} has no "
               "class_names")
-    explicit = (f"save class_names=<the names of all classes> in the npz file(s) so the class "
+    explicit = ("save class_names=<the names of all classes> in the npz file(s) so the class "
                 "count is explicit")
   else:
     origin = f"the class_names of {train_name}"
