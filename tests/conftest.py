@@ -232,3 +232,20 @@ def damage_checkpoint(step_dir: str, how: str) -> None:
     shutil.rmtree(os.path.join(state, "ocdbt.process_0"))
   else:
     raise ValueError(how)
+
+
+def logged_train_steps(workdir) -> list[int]:
+  """Train steps in metrics.jsonl, in file order (a line being written is skipped)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  steps = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if "train/loss" in record:
+        steps.append(record["step"])
+  return steps

@@ -169,20 +169,20 @@ def test_stop_mode_names_the_first_bad_step_and_the_checkpoint():
     guard.observe(step, metrics(loss))
   with pytest.raises(divergence.TrainingDivergedError,
                      match=r"diverged at step 3: train/loss=nan\. .*step 2 in X"):
-    guard.check(lambda: "the last checkpoint, step 2 in X, is finite")
+    guard.check(lambda: "the last checkpoint, step 2 in X, is finite", fetched=[])
 
 
 def test_skip_mode_tolerates_the_configured_run_of_bad_steps():
   guard = divergence.Guard(ConfigDict({"on_nonfinite": "skip", "max_nonfinite_skips": 2}))
   for step, norm in enumerate([1, np.nan, np.nan, 1, np.nan, 1], start=1):
     guard.observe(step, metrics(1.0, norm))
-  guard.check(lambda: "")
+  guard.check(lambda: "", fetched=[])
   assert guard.skipped_total == 3
   for step in (7, 8, 9):
     guard.observe(step, metrics(1.0, np.nan))
   with pytest.raises(divergence.TrainingDivergedError,
                      match=r"step 9: .*more than config.max_nonfinite_skips=2 in a row"):
-    guard.check(lambda: "")
+    guard.check(lambda: "", fetched=[])
 
 
 def test_params_check_catches_inf():

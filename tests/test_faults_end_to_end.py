@@ -23,7 +23,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import (REPO_ROOT, TINY_RUN, as_numpy_leaves, assert_trees_equal,
-                      damage_checkpoint as damage, set_dotted, snapshot)
+                      damage_checkpoint as damage, logged_train_steps, set_dotted,
+                      snapshot)
 from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit.trainers import classification, divergence
 
@@ -93,21 +94,8 @@ RUN_TIMEOUT = 600
 
 
 def last_logged_step(workdir) -> int:
-  """The newest train step in metrics.jsonl (0 when none yet); a line being
-  written is skipped."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0
-  step = 0
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue
-      if "train/loss" in record:
-        step = max(step, record["step"])
-  return step
+  """The newest train step in metrics.jsonl (0 when none yet)."""
+  return max(logged_train_steps(workdir), default=0)
 
 
 class TrainingProcess:

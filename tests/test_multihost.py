@@ -20,7 +20,6 @@ both at the same step with a checkpoint, and the rerun resumes (issue 11).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -35,7 +34,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO_ROOT, as_numpy_leaves, read_metrics, set_dotted, train_losses
+from conftest import (REPO_ROOT, as_numpy_leaves, logged_train_steps, read_metrics, set_dotted,
+                      train_losses)
 from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit import distributed, parallel
 from pixel_vit.data import pipeline, sources
@@ -415,22 +415,6 @@ STOP_LINE = re.compile(r"(preemption notice|SIGTERM|SIGINT): saved a checkpoint 
 STARTUP_STOP_LINE = re.compile(r"preemption notice during startup: the checkpoint at step (\d+) "
                                r"in \S+ already holds this state; exiting")
 
-
-def logged_train_steps(workdir) -> list[int]:
-  """Train steps in metrics.jsonl, in file order (a line being written is skipped)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  steps = []
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue
-      if "train/loss" in record:
-        steps.append(record["step"])
-  return steps
 
 
 def committed_checkpoints(workdir) -> list[int]:

@@ -59,11 +59,13 @@ class Guard:
   def observe(self, step: int, metrics: dict) -> None:
     self._unchecked.append((step, metrics))
 
-  def check(self, last_checkpoint: Callable[[], str]) -> None:
+  def check(self, last_checkpoint: Callable[[], str], *, fetched: list[dict]) -> None:
     """Raises TrainingDivergedError naming the step; `last_checkpoint()`
-    says where the last finite state is."""
+    says where the last finite state is. The metrics it fetches to the host
+    (once) are appended to `fetched`, for the log."""
     steps = jax.device_get(self._unchecked)
     self._unchecked = []
+    fetched.extend(metrics for _, metrics in steps)
     for step, metrics in steps:
       bad = {k: float(v) for k, v in metrics.items() if watched(k) and not np.isfinite(v)}
       if not bad:

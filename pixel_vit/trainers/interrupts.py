@@ -38,7 +38,7 @@ class StopRequests:
   def __enter__(self) -> "StopRequests":
     if jax.process_count() > 1:
       if _preemption_service_running():
-        self._install(signal.SIGINT, self._forward_to_preemption_service)
+        self._install(signal.SIGINT, self._request)
       else:
         logging.warning("multi-process run without JAX's preemption service: SIGTERM and "
                         "SIGINT stop the processes without a checkpoint.")
@@ -58,26 +58,19 @@ class StopRequests:
     except ValueError:  # not the main thread (e.g. a test runner's worker)
       pass
 
-  def _second_signal_exits(self, signum) -> bool:
-    if self.requested is None:
-      return False
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)  # the signal's default action: terminate now
-    return True
-
   def _request(self, signum, frame) -> None:
+    """First signal: record it (multi-process: pass it to JAX's notifier,
+    a C handler, so every process stops at one step); second: exit now."""
     del frame
-    if self._second_signal_exits(signum):
+    if self.requested is not None:
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)  # the signal's default action: terminate now
       return
     self.requested = signal.Signals(signum).name
-    logging.warning("%s received: saving a checkpoint at the end of this step, then "
-                    "exiting (send it again to exit at once).", self.requested)
-
-  def _forward_to_preemption_service(self, signum, frame) -> None:
-    del frame
-    if self._second_signal_exits(signum):
-      return
-    self.requested = signal.Signals(signum).name
-    logging.warning("SIGINT received: asking every process to stop at the same step "
-                    "(send it again to exit at once).")
-    signal.raise_signal(signal.SIGTERM)  # JAX's notifier (a C handler) takes it
+    if jax.process_count() > 1:
+      logging.warning("%s received: asking every process to stop at the same step "
+                      "(send it again to exit at once).", self.requested)
+      signal.raise_signal(signal.SIGTERM)
+    else:
+      logging.warning("%s received: saving a checkpoint at the end of this step, then "
+                      "exiting (send it again to exit at once).", self.requested)

@@ -190,7 +190,7 @@ def train(run: Run, config, *, train_step: Callable, batches: Iterator[dict],
   """
   state, start_step = run.state, run.start_step
   guard = divergence.Guard(config)
-  pending: list[dict] = []
+  fetched: list[dict] = []  # host metrics of the steps since the last log point
   results: dict = {}
   try:
     with interrupts.StopRequests() as stops:
@@ -202,24 +202,23 @@ def train(run: Run, config, *, train_step: Callable, batches: Iterator[dict],
         return state, results
       for step in range(start_step + 1, run.total_steps + 1):
         state, metrics = train_step(state, run.to_global(next(batches)))
-        pending.append(metrics)
         guard.observe(step, metrics)
         run.reporter.tick(step)
         last = step == run.total_steps
         if step % config.log_every == 0 or last:
-          means = {k: np.mean([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
           try:
-            guard.check(lambda: _last_checkpoint(run))
+            guard.check(lambda: _last_checkpoint(run), fetched=fetched)
           finally:  # also when it stops the run: these metrics show the divergence
+            means = {k: np.mean([m[k] for m in fetched]) for k in fetched[0]}
             if guard.skipped_total:
               means["train/nonfinite_skipped"] = guard.skipped_total
             run.reporter.scalars(step, means)
-            pending = []
+            fetched = []
         if step % config.eval_every == 0 or last:
           results = evaluate(step, state)
         stopping = stops.requested is not None and jax.process_count() == 1
         if run.checkpointer.should_save(step, force=last or stopping):
-          guard.check(lambda: _last_checkpoint(run))
+          guard.check(lambda: _last_checkpoint(run), fetched=fetched)
           guard.check_params(step, state.params, lambda: _last_checkpoint(run))
           run.checkpointer.save(step, state, run.identity, force=last or stopping)
         if stopping or run.checkpointer.reached_preemption(step):  # orbax saved this step
