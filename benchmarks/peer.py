@@ -545,12 +545,9 @@ def _dtype_cell(dtype: str, cpu: dict) -> str:
   return dtype
 
 
-def torch_table(results: list[dict], cpu: dict) -> str:
-  header = ["workload", "dtype", "tokens", "batch", "pixel_vit img/s", "torch img/s",
-            "ratio (pixel_vit / torch)", "pixel_vit % of peak", "torch % of peak",
-            "matmul peak GFLOP/s", "step s pixel_vit (median, n)", "step s torch (median, n)",
-            "CPU cores busy (pixel_vit / torch)", "train GFLOP/img", "pixel_vit setting",
-            "error"]
+def _table(header: list[str], results: list[dict], cpu: dict, measured) -> str:
+  """A markdown table: `measured(r, a, b)` gives the cells after workload,
+  dtype, tokens and batch of a row that ran; a failed row shows its error."""
   rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in results:
     w = r["workload"]
@@ -560,13 +557,26 @@ def torch_table(results: list[dict], cpu: dict) -> str:
     else:
       a, b = r["sides"]
       cells = [w["name"], _dtype_cell(w["dtype"], cpu), a["tokens"], str(w["batch"]),
-               f"{a['images_per_s']:.3g}", f"{b['images_per_s']:.3g}", f"**{r['ratio']:.2f}x**",
-               _pct(a["peak_fraction"]), _pct(b["peak_fraction"]),
-               f"{r['matmul_peak_gflops']:.0f}", _step(a), _step(b),
-               f"{a['cpu_cores_busy']:.2f} / {b['cpu_cores_busy']:.2f} of {cpu['cpus']}",
-               f"{a['train_gflop_per_image']:.2f}", a["setting"], ""]
+               *measured(r, a, b), ""]
     rows.append("| " + " | ".join(cells) + " |")
   return "\n".join(rows)
+
+
+def _cores(a: dict, b: dict, cpu: dict) -> str:
+  return f"{a['cpu_cores_busy']:.2f} / {b['cpu_cores_busy']:.2f} of {cpu['cpus']}"
+
+
+def torch_table(results: list[dict], cpu: dict) -> str:
+  header = ["workload", "dtype", "tokens", "batch", "pixel_vit img/s", "torch img/s",
+            "ratio (pixel_vit / torch)", "pixel_vit % of peak", "torch % of peak",
+            "matmul peak GFLOP/s", "step s pixel_vit (median, n)", "step s torch (median, n)",
+            "CPU cores busy (pixel_vit / torch)", "train GFLOP/img", "pixel_vit setting",
+            "error"]
+  return _table(header, results, cpu, lambda r, a, b: [
+      f"{a['images_per_s']:.3g}", f"{b['images_per_s']:.3g}", f"**{r['ratio']:.2f}x**",
+      _pct(a["peak_fraction"]), _pct(b["peak_fraction"]), f"{r['matmul_peak_gflops']:.0f}",
+      _step(a), _step(b), _cores(a, b, cpu), f"{a['train_gflop_per_image']:.2f}",
+      a["setting"]])
 
 
 def task_table(results: list[dict], cpu: dict) -> str:
@@ -574,22 +584,10 @@ def task_table(results: list[dict], cpu: dict) -> str:
             "classification step s (median, n)", "step-time ratio (task / classification)",
             "img/s", "classification img/s", "classification % of peak",
             "matmul peak GFLOP/s", "CPU cores busy (task / classification)", "setting", "error"]
-  rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for r in results:
-    w = r["workload"]
-    if "error" in r:
-      cells = [w["name"], _dtype_cell(w["dtype"], cpu), "—", str(w["batch"])]
-      cells += ["—"] * (len(header) - 5) + [r["error"].replace("|", "/")]
-    else:
-      a, b = r["sides"]
-      cells = [w["name"], _dtype_cell(w["dtype"], cpu), a["tokens"], str(w["batch"]),
-               _step(a), _step(b), f"**{1 / r['ratio']:.2f}**",
-               f"{a['images_per_s']:.3g}", f"{b['images_per_s']:.3g}",
-               _pct(b["peak_fraction"]), f"{r['matmul_peak_gflops']:.0f}",
-               f"{a['cpu_cores_busy']:.2f} / {b['cpu_cores_busy']:.2f} of {cpu['cpus']}",
-               a["setting"], ""]
-    rows.append("| " + " | ".join(cells) + " |")
-  return "\n".join(rows)
+  return _table(header, results, cpu, lambda r, a, b: [
+      _step(a), _step(b), f"**{1 / r['ratio']:.2f}**", f"{a['images_per_s']:.3g}",
+      f"{b['images_per_s']:.3g}", _pct(b["peak_fraction"]), f"{r['matmul_peak_gflops']:.0f}",
+      _cores(a, b, cpu), a["setting"]])
 
 
 # ---------------------------------------------------------------------------
