@@ -19,9 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-ACTIONS = ("stop", "skip")
-
-
 class TrainingDivergedError(RuntimeError):
   """The loss, gradients or parameters stopped being finite."""
 
