@@ -14,6 +14,7 @@ were.
 """
 from __future__ import annotations
 
+import logging as pylogging
 import os
 import sys
 import time
@@ -58,23 +59,43 @@ def first_line(error: BaseException, limit: int = 300) -> str:
   return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
-def _quiet_closed_event_loops() -> None:
-  """After one read of a restore fails, orbax closes its event loop while
-  other reads are in flight; their callbacks then report dozens of
-  `RuntimeError: Event loop is closed` as unraisable exceptions. The failure
-  itself is reported once, by `restore`; this drops exactly those echoes."""
+# asyncio's words for a task whose exception nobody awaited.
+_UNAWAITED_TASK_ECHOES = ("Task exception was never retrieved",
+                          "Future exception was never retrieved",
+                          "Task was destroyed but it is pending")
+
+
+def _is_closed_loop_error(error: BaseException | None) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _quiet_failed_restore_echoes() -> None:
+  """When one read of a restore fails, orbax closes its event loop while the
+  other reads are in flight. They then echo the failure as dozens of
+  tracebacks: `Task exception was never retrieved` with a tensorstore error
+  (the `asyncio` logger), `exception calling callback` with `RuntimeError:
+  Event loop is closed` (the `concurrent.futures` logger), and the same error
+  as unraisable exceptions. `restore` reports the failure once itself; this
+  drops exactly those echoes. It is installed before the first read, not
+  after a failure, because the echoes come from orbax's threads and can
+  arrive before the failing read returns."""
   previous = sys.unraisablehook
   if getattr(previous, "_drops_closed_event_loops", False):
     return
 
   def hook(unraisable):
-    error = unraisable.exc_value
-    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-      return
-    previous(unraisable)
+    if not _is_closed_loop_error(unraisable.exc_value):
+      previous(unraisable)
+
+  def keep(record: pylogging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (_is_closed_loop_error(error)
+                or str(record.msg).startswith(_UNAWAITED_TASK_ECHOES))
 
   hook._drops_closed_event_loops = True
   sys.unraisablehook = hook
+  for name in ("asyncio", "concurrent.futures"):
+    pylogging.getLogger(name).addFilter(keep)
 
 
 # orbax's words when the saved tree differs from the one asked for (another
@@ -177,6 +198,7 @@ class Checkpointer:
     written by a different model or train state.
     """
     steps = [step] if step is not None else self.all_steps()[::-1]
+    _quiet_failed_restore_echoes()
     failures = []
     for candidate in steps:
       try:
@@ -187,7 +209,6 @@ class Checkpointer:
         if step is not None:
           raise
         failures.append((candidate, first_line(e)))
-        _quiet_closed_event_loops()
         continue
       for damaged, error in failures:
         where = self._set_aside(damaged)

@@ -103,7 +103,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None
                    devices=devices)
   length = configuration.describe_length(config, run.start_step, plan.total_steps,
                                         plan.steps_per_epoch)
-  run.reporter.log(f"{length}, {train_split.total_examples} train / "
+  run.announce(f"{length}, {train_split.total_examples} train / "
                    f"{eval_split.total_examples} eval examples")
   if source is not None:
     run.reporter.log(pretrained.describe(source, dropped))

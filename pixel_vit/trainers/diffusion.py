@@ -312,7 +312,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None
                    devices=devices)
   length = configuration.describe_length(config, run.start_step, plan.total_steps,
                                         plan.steps_per_epoch)
-  run.reporter.log(
+  run.announce(
       f"diffusion {length} on {'latents' if plan.train_split.is_latent else 'pixels'} "
       f"{plan.train_split.images.shape[1:]}, lr {config.optimizer.lr:.3g}")
   graphdef, shardings = run.described.graphdef, run.described.shardings

@@ -38,10 +38,18 @@ class Run:
   total_steps: int
   lock: workdir_lib.WorkdirLock
   stopped_by: str | None = None  # the signal that stopped the run early
+  data_warnings: tuple[str, ...] = ()  # Plan.data_warnings, logged by `announce`
 
   @property
   def start_step(self) -> int:
     return int(jax.device_get(self.state.step))
+
+  def announce(self, first_line: str) -> None:
+    """Logs the run's first line (its length: `configuration.describe_length`),
+    then what the data check warned about, so the length always leads."""
+    self.reporter.log(first_line)
+    for warning in self.data_warnings if self.reporter.is_main else ():
+      logging.warning("%s", warning)
 
   def batch_shardings(self, *, with_mask: bool = False) -> dict:
     """Shardings of a global image batch (`mask`: eval padding)."""
@@ -107,7 +115,7 @@ class Plan:
   make_model: Callable[[], nnx.Module]
   shapes: state_lib.ModelShapes
   # What the run can live with in its data (classes only eval has, unused
-  # class ids), one paragraph each; `start` logs them.
+  # class ids), one paragraph each; `Run.announce` logs them.
   data_warnings: tuple[str, ...] = ()
 
 
@@ -170,10 +178,8 @@ def _start(config, workdir, plan, identity, initial_params, devices, read_only, 
                             ema_params=None if state.ema_params is None else params)
   reporter = reporting.Reporter(workdir, config, total_steps=plan.total_steps,
                                 log_every=config.log_every, record_config=not read_only)
-  for warning in plan.data_warnings if reporter.is_main else ():
-    logging.warning("%s", warning)
   return Run(mesh, rules, described, state, checkpointer, reporter, identity,
-             plan.total_steps, lock)
+             plan.total_steps, lock, data_warnings=plan.data_warnings)
 
 
 def train(run: Run, config, *, train_step: Callable, batches: Iterator[dict],

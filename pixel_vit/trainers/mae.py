@@ -144,7 +144,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   run = loop.start(config, workdir, plan, identity=identity, devices=devices)
   length = configuration.describe_length(config, run.start_step, plan.total_steps,
                                         plan.steps_per_epoch)
-  run.reporter.log(f"MAE {length}, mask ratio {config.mask_ratio}, "
+  run.announce(f"MAE {length}, mask ratio {config.mask_ratio}, "
                    f"lr {config.optimizer.lr:.3g}")
 
   graphdef, shardings = run.described.graphdef, run.described.shardings
