@@ -1,7 +1,9 @@
 """Data sources and batching: splits, sharding, padding, resume, bad inputs, TFDS offline."""
 import collections
+import itertools
 import math
 import socket
+import threading
 import time
 
 import numpy as np
@@ -448,3 +450,41 @@ def test_tfds_mock_data_mnist(tmp_path):
   assert split.images.shape == (20, 14, 14, 1) and split.images.dtype == np.uint8
   assert split.labels.dtype == np.int32 and 0 <= split.labels.min() <= split.labels.max() < 10
   assert split.num_classes == 10 and split.total_examples == 20
+
+
+def test_prefetch_keeps_order_and_runs_ahead_on_another_thread():
+  made_on, consumed = [], []
+
+  def source():
+    for i in range(6):
+      made_on.append((i, threading.current_thread().name))
+      yield i
+
+  with pipeline.Prefetch(source(), depth=2) as ahead:
+    consumed.append(next(ahead))
+    # Item 0 is out, 1 and 2 wait in the queue, 3 waits for room: no further.
+    deadline = time.monotonic() + 5
+    while len(made_on) < 4 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    time.sleep(0.2)
+    assert len(made_on) == 4, made_on
+    consumed += list(ahead)
+  assert consumed == list(range(6))
+  assert {name for _, name in made_on} == {"pixel_vit-prefetch"}
+
+
+def test_prefetch_raises_the_source_error_in_order_and_close_stops_the_thread():
+  def failing():
+    yield 1
+    raise ValueError("bad shard file")
+
+  ahead = pipeline.Prefetch(failing(), depth=2)
+  assert next(ahead) == 1
+  with pytest.raises(ValueError, match="bad shard file"):
+    next(ahead)
+  endless = pipeline.Prefetch(itertools.count(), depth=3)
+  assert next(endless) == 0
+  endless.close()
+  assert not endless._thread.is_alive()
+  with pytest.raises(ValueError, match="depth=0"):
+    pipeline.Prefetch(iter(()), depth=0)

@@ -4,11 +4,14 @@ Training order is a pure function of (seed, epoch, process index), so a run
 resumed at step s yields exactly the batches an uninterrupted run yields from
 step s on. Every process takes the same number of steps per epoch and of
 evaluation batches, so collective device ops never wait on a process that
-ran out of data. The trainer moves the numpy batches to devices.
+ran out of data. The trainer moves the numpy batches to devices, a few steps
+ahead of the one running (`Prefetch`).
 """
 from __future__ import annotations
 
-from typing import Iterator
+import queue
+import threading
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -93,3 +96,76 @@ def _eval_batches(split, batch, count):
       labels = np.concatenate([labels, np.zeros((pad,), np.int32)])
       mask[batch - pad:] = 0.0
     yield {"images": images, "labels": labels, "mask": mask}
+
+
+_END = object()
+
+
+class Prefetch:
+  """Runs `iterator` (e.g. host batches mapped to device arrays) `depth` items
+  ahead on a background thread, so reading a batch and copying it to the
+  devices overlap the step that runs instead of following it.
+
+  Items come out in the iterator's order; an exception in the iterator is
+  raised by the `next` that would have returned its item. Use as a context
+  manager (or call `close`): the thread stops and the items made ahead are
+  dropped, which is safe because a resumed run rebuilds its batches from its
+  step.
+  """
+
+  def __init__(self, iterator: Iterator[Any], depth: int = 2):
+    if depth < 1:
+      raise ValueError(f"prefetch depth={depth} must be >= 1.")
+    self._iterator = iterator
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._fill, name="pixel_vit-prefetch", daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _fill(self) -> None:
+    try:
+      for item in self._iterator:
+        if not self._put((item, None)):
+          return
+      self._put((_END, None))
+    except BaseException as error:  # noqa: BLE001 - handed to the consumer
+      self._put((None, error))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._stop.is_set():
+      raise StopIteration
+    item, error = self._queue.get()
+    if error is not None:
+      self.close()
+      raise error
+    if item is _END:
+      self.close()
+      raise StopIteration
+    return item
+
+  def close(self) -> None:
+    self._stop.set()
+    while True:  # unblock a producer waiting on a full queue
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    self._thread.join(timeout=10)
+
+  def __enter__(self) -> "Prefetch":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()

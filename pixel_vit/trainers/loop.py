@@ -182,11 +182,17 @@ def _start(config, workdir, plan, identity, initial_params, devices, read_only, 
              plan.total_steps, lock, data_warnings=plan.data_warnings)
 
 
+# Device batches made ahead of the step that runs (one being copied while one
+# waits): the host's reading and copying overlap the device's step.
+PREFETCH_DEPTH = 2
+
+
 def train(run: Run, config, *, train_step: Callable, batches: Iterator[dict],
           evaluate: Callable[[int, state_lib.TrainState], dict]) -> tuple[state_lib.TrainState, dict]:
   """Runs `train_step` from the state's step to `run.total_steps`.
 
-  `batches` yields per-process numpy batches starting at the state's step;
+  `batches` yields per-process numpy batches starting at the state's step (made
+  PREFETCH_DEPTH steps ahead on a thread, copied to the devices there);
   `evaluate(step, state)` reports and returns its metrics. Returns the final
   state and the last evaluation's metrics. SIGTERM / SIGINT end it early
   with a checkpoint of the current step (`run.stopped_by` names the signal;
@@ -199,7 +205,8 @@ def train(run: Run, config, *, train_step: Callable, batches: Iterator[dict],
   fetched: list[dict] = []  # host metrics of the steps since the last log point
   results: dict = {}
   try:
-    with interrupts.StopRequests() as stops:
+    with interrupts.StopRequests() as stops, \
+        pipeline.Prefetch(map(run.to_global, batches), depth=PREFETCH_DEPTH) as ahead:
       if _preempted_before_the_first_step(run, start_step):
         run.stopped_by = "preemption notice"
         run.reporter.log(f"preemption notice during startup: the checkpoint at step "
@@ -207,7 +214,7 @@ def train(run: Run, config, *, train_step: Callable, batches: Iterator[dict],
                          "state; exiting. Rerun the same command to resume from it.")
         return state, results
       for step in range(start_step + 1, run.total_steps + 1):
-        state, metrics = train_step(state, run.to_global(next(batches)))
+        state, metrics = train_step(state, next(ahead))
         guard.observe(step, metrics)
         run.reporter.tick(step)
         last = step == run.total_steps
