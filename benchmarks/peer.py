@@ -328,7 +328,8 @@ def jax_side(task: str, w: dict, args: argparse.Namespace) -> types.SimpleNamesp
   return types.SimpleNamespace(
       name="pixel_vit" if task == "classification" else f"pixel_vit {TASK_NAMES[task]}",
       task=task, step=step, loss=loss, flops=flops, tokens=tokens, setting=setting,
-      params=built.num_params, compile_s=built.lower_s + built.compile_s)
+      params=built.num_params, compile_s=built.lower_s + built.compile_s,
+      hlo_text=built.compiled.as_text)
 
 
 def torch_side(w: dict, args: argparse.Namespace) -> types.SimpleNamespace:
