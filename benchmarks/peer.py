@@ -44,6 +44,7 @@ import types
 
 from benchmarks import throughput
 from benchmarks.throughput import REPO_ROOT, RESULT_MARK, _progress
+from pixel_vit.models import vit
 
 TORCH_HINT = ("the PyTorch peer needs torch, which is optional: install the CPU build "
               "with `pip install torch==2.13.0` (never unpinned: the default pulls CUDA), "
@@ -312,10 +313,11 @@ def jax_side(task: str, w: dict, args: argparse.Namespace) -> types.SimpleNamesp
   _, patch = vit.parse_variant(w["variant"])
   patches = (size // patch) ** 2
   flops = None
+  remat = config.model.remat
   if task == "classification":
+    remat = throughput.resolved_remat(config, size, w["batch"])
     flops = throughput.analytic_flops(w["variant"], size, w["channels"], w["num_classes"],
-                                      cls_token=config.model.pool == "cls",
-                                      remat=config.model.remat)
+                                      cls_token=config.model.pool == "cls", remat=remat)
     tokens = str(flops["tokens"])
   elif task == "mae":
     tokens = (f"{patches + 1} ({mae_model.num_visible(patches, config.mask_ratio) + 1} in "
@@ -323,7 +325,9 @@ def jax_side(task: str, w: dict, args: argparse.Namespace) -> types.SimpleNamesp
   else:
     tokens = str(patches)
   model = config.model
-  setting = (f"remat={model.remat}, scan={str(model.scan).lower()}, "
+  if remat != model.remat:
+    remat = f"auto: {remat}"
+  setting = (f"remat={remat}, scan={str(model.scan).lower()}, "
              f"attention={model.attention}, augment={args.augment}")
   return types.SimpleNamespace(
       name="pixel_vit" if task == "classification" else f"pixel_vit {TASK_NAMES[task]}",
@@ -616,7 +620,7 @@ def parse_flags(argv=None) -> argparse.Namespace:
   p.add_argument("--rounds", type=int, default=None, help="rounds (default 3)")
   p.add_argument("--warmup", type=int, default=None,
                  help="untimed steps per side after compiling (default 1)")
-  p.add_argument("--remat", default=None, choices=("full", "dots", "none"),
+  p.add_argument("--remat", default=None, choices=vit.REMAT_CHOICES,
                  help="pixel_vit; default: the config's")
   p.add_argument("--scan", type=throughput._bool, default=None,
                  help="pixel_vit, true|false; default: the config's")

@@ -44,6 +44,7 @@ import tempfile
 import time
 
 from benchmarks import peer
+from pixel_vit.models import vit
 
 RESULT_MARK = "PROFILE_RESULT "
 CATEGORIES = ("attention matmuls", "attention softmax & other", "projection + MLP matmuls",
@@ -218,7 +219,7 @@ def parse_flags(argv=None) -> argparse.Namespace:
   p.add_argument("--num_classes", type=int, default=100)
   p.add_argument("--steps", type=int, default=3, help="traced steps")
   p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--remat", default=None, choices=("full", "dots", "none"))
+  p.add_argument("--remat", default=None, choices=vit.REMAT_CHOICES)
   p.add_argument("--scan", type=lambda t: t.lower() in ("1", "true", "yes"), default=None)
   p.add_argument("--attention", default=None)
   p.add_argument("--augment", default="config", choices=("config", "none"))

@@ -105,6 +105,21 @@ def analytic_flops(variant: str, image_size: int, channels: int, num_classes: in
               executed_train=3 * forward + recompute)
 
 
+def resolved_remat(config, image_size: int, batch: int) -> str:
+  """The classifier's remat policy, with `auto` resolved as its blocks will
+  resolve it (`vit.auto_remat`) on this machine's devices and mesh."""
+  if config.model.remat != "auto":
+    return config.model.remat
+  import jax
+
+  from pixel_vit import parallel
+  size, patch = vit.parse_variant(config.model.variant)
+  tokens = (image_size // patch) ** 2 + (config.model.pool == "cls")
+  shards = parallel.batch_shards(config.mesh, jax.device_count())
+  return vit.auto_remat(size, batch_per_device=-(-batch // shards), tokens=tokens,
+                        dtype=vit.DTYPES[config.model.dtype], attention=config.model.attention)
+
+
 # ---------------------------------------------------------------------------
 # Flags.
 # ---------------------------------------------------------------------------
@@ -129,7 +144,7 @@ def parse_flags(argv=None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=32, help="global batch size")
   p.add_argument("--channels", type=int, default=3)
   p.add_argument("--num_classes", type=int, default=100, help="head size (CIFAR-100: 100)")
-  p.add_argument("--remat", default=None, choices=("full", "dots", "none"),
+  p.add_argument("--remat", default=None, choices=vit.REMAT_CHOICES,
                  help="default: the config's (full)")
   p.add_argument("--scan", type=_bool, default=None, help="true|false; default: the config's")
   p.add_argument("--attention", default=None, help="attention backend; default: the config's")
@@ -387,13 +402,15 @@ def run_child(args: argparse.Namespace) -> dict:
   _progress(f"measuring the float32 matmul peak ({args.matmul_size}^2)")
   peak_gflops = matmul_peak_gflops(args.matmul_size, args.matmul_repeats)
 
+  remat = resolved_remat(config, args.image_size, args.batch)
   flops = analytic_flops(args.variant, args.image_size, args.channels, num_classes,
-                         cls_token=config.model.pool == "cls", remat=config.model.remat)
+                         cls_token=config.model.pool == "cls", remat=remat)
   step_s = statistics.median(times)
   achieved = flops["train"] * args.batch / step_s / 1e9
   return dict(
       variant=args.variant, image_size=args.image_size, channels=args.channels,
-      batch=args.batch, tokens=flops["tokens"], remat=config.model.remat,
+      batch=args.batch, tokens=flops["tokens"],
+      remat=remat if remat == config.model.remat else f"auto: {remat}",
       scan=bool(config.model.scan), attention=config.model.attention,
       dtype=config.model.dtype, params=num_params,
       step_times_s=times, step_s=step_s, images_per_s=args.batch / step_s,

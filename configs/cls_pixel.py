@@ -30,7 +30,7 @@ def get_config(arg=None):
   config = configuration.base_config("classification", args.dataset, quick=args.quick)
   config.model = ml_collections.ConfigDict(dict(
       variant=args.variant, posemb="learn", tokenizer="linear", pool="cls", dtype="float32",
-      attention="auto", scan=True, remat="full", drop_path=0.1))
+      attention="auto", scan=True, remat="auto", drop_path=0.1))
 
   # DeiT-style recipe for training a ViT from scratch on CIFAR-100, as the
   # paper does; the paper's exact epoch count is long (thousands of epochs).

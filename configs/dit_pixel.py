@@ -36,7 +36,7 @@ def get_config(arg=None):
 
   config.model = ml_collections.ConfigDict(dict(
       variant=args.variant, posemb="sincos2d", learn_sigma=True, class_dropout=0.1,
-      dtype="float32", attention="auto", scan=True, remat="full"))
+      dtype="float32", attention="auto", scan=True, remat="auto"))
   config.diffusion = ml_collections.ConfigDict(dict(schedule="linear", num_timesteps=1000))
   config.sample = ml_collections.ConfigDict(dict(
       sampler="ddpm", steps="250", eta=0.0,

@@ -31,7 +31,7 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict(dict(
       variant=args.variant, posemb="learn", tokenizer="linear", dtype="float32",
       attention="auto",
-      scan=True, remat="full", drop_path=0.0,
+      scan=True, remat="auto", drop_path=0.0,
       # MAE's lighter decoder (512 wide, 8 deep), sized down for 32x32 inputs
       # whose decoder sees every pixel token.
       decoder=dict(width=256, depth=4, heads=8, mlp_dim=1024, posemb="learn"),

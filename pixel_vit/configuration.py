@@ -177,7 +177,7 @@ def validate_model(model) -> None:
   if "pool" in model:  # classifiers only
     _check_choice("model.pool", model.pool, vit.POOLS)
   _check_choice("model.dtype", model.dtype, list(vit.DTYPES))
-  _check_choice("model.remat", model.remat, list(vit.REMAT_POLICIES))
+  _check_choice("model.remat", model.remat, list(vit.REMAT_CHOICES))
   _check_choice("model.attention", model.attention, list(attention.BACKENDS))
   drop_path = model.get("drop_path", 0.0)  # DiT has none
   _require(0.0 <= drop_path < 1.0, f"config.model.drop_path={drop_path!r} must be in [0, 1).")

@@ -125,6 +125,18 @@ def batch_shards(mesh_config, device_count: int) -> int:
   return shape["data"] * shape["fsdp"]
 
 
+def batch_shards_active() -> int:
+  """How many ways the active mesh (inside `activate`) splits the logical
+  `batch` axis; 1 outside a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  spec = logical_to_spec(("batch",), flax_spmd.get_logical_axis_rules())
+  axes = spec[0] if len(spec) else None
+  axes = (axes,) if isinstance(axes, str) else (axes or ())
+  return int(np.prod([mesh.shape[axis] for axis in axes]))
+
+
 def logical_to_spec(logical_axes: Sequence[str | None], rules: LogicalRules) -> PartitionSpec:
   return nn_linen.logical_to_mesh_axes(tuple(logical_axes), tuple(map(tuple, rules)))
 

@@ -11,11 +11,13 @@ heads, kv, vocab, layers) and activations are constrained by logical names;
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from pixel_vit import parallel
@@ -53,6 +55,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
+    # `auto` (resolved per input by BlockStack.resolve_remat): the fastest of
+    # these that fits, see choose_remat.
     # Keeps the projection / MLP matmul outputs and the flash backends'
     # (`chunked`, `splash`) output and log-sum-exp (O(length)); recomputes
     # the cheap elementwise work and the [length, length] scores of `xla`.
@@ -60,6 +64,74 @@ REMAT_POLICIES = {
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(*attention_lib.REMAT_SAVEABLE_NAMES)),
 }
+
+
+# `auto`: `dots` when its saved activations (estimated below) fit in this
+# fraction of one device's memory, else `full`; the rest is left for the
+# state, temporaries and the runtime. Low-memory switch: remat='full'.
+REMAT_AUTO_MEMORY_FRACTION = 0.4
+REMAT_CHOICES = ("auto", "none", "dots", "full")
+
+
+def saved_activation_bytes(remat: str, *, batch: int, tokens: int, width: int, mlp_dim: int,
+                           heads: int, depth: int, dtype_bytes: int,
+                           scores_saved: bool) -> int:
+  """What the backward pass keeps of the blocks' forward, per device.
+
+  Per token and layer: `none` keeps about 11 width-sized vectors (LayerNorm
+  inputs and outputs, q, k, v, attention output, projections, residuals)
+  and 2 mlp-sized ones (fc1, GELU), plus the [heads, N, N] probabilities when
+  the attention materialises them (`scores_saved`: `xla`, `dot_product`);
+  `dots` keeps the matmul outputs (qkv, out, fc1, fc2: 5 x width + mlp);
+  `full` keeps each layer's input only.
+  """
+  per_token = {"none": 11 * width + 2 * mlp_dim, "dots": 5 * width + mlp_dim,
+               "full": width}[remat]
+  total = depth * batch * tokens * per_token * dtype_bytes
+  if remat == "none" and scores_saved:
+    total += depth * batch * heads * tokens * tokens * 4
+  return total
+
+
+def choose_remat(*, memory_bytes: int, **shape) -> str:
+  """`auto`'s pick: `dots` if its saved activations fit in
+  REMAT_AUTO_MEMORY_FRACTION of `memory_bytes`, else `full`. `shape`: the
+  keyword arguments of `saved_activation_bytes`.
+
+  Not `none`, although it recomputes nothing: on the 2-core CPU it was the
+  slowest or next to it everywhere we measured (benchmarks/README.md,
+  "Remat"): PiT-Ti/1 batch 32 43.5 s a step against 27.1 with `dots`,
+  ViT-Ti/2 5.56 against 4.54, mu/1 16x16 batch 128 2.52 against 2.25.
+  Keeping every activation costs more memory traffic than recomputing the
+  cheap elementwise ops; `dots` keeps only what is costly to recompute.
+  """
+  budget = REMAT_AUTO_MEMORY_FRACTION * memory_bytes
+  return "dots" if saved_activation_bytes("dots", **shape) <= budget else "full"
+
+
+def auto_remat(size: EncoderSize, *, batch_per_device: int, tokens: int, dtype,
+               attention: str, platform: str | None = None,
+               memory_bytes: int | None = None) -> str:
+  """What `remat='auto'` runs for `size` blocks on `tokens` tokens."""
+  platform = platform or jax.default_backend()
+  if attention == "auto":
+    attention = attention_lib.choose_backend(platform=platform, length=tokens, dtype=dtype)
+  return choose_remat(
+      memory_bytes=device_memory_bytes() if memory_bytes is None else memory_bytes,
+      batch=batch_per_device, tokens=tokens, width=size.width, mlp_dim=size.mlp_dim,
+      heads=size.heads, depth=size.depth, dtype_bytes=jnp.dtype(dtype).itemsize,
+      scores_saved=attention in ("xla", "dot_product"))
+
+
+def device_memory_bytes(device=None) -> int:
+  """One device's memory: the allocator's limit on GPU / TPU; on a CPU the
+  host's physical memory divided among its local CPU devices."""
+  device = device or jax.local_devices()[0]
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return physical // max(1, jax.local_device_count(device.platform))
 
 
 def parse_variant(variant: str) -> tuple[EncoderSize, int]:
@@ -272,6 +344,23 @@ class BlockStack(nnx.Module):
     self.scan = scan
     self.remat = remat
 
+  def resolve_remat(self, x) -> str:
+    """`auto` for this input (`auto_remat`): the per-device batch is the
+    global one over the active mesh's batch shards."""
+    attn, mlp = getattr(self.layers, "attn", None), getattr(self.layers, "mlp", None)
+    if attn is None or mlp is None:
+      return "full"
+    batch, tokens, width = x.shape
+    size = EncoderSize(width=width, depth=self.depth, heads=attn.qkv_kernel.shape[-2],
+                       mlp_dim=mlp.fc1_kernel.shape[-1])
+    per_device = -(-batch // parallel.batch_shards_active())
+    remat = auto_remat(size, batch_per_device=per_device, tokens=tokens, dtype=x.dtype,
+                       attention=attn.attention)
+    logging.info("remat='auto' runs %r for %d blocks of width %d on %d tokens, batch %d per "
+                 "device (config.model.remat='full' uses the least memory)",
+                 remat, self.depth, width, tokens, per_device)
+    return remat
+
   def __call__(self, x, *, drop_rates=None, key=None, **context):
     graphdef, state = nnx.split(self.layers)
     stochastic = key is not None and drop_rates is not None
@@ -284,8 +373,9 @@ class BlockStack(nnx.Module):
       block = nnx.merge(graphdef, layer_state)
       return block(x, drop_rate=rate, key=layer_key, **context), None
 
-    if self.remat != "none":
-      apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.remat])
+    remat = self.resolve_remat(x) if self.remat == "auto" else self.remat
+    if remat != "none":
+      apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[remat])
     if self.scan:
       x, _ = jax.lax.scan(apply_block, x, per_layer)
     else:
