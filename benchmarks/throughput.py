@@ -117,7 +117,7 @@ def resolved_remat(config, image_size: int, batch: int) -> str:
   tokens = (image_size // patch) ** 2 + (config.model.pool == "cls")
   shards = parallel.batch_shards(config.mesh, jax.device_count())
   return vit.auto_remat(size, batch_per_device=-(-batch // shards), tokens=tokens,
-                        dtype=vit.DTYPES[config.model.dtype], attention=config.model.attention)
+                        dtype=vit.DTYPES[config.model.dtype])
 
 
 # ---------------------------------------------------------------------------

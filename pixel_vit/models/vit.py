@@ -55,8 +55,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    # `auto` (resolved per input by BlockStack.resolve_remat): the fastest of
-    # these that fits, see choose_remat.
+    # `auto` (resolved per input by BlockStack.resolve_remat): `dots` when it
+    # fits, else `full`; see choose_remat.
     # Keeps the projection / MLP matmul outputs and the flash backends'
     # (`chunked`, `splash`) output and log-sum-exp (O(length)); recomputes
     # the cheap elementwise work and the [length, length] scores of `xla`.
@@ -74,23 +74,19 @@ REMAT_CHOICES = ("auto", "none", "dots", "full")
 
 
 def saved_activation_bytes(remat: str, *, batch: int, tokens: int, width: int, mlp_dim: int,
-                           heads: int, depth: int, dtype_bytes: int,
-                           scores_saved: bool) -> int:
+                           depth: int, dtype_bytes: int) -> int:
   """What the backward pass keeps of the blocks' forward, per device.
 
   Per token and layer: `none` keeps about 11 width-sized vectors (LayerNorm
   inputs and outputs, q, k, v, attention output, projections, residuals)
-  and 2 mlp-sized ones (fc1, GELU), plus the [heads, N, N] probabilities when
-  the attention materialises them (`scores_saved`: `xla`, `dot_product`);
+  and 2 mlp-sized ones (fc1, GELU), plus, not counted here, the [heads, N,
+  N] probabilities of an attention that materialises them (`xla`);
   `dots` keeps the matmul outputs (qkv, out, fc1, fc2: 5 x width + mlp);
   `full` keeps each layer's input only.
   """
   per_token = {"none": 11 * width + 2 * mlp_dim, "dots": 5 * width + mlp_dim,
                "full": width}[remat]
-  total = depth * batch * tokens * per_token * dtype_bytes
-  if remat == "none" and scores_saved:
-    total += depth * batch * heads * tokens * tokens * 4
-  return total
+  return depth * batch * tokens * per_token * dtype_bytes
 
 
 def choose_remat(*, memory_bytes: int, **shape) -> str:
@@ -98,9 +94,9 @@ def choose_remat(*, memory_bytes: int, **shape) -> str:
   REMAT_AUTO_MEMORY_FRACTION of `memory_bytes`, else `full`. `shape`: the
   keyword arguments of `saved_activation_bytes`.
 
-  Not `none`, although it recomputes nothing: on the 2-core CPU it was the
-  slowest or next to it everywhere we measured (benchmarks/README.md,
-  "Remat"): PiT-Ti/1 batch 32 43.5 s a step against 27.1 with `dots`,
+  Not `none`, although it recomputes nothing: on the 2-core CPU it was
+  slower than `dots` everywhere we measured (benchmarks/README.md, "Levers,
+  measured one by one"): PiT-Ti/1 batch 32 43.5 s a step against 27.1,
   ViT-Ti/2 5.56 against 4.54, mu/1 16x16 batch 128 2.52 against 2.25.
   Keeping every activation costs more memory traffic than recomputing the
   cheap elementwise ops; `dots` keeps only what is costly to recompute.
@@ -110,17 +106,12 @@ def choose_remat(*, memory_bytes: int, **shape) -> str:
 
 
 def auto_remat(size: EncoderSize, *, batch_per_device: int, tokens: int, dtype,
-               attention: str, platform: str | None = None,
                memory_bytes: int | None = None) -> str:
   """What `remat='auto'` runs for `size` blocks on `tokens` tokens."""
-  platform = platform or jax.default_backend()
-  if attention == "auto":
-    attention = attention_lib.choose_backend(platform=platform, length=tokens, dtype=dtype)
   return choose_remat(
       memory_bytes=device_memory_bytes() if memory_bytes is None else memory_bytes,
       batch=batch_per_device, tokens=tokens, width=size.width, mlp_dim=size.mlp_dim,
-      heads=size.heads, depth=size.depth, dtype_bytes=jnp.dtype(dtype).itemsize,
-      scores_saved=attention in ("xla", "dot_product"))
+      depth=size.depth, dtype_bytes=jnp.dtype(dtype).itemsize)
 
 
 def device_memory_bytes(device=None) -> int:
@@ -354,8 +345,7 @@ class BlockStack(nnx.Module):
     size = EncoderSize(width=width, depth=self.depth, heads=attn.qkv_kernel.shape[-2],
                        mlp_dim=mlp.fc1_kernel.shape[-1])
     per_device = -(-batch // parallel.batch_shards_active())
-    remat = auto_remat(size, batch_per_device=per_device, tokens=tokens, dtype=x.dtype,
-                       attention=attn.attention)
+    remat = auto_remat(size, batch_per_device=per_device, tokens=tokens, dtype=x.dtype)
     logging.info("remat='auto' runs %r for %d blocks of width %d on %d tokens, batch %d per "
                  "device (config.model.remat='full' uses the least memory)",
                  remat, self.depth, width, tokens, per_device)
