@@ -81,22 +81,18 @@ FLASH_QUERY_BLOCK = 512  # k, v re-read once per query block
 
 def per_layer(size: vit.EncoderSize, tokens: int, backend: str) -> tuple[float, float]:
   """(executed matmul FLOPs, HBM bytes) of one layer, forward + backward, one example."""
-  width, mlp = size.width, size.mlp_dim
-  projections = 3 * (2 * tokens * width * 3 * width + 2 * tokens * width * width
-                     + 4 * tokens * width * mlp)
+  forward = throughput.block_flops(size, tokens)
   scores = size.heads * tokens * tokens
-  head_dim = width // size.heads
-  attention_flops = 3 * 4 * scores * head_dim
-  activation_bytes = BF16 * tokens * (ACTIVATION_PASSES["width"] * width
-                                      + ACTIVATION_PASSES["mlp"] * mlp)
+  activation_bytes = BF16 * tokens * (ACTIVATION_PASSES["width"] * size.width
+                                      + ACTIVATION_PASSES["mlp"] * size.mlp_dim)
   if backend in ("xla", "chunked"):
     score_bytes = SCORE_BYTES * scores
-    recompute = 2 * scores * head_dim if backend == "chunked" else 0
+    recompute = forward["attn_scores"] if backend == "chunked" else 0  # QK^T again
   else:  # on-chip tiles: q, k, v, o, dO, dq, dk, dv, with k, v per query block
     blocks = -(-tokens // FLASH_QUERY_BLOCK)
-    score_bytes = BF16 * tokens * width * (8 + 4 * blocks)
-    recompute = 2 * scores * head_dim
-  return projections + attention_flops + recompute, activation_bytes + score_bytes
+    score_bytes = BF16 * tokens * size.width * (8 + 4 * blocks)
+    recompute = forward["attn_scores"]
+  return 3 * sum(forward.values()) + recompute, activation_bytes + score_bytes
 
 
 def estimate(accelerator: Accelerator, variant: str, image_size: int, channels: int,
@@ -104,16 +100,13 @@ def estimate(accelerator: Accelerator, variant: str, image_size: int, channels: 
   size, _ = vit.parse_variant(variant)
   flops = throughput.analytic_flops(variant, image_size, channels, num_classes=1000,
                                     cls_token=cls_token)
-  tokens = flops["tokens"]
-  executed, moved = per_layer(size, tokens, backend)
+  executed, moved = per_layer(size, flops["tokens"], backend)
   executed, moved = executed * size.depth, moved * size.depth
   compute_s = executed / (accelerator.bf16_tflops * 1e12)
   memory_s = moved / (accelerator.hbm_tb_s * 1e12)
   step_s = max(compute_s, memory_s)
-  model = flops["train"]
-  return dict(tokens=tokens, mfu=model / step_s / (accelerator.bf16_tflops * 1e12),
-              bound="memory" if memory_s > compute_s else "compute",
-              intensity=executed / moved)
+  return dict(mfu=flops["train"] / step_s / (accelerator.bf16_tflops * 1e12),
+              bound="memory" if memory_s > compute_s else "compute")
 
 
 def table() -> str:

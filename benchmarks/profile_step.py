@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks import peer
+from benchmarks import peer, throughput
 from pixel_vit.models import vit
 
 RESULT_MARK = "PROFILE_RESULT "
@@ -57,6 +57,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?\s([a-z][a-z0-9\-_
 _FRAME = re.compile(r"stack_frame_id=(\d+)")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_MODULE = re.compile(r"^HloModule ([\w.\-]+)")
 _TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
 
 
@@ -85,9 +86,15 @@ def _source_tables(lines: list[str]) -> dict[int, tuple[str, str]]:
   return frames
 
 
+def module_name(text: str) -> str:
+  """The HLO module's name (`jit_train_step`): what trace events call it."""
+  match = _MODULE.match(text)
+  return match.group(1) if match else ""
+
+
 def parse_hlo(text: str) -> dict[str, dict]:
-  """instruction name -> {opcode, source, function, op_name, computation,
-  calls} from compiled HLO text."""
+  """instruction name -> {opcode, source, function, computation, calls} from
+  compiled HLO text."""
   lines = text.splitlines()
   frames = _source_tables(lines)
   instructions, computation = {}, None
@@ -102,10 +109,8 @@ def parse_hlo(text: str) -> dict[str, dict]:
     frame = _FRAME.search(line)
     source, function = frames.get(int(frame.group(1)), ("", "")) if frame else ("", "")
     calls = _CALLS.search(line)
-    op_name = re.search(r'op_name="([^"]*)"', line)
     instructions[match.group(1)] = dict(
-        opcode=match.group(2), source=source, function=function,
-        op_name=op_name.group(1) if op_name else "", computation=computation,
+        opcode=match.group(2), source=source, function=function, computation=computation,
         calls=calls.group(1) if calls else None)
   return instructions
 
@@ -147,31 +152,33 @@ def categorise(name: str, instructions: dict, by_computation: dict) -> str:
   return "loss, metrics & other"
 
 
-def breakdown(trace_dir: str, hlo_text: str, module_hint: str = "") -> dict:
-  """Summed exclusive thunk time (seconds) per category, from the trace in
-  `trace_dir` (any `jax.profiler` trace: config.profile's too)."""
+def breakdown(trace_dir: str, hlo_text: str) -> dict:
+  """Summed exclusive thunk time (seconds) per category of the module
+  `hlo_text` compiles, from the trace in `trace_dir` (any `jax.profiler`
+  trace, config.profile's too: other modules' events are left out)."""
   from jax._src.profiler import ProfileData
   instructions = parse_hlo(hlo_text)
+  module = module_name(hlo_text)
   by_computation = collections.defaultdict(list)
   for info in instructions.values():
     by_computation[info["computation"]].append(info)
   paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
   if not paths:
     raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
-  totals, ops = collections.Counter(), collections.Counter()
+  ops = collections.Counter()  # seconds per HLO instruction
   for path in paths:
     for plane in ProfileData.from_file(path).planes:
       for line in plane.lines:
         for event in line.events:
           stats = dict(event.stats)
           op = stats.get("hlo_op")
-          if op is None or module_hint not in str(stats.get("hlo_module", "")):
+          if op is None or stats.get("hlo_module") != module:
             continue
-          if instructions.get(op, {}).get("opcode") in _CONTAINERS:
-            continue
-          seconds = event.duration_ns / 1e9
-          totals[categorise(op, instructions, by_computation)] += seconds
-          ops[op] += seconds
+          if instructions.get(op, {}).get("opcode") not in _CONTAINERS:
+            ops[op] += event.duration_ns / 1e9
+  totals = collections.Counter()
+  for op, seconds in ops.items():  # categorised once per instruction, not per event
+    totals[categorise(op, instructions, by_computation)] += seconds
   return dict(categories=dict(totals), top_ops=ops.most_common(12))
 
 
@@ -190,7 +197,7 @@ def child(args: argparse.Namespace) -> None:
     side.step()
   jax.profiler.stop_trace()
   step_s = (time.perf_counter() - start) / args.steps
-  result = breakdown(trace_dir, side.hlo_text(), module_hint="")
+  result = breakdown(trace_dir, side.hlo_text())
   result.update(step_s=step_s, setting=side.setting, tokens=side.tokens, workload=w,
                 steps=args.steps, trace_dir=trace_dir)
   print(RESULT_MARK + json.dumps(result), flush=True)
@@ -220,7 +227,7 @@ def parse_flags(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=3, help="traced steps")
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--remat", default=None, choices=vit.REMAT_CHOICES)
-  p.add_argument("--scan", type=lambda t: t.lower() in ("1", "true", "yes"), default=None)
+  p.add_argument("--scan", type=throughput._bool, default=None)
   p.add_argument("--attention", default=None)
   p.add_argument("--augment", default="config", choices=("config", "none"))
   p.add_argument("--json_out", default=None)

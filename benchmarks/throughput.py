@@ -69,6 +69,19 @@ SWEEP = (
 # Analytic FLOPs (from the model size table; importing jax creates no backend).
 # ---------------------------------------------------------------------------
 
+def block_flops(size: vit.EncoderSize, tokens: int) -> dict:
+  """Forward matmul FLOPs (2 per multiply-add) of one Transformer block on
+  one example of `tokens` tokens."""
+  width = size.width
+  return {
+      "qkv": 2 * tokens * width * 3 * width,
+      "attn_scores": 2 * tokens * tokens * width,
+      "attn_weighted_sum": 2 * tokens * tokens * width,
+      "out_proj": 2 * tokens * width * width,
+      "mlp": 2 * 2 * tokens * width * size.mlp_dim,
+  }
+
+
 def analytic_flops(variant: str, image_size: int, channels: int, num_classes: int,
                    cls_token: bool = True, remat: str = "none") -> dict:
   """Matmul FLOPs (2 per multiply-add) of the classifier, per image.
@@ -82,20 +95,13 @@ def analytic_flops(variant: str, image_size: int, channels: int, num_classes: in
   saved by `dots_with_no_batch_dims_saveable`). Elementwise work (softmax,
   LayerNorm, GELU, optimizer, augmentation) is not counted.
   """
-  size_name, _, patch = variant.partition("/")
-  size = vit.SIZES[size_name]
-  width, depth, mlp_dim = size.width, size.depth, size.mlp_dim
-  patch = int(patch)
+  size, patch = vit.parse_variant(variant)
   patches = (image_size // patch) ** 2
   seq = patches + (1 if cls_token else 0)
   parts = {
-      "tokenizer": 2 * patches * (patch * patch * channels) * width,
-      "qkv": depth * 2 * seq * width * 3 * width,
-      "attn_scores": depth * 2 * seq * seq * width,
-      "attn_weighted_sum": depth * 2 * seq * seq * width,
-      "out_proj": depth * 2 * seq * width * width,
-      "mlp": depth * 2 * 2 * seq * width * mlp_dim,
-      "head": 2 * width * num_classes,
+      "tokenizer": 2 * patches * (patch * patch * channels) * size.width,
+      **{name: size.depth * f for name, f in block_flops(size, seq).items()},
+      "head": 2 * size.width * num_classes,
   }
   forward = sum(parts.values())
   block = forward - parts["tokenizer"] - parts["head"]
@@ -145,7 +151,7 @@ def parse_flags(argv=None) -> argparse.Namespace:
   p.add_argument("--channels", type=int, default=3)
   p.add_argument("--num_classes", type=int, default=100, help="head size (CIFAR-100: 100)")
   p.add_argument("--remat", default=None, choices=vit.REMAT_CHOICES,
-                 help="default: the config's (full)")
+                 help="default: the config's (auto)")
   p.add_argument("--scan", type=_bool, default=None, help="true|false; default: the config's")
   p.add_argument("--attention", default=None, help="attention backend; default: the config's")
   p.add_argument("--dtype", default=None, help="float32|bfloat16; default: the config's")

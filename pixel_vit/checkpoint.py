@@ -69,6 +69,13 @@ def _is_closed_loop_error(error: BaseException | None) -> bool:
   return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
+def _drop_restore_echo(record: pylogging.LogRecord) -> bool:
+  """A logging filter: False for the echoes `_quiet_failed_restore_echoes` names."""
+  error = record.exc_info[1] if record.exc_info else None
+  return not (_is_closed_loop_error(error)
+              or str(record.msg).startswith(_UNAWAITED_TASK_ECHOES))
+
+
 def _quiet_failed_restore_echoes() -> None:
   """When one read of a restore fails, orbax closes its event loop while the
   other reads are in flight. They then echo the failure as dozens of
@@ -78,7 +85,10 @@ def _quiet_failed_restore_echoes() -> None:
   as unraisable exceptions. `restore` reports the failure once itself; this
   drops exactly those echoes. It is installed before the first read, not
   after a failure, because the echoes come from orbax's threads and can
-  arrive before the failing read returns."""
+  arrive before the failing read returns. Idempotent: the filter is one
+  object (a logger keeps it once) and the hook is not wrapped twice."""
+  for name in ("asyncio", "concurrent.futures"):
+    pylogging.getLogger(name).addFilter(_drop_restore_echo)
   previous = sys.unraisablehook
   if getattr(previous, "_drops_closed_event_loops", False):
     return
@@ -87,15 +97,8 @@ def _quiet_failed_restore_echoes() -> None:
     if not _is_closed_loop_error(unraisable.exc_value):
       previous(unraisable)
 
-  def keep(record: pylogging.LogRecord) -> bool:
-    error = record.exc_info[1] if record.exc_info else None
-    return not (_is_closed_loop_error(error)
-                or str(record.msg).startswith(_UNAWAITED_TASK_ECHOES))
-
   hook._drops_closed_event_loops = True
   sys.unraisablehook = hook
-  for name in ("asyncio", "concurrent.futures"):
-    pylogging.getLogger(name).addFilter(keep)
 
 
 # orbax's words when the saved tree differs from the one asked for (another
