@@ -252,7 +252,6 @@ def _host_batch(w: dict) -> dict:
 
 def task_config(task: str, w: dict, args: argparse.Namespace):
   """The task's config file with this workload's overrides, validated as the trainer does."""
-  from pixel_vit import configuration
   config = throughput._load_config(os.path.join(REPO_ROOT, "configs", CONFIG_FILES[task]))
   config.model.variant = w["variant"]
   config.model.dtype = w["dtype"]
@@ -266,7 +265,7 @@ def task_config(task: str, w: dict, args: argparse.Namespace):
     config.augment.update(dict(crop=False, flip=False, randaugment_ops=0, erase_prob=0.0,
                                mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0))
   trainer(task).validate(config)
-  configuration.validate_image_size(config.model, w["image_size"])
+  vit.validate_image_size(config.model, w["image_size"])
   return config
 
 

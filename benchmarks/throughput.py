@@ -337,7 +337,7 @@ def run_child(args: argparse.Namespace) -> dict:
   import numpy as np
   from flax import nnx
 
-  from pixel_vit import configuration, parallel
+  from pixel_vit import parallel
   from pixel_vit.trainers import classification
 
   config = _load_config(args.config)
@@ -349,7 +349,7 @@ def run_child(args: argparse.Namespace) -> dict:
   config.data.image_size = args.image_size
   config.total_steps = 10_000  # only shapes the lr schedule
   classification.validate(config)
-  configuration.validate_image_size(config.model, args.image_size)
+  vit.validate_image_size(config.model, args.image_size)
 
   num_classes = args.num_classes
 

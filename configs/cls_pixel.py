@@ -21,7 +21,6 @@ Any key can be overridden: `--config.optimizer.lr=1e-3`.
 import ml_collections
 
 from pixel_vit import configuration
-from pixel_vit.data import augment
 
 
 def get_config(arg=None):
@@ -41,7 +40,7 @@ def get_config(arg=None):
   config.optimizer = ml_collections.ConfigDict(dict(
       lr=2e-3, end_lr=1e-6, b1=0.9, b2=0.999, weight_decay=0.05, grad_clip=1.0,
       warmup_steps=0, warmup_epochs=20.0, ema_decay=0.0))
-  config.augment = augment.default_augment_config()
+  config.augment = configuration.default_augment_config()
   # DeiT's RandAugment (rand-m9-mstd0.5-inc1) and random erasing (p 0.25).
   config.augment.randaugment_ops = 2
   config.augment.erase_prob = 0.25

@@ -19,13 +19,12 @@ Arguments (comma-separated after the colon):
   python -m pixel_vit.sample --config=configs/dit_pixel.py:quick,classifier=/tmp/cls \
       --workdir=/tmp/dit --num_samples=1000
 
-Latent data: python -m pixel_vit.data.encode_latents (see README); decoded
+Latent data: python -m pixel_vit.encode_latents (see README); decoded
 pictures need --config.vae.weights=PATH/diffusion_pytorch_model.safetensors.
 """
 import ml_collections
 
 from pixel_vit import configuration
-from pixel_vit.data import augment
 
 
 def get_config(arg=None):
@@ -57,7 +56,7 @@ def get_config(arg=None):
       lr=1e-4, end_lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0,
       warmup_steps=0, ema_decay=0.9999))
   # Pixel data: [0, 255] -> [-1, 1] and horizontal flips; latents pass unchanged.
-  config.augment = augment.default_augment_config()
+  config.augment = configuration.default_augment_config()
   config.augment.crop = False
   config.augment.label_smoothing = 0.0
   config.augment.mixup_alpha = 0.0

@@ -19,7 +19,6 @@ Then fine-tune or probe the encoder with configs/mae_finetune.py
 import ml_collections
 
 from pixel_vit import configuration
-from pixel_vit.data import augment
 
 
 def get_config(arg=None):
@@ -52,7 +51,7 @@ def get_config(arg=None):
                          / 256)
 
   # MAE pre-training augmentation: random resized crop + flip only.
-  config.augment = augment.default_augment_config()
+  config.augment = configuration.default_augment_config()
   config.augment.crop_scale = (0.2, 1.0)
   config.augment.label_smoothing = 0.0
   config.augment.mixup_alpha = 0.0

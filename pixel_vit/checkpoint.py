@@ -6,6 +6,12 @@ function of (seed, step), see `pixel_vit.data.pipeline`. A small JSON item
 records what model the state belongs to, so a mismatch is reported by name
 instead of as a shape error deep inside orbax.
 
+Reading a run (read-only, possibly while it trains on): `workdir_has_checkpoint`,
+`locate` a finished step, `SavedRun` (its identity, parameter shapes, and a
+partial restore of any subtree onto given shardings). `RunIdentity` is the
+typed record of what model a checkpoint holds; its JSON is the `metadata`
+item every checkpoint carries, in the layout earlier versions wrote.
+
 Faults lose nothing already saved: a checkpoint that cannot be read is moved
 aside to `<workdir>/checkpoints.damaged/` (never deleted) and the previous
 one is restored instead; a save that fails stops the run with one message,
@@ -14,6 +20,7 @@ were.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging as pylogging
 import os
 import sys
@@ -38,6 +45,76 @@ class CheckpointMismatchError(ValueError):
 
 class NoRestorableCheckpointError(RuntimeError):
   """Every checkpoint in the workdir failed to read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunIdentity:
+  """What makes a checkpoint this model: restoring it into a config that
+  builds another identity is refused by field. dtype, attention backend,
+  scan and remat may change between runs (e.g. resuming on another
+  machine), so they are not part of it. Fields a task does not have are None
+  and are not written."""
+  task: str  # 'classification', 'mae' or 'diffusion'
+  variant: str  # SIZE/PATCH
+  posemb: str
+  image_shape: tuple[int, ...]  # [H, W, C] of the train split
+  tokenizer: str | None = None  # pixel encoders (classification, MAE)
+  pool: str | None = None  # classification
+  num_classes: int | None = None  # classification, diffusion
+  decoder: tuple | None = None  # MAE: (width, depth, heads, mlp_dim, posemb)
+  learn_sigma: bool | None = None  # diffusion
+  latent: bool | None = None  # diffusion: trained on VAE latents
+
+  REQUIRED = ("task", "variant", "posemb", "image_shape")
+
+  @classmethod
+  def of_run(cls, config, train_split) -> "RunIdentity":
+    """The identity of the run `config` trains on `train_split`: one rule
+    for every task."""
+    model, task = config.model, config.task
+    fields = dict(task=task, variant=model.variant, posemb=model.posemb,
+                  image_shape=tuple(int(x) for x in train_split.images.shape[1:]))
+    if task in ("classification", "mae"):
+      fields["tokenizer"] = model.get("tokenizer", "linear")
+    if task in ("classification", "diffusion"):
+      fields["num_classes"] = int(train_split.num_classes)
+    if task == "classification":
+      fields["pool"] = model.pool
+    if task == "mae":
+      decoder = model.decoder
+      fields["decoder"] = (decoder.width, decoder.depth, decoder.heads, decoder.mlp_dim,
+                           decoder.posemb)
+    if task == "diffusion":
+      fields["learn_sigma"] = bool(model.learn_sigma)
+      fields["latent"] = bool(train_split.is_latent)
+    return cls(**fields)
+
+  def to_json(self) -> dict:
+    """The checkpoint's `metadata` item (tuples as lists, None left out)."""
+    return {f.name: list(value) if isinstance(value, tuple) else value
+            for f in dataclasses.fields(self)
+            if (value := getattr(self, f.name)) is not None}
+
+  @classmethod
+  def missing(cls, metadata: dict) -> list[str]:
+    """The required fields `metadata` lacks, in field order."""
+    return [name for name in cls.REQUIRED if name not in metadata]
+
+  @classmethod
+  def from_json(cls, metadata: dict) -> "RunIdentity":
+    """A checkpoint's `metadata` item; unknown keys are ignored, a missing
+    required field is a ValueError naming it (see `missing`)."""
+    absent = cls.missing(metadata)
+    if absent:
+      raise ValueError(f"its metadata has no {absent[0]!r} ({sorted(metadata)})")
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v
+                  for k, v in metadata.items() if k in known})
+
+  def differences(self, saved: dict) -> dict[str, tuple]:
+    """{field: (saved value, this value)} for every field of this identity
+    that the saved JSON `metadata` gives otherwise."""
+    return {k: (saved.get(k), v) for k, v in self.to_json().items() if saved.get(k) != v}
 
 
 def checkpoint_directory(workdir: str) -> str:
@@ -136,13 +213,13 @@ class Checkpointer:
   def should_save(self, step: int, *, force: bool = False) -> bool:
     return force or self.manager.should_save(step)
 
-  def save(self, step: int, state: Any, metadata: dict, *, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, identity: RunIdentity, *, force: bool = False) -> bool:
     """Starts an (async) save when one is due; a failure, this one's or the
     previous async one's, raises CheckpointSaveError."""
     try:
       saved = self.manager.save(
           step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                        metadata=ocp.args.JsonSave(metadata)),
+                                        metadata=ocp.args.JsonSave(identity.to_json())),
           force=force)
     except Exception as e:  # orbax raises whatever the filesystem raised
       self._save_failed(self._saving_step or step, e)
@@ -191,7 +268,7 @@ class Checkpointer:
     return self.manager.restore(
         step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
 
-  def restore(self, abstract_state: Any, metadata: dict, step: int | None = None) -> Any:
+  def restore(self, abstract_state: Any, identity: RunIdentity, step: int | None = None) -> Any:
     """Restores onto the shardings in `abstract_state` (ShapeDtypeStructs).
 
     Without `step`: the newest checkpoint that reads. Newer ones that failed
@@ -205,7 +282,7 @@ class Checkpointer:
     failures = []
     for candidate in steps:
       try:
-        restored = self._restore_step(candidate, abstract_state, metadata)
+        restored = self._restore_step(candidate, abstract_state, identity)
       except CheckpointMismatchError:
         raise
       except Exception as e:  # a damaged checkpoint raises anything tensorstore can
@@ -225,9 +302,8 @@ class Checkpointer:
         "deleted. If the files are damaged, move them away (or use a fresh --workdir); if "
         "the config changed, run with the config they were written with.")
 
-  def _restore_step(self, step: int, abstract_state: Any, metadata: dict) -> Any:
-    saved = self.read_metadata(step)
-    mismatched = {k: (saved.get(k), v) for k, v in metadata.items() if saved.get(k) != v}
+  def _restore_step(self, step: int, abstract_state: Any, identity: RunIdentity) -> Any:
+    mismatched = identity.differences(self.read_metadata(step))
     if mismatched:
       details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}"
                           for k, (a, b) in mismatched.items())
@@ -268,3 +344,105 @@ class Checkpointer:
       self.manager.close()
     except Exception as e:  # a failed async save, already reported by wait()/save()
       logging.warning("closing the checkpoint manager: %s", first_line(e))
+
+  def read_identity(self, step: int) -> RunIdentity:
+    return RunIdentity.from_json(self.read_metadata(step))
+
+
+# ---------------------------------------------------------------- reading a run
+
+
+def workdir_has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` holds a finished checkpoint (a run there would resume)."""
+  return bool(ocp.utils.checkpoint_steps(os.path.join(workdir, "checkpoints")))
+
+
+def _steps(directory: epath.Path) -> list[int]:
+  return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
+
+
+def locate(path: str) -> tuple[epath.Path, int]:
+  """`config.init_from`-style path -> (the checkpoints directory, the step to
+  read): a run's workdir or its `checkpoints` directory (newest step), or one
+  `checkpoints/<step>` directory."""
+  # orbax wants absolute paths; URLs (gs://...) are left as they are.
+  where = epath.Path(path if "://" in path else os.path.abspath(path))
+  if not where.exists():
+    raise ValueError(
+        f"config.init_from={path!r} does not exist. Point it at a pre-training "
+        "workdir (e.g. the --workdir of configs/mae_pixel.py), its 'checkpoints' "
+        "directory or one 'checkpoints/<step>' directory; set it to '' to train from "
+        "random initialisation.")
+  if _steps(where / "checkpoints"):  # a workdir
+    directory = where / "checkpoints"
+    return directory, _steps(directory)[-1]
+  if _steps(where):  # a checkpoints directory
+    return where, _steps(where)[-1]
+  if where.name.isdigit() and int(where.name) in _steps(where.parent):  # checkpoints/<step>
+    return where.parent, int(where.name)
+  raise ValueError(
+      f"config.init_from={path!r} holds no finished checkpoint: expected a workdir "
+      "with 'checkpoints/<step>/' inside, a 'checkpoints' directory or one "
+      "'checkpoints/<step>' directory written by pixel_vit.")
+
+
+def open_read_only(directory) -> ocp.CheckpointManager:
+  """A manager that only reads: the `state` item as a plain pytree (so part of
+  it can be restored without knowing the rest) and the JSON `metadata`."""
+  return ocp.CheckpointManager(
+      directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                "metadata": ocp.JsonCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           save_interval_steps=0))
+
+
+def flat_shapes(tree) -> dict[str, tuple]:
+  """{'encoder/blocks/qkv_kernel': shape, ...} of a nested dict of arrays or metadata."""
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+  """One finished checkpoint, opened read-only: its JSON metadata and the
+  structure of its train state (shapes and dtypes from orbax's metadata, no
+  arrays read), and `restore` for any subtree of it."""
+  directory: epath.Path
+  step: int
+  metadata: dict  # the JSON item as written (`RunIdentity.to_json` since it exists)
+  state_tree: Any  # {'params': {...}, 'opt_state': ..., 'ema_params': ...} of metadata
+
+  @property
+  def path(self) -> epath.Path:
+    return self.directory / str(self.step)
+
+  def identity(self) -> RunIdentity:
+    return RunIdentity.from_json(self.metadata)
+
+  def restore(self, target: dict) -> dict:
+    """Reads only the arrays `target` names (a nested dict of
+    ShapeDtypeStructs with shardings, a subtree of the train state) straight
+    onto their shardings; the rest of the checkpoint is not read."""
+    manager = open_read_only(self.directory)
+    try:
+      restored = manager.restore(self.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))
+    finally:
+      manager.close()
+    return restored.state
+
+
+def open_saved(directory: epath.Path, step: int) -> SavedRun:
+  """Reads a checkpoint's metadata and state structure; a checkpoint that is
+  not pixel_vit's (no `state` or `metadata` item) raises what orbax raises
+  (FileNotFoundError, KeyError or ValueError) for the caller to word."""
+  manager = open_read_only(directory)
+  try:
+    metadata = manager.restore(
+        step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+    tree = manager.item_metadata(step)["state"]
+  finally:
+    manager.close()
+  return SavedRun(directory=directory, step=step, metadata=dict(metadata or {}),
+                  state_tree=getattr(tree, "tree", tree))

@@ -1,24 +1,18 @@
-"""Config arguments and validation, shared by every `configs/*.py`.
+"""What a config is made of, for every `configs/*.py`: argument parsing and
+the shared sections (data, mesh, augmentation, sharding rules).
 
 `get_config(arg)` receives the text after the colon in
 `--config=configs/cls_pixel.py:variant=S/1,dataset=digits,quick`; `parse_arg`
-turns it into typed values. `validate` checks a resolved config before
-anything touches data or compiles: a wrong value is a ValueError that names
-the key, the value and what is allowed.
+turns it into typed values. This module imports only ml_collections, so
+loading a config file imports no JAX, TensorFlow or orbax.
+
+Checking a resolved config is each subsystem's job, beside its code (see
+`pixel_vit/config_checks.py` for the list); a trainer's `validate` calls them
+in turn before anything touches data or compiles.
 """
 from __future__ import annotations
 
-import fractions
-import os
-
-import jax
 import ml_collections
-
-from pixel_vit import parallel
-from pixel_vit.data import augment, locality, sources
-from pixel_vit.diffusion import gaussian, sampling
-from pixel_vit.models import attention, dit, mae, vit
-from pixel_vit.trainers import pretrained
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -80,7 +74,7 @@ DATASETS = {
     "digits": dict(source="digits", image_size=None, eval_split="test"),
     "cifar10": dict(source="tfds:cifar10", image_size=None, eval_split="test"),
     # ImageNet 256x256 as Stable-Diffusion VAE latents (32x32x4), written once by
-    # python -m pixel_vit.data.encode_latents (see README, diffusion).
+    # python -m pixel_vit.encode_latents (see README, diffusion).
     "imagenet256_latents": dict(source="npz:data/imagenet256_latents_{split}.npz",
                                 image_size=None, eval_split="validation"),
 }
@@ -100,18 +94,51 @@ SHARDING_RULES = (
 )
 
 
+def permute_pixels_config() -> ml_collections.ConfigDict:
+  """`config.data.permute_pixels`: off (T = 0) by default (data/locality.py)."""
+  return ml_collections.ConfigDict(dict(swaps=0, max_distance=1, seed=0))
+
+
+def default_augment_config() -> ml_collections.ConfigDict:
+  """DeiT-style augmentation defaults for CIFAR-sized (32x32) images."""
+  c = ml_collections.ConfigDict()
+  # Length-1 mean/std broadcast over channels: (0.5,) == (0.5,)*3 for RGB and
+  # also works unchanged for 1-channel sources (digits, MNIST).
+  c.mean = (0.5,)
+  c.std = (0.5,)
+  c.crop = True
+  # DeiT uses (0.08, 1) at 224px. At 32x32 an 8% crop is ~9x9 pixels blown up
+  # 3.5x, which destroys most of the object; a 25% floor (>= 16x16 source
+  # pixels) keeps strong scale jitter while the label stays recognisable.
+  c.crop_scale = (0.25, 1.0)
+  c.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  c.flip = True
+  # RandAugment as timm's rand-m9-mstd0.5-inc1 when randaugment_ops = 2 (DeiT,
+  # MAE fine-tuning); 0 ops keeps it off, so configs opt in.
+  c.randaugment_ops = 0
+  c.randaugment_magnitude = 9.0
+  c.randaugment_magnitude_std = 0.5
+  # Random erasing of one box per example (DeiT / MAE fine-tuning use 0.25).
+  c.erase_prob = 0.0
+  c.label_smoothing = 0.1
+  c.mixup_alpha = 0.8
+  c.cutmix_alpha = 1.0
+  c.mix_switch_prob = 0.5
+  return c
+
+
 def dataset_config(dataset: str) -> ml_collections.ConfigDict:
   """`config.data` for a named dataset, `tfds:NAME` or `npz:PATH`."""
   if dataset in DATASETS:
     settings = DATASETS[dataset]
-  else:  # checked by validate_data
+  else:  # checked by sources.validate_config
     settings = dict(source=dataset, image_size=None, eval_split="test")
   return ml_collections.ConfigDict(dict(
       source=settings["source"], data_dir=None, download=True,
       train_split="train", eval_split=settings["eval_split"],
       image_size=ml_collections.FieldReference(settings["image_size"], field_type=int),
       # The locality ablation: T swaps of pixel pairs within delta (data/locality.py).
-      permute_pixels=locality.permute_pixels_config()))
+      permute_pixels=permute_pixels_config()))
 
 
 def mesh_config() -> ml_collections.ConfigDict:
@@ -145,241 +172,3 @@ def base_config(task: str, dataset: str, *, quick: bool) -> ml_collections.Confi
   # to <workdir>/plugins/profile/ (TensorBoard's profile tab); 0 = off.
   config.profile = ml_collections.ConfigDict(dict(steps=0, first_step=10))
   return config
-
-
-def _require(condition: bool, message: str):
-  if not condition:
-    raise ValueError(message)
-
-
-def _check_choice(key: str, value, allowed):
-  _require(value in allowed, f"config.{key}={value!r} is not allowed; choose one of {list(allowed)}.")
-
-
-def _check_positive(key: str, value, *, allow_zero=False):
-  ok = value >= 0 if allow_zero else value > 0
-  _require(ok, f"config.{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}.")
-
-
-def _named(key: str, check, *args):
-  """Runs `check(*args)`, prefixing its ValueError with the config key."""
-  try:
-    return check(*args)
-  except ValueError as e:
-    raise ValueError(f"config.{key}: {e}") from None
-
-
-def validate_model(model) -> None:
-  _named("model.variant", vit.parse_variant, model.variant)
-  _check_choice("model.posemb", model.posemb, vit.POSEMBS)
-  if "tokenizer" in model:  # classifier and MAE encoders; DiT's input is noisy, not 8-bit
-    _check_choice("model.tokenizer", model.tokenizer, vit.TOKENIZERS)
-  if "pool" in model:  # classifiers only
-    _check_choice("model.pool", model.pool, vit.POOLS)
-  _check_choice("model.dtype", model.dtype, list(vit.DTYPES))
-  _check_choice("model.remat", model.remat, list(vit.REMAT_CHOICES))
-  _check_choice("model.attention", model.attention, list(attention.BACKENDS))
-  drop_path = model.get("drop_path", 0.0)  # DiT has none
-  _require(0.0 <= drop_path < 1.0, f"config.model.drop_path={drop_path!r} must be in [0, 1).")
-
-
-def validate_decoder(model) -> None:
-  """The MAE decoder and target settings (configs/mae_pixel.py)."""
-  decoder = model.decoder
-  for key in ("width", "depth", "heads", "mlp_dim"):
-    _check_positive(f"model.decoder.{key}", decoder[key])
-  _require(decoder.width % decoder.heads == 0,
-           f"config.model.decoder.width={decoder.width} must be divisible by "
-           f"config.model.decoder.heads={decoder.heads}.")
-  _check_choice("model.decoder.posemb", decoder.posemb, vit.POSEMBS)
-  _require(decoder.posemb != "sincos2d" or decoder.width % 4 == 0,
-           f"config.model.decoder.width={decoder.width} must be a multiple of 4 for "
-           "config.model.decoder.posemb='sincos2d'.")
-  _check_positive("model.norm_pix_window", model.norm_pix_window, allow_zero=True)
-  _, patch = vit.parse_variant(model.variant)
-  window = model.norm_pix_window or patch  # 0 = the token itself
-  _require(not (model.norm_pix_loss and window < 2),
-           f"config.model.norm_pix_loss normalises over {window}x{window} pixels "
-           f"(config.model.norm_pix_window={model.norm_pix_window}, patch {patch}): one "
-           "pixel's own statistics are degenerate (a grey value has variance 0). Set "
-           "config.model.norm_pix_window >= 2; 2 gives the targets of ViT/2.")
-
-
-def validate_diffusion(config, device_count: int) -> None:
-  """The DiT model, diffusion, sampling and FID settings (configs/dit_pixel.py)."""
-  model = config.model
-  _check_choice("model.posemb", model.posemb, dit.POSEMBS)
-  _require(0.0 <= model.class_dropout < 1.0,
-           f"config.model.class_dropout={model.class_dropout!r} must be in [0, 1); "
-           "classifier-free guidance needs > 0 (DiT: 0.1).")
-  _check_choice("diffusion.schedule", config.diffusion.schedule, gaussian.SCHEDULES)
-  _check_positive("diffusion.num_timesteps", config.diffusion.num_timesteps)
-  sample = config.sample
-  _check_choice("sample.sampler", sample.sampler, sampling.SAMPLERS)
-  _named("sample.steps", gaussian.space_timesteps, config.diffusion.num_timesteps,
-         str(sample.steps))
-  _require(0.0 <= sample.eta <= 1.0, f"config.sample.eta={sample.eta!r} must be in [0, 1].")
-  for key in ("cfg_scale", "grid_cfg_scale"):
-    _require(sample[key] >= 1.0 or sample[key] == 0.0,
-             f"config.sample.{key}={sample[key]!r}: use 1.0 for no guidance, > 1 to guide.")
-  _require((sample.cfg_scale == 1.0 and sample.grid_cfg_scale == 1.0)
-           or model.class_dropout > 0,
-           "config.sample guidance scales > 1 need a model trained with "
-           "config.model.class_dropout > 0 (its null class is never trained otherwise).")
-  _check_positive("sample.grid_columns", sample.grid_columns)
-  fid = config.fid
-  _check_positive("fid.num_samples", fid.num_samples, allow_zero=True)
-  _check_positive("fid.batch_size", fid.batch_size)
-  _check_positive("fid.reference_examples", fid.reference_examples)
-  shards = parallel.batch_shards(config.mesh, device_count)
-  _require(fid.batch_size % shards == 0,
-           f"config.fid.batch_size={fid.batch_size} must be divisible by the {shards} batch "
-           "shards of the mesh.")
-  kind, _, where = fid.features.partition(":")
-  _require(not fid.features or (kind in ("classifier", "inception") and where),
-           f"config.fid.features={fid.features!r} must be '' (off), 'classifier:WORKDIR' "
-           "(a run of configs/cls_pixel.py on the same data) or 'inception:WEIGHTS' "
-           "(pytorch-fid's pt_inception-2015-12-05 .pth or its .npz conversion).")
-  _require(not fid.num_samples or fid.features,
-           f"config.fid.num_samples={fid.num_samples} needs config.fid.features: train a "
-           "classifier on the same data (python -m pixel_vit.main --config=configs/"
-           "cls_pixel.py:quick --workdir=DIR) and set --config.fid.features=classifier:DIR.")
-  if fid.features and kind == "classifier":
-    _require(pretrained.workdir_has_checkpoint(where),
-             f"config.fid.features={fid.features!r}: {where} holds no classifier checkpoint; "
-             f"train one with python -m pixel_vit.main --config=configs/cls_pixel.py:quick "
-             f"--workdir={where}.")
-  if fid.features and kind == "inception":
-    _require(os.path.isfile(where),
-             f"config.fid.features={fid.features!r}: no weights file at {where}; give the "
-             "local path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its .npz).")
-  _require(not fid.reference or os.path.isfile(fid.reference),
-           f"config.fid.reference={fid.reference!r} does not exist; give an npz with `mu` and "
-           "`sigma` (e.g. ADM's VIRTUAL_imagenet256_labeled.npz) or '' to use the train split.")
-  _require(not config.vae.weights or os.path.exists(config.vae.weights),
-           f"config.vae.weights={config.vae.weights!r} does not exist; give the local "
-           "diffusion_pytorch_model.safetensors of stabilityai/sd-vae-ft-ema (or -mse), or '' "
-           "to show latent previews instead of decoded images.")
-
-
-def validate_image_size(model, image_size: int) -> None:
-  """The patch must tile the image (checked once the image size is known)."""
-  _, patch = vit.parse_variant(model.variant)
-  _require(image_size % patch == 0,
-           f"config.model.variant={model.variant!r} has patch {patch}, which does not "
-           f"divide the image size {image_size}; pick a patch that divides it or set "
-           "config.data.image_size.")
-  window = model.get("norm_pix_window", 0) if model.get("norm_pix_loss", False) else 0
-  _require(window == 0 or image_size % window == 0,
-           f"config.model.norm_pix_window={window} does not divide the image size {image_size}.")
-
-
-def validate_mask_ratio(mask_ratio: float, model, image_size: int) -> None:
-  """MAE masking hides at least one token and keeps at least one, on the real
-  token count and with the model's own rounding (models/mae.py, `num_visible`)."""
-  _, patch = vit.parse_variant(model.variant)
-  tokens = (image_size // patch) ** 2
-  kept = round(tokens * (1 - fractions.Fraction(repr(float(mask_ratio)))))
-  _require(tokens - mae.num_visible(tokens, mask_ratio) > 0 and kept > 0,
-           f"config.mask_ratio={mask_ratio!r} masks {tokens - kept} of the {tokens} tokens "
-           f"({image_size}x{image_size} images, config.model.variant={model.variant!r} with "
-           f"patch {patch}) and keeps {kept} visible (round({tokens} x (1 - ratio))); MAE "
-           "needs at least one masked token (else the loss is 0 and nothing trains) and at "
-           f"least one visible. With {tokens} tokens use a ratio in [1/{tokens}, "
-           f"{tokens - 1}/{tokens}] = [{1 / tokens:.4g}, {(tokens - 1) / tokens:.4g}] "
-           "(MAE: 0.75).")
-
-
-def describe_length(config, start_step: int, total_steps: int, steps_per_epoch: int) -> str:
-  """'steps 0 -> 400 (...)': the run's length and what decided it, for the first log line."""
-  if config.total_steps:
-    how = (f"config.total_steps; {steps_per_epoch} steps/epoch, so "
-           f"{total_steps / steps_per_epoch:.3g} epochs")
-  else:
-    how = (f"from config.total_epochs={config.total_epochs:g} x {steps_per_epoch} "
-           "steps/epoch, since config.total_steps=0")
-  return f"steps {start_step} -> {total_steps} ({how})"
-
-
-def validate_optimizer(opt) -> None:
-  _check_positive("optimizer.lr", opt.lr)
-  _check_positive("optimizer.weight_decay", opt.weight_decay, allow_zero=True)
-  _check_positive("optimizer.grad_clip", opt.grad_clip, allow_zero=True)
-  _check_positive("optimizer.warmup_steps", opt.warmup_steps, allow_zero=True)
-  _require(0.0 <= opt.b1 < 1.0 and 0.0 <= opt.b2 < 1.0,
-           f"config.optimizer b1={opt.b1}, b2={opt.b2} must be in [0, 1).")
-  _require(opt.ema_decay == 0.0 or 0.0 < opt.ema_decay < 1.0,
-           f"config.optimizer.ema_decay={opt.ema_decay!r} must be 0 (off) or in (0, 1).")
-  # Fine-tuning options (configs/mae_finetune.py; absent = off), see optimizer.py.
-  layer_decay = opt.get("layer_decay", 0.0)
-  _require(isinstance(layer_decay, (int, float)) and 0.0 <= layer_decay <= 1.0,
-           f"config.optimizer.layer_decay={layer_decay!r} must be in [0, 1]: 0 or 1 = off, "
-           "else layer i of L gets lr x layer_decay**(L+1-i) (MAE: 0.75, 0.65 for L/H).")
-  freeze = opt.get("freeze", ())
-  _require(isinstance(freeze, (tuple, list)) and all(isinstance(n, str) and n for n in freeze),
-           f"config.optimizer.freeze={freeze!r} must be a tuple of top-level parameter "
-           "names, e.g. ('encoder',) for a linear probe, or () for none.")
-
-
-def validate_run(config, device_count: int, process_count: int) -> None:
-  """Batch, steps, mesh: checks that need the device count."""
-  _check_positive("batch_size", config.batch_size)
-  _check_positive("eval_batch_size", config.eval_batch_size)
-  _check_positive("total_steps", config.total_steps, allow_zero=True)  # 0: use total_epochs
-  for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-    _check_positive(key, config[key])
-  _check_choice("on_nonfinite", config.get("on_nonfinite", "stop"), ("stop", "skip"))
-  _check_positive("max_nonfinite_skips", config.get("max_nonfinite_skips", 0), allow_zero=True)
-  if "profile" in config:
-    _check_positive("profile.steps", config.profile.steps, allow_zero=True)
-    _check_positive("profile.first_step", config.profile.first_step)
-  shards = parallel.batch_shards(config.mesh, device_count)
-  for key in ("batch_size", "eval_batch_size"):
-    _require(config[key] % shards == 0 and config[key] % process_count == 0,
-             f"config.{key}={config[key]} must be divisible by the {shards} batch shards "
-             f"of the mesh (data x fsdp over {device_count} devices) and by the "
-             f"{process_count} processes.")
-
-
-def validate_attention(config, device_count: int, platform: str) -> None:
-  """The attention backend against the platform and the mesh's `seq` axis."""
-  name = config.model.attention
-  seq = dict(zip(parallel.MESH_AXES, parallel.mesh_shape(config.mesh, device_count)))["seq"]
-  _require(name != "splash" or platform == "tpu",
-           f"config.model.attention='splash' is the TPU Pallas kernel, but this run's "
-           f"platform is {platform!r} (it would run in Pallas interpret mode, orders of "
-           "magnitude slower). Use 'auto' (picks the backend for the platform) or 'chunked'.")
-  _require(name != "ring" or seq > 1,
-           f"config.model.attention='ring' splits the tokens over the mesh's seq axis, "
-           f"which has size {seq} here; set config.mesh.seq > 1, or use 'auto'.")
-  _require(seq == 1 or name in ("ring", "auto"),
-           f"config.mesh.seq={seq} splits the tokens over devices, but attention "
-           f"{name!r} needs whole sequences on each device (they would be gathered); "
-           "use config.model.attention='ring' or 'auto'.")
-
-
-def validate_data(data) -> None:
-  _named("data.source", lambda: sources.parse_source(
-      data.source, data_dir=data.get("data_dir"), download=data.get("download", True)))
-  if data.get("image_size") is not None:
-    _check_positive("data.image_size", data.image_size)
-  if "permute_pixels" in data:
-    locality.validate_permute_config(data.permute_pixels)
-
-
-def validate_common(config, device_count: int, process_count: int) -> None:
-  """What every trainer's config has: model, optimizer, data, augmentation,
-  batch / mesh, and a run length."""
-  validate_model(config.model)
-  validate_optimizer(config.optimizer)
-  validate_data(config.data)
-  augment.validate_augment_config(config.augment)
-  validate_run(config, device_count, process_count)
-  validate_attention(config, device_count, jax.default_backend())
-  _check_positive("total_epochs", config.total_epochs, allow_zero=True)
-  _require(config.total_steps > 0 or config.total_epochs > 0,
-           f"config.total_steps={config.total_steps} and config.total_epochs="
-           f"{config.total_epochs:g} leave the run without a length: 0 steps means \"use "
-           "total_epochs\", and the quick configs pin total_epochs=0. Set "
-           "--config.total_steps=N (> 0), or --config.total_epochs=E (> 0) with "
-           "--config.total_steps=0.")

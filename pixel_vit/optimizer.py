@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pixel_vit.config_checks import check_positive, require
+
 
 def _key(entry) -> str:
   return str(getattr(entry, "key", getattr(entry, "name", entry)))
@@ -146,3 +148,24 @@ def make_optimizer(opt, schedule: optax.Schedule, params: Any) -> optax.Gradient
     zero_frozen = optax.masked(optax.set_to_zero(), frozen_mask(params, freeze))
     parts = [zero_frozen, *parts, zero_frozen]
   return optax.chain(*parts)
+
+
+def validate_config(opt) -> None:
+  """`config.optimizer`."""
+  check_positive("optimizer.lr", opt.lr)
+  check_positive("optimizer.weight_decay", opt.weight_decay, allow_zero=True)
+  check_positive("optimizer.grad_clip", opt.grad_clip, allow_zero=True)
+  check_positive("optimizer.warmup_steps", opt.warmup_steps, allow_zero=True)
+  require(0.0 <= opt.b1 < 1.0 and 0.0 <= opt.b2 < 1.0,
+          f"config.optimizer b1={opt.b1}, b2={opt.b2} must be in [0, 1).")
+  require(opt.ema_decay == 0.0 or 0.0 < opt.ema_decay < 1.0,
+          f"config.optimizer.ema_decay={opt.ema_decay!r} must be 0 (off) or in (0, 1).")
+  # Fine-tuning options (configs/mae_finetune.py; absent = off).
+  layer_decay = opt.get("layer_decay", 0.0)
+  require(isinstance(layer_decay, (int, float)) and 0.0 <= layer_decay <= 1.0,
+          f"config.optimizer.layer_decay={layer_decay!r} must be in [0, 1]: 0 or 1 = off, "
+          "else layer i of L gets lr x layer_decay**(L+1-i) (MAE: 0.75, 0.65 for L/H).")
+  freeze = opt.get("freeze", ())
+  require(isinstance(freeze, (tuple, list)) and all(isinstance(n, str) and n for n in freeze),
+          f"config.optimizer.freeze={freeze!r} must be a tuple of top-level parameter "
+          "names, e.g. ('encoder',) for a linear probe, or () for none.")

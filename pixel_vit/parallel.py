@@ -24,6 +24,8 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pixel_vit.config_checks import require
+
 MESH_AXES = ("data", "fsdp", "seq", "tensor")
 
 LogicalRules = Sequence[tuple[str, Any]]
@@ -191,3 +193,61 @@ def host_to_global(local_batch: dict, mesh: Mesh, rules: LogicalRules) -> dict:
           batch_sharding(mesh, rules, np.ndim(value)), np.asarray(value))
       for name, value in local_batch.items()
   }
+
+
+# Logical axes of attention's q / k / v [batch, length, heads, head_dim] (as
+# vit.MultiHeadAttention constrains them).
+QKV_AXES = ("batch", "length", "heads", "kv")
+
+
+def spec_entry_axes(entry) -> tuple[str, ...]:
+  """A PartitionSpec entry (None, 'seq' or ('data', 'fsdp')) as a tuple of names."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _axes_size(mesh, names: tuple[str, ...]) -> int:
+  return math.prod(mesh.shape[name] for name in names)
+
+
+def _spec_entry(names: tuple[str, ...]):
+  if not names:
+    return None
+  return names[0] if len(names) == 1 else names
+
+
+def ring_layout(q_shape, mesh, rules):
+  """(qkv spec, mask spec, ring axes, ring size) of attention's q / k / v
+  [batch, length, heads, head_dim] under the active mesh and rules.
+
+  The ring is the mesh axes that the logical `length` axis maps to (`seq`):
+  ring attention splits the tokens over them, `auto` picks ring when they
+  number more than one device, and `splash` runs over the batch and heads
+  entries. The specs come from the logical rules; the batch and heads entries
+  are dropped where their mesh axes do not divide the dimension (shard_map
+  needs even blocks; GSPMD reshards to the replicated layout on the way in).
+  """
+  spec = tuple(logical_to_spec(QKV_AXES, rules))
+  spec = spec + (None,) * (len(QKV_AXES) - len(spec))
+  batch, heads = spec_entry_axes(spec[0]), spec_entry_axes(spec[2])
+  ring = spec_entry_axes(spec[1])
+  if q_shape[0] % _axes_size(mesh, batch):
+    batch = ()
+  if q_shape[2] % _axes_size(mesh, heads):
+    heads = ()
+  qkv_spec = PartitionSpec(_spec_entry(batch), _spec_entry(ring), _spec_entry(heads),
+                           _spec_entry(spec_entry_axes(spec[3])))
+  mask_spec = PartitionSpec(_spec_entry(batch), _spec_entry(ring))
+  return qkv_spec, mask_spec, ring, _axes_size(mesh, ring)
+
+
+def validate_batch_sizes(config, device_count: int, process_count: int) -> None:
+  """`config.batch_size` and `eval_batch_size` split evenly over the mesh's
+  batch shards and the processes."""
+  shards = batch_shards(config.mesh, device_count)
+  for key in ("batch_size", "eval_batch_size"):
+    require(config[key] % shards == 0 and config[key] % process_count == 0,
+            f"config.{key}={config[key]} must be divisible by the {shards} batch shards "
+            f"of the mesh (data x fsdp over {device_count} devices) and by the "
+            f"{process_count} processes.")

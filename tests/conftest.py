@@ -1,63 +1,24 @@
-"""Shared test setup: 8 fake CPU devices, the cls_pixel config, work directories.
+"""Shared test setup: 8 fake CPU devices, the network guard, and the fixtures
+(the cls_pixel / mae_pixel configs, work directories, no_jit).
 
 JAX must see 8 CPU devices for the whole session, so the option is set here,
 at import, before any test module touches a JAX backend: conftest.py is
-imported before the test modules are collected.
+imported before the test modules are collected. Plain helpers and constants
+live in support.py (`from support import ...`), which starts no backend.
 """
 import copy
-import hashlib
-import importlib.util
-import json
 import os
-import pathlib
-import shutil
 import socket
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (the environment above must be set first)
-
-NUM_DEVICES = 8
-jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
-
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-CLS_PIXEL_PATH = REPO_ROOT / "configs" / "cls_pixel.py"
+from support import (CLS_PIXEL_PATH, MAE_PIXEL_PATH, MAE_TINY_RUN, NUM_DEVICES,  # noqa: E402
+                     TINY_RUN, load_config_module, set_dotted)
 
-# A trainer run that costs seconds: the quick config (mu/1 on 8x8 digits),
-# shortened. Dotted keys, applied with `set_dotted`.
-TINY_RUN = {
-    "total_steps": 6,
-    "batch_size": 32,
-    "eval_batch_size": 360,
-    "eval_every": 3,
-    "checkpoint_every": 3,
-    "log_every": 2,
-    "optimizer.warmup_steps": 2,
-}
-
-
-def load_config_module(path: pathlib.Path):
-  """A configs/*.py file as a module (configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location(f"configs_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def set_dotted(config, overrides: dict):
-  """`{'optimizer.lr': 1e-3}` -> config.optimizer.lr = 1e-3 (keys must exist)."""
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for name in parents:
-      node = node[name]
-    if leaf not in node:
-      raise KeyError(f"test override {dotted!r} is not a config key")
-    node[leaf] = value
-  return config
+jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -126,12 +87,6 @@ def make_workdir(tmp_path):
 
 # ---------------------------------------------------------------- MAE (tests/test_mae.py)
 
-MAE_PIXEL_PATH = REPO_ROOT / "configs" / "mae_pixel.py"
-
-# A short MAE run: configs/mae_pixel.py:quick (mu/1 on 8x8 digits, a 64-wide
-# 2-deep decoder), shortened. Dotted keys, applied with `set_dotted`.
-MAE_TINY_RUN = {**TINY_RUN, "eval_batch_size": 40}
-
 
 @pytest.fixture(scope="session")
 def mae_pixel():
@@ -153,7 +108,7 @@ def mae_quick_config(mae_pixel):
   return make
 
 
-# ---------------------------------------------------------------- shared test helpers
+# ---------------------------------------------------------------- jit guard
 
 
 @pytest.fixture
@@ -164,88 +119,3 @@ def no_jit(monkeypatch):
     raise AssertionError("jax.jit was called before the bad input was rejected")
 
   monkeypatch.setattr(jax, "jit", forbidden)
-
-
-def record_first_shapes(monkeypatch, module, name: str) -> list:
-  """Wraps `module.name` so each call (each trace, under jit) appends the shape
-  of its first argument to the returned list: what a per-device body saw."""
-  seen = []
-  function = getattr(module, name)
-
-  def recording(first, *args, **kwargs):
-    seen.append(first.shape)
-    return function(first, *args, **kwargs)
-
-  monkeypatch.setattr(module, name, recording)
-  return seen
-
-
-def snapshot(directory) -> dict:
-  """{relative path: sha256} of every file under `directory`."""
-  result = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        result[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-  return result
-
-
-def read_metrics(workdir) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def train_losses(workdir) -> dict[int, float]:
-  return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
-
-
-def as_numpy_leaves(tree) -> list:
-  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
-
-
-def assert_trees_equal(actual, desired, what: str):
-  """Same structure and bitwise-equal leaves; names the first differing leaf."""
-  assert jax.tree.structure(actual) == jax.tree.structure(desired), what
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(desired)]
-  for path, a, d in zip(paths, as_numpy_leaves(actual), as_numpy_leaves(desired)):
-    np.testing.assert_array_equal(a, d, err_msg=f"{what}{path}")
-
-
-# ---------------------------------------------------------------- faults (test_faults*.py)
-
-
-def damage_checkpoint(step_dir: str, how: str) -> None:
-  """Damages one orbax step directory as a crash or a bad disk would:
-  `truncate` its data files, delete its `metadata` (_METADATA) or its `ocdbt`
-  process directory."""
-  state = os.path.join(step_dir, "state")
-  if how == "truncate":  # every data file (under a d/ directory) to half its size
-    data = [os.path.join(root, name) for root, _, names in os.walk(state)
-            for name in names if os.path.basename(root) == "d"]
-    assert data, f"no data files under {state}"
-    for path in data:
-      os.truncate(path, os.path.getsize(path) // 2)
-  elif how == "metadata":
-    os.remove(os.path.join(state, "_METADATA"))
-  elif how == "ocdbt":
-    shutil.rmtree(os.path.join(state, "ocdbt.process_0"))
-  else:
-    raise ValueError(how)
-
-
-def logged_train_steps(workdir) -> list[int]:
-  """Train steps in metrics.jsonl, in file order (a line being written is skipped)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  steps = []
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue
-      if "train/loss" in record:
-        steps.append(record["step"])
-  return steps

@@ -12,63 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pixel_vit import configuration
+from support_attention import GRAD_TOL, assert_matches_xla, loss_of, output_and_grads, qkv
 from pixel_vit.models import attention, vit
-
-# float32 tolerances of chunked vs xla: the blockwise sums only reorder
-# float32 additions (measured max differences ~1e-6).
-OUT_TOL = dict(rtol=1e-5, atol=1e-5)
-GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
-
-
-def qkv(seed: int, batch=2, length=37, heads=3, head_dim=16, key_length=None,
-        dtype=jnp.float32):
-  keys = jax.random.split(jax.random.PRNGKey(seed), 3)
-  key_length = length if key_length is None else key_length
-  shapes = [(batch, length, heads, head_dim)] + 2 * [(batch, key_length, heads, head_dim)]
-  return [jax.random.normal(k, s).astype(dtype) for k, s in zip(keys, shapes)]
 
 
 def chunked(query_block: int, key_block: int, batch_block: int | None = None):
   return functools.partial(attention.chunked_attention, query_block=query_block,
                            key_block=key_block, batch_block=batch_block)
-
-
-def cotangent(out):
-  """Weights that make every output element's gradient different."""
-  return jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape).astype(out.dtype)
-
-
-def loss_of(fn, key_mask=None):
-  """The scalar whose gradient `output_and_grads` returns: sum(out * cotangent)."""
-  def loss(q, k, v):
-    out = fn(q, k, v, key_mask=key_mask)
-    return (out.astype(jnp.float32) * cotangent(out).astype(jnp.float32)).sum()
-  return loss
-
-
-def output_and_grads(fn, q, k, v, key_mask=None):
-  """fn's output and the gradients of `loss_of(fn)` w.r.t. q, k, v, in one
-  jitted call (eager scans re-trace their bodies on every call: slow)."""
-  def run(q, k, v):
-    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, key_mask=key_mask), q, k, v)
-    return out, vjp(cotangent(out))
-  return jax.jit(run)(q, k, v)
-
-
-def assert_matches_xla(fn, q, k, v, key_mask=None, out_tol=OUT_TOL, grad_tol=GRAD_TOL):
-  """Output and d/dq, d/dk, d/dv of `fn` equal xla_attention's (finite, too)."""
-  got, grads = output_and_grads(fn, q, k, v, key_mask)
-  want, wants = output_and_grads(attention.xla_attention, q, k, v, key_mask)
-  assert got.shape == want.shape and got.dtype == want.dtype
-  assert np.isfinite(np.asarray(got, np.float32)).all()
-  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                             **out_tol)
-  for name, g, w in zip("qkv", grads, wants):
-    assert g.dtype == w.dtype, name
-    assert np.isfinite(np.asarray(g, np.float32)).all(), name
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
-                               err_msg=f"d/d{name}", **grad_tol)
 
 
 # ---------------------------------------------------------------- every backend
@@ -110,7 +60,7 @@ def test_unknown_backend_is_named():
 def test_config_accepts_every_backend_including_chunked():
   assert {"xla", "dot_product", "chunked"} <= set(attention.BACKENDS)
   for name in attention.BACKENDS:
-    configuration.validate_model(ml_collections.ConfigDict(dict(
+    vit.validate_model_config(ml_collections.ConfigDict(dict(
         variant="mu/1", posemb="learn", pool="cls", dtype="float32", remat="none",
         attention=name, drop_path=0.0)))
 
@@ -290,7 +240,7 @@ def test_vit_classifier_equals_xla(monkeypatch, backend):
     (10, 7, (5, 2)),  # rounding to 8 would exceed the block: kept at 5
 ])
 def test_chunked_blocking_pads_little(length, block, expected):
-  size, count = attention._blocking(length, block)
+  size, count = attention.chunked._blocking(length, block)
   assert (size, count) == expected
   assert size <= block and count * size >= length > (count - 1) * size
 
@@ -298,7 +248,7 @@ def test_chunked_blocking_pads_little(length, block, expected):
 @pytest.mark.parametrize("batch,limit,expected", [(32, 5, 4), (32, 100, 32), (7, 6, 1),
                                                   (12, 6, 6), (3, 0, 1)])
 def test_chunked_batch_group_divides_the_batch(batch, limit, expected):
-  assert attention._batch_group(batch, limit) == expected
+  assert attention.chunked._batch_group(batch, limit) == expected
 
 
 # ---------------------------------------------------------------- memory is O(length)

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from pixel_vit import configuration
 from pixel_vit.data import augment
 
 
@@ -23,7 +24,7 @@ def _coord_images(batch, height, width):
 
 
 def _config(**overrides):
-  c = augment.default_augment_config()
+  c = configuration.default_augment_config()
   for k, v in overrides.items():
     c[k] = v
   return c
@@ -357,7 +358,7 @@ def test_bad_config_and_inputs_raise_value_error_naming_the_key():
 
 
 def test_default_config_fields():
-  c = augment.default_augment_config()
+  c = configuration.default_augment_config()
   assert c.crop and c.flip
   assert c.label_smoothing == 0.1
   assert (c.mixup_alpha, c.cutmix_alpha, c.mix_switch_prob) == (0.8, 1.0, 0.5)
@@ -850,6 +851,6 @@ def test_bad_new_config_values_raise_value_error_naming_the_key():
   with pytest.raises(ValueError, match=r"config\.augment\.randaugment_ops.*channels"):
     run(_deit(), im=_uint8(2, 8, 8, 4))
   # The defaults are valid and off.
-  c = augment.default_augment_config()
+  c = configuration.default_augment_config()
   assert (c.randaugment_ops, c.randaugment_magnitude, c.randaugment_magnitude_std,
           c.erase_prob) == (0, 9.0, 0.5, 0.0)

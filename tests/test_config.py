@@ -8,7 +8,7 @@ import time
 import ml_collections
 import pytest
 
-from conftest import REPO_ROOT, TINY_RUN, set_dotted, snapshot
+from support import REPO_ROOT, TINY_RUN, set_dotted, snapshot
 from pixel_vit import configuration
 from pixel_vit import main as main_lib
 from pixel_vit.data import augment
@@ -202,6 +202,7 @@ def test_get_config_arguments(cls_pixel):
 # ---------------------------------------------------------------- the command line
 
 
+@pytest.mark.slow
 def test_main_rejects_negative_lr_quickly(tmp_path):
   workdir = tmp_path / "run"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -234,6 +235,7 @@ def mu1_checkpoint(cls_pixel, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, match", [
     pytest.param({"model.variant": "mu/2"},
                  r"checkpoint .*checkpoints/3 does not match the config \(variant: "

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import (REPO_ROOT, assert_trees_equal, load_config_module, read_metrics,
-                      set_dotted, snapshot, train_losses)
+from support import (REPO_ROOT, assert_trees_equal, load_config_module, read_metrics,
+                     set_dotted, snapshot, train_losses)
+from pixel_vit import sample as sample_lib
 from pixel_vit.data import sources
 from pixel_vit.diffusion import sampling
+from pixel_vit.evaluation import sample_quality
 from pixel_vit.models import dit, vit
 from pixel_vit.trainers import diffusion as diffusion_trainer
 from pixel_vit.trainers import loop
@@ -202,6 +204,7 @@ def test_classifier_refuses_latent_data(tmp_path, dit_pixel):
     loop.load_splits(cls)
 
 
+@pytest.mark.slow
 def test_diffusion_trains_on_latents_and_decodes_grids_with_the_vae(tmp_path, dit_pixel,
                                                                      make_workdir):
   """A latent dataset trains like any source; with VAE weights the grid shows
@@ -228,10 +231,8 @@ def test_diffusion_trains_on_latents_and_decodes_grids_with_the_vae(tmp_path, di
   assert np.asarray(grid).std() > 0
 
   plan = loop.plan(config, diffusion_trainer.make_model_fn)
-  run = loop.start(config, workdir, plan, identity=diffusion_trainer.identity_of(
-      config, plan.train_split), read_only=True)
-  generator = diffusion_trainer.make_generator(config, run, run.described.graphdef,
-                                               plan.train_split, cfg_scale=1.0)
+  run = loop.start(config, workdir, plan, read_only=True)
+  generator = diffusion_trainer.run_generator(config, run, plan.train_split, cfg_scale=1.0)
   latents = generator._sample(run.state.ema_params, jnp.zeros(8, jnp.int32),
                               jax.random.PRNGKey(0))
   run.checkpointer.close()
@@ -255,6 +256,7 @@ def learning_run(dit_pixel, tmp_path_factory):
   return config, workdir, state, results
 
 
+@pytest.mark.slow
 def test_loss_falls_and_grids_are_written(learning_run):
   _, workdir, state, results = learning_run
   losses = train_losses(workdir)
@@ -267,17 +269,16 @@ def test_loss_falls_and_grids_are_written(learning_run):
   assert state.ema_params is not None
 
 
+@pytest.mark.slow
 def test_grid_uses_fixed_noise_and_labels(learning_run):
   """The same parameters give the same grid: comparable across steps."""
   config, workdir, state, _ = learning_run
   plan = loop.plan(config, diffusion_trainer.make_model_fn)
-  run = loop.start(config, workdir, plan, identity=diffusion_trainer.identity_of(
-      config, plan.train_split), read_only=True)
-  generator = diffusion_trainer.make_generator(config, run, run.described.graphdef,
-                                               plan.train_split,
-                                               cfg_scale=config.sample.grid_cfg_scale)
-  first = diffusion_trainer.sample_grid(config, generator, run.state.ema_params)
-  second = diffusion_trainer.sample_grid(config, generator, run.state.ema_params)
+  run = loop.start(config, workdir, plan, read_only=True)
+  generator = diffusion_trainer.run_generator(config, run, plan.train_split,
+                                              cfg_scale=config.sample.grid_cfg_scale)
+  first = sample_quality.sample_grid(config, generator, run.state.ema_params)
+  second = sample_quality.sample_grid(config, generator, run.state.ema_params)
   run.checkpointer.close()
   np.testing.assert_array_equal(first, second)
   from PIL import Image
@@ -285,6 +286,7 @@ def test_grid_uses_fixed_noise_and_labels(learning_run):
   np.testing.assert_array_equal(first, saved)
 
 
+@pytest.mark.slow
 def test_resume_is_exact_including_ema(learning_run, make_workdir):
   config, run_a, state_a, results_a = learning_run
   run_b = make_workdir("resumed")
@@ -303,6 +305,7 @@ def test_resume_is_exact_including_ema(learning_run, make_workdir):
   np.testing.assert_array_equal(grid(run_b), grid(run_a))
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_is_refused(learning_run):
   config, workdir, _, _ = learning_run
   before = snapshot(workdir)
@@ -312,13 +315,14 @@ def test_resume_with_another_model_is_refused(learning_run):
   assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_sample_command_writes_adm_npz_grid_and_json(learning_run, tmp_path):
   config, workdir, _, _ = learning_run
   out = str(tmp_path / "samples" / "s")
   with open(os.path.join(workdir, "config.json")) as f:
     trained_with = f.read()
   sampling = set_dotted(config.copy_and_resolve_references(), {"sample.cfg_scale": 2.5})
-  metrics = diffusion_trainer.sample_and_evaluate(sampling, workdir, num_samples=50, out=out)
+  metrics = sample_lib.sample_and_evaluate(sampling, workdir, num_samples=50, out=out)
   with open(os.path.join(workdir, "config.json")) as f:  # the training record is kept
     assert f.read() == trained_with
   with open(out + ".config.json") as f:  # the sampling config sits beside its output
@@ -332,10 +336,11 @@ def test_sample_command_writes_adm_npz_grid_and_json(learning_run, tmp_path):
     assert json.load(f)["num_samples"] == 50
 
 
+@pytest.mark.slow
 def test_sample_command_writes_a_picture_for_a_few_samples(learning_run, tmp_path):
   config, workdir, _, _ = learning_run
   out = str(tmp_path / "few")
-  diffusion_trainer.sample_and_evaluate(config, workdir, num_samples=3, out=out)
+  sample_lib.sample_and_evaluate(config, workdir, num_samples=3, out=out)
   from PIL import Image
   assert Image.open(out + ".png").size[0] > 0
 
@@ -343,7 +348,7 @@ def test_sample_command_writes_a_picture_for_a_few_samples(learning_run, tmp_pat
 def test_sample_command_needs_a_checkpoint(dit_pixel, make_workdir):
   config = tiny_config(dit_pixel)
   with pytest.raises(ValueError, match="holds no checkpoint to sample from"):
-    diffusion_trainer.sample_and_evaluate(config, make_workdir("empty"), num_samples=4)
+    sample_lib.sample_and_evaluate(config, make_workdir("empty"), num_samples=4)
 
 
 # ---------------------------------------------------------------- config
@@ -384,6 +389,7 @@ def test_quick_config_validates(dit_pixel):
   assert config.data.source == "digits" and config.model.variant == "mu/1"
 
 
+@pytest.mark.slow
 def test_training_evaluation_reports_sample_metrics_with_the_own_classifier(
     dit_pixel, quick_config, make_workdir):
   """classifier=DIR: every evaluation generates samples and scores them with the

@@ -2,6 +2,7 @@
 unwritable workdirs, checkpoint damage and failed saves, the non-finite
 guard, metrics JSON, and the sample grid. End-to-end runs with signals, NaN
 and damaged checkpoints are in test_faults_end_to_end.py."""
+import dataclasses
 import fcntl
 import json
 import os
@@ -13,11 +14,11 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from conftest import damage_checkpoint as damage
+from support import damage_checkpoint as damage
 from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit import workdir as workdir_lib
+from pixel_vit.evaluation import sample_quality
 from pixel_vit.trainers import divergence, reporting
-from pixel_vit.trainers import diffusion as diffusion_trainer
 
 # ---------------------------------------------------------------- workdir
 
@@ -64,7 +65,8 @@ def test_keep_zero_checkpoints_is_refused(tmp_path):
 # ---------------------------------------------------------------- checkpoints
 
 STATE = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.float32)}
-IDENTITY = {"model": "tiny"}
+IDENTITY = checkpoint_lib.RunIdentity(task="classification", variant="tiny", posemb="none",
+                                      image_shape=(3, 4, 1))
 
 
 def abstract(state):
@@ -147,8 +149,10 @@ def test_a_restore_drops_only_the_echoes_of_a_failed_read(saved, capsys):
 
 def test_a_checkpoint_of_another_model_is_a_mismatch_not_damage(saved):
   checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5)
-  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="model: checkpoint 'tiny'"):
-    checkpointer.restore(abstract(STATE), {"model": "other"})
+  other_model = dataclasses.replace(IDENTITY, variant="other")
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                     match="variant: checkpoint 'tiny' vs config 'other'"):
+    checkpointer.restore(abstract(STATE), other_model)
   other_tree = {**STATE, "extra": np.zeros(2, np.float32)}
   with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="different train state"):
     checkpointer.restore(abstract(other_tree), IDENTITY)
@@ -252,6 +256,6 @@ def test_metrics_jsonl_stays_valid_json_with_nan(tmp_path):
 def test_sample_grid_has_a_picture_for_any_number_of_samples(count):
   images = np.random.default_rng(0).random((count, 8, 8, 1)).astype(np.float32)
   labels = np.arange(count) % 10
-  grid = diffusion_trainer.sample_grid_by_class(images, labels)
+  grid = sample_quality.sample_grid_by_class(images, labels)
   assert grid.dtype == np.uint8 and grid.size > 0
   assert grid.shape[0] >= min(count, 10) * 8  # one row per class present

@@ -22,9 +22,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import (REPO_ROOT, TINY_RUN, as_numpy_leaves, assert_trees_equal,
-                      damage_checkpoint as damage, logged_train_steps, set_dotted,
-                      snapshot)
+from support import (REPO_ROOT, TINY_RUN, as_numpy_leaves, assert_trees_equal,
+                     damage_checkpoint as damage, logged_train_steps, set_dotted,
+                     snapshot)
 from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit.trainers import classification, divergence
 

@@ -18,7 +18,7 @@ import scipy.linalg
 import scipy.spatial.distance
 from flax import nnx
 
-from conftest import set_dotted
+from support import set_dotted
 from pixel_vit.data import augment
 from pixel_vit.evaluation import features as features_lib
 from pixel_vit.evaluation import fid
@@ -407,6 +407,7 @@ def nhwc(x_nchw):
   return np.asarray(x_nchw).transpose(0, 2, 3, 1)
 
 
+@pytest.mark.torch
 def test_basic_conv_matches_torch():
   torch, _ = import_torch()
   layers = {"conv1": (5, 7, (3, 1), 2, (1, 0))}
@@ -429,6 +430,7 @@ BLOCKS = {
 }
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("kind", list(BLOCKS))
 def test_each_block_matches_the_torch_reference(kind):
   torch, _ = import_torch()
@@ -493,6 +495,7 @@ def test_expected_keys_are_pytorch_fids(inception_state, expected_keys):
   assert expected_keys == {k: v.shape for k, v in inception_state.items()}
 
 
+@pytest.mark.torch
 def test_converter_keeps_keys_and_layouts(inception_weights):
   state, _, npz = inception_weights
   with np.load(npz) as converted:  # the converter keeps keys and torch layouts
@@ -502,6 +505,7 @@ def test_converter_keeps_keys_and_layouts(inception_weights):
       np.testing.assert_array_equal(converted[key], state[key])
 
 
+@pytest.mark.torch
 def test_full_model_matches_torch(inception_weights, inception_run):
   state, _, _ = inception_weights
   images, out = inception_run
@@ -519,6 +523,7 @@ def test_full_model_matches_torch(inception_weights, inception_run):
                              atol=scale(expected_spatial))
 
 
+@pytest.mark.torch
 def test_inception_extractor_runs_the_converted_weights(inception_weights, inception_run):
   images, out = inception_run
   extractor = features_lib.inception_extractor(inception_weights[2])  # the .npz
@@ -570,6 +575,7 @@ def test_pth_without_torch_says_how_to_convert(tmp_path, monkeypatch):
     inception.load_inception("/nonexistent/pt_inception.pth")
 
 
+@pytest.mark.torch
 def test_preprocessing_is_pytorch_fids_resize():
   torch, F = import_torch()
   for shape in ((1, 3, 8, 8), (1, 3, 320, 301)):  # up- and downsampling
@@ -606,6 +612,7 @@ def classifier_run(cls_pixel, tmp_path_factory):
   return config, workdir, state, results, train_split, test_split
 
 
+@pytest.mark.slow
 def test_classifier_extractor_gives_the_trained_models_outputs(classifier_run):
   config, workdir, state, results, train_split, test_split = classifier_run
   extractor = features_lib.classifier_extractor(workdir)
@@ -639,6 +646,7 @@ def test_classifier_extractor_gives_the_trained_models_outputs(classifier_run):
   assert "accuracy" not in noise_metrics  # no labels given
 
 
+@pytest.mark.slow
 def test_classifier_extractor_rejects_mismatches(classifier_run, tmp_path):
   _, workdir, _, _, _, test_split = classifier_run
   extractor = features_lib.classifier_extractor(workdir)
@@ -666,8 +674,8 @@ def test_classifier_extractor_rejects_other_tasks(tmp_path):
   from pixel_vit import checkpoint as checkpoint_lib
   workdir = str(tmp_path / "mae")
   checkpointer = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1, async_save=False)
-  checkpointer.save(1, {"params": {"w": jnp.ones(3)}}, {"task": "mae", "variant": "mu/1"},
-                    force=True)
+  checkpointer.save(1, {"params": {"w": jnp.ones(3)}}, checkpoint_lib.RunIdentity(
+      task="mae", variant="mu/1", posemb="learn", image_shape=(8, 8, 1)), force=True)
   checkpointer.close()
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump({"model": {"variant": "mu/1"}}, f)

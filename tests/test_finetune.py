@@ -20,7 +20,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import REPO_ROOT, TINY_RUN, assert_trees_equal, load_config_module, set_dotted
+from support import REPO_ROOT, TINY_RUN, assert_trees_equal, load_config_module, set_dotted
 from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit import parallel
 from pixel_vit import optimizer as optimizer_lib
@@ -58,9 +58,9 @@ def write_mae_checkpoint(workdir: str, steps_and_seeds, *, image_size=8, variant
         step=jnp.asarray(step, jnp.int32), params=params,
         opt_state=optax.adamw(1e-3, b2=0.95).init(params), ema_params=None,
         rng=jax.random.PRNGKey(seed))
-    metadata = {"task": "mae", "variant": variant, "posemb": posemb,
-                "image_shape": [image_size, image_size, 1], "mask_ratio": 0.75}
-    checkpointer.save(step, state, metadata, force=True)
+    identity = checkpoint_lib.RunIdentity(task="mae", variant=variant, posemb=posemb,
+                                          image_shape=(image_size, image_size, 1))
+    checkpointer.save(step, state, identity, force=True)
     encoders[step] = numpy_tree(encoder_params)
   checkpointer.wait()
   checkpointer.close()
@@ -124,8 +124,8 @@ def test_init_from_accepts_workdir_checkpoints_dir_or_step(mae_run, monkeypatch)
   for path, step in ((workdir, 7), (checkpoints, 7), (os.path.join(checkpoints, "3"), 3),
                      ("workdir", 7), (os.path.join("workdir", "checkpoints", "3"), 3)):
     source = pretrained.open_checkpoint(path)
-    assert source.step == step, path
-    assert source.metadata["task"] == "mae" and source.metadata["variant"] == "mu/1"
+    assert source.saved.step == step, path
+    assert source.identity.task == "mae" and source.identity.variant == "mu/1"
     assert source.encoder_shapes["posemb"] == (1, 64, 64)
     assert source.encoder_shapes["blocks/layers/attn/qkv_kernel"][0] == DEPTH
     assert not any(k.startswith("decoder") for k in source.encoder_shapes)
@@ -224,9 +224,9 @@ def test_other_mismatches_are_named(mae_run):
   source = pretrained.open_checkpoint(mae_run[0])
   model = ml_collections.ConfigDict(dict(variant="mu/1", posemb="learn"))
   with pytest.raises(ValueError, match=r"task 'diffusion' cannot initialise a classifier"):
-    dataclasses.replace(source, metadata={**source.metadata, "task": "diffusion"}).check_model(
-        model)
-  dataclasses.replace(source, metadata={**source.metadata, "task": "classification"}
+    dataclasses.replace(source, identity=dataclasses.replace(
+        source.identity, task="diffusion")).check_model(model)
+  dataclasses.replace(source, identity=dataclasses.replace(source.identity, task="classification")
                       ).check_model(model)  # a classifier's encoder is fine too
   with pytest.raises(ValueError, match=r"image channels differ: checkpoint 1 vs 3"):
     source.check_image_shape((8, 8, 3), "learn")
@@ -371,6 +371,7 @@ def test_validate_rejects_bad_finetune_options(finetune_config, overrides, match
 # ---------------------------------------------------------------- whole runs
 
 
+@pytest.mark.slow
 def test_probe_run_loads_the_encoder_and_keeps_it_frozen(mae_run, finetune_config, workdir):
   """A linear probe through the trainer: after 6 steps the encoder is bitwise
   the checkpoint's (so it was loaded, and never moved) and the head learned."""
@@ -387,6 +388,7 @@ def test_probe_run_loads_the_encoder_and_keeps_it_frozen(mae_run, finetune_confi
     assert "train/loss" in f.read()
 
 
+@pytest.mark.slow
 def test_resumed_finetune_does_not_reload_init_from(mae_run, finetune_config, make_workdir):
   """Run A fine-tunes 0 -> 6 from the MAE checkpoint. Run B starts from A's
   step-3 checkpoint with init_from pointing at a path that no longer exists:
@@ -454,6 +456,7 @@ def test_mae_finetune_config(mae_finetune, no_jit):
 # ---------------------------------------------------------------- the real pipeline
 
 
+@pytest.mark.slow
 def test_pretrain_finetune_probe_end_to_end(mae_quick_config, mae_finetune, make_workdir):
   """The README's three commands on tiny data: MAE pre-training with the real
   trainer, then fine-tuning and a linear probe from its workdir. The probe's

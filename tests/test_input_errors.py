@@ -13,12 +13,13 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from sklearn import datasets
 
-from conftest import REPO_ROOT, load_config_module
-from pixel_vit import configuration
+from support import REPO_ROOT, load_config_module
+
 from pixel_vit import command_line
 from pixel_vit import main as main_lib
 from pixel_vit.data import sources
@@ -85,16 +86,16 @@ def test_mask_ratio_is_checked_in_validate_when_the_image_size_is_set(mae_quick_
 def test_mask_ratio_check_agrees_with_the_models_masking(tokens):
   """The check refuses a ratio exactly when the model's own rounding would hide
   no token, or would keep none visible (the model then keeps one anyway)."""
-  model = configuration.ml_collections.ConfigDict({"variant": "mu/1"})
+  model = ml_collections.ConfigDict({"variant": "mu/1"})
   size = int(tokens ** 0.5)
   for ratio in map(float, np.linspace(0.001, 0.999, 997)):
     masked = tokens - mae_model.num_visible(tokens, ratio)
     ok = masked > 0 and round(tokens * (1 - ratio)) > 0
     if ok:
-      configuration.validate_mask_ratio(ratio, model, size)
+      mae_model.validate_mask_ratio(ratio, model, size)
     else:
       with pytest.raises(ValueError, match=r"config\.mask_ratio"):
-        configuration.validate_mask_ratio(ratio, model, size)
+        mae_model.validate_mask_ratio(ratio, model, size)
   # The boundary ratios: 1/N masks one token, just below masks none.
   for ratio, masked in ((1 / tokens, 1), (0.4 / tokens, 0)):
     _, mask, _ = mae_model.random_masking(jax.random.PRNGKey(0), 2, tokens, ratio)
@@ -245,10 +246,10 @@ def test_negative_total_epochs_is_refused(quick_config, no_jit):
 
 
 def test_length_line_says_what_decided_the_step_count(quick_config):
-  by_steps = configuration.describe_length(quick_config({"total_steps": 400}), 0, 400, 11)
+  by_steps = loop.describe_length(quick_config({"total_steps": 400}), 0, 400, 11)
   assert by_steps.startswith("steps 0 -> 400 (config.total_steps;") and "36.4 epochs" in by_steps
   config = quick_config({"total_steps": 0, "total_epochs": 2400.0})
-  by_epochs = configuration.describe_length(config, 0, 26400, 11)
+  by_epochs = loop.describe_length(config, 0, 26400, 11)
   assert by_epochs == ("steps 0 -> 26400 (from config.total_epochs=2400 x 11 steps/epoch, "
                        "since config.total_steps=0)")
 
@@ -332,6 +333,7 @@ def _run_main(tmp_path, *args):
   return proc.stderr
 
 
+@pytest.mark.slow
 def test_command_line_typo_in_a_config_key(tmp_path):
   stderr = _run_main(tmp_path, "--config=configs/cls_pixel.py:quick",
                      "--config.optimizer.base_lrr=1")
@@ -340,6 +342,7 @@ def test_command_line_typo_in_a_config_key(tmp_path):
   assert "The keys of config.optimizer are b1, b2," in stderr
 
 
+@pytest.mark.slow
 def test_command_line_config_file_that_does_not_exist(tmp_path):
   stderr = _run_main(tmp_path, "--config=configs/nope.py")
   assert "--config=configs/nope.py: there is no config file configs/nope.py" in stderr

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import REPO_ROOT
+from support import REPO_ROOT
 
 LAUNCH = REPO_ROOT / "launch"
 SCRIPTS = ["local.sh", "tpu_pod.sh", "slurm.sbatch"]

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO_ROOT, load_config_module
+from support import REPO_ROOT, load_config_module
 from pixel_vit import configuration
 from pixel_vit.data import locality, pipeline
+from pixel_vit.diffusion import generation
 from pixel_vit.models import vit
 from pixel_vit.trainers import classification, diffusion, loop, pretrained
 from pixel_vit.trainers import state as state_lib
@@ -126,6 +127,7 @@ def _step_setup(config):
   return train_split, eval_split, shapes.graphdef, state, tx, schedule
 
 
+@pytest.mark.slow
 def test_classification_step_sees_the_scrambled_image(quick_config):
   """With augmentation off, a step with the permutation equals a step without it
   on images permuted beforehand: it is applied to the model's input, once, the
@@ -156,9 +158,9 @@ def test_diffusion_samples_are_put_back_in_image_order():
   perm = locality.make_permutation(4, 4, swaps=30, max_distance=3, seed=0)
   image = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 4, 4, 1)
   generated = jnp.asarray(perm.permute(image))  # what a model of scrambled data makes
-  shown = diffusion.samples_as_images(generated, permutation=perm, latent=False)
+  shown = generation.samples_as_images(generated, permutation=perm, latent=False)
   np.testing.assert_allclose(np.asarray(shown), (image + 1) / 2, atol=1e-7)
-  latent = diffusion.samples_as_images(generated * 3, permutation=perm, latent=True)
+  latent = generation.samples_as_images(generated * 3, permutation=perm, latent=True)
   np.testing.assert_allclose(np.asarray(latent), image * 3, atol=1e-6)
 
 
@@ -254,6 +256,7 @@ def test_vocab_refuses_latent_data(tmp_path):
     loop.load_splits(config)
 
 
+@pytest.mark.slow
 def test_vocab_classifier_trains_and_a_linear_finetune_of_it_is_refused(quick_config, workdir,
                                                                          make_workdir):
   config = quick_config({"model.tokenizer": "vocab", "data.permute_pixels.swaps": 20,

@@ -18,8 +18,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import (MAE_TINY_RUN, REPO_ROOT, assert_trees_equal, read_metrics, set_dotted,
-                      snapshot, train_losses)
+from support import (MAE_TINY_RUN, REPO_ROOT, assert_trees_equal, read_metrics, set_dotted,
+                     snapshot, train_losses)
 from pixel_vit.data import augment
 from pixel_vit.evaluation import pictures
 from pixel_vit.models import mae, vit
@@ -422,6 +422,7 @@ def eval_images(config):
   return normalised(config, eval_split), eval_split
 
 
+@pytest.mark.slow
 def test_reconstruction_loss_falls(learning_run):
   config, workdir, state, results = learning_run
   losses = train_losses(workdir)
@@ -442,6 +443,7 @@ def test_reconstruction_loss_falls(learning_run):
   assert [r["step"] for r in evals] == [20, 40]
 
 
+@pytest.mark.slow
 def test_eval_counts_every_example_once(learning_run):
   config, workdir, _, results = learning_run
   assert DIGITS_TEST_EXAMPLES % config.eval_batch_size != 0
@@ -452,6 +454,7 @@ def test_eval_counts_every_example_once(learning_run):
       assert np.isfinite(record["eval/loss"]) and record["eval/loss"] > 0
 
 
+@pytest.mark.slow
 def test_workdir_artifacts(learning_run):
   config, workdir, _, _ = learning_run
   with open(os.path.join(workdir, "config.json")) as f:
@@ -465,6 +468,7 @@ def test_workdir_artifacts(learning_run):
   assert pngs == ["reconstructions_0000020.png", "reconstructions_0000040.png"], pngs
 
 
+@pytest.mark.slow
 def test_reconstruction_png(learning_run):
   """original | masked input | reconstruction | visible pasted, one digit per row."""
   config, workdir, _, _ = learning_run
@@ -511,6 +515,7 @@ def test_reconstruction_png(learning_run):
   assert (recon != original).any()  # a reconstruction, not a copy
 
 
+@pytest.mark.slow
 def test_resume_is_exact(learning_run, make_workdir):
   """Run B starts in a fresh workdir holding only the learning run's step-20
   checkpoint and goes 20 -> 40 with the same config: masks, drop-path, flips,
@@ -532,6 +537,7 @@ def test_resume_is_exact(learning_run, make_workdir):
   assert results_b["eval/loss"] == read_metrics(run_a)[-1]["eval/loss"]
 
 
+@pytest.mark.slow
 def test_resume_with_another_decoder_is_refused(learning_run):
   config, workdir, _, _ = learning_run
   before = snapshot(workdir)
@@ -549,6 +555,7 @@ def test_resume_with_another_decoder_is_refused(learning_run):
 # ---------------------------------------------------------------- the paper config offline
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["unreachable", "download_off"])
 def test_paper_config_fails_fast_offline(tmp_path, how):
   """The default config wants tfds:cifar100, which is not on disk. `unreachable`:

@@ -9,10 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (MAE_TINY_RUN, REPO_ROOT, TINY_RUN, as_numpy_leaves, load_config_module,
-                      read_metrics, record_first_shapes, set_dotted)
-from pixel_vit.models import ring_attention
+from support import (MAE_TINY_RUN, REPO_ROOT, TINY_RUN, as_numpy_leaves, load_config_module,
+                     read_metrics, record_first_shapes, set_dotted)
+from pixel_vit.models.attention import ring as ring_attention
 from pixel_vit.trainers import classification, diffusion, mae
+
+pytestmark = pytest.mark.slow  # every test runs the real trainers, one per task and layout
 
 LAYOUTS = {
     "data8": dict(data=8, fsdp=1, seq=1, tensor=1),

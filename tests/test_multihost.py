@@ -34,8 +34,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import (REPO_ROOT, as_numpy_leaves, logged_train_steps, read_metrics, set_dotted,
-                      train_losses)
+from support import (REPO_ROOT, as_numpy_leaves, logged_train_steps, read_metrics, set_dotted,
+                     train_losses)
 from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit import distributed, parallel
 from pixel_vit.data import pipeline, sources
@@ -98,6 +98,7 @@ def _without_cluster_env() -> dict:
   return {**env, "JAX_PLATFORMS": "cpu"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, flags, expected", [
     ("pixel_vit.main", ["--process_id=1"],
      "error: --process_id=1 was given without --coordinator_address and --num_processes"),
@@ -305,6 +306,8 @@ def one_process_reference(cls_pixel):
   return config, state, losses, described
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_train_like_one_on_the_same_global_batches(two_process_run,
                                                                  one_process_reference):
   workdir, logs = two_process_run
@@ -328,7 +331,7 @@ def test_two_processes_train_like_one_on_the_same_global_batches(two_process_run
 
   checkpointer = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=10)
   assert checkpointer.latest_step() == steps
-  restored = checkpointer.restore(described.abstract, checkpointer.read_metadata(steps))
+  restored = checkpointer.restore(described.abstract, checkpointer.read_identity(steps))
   checkpointer.close()
   assert int(jax.device_get(restored.step)) == steps
   np.testing.assert_array_equal(jax.device_get(restored.rng), jax.device_get(state.rng))
@@ -343,6 +346,8 @@ def test_two_processes_train_like_one_on_the_same_global_batches(two_process_run
   assert moved > 1e-4, moved
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("devices, mesh", [
     (1, dict(data=1, fsdp=1)),
     (3, dict(data=3, fsdp=1)),
@@ -360,12 +365,14 @@ def test_two_process_checkpoint_restores_on_other_device_counts(
       ema=False, shapes=plan.shapes)
   checkpointer = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=10)
   restored = checkpointer.restore(described.abstract,
-                                  checkpointer.read_metadata(checkpointer.latest_step()))
+                                  checkpointer.read_identity(checkpointer.latest_step()))
   checkpointer.close()
   assert all(len(x.sharding.device_set) == devices for x in jax.tree.leaves(restored))
   assert_close(restored.params, one_process_reference[1].params, "params")
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_trainer_resumes_the_two_process_checkpoint_on_8_devices(
     two_process_run, one_process_reference, cls_pixel, tmp_path):
   """`loop.start` (what every trainer calls) in this 1-process, 8-device
@@ -378,9 +385,11 @@ def test_trainer_resumes_the_two_process_checkpoint_on_8_devices(
   assert jax.device_count() == 8
   plan = loop.plan(config, classification.make_model_fn)
   reader = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=10)
-  identity = reader.read_metadata(reader.latest_step())
+  # The identity the trainer derives from the config is the one the 2 processes wrote.
+  assert reader.read_identity(reader.latest_step()) == checkpoint_lib.RunIdentity.of_run(
+      config, plan.train_split)
   reader.close()
-  run = loop.start(config, workdir, plan, identity=identity)
+  run = loop.start(config, workdir, plan)
   try:
     assert run.start_step == config.total_steps
     assert dict(run.mesh.shape) == {"data": 1, "fsdp": 4, "seq": 1, "tensor": 2}
@@ -542,6 +551,7 @@ def stop_one_process_mid_run(root, name: str, workdir: str, process_id: int,
   return step, launch, seconds
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_a_signal_to_one_process_stops_both_at_the_same_step_and_the_rerun_resumes(tmp_path):
   """Five launches of the same 2-process command on one workdir: SIGTERM to

@@ -6,7 +6,7 @@ import shlex
 import pytest
 
 from experiments import paper_study
-from test_readme_commands import Command, build
+from support import Command, build
 
 
 def test_every_group_has_jobs_with_distinct_workdirs():

@@ -30,6 +30,7 @@ def _pixel_vit_params(variant, image_size, channels, num_classes, pool):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("variant,pool", [("mu/2", "cls"), ("mu/1", "gap"), ("Ti/4", "cls")])
 def test_torch_vit_has_pixel_vits_parameters_and_matmuls(variant, pool):
   torch = pytest.importorskip("torch", reason="the parity extra (pip install torch==2.13.0)")
@@ -59,6 +60,7 @@ def test_without_torch_says_how_to_get_it_and_exits_0(monkeypatch, capsys):
   assert len(out) == 1 and "pip install torch==2.13.0" in out[0] and "parity" in out[0]
 
 
+@pytest.mark.torch
 @pytest.mark.slow  # ~60 s on the loaded 2-core machine: imports, one compile, two steps
 def test_runs_end_to_end(tmp_path):
   pytest.importorskip("torch", reason="the parity extra (pip install torch==2.13.0)")

@@ -28,7 +28,7 @@ def test_attention_matmuls_projections_and_drop_path_are_told_apart():
   w = jnp.ones((32, 64))
 
   def step(q, w):
-    out = attention.chunked_attention(q, q, q)  # models/attention.py
+    out = attention.chunked_attention(q, q, q)  # models/attention/chunked.py
     h = out.reshape(2, 160, 32) @ w  # a projection, from this test file
     return vit.drop_path(h, jnp.float32(0.1), jax.random.key(0)).sum()
 

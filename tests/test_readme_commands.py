@@ -18,19 +18,17 @@ experiments as `python -m pixel_vit.main ...` / `python -m pixel_vit.sample
 External files the commands name (Inception weights, FID reference, VAE
 weights) are dropped from the shrunken copy: they are inputs, not code.
 """
-import dataclasses
 import json
 import os
 import re
-import shlex
 
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, load_config_module, set_dotted
+from support import REPO_ROOT, Command, build
 from pixel_vit import main as main_lib
+from pixel_vit import sample as sample_lib
 from pixel_vit.data import sources
-from pixel_vit.trainers import diffusion
 from pixel_vit.trainers import state as state_lib
 
 TABLE = re.compile(r"<!-- experiments-table -->(.*?)<!-- /experiments-table -->", re.S)
@@ -50,57 +48,6 @@ def readme_commands() -> list[str]:
     match = TABLE.search(f.read())
   assert match, "README.md has no <!-- experiments-table --> section"
   return COMMAND.findall(match.group(1))
-
-
-@dataclasses.dataclass
-class Command:
-  module: str  # 'main' or 'sample'
-  config_file: str
-  config_arg: str
-  overrides: dict  # dotted key -> string value
-  workdir: str
-
-  @classmethod
-  def parse(cls, text: str) -> "Command":
-    words = shlex.split(text)
-    assert words[:2] == ["python", "-m"], text
-    module = words[2].rpartition(".")[2]
-    flags = {}
-    for word in words[3:]:
-      key, sep, value = word.partition("=")
-      assert key.startswith("--") and sep, f"unexpected word {word!r} in {text!r}"
-      flags[key[2:]] = value
-    config_file, _, config_arg = flags.pop("config").partition(":")
-    overrides = {k[len("config."):]: v for k, v in flags.items() if k.startswith("config.")}
-    return cls(module, config_file, config_arg, overrides, flags["workdir"])
-
-
-def set_override(config, dotted: str, text: str) -> None:
-  """`--config.a.b=text` as ml_collections' flag parsing does it: cast to the
-  field's type (a missing key fails, as it does for the real command)."""
-  *parents, leaf = dotted.split(".")
-  node = config
-  for name in parents:
-    node = node[name]
-  # Typed even when the value is None (a placeholder); set_dotted names a missing key.
-  kind = node.get_type(leaf) if leaf in node else str
-  if kind is bool:
-    value = text.lower() in ("true", "1")
-  elif kind in (int, float):
-    value = kind(text)
-  else:
-    value = text
-  set_dotted(config, {dotted: value})
-
-
-def build(command: Command, *, init_from_map: dict | None = None):
-  arg = command.config_arg
-  for original, replacement in (init_from_map or {}).items():
-    arg = arg.replace(f"init_from={original}", f"init_from={replacement}")
-  config = load_config_module(REPO_ROOT / command.config_file).get_config(arg)
-  for key, value in command.overrides.items():
-    set_override(config, key, value)
-  return config
 
 
 def strip_external_files(config) -> None:
@@ -202,6 +149,7 @@ def test_the_table_lists_every_paper_experiment():
   assert len(texts) == len(set(texts)), "a command is listed twice"
 
 
+@pytest.mark.slow
 def test_every_readme_command_builds_validates_and_trains_one_step(tmp_path):
   trained = {}  # shrunken config (JSON) -> its test workdir
   workdirs = {}  # the README's --workdir -> the test workdir that stands for it
@@ -231,7 +179,7 @@ def test_every_readme_command_builds_validates_and_trains_one_step(tmp_path):
     try:
       trainer.validate(config)
       if command.module == "sample":
-        metrics = diffusion.sample_and_evaluate(config, workdir, num_samples=4)
+        metrics = sample_lib.sample_and_evaluate(config, workdir, num_samples=4)
         assert os.path.exists(os.path.join(workdir, "samples")), where
         assert metrics == {}, where  # features are external files, dropped here
       else:

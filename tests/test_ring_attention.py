@@ -11,9 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import record_first_shapes
+from support import record_first_shapes
 from pixel_vit import configuration, parallel
-from pixel_vit.models import attention, ring_attention
+from pixel_vit.models import attention
+from pixel_vit.models.attention import ring as ring_attention
 
 RULES = configuration.SHARDING_RULES
 QKV = ("batch", "length", "heads", "kv")

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from pixel_vit import configuration, parallel
-from pixel_vit.models import attention, splash_attention
-from conftest import record_first_shapes
-from test_attention import assert_matches_xla, qkv
+from pixel_vit.models import attention
+from pixel_vit.models.attention import splash as splash_attention
+from support import record_first_shapes
+from support_attention import assert_matches_xla, qkv
 
 RULES = configuration.SHARDING_RULES
 

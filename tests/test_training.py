@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import (TINY_RUN, as_numpy_leaves, assert_trees_equal, read_metrics, set_dotted,
-                      train_losses)
+from support import (TINY_RUN, as_numpy_leaves, assert_trees_equal, read_metrics, set_dotted,
+                     train_losses)
 from pixel_vit import optimizer as optimizer_lib
 from pixel_vit import configuration, parallel
 from pixel_vit.data import pipeline, sources
@@ -49,6 +49,7 @@ def learning_run(cls_pixel, tmp_path_factory):
   return config, workdir, state, results
 
 
+@pytest.mark.slow
 def test_training_loss_falls(learning_run):
   _, workdir, state, results = learning_run
   losses = train_losses(workdir)
@@ -64,6 +65,7 @@ def test_training_loss_falls(learning_run):
   assert results["eval/top1"] > 0.3, results
 
 
+@pytest.mark.slow
 def test_workdir_artifacts(learning_run):
   config, workdir, _, _ = learning_run
   with open(os.path.join(workdir, "config.json")) as f:
@@ -82,6 +84,7 @@ def test_workdir_artifacts(learning_run):
   assert len(checkpoints) <= config.keep_checkpoints
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first_step,steps", [(3, 2), (5, 4)],
                          ids=["inside_the_run", "past_its_end"])
 def test_profile_trace_is_written(quick_config, workdir, first_step, steps):
@@ -93,6 +96,7 @@ def test_profile_trace_is_written(quick_config, workdir, first_step, steps):
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, traces
 
 
+@pytest.mark.slow
 def test_no_profile_by_default(quick_config, workdir):
   config = quick_config()
   assert config.profile.steps == 0
@@ -100,6 +104,7 @@ def test_no_profile_by_default(quick_config, workdir):
   assert not os.path.exists(os.path.join(workdir, "plugins"))
 
 
+@pytest.mark.slow
 def test_trainer_eval_counts_every_example_once(learning_run):
   config, workdir, _, results = learning_run
   assert config.eval_batch_size == 16 and DIGITS_TEST_EXAMPLES % 16 != 0
@@ -113,6 +118,7 @@ def test_trainer_eval_counts_every_example_once(learning_run):
 # ---------------------------------------------------------------- exact resume
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9], ids=["no_ema", "ema"])
 def test_resume_is_exact(quick_config, make_workdir, ema_decay):
   """Run A goes 0 -> 6 uninterrupted. Run B starts in a fresh workdir holding
@@ -237,6 +243,7 @@ def run_train_steps(config, devices, steps: int):
   return jax.device_get(state), losses, mesh
 
 
+@pytest.mark.slow
 def test_one_device_and_eight_devices_train_the_same(quick_config):
   config = quick_config({
       "optimizer.ema_decay": 0.9, "model.drop_path": 0.1, "augment.crop": True,

@@ -1,6 +1,6 @@
 """The latent codec: Flax AutoencoderKL == diffusers' on the same weights (small and SD
 KL-f8 configs, current and legacy attention names), loader errors, posterior
-sampling, and the dataset encoding tool (`pixel_vit.data.encode_latents`).
+sampling, and the dataset encoding tool (`pixel_vit.encode_latents`).
 
 Tests that compare with diffusers skip without torch / diffusers (the [parity] extra); the loader
 error and tool tests write their checkpoints with the torch-free exporter
@@ -17,7 +17,8 @@ from absl import flags
 from flax import nnx
 from safetensors import numpy as safetensors_numpy
 
-from pixel_vit.data import encode_latents, sources
+from pixel_vit import encode_latents
+from pixel_vit.data import sources
 from pixel_vit.models import vae as vae_lib
 
 TOLERANCE = 1e-4  # max abs error vs diffusers, float32
@@ -163,6 +164,7 @@ def save_tiny_vae(directory, config: vae_lib.VaeConfig = TINY, seed: int = 0):
 # ---------------------------------------------------------------- equivalence with diffusers
 
 
+@pytest.mark.torch
 def test_small_config_matches_diffusers(small_reference):
   reference, directory = small_reference
   model = vae_lib.load_vae(str(directory))  # directory: config.json gives norm_num_groups=8
@@ -171,6 +173,7 @@ def test_small_config_matches_diffusers(small_reference):
   compare_with_diffusers(reference, model, batch=2, height=16, width=24)
 
 
+@pytest.mark.torch
 def test_sd_kl_f8_config_matches_diffusers(tmp_path):
   """The real SD layout (4 levels, 2 resnets, 32 groups, shortcut convs) loads from
   a bare safetensors file: the architecture comes from the tensor shapes."""
@@ -183,6 +186,7 @@ def test_sd_kl_f8_config_matches_diffusers(tmp_path):
   compare_with_diffusers(reference, model, batch=1, height=16, width=24, scaled_path=False)
 
 
+@pytest.mark.torch
 def test_legacy_attention_names_load_the_same(small_reference, tmp_path):
   """query/key/value/proj_attn (linear, or 1x1 conv [O, I, 1, 1]) == to_q/to_k/to_v/to_out.0."""
   _, directory = small_reference
@@ -350,7 +354,7 @@ def test_bad_image_shapes_are_rejected():
 
 
 def run_tool(**flag_values):
-  """`python -m pixel_vit.data.encode_latents --flag=value ...`, in-process: the
+  """`python -m pixel_vit.encode_latents --flag=value ...`, in-process: the
   command line is parsed as absl would, then every flag is reset."""
   argv = ["encode_latents"] + [f"--{name}={value}" for name, value in flag_values.items()]
   try:
@@ -365,6 +369,7 @@ def digits_as_model_input(split: str) -> tuple[np.ndarray, np.ndarray]:
   return np.repeat(images, 3, axis=-1), data.labels
 
 
+@pytest.mark.slow
 def test_tool_writes_the_latents_of_every_split(tmp_path):
   model = save_tiny_vae(tmp_path / "vae")
   out = tmp_path / "latents" / "digits_{split}.npz"  # the directory does not exist yet
@@ -389,6 +394,7 @@ def test_tool_writes_the_latents_of_every_split(tmp_path):
     assert str(arrays["vae_weights"]) == vae_lib.WEIGHTS_FILENAME
 
 
+@pytest.mark.slow
 def test_tool_samples_the_posterior_with_a_fixed_seed(tmp_path):
   model = save_tiny_vae(tmp_path / "vae", TWO_LEVELS)
   weights = tmp_path / "vae" / vae_lib.WEIGHTS_FILENAME  # the file form of --vae

@@ -13,7 +13,7 @@ devices. The training loop passes ``key = jax.random.fold_in(base_key, step)``
 so a resumed run replays the same augmentations.
 
 Configuration fields read by :func:`augment_batch` / :func:`preprocess_eval`
-(see :func:`default_augment_config`): ``mean``, ``std``, ``crop``,
+(see `pixel_vit.configuration.default_augment_config`): ``mean``, ``std``, ``crop``,
 ``crop_scale``, ``crop_ratio``, ``flip``, ``randaugment_ops``,
 ``randaugment_magnitude``, ``randaugment_magnitude_std``, ``erase_prob``,
 ``label_smoothing``, ``mixup_alpha``, ``cutmix_alpha``, ``mix_switch_prob``.
@@ -28,12 +28,12 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
+
+from pixel_vit import configuration
 
 __all__ = [
     "RAND_AUGMENT_OPS",
     "augment_batch",
-    "default_augment_config",
     "mixup_or_cutmix",
     "normalize",
     "preprocess_eval",
@@ -65,34 +65,6 @@ _STREAM_RANDAUGMENT, _STREAM_ERASE = 3, 4
 _MAX_MAGNITUDE = 10.0
 
 
-def default_augment_config() -> ml_collections.ConfigDict:
-  """DeiT-style augmentation defaults for CIFAR-sized (32x32) images."""
-  c = ml_collections.ConfigDict()
-  # Length-1 mean/std broadcast over channels: (0.5,) == (0.5,)*3 for RGB and
-  # also works unchanged for 1-channel sources (digits, MNIST).
-  c.mean = (0.5,)
-  c.std = (0.5,)
-  c.crop = True
-  # DeiT uses (0.08, 1) at 224px. At 32x32 an 8% crop is ~9x9 pixels blown up
-  # 3.5x, which destroys most of the object; a 25% floor (>= 16x16 source
-  # pixels) keeps strong scale jitter while the label stays recognisable.
-  c.crop_scale = (0.25, 1.0)
-  c.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
-  c.flip = True
-  # RandAugment as timm's rand-m9-mstd0.5-inc1 when randaugment_ops = 2 (DeiT,
-  # MAE fine-tuning); 0 ops keeps it off, so configs opt in.
-  c.randaugment_ops = 0
-  c.randaugment_magnitude = 9.0
-  c.randaugment_magnitude_std = 0.5
-  # Random erasing of one box per example (DeiT / MAE fine-tuning use 0.25).
-  c.erase_prob = 0.0
-  c.label_smoothing = 0.1
-  c.mixup_alpha = 0.8
-  c.cutmix_alpha = 1.0
-  c.mix_switch_prob = 0.5
-  return c
-
-
 # --------------------------------------------------------------------------
 # Validation (static, at trace time).
 # --------------------------------------------------------------------------
@@ -105,7 +77,7 @@ def _field(config: Any, name: str) -> Any:
     raise ValueError(
         f"augment config is missing field {name!r}; expected the fields of "
         "default_augment_config(): "
-        f"{sorted(default_augment_config().keys())}") from None
+        f"{sorted(configuration.default_augment_config().keys())}") from None
 
 
 def _check_range_pair(name: str, value: Any, *, positive: bool,

@@ -20,13 +20,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-
-
-def permute_pixels_config() -> ml_collections.ConfigDict:
-  """`config.data.permute_pixels`: off (T = 0) by default."""
-  return ml_collections.ConfigDict(dict(swaps=0, max_distance=1, seed=0))
 
 
 def _is_int(value) -> bool:

@@ -24,6 +24,8 @@ import zlib
 
 import numpy as np
 
+from pixel_vit.config_checks import check_positive, named
+
 SOURCE_FORMS = ("digits", "npz:PATH", "tfds:NAME")
 
 # Fraction of a single-file source (digits, npz without `{split}`) that goes
@@ -38,7 +40,7 @@ class ImageSplit:
   """One process's shard of one split, held in host memory at training resolution.
 
   `images` are uint8 pixels, or float32 VAE latents for a latent dataset
-  (`npz:` files with a `latents` array, see data/encode_latents.py).
+  (`npz:` files with a `latents` array, see `write_latents`).
   """
   images: np.ndarray  # uint8 (pixels) or float32 (latents), NHWC
   labels: np.ndarray  # int32, [n]
@@ -113,7 +115,7 @@ def check_splits(train: ImageSplit, test: ImageSplit, *, labelled: bool = True) 
   train_name = train.origin or "the train split"
   test_name = test.origin or "the eval split"
   if train.images.shape[1:] != test.images.shape[1:] or train.is_latent != test.is_latent:
-    fix = ("encode both splits at one size with python -m pixel_vit.data.encode_latents"
+    fix = ("encode both splits at one size with python -m pixel_vit.encode_latents"
            if train.is_latent or test.is_latent else
            "set config.data.image_size to resize both splits to one square size, or write "
            "both at one size")
@@ -273,7 +275,7 @@ def _resize(images: np.ndarray, image_size: int | None) -> np.ndarray:
   if images.dtype != np.uint8:
     raise ValueError(f"latents of size {images.shape[1]}x{images.shape[2]} cannot be resized "
                      f"to {image_size}: encode the images at the size you want (python -m "
-                     "pixel_vit.data.encode_latents --image_size=8*SIZE) and leave "
+                     "pixel_vit.encode_latents --image_size=8*SIZE) and leave "
                      "config.data.image_size unset.")
   tf = _import_tf()
   chunks = [_tf_resize(tf, images[i:i + _RESIZE_CHUNK], image_size).numpy()
@@ -340,8 +342,9 @@ class DigitsSource(_InMemorySource):
 class NpzSource(_InMemorySource):
   """An .npz with `images` (uint8 NHWC or NHW), `labels` (int) and optional `class_names`.
 
-  A latent dataset (written by `python -m pixel_vit.data.encode_latents`) has
-  float32 `latents` [N, h, w, c] (already scaled) instead of `images`.
+  A latent dataset (written by `python -m pixel_vit.encode_latents`, see
+  `write_latents`) has float32 `latents` [N, h, w, c] (already scaled) instead
+  of `images`.
 
   A `{split}` in the path is replaced by the split name (one file per split);
   otherwise the one file is split 80/20 into 'train' and 'test'.
@@ -354,7 +357,7 @@ class NpzSource(_InMemorySource):
     if not any(os.path.isfile(p) for p in candidates):
       raise ValueError(f"npz source: no file at {' or '.join(candidates)}; pass "
                        "npz:PATH with an existing .npz (PATH may contain '{split}'). A "
-                       "latent dataset is written by python -m pixel_vit.data.encode_latents.")
+                       "latent dataset is written by python -m pixel_vit.encode_latents.")
 
   @property
   def name(self) -> str:
@@ -421,7 +424,7 @@ def _read_npz(path: str) -> _WholeSplit:
     if images.dtype not in (np.float32, np.float16) or images.ndim != 4:
       raise ValueError(f"npz file {path}: latents have dtype {images.dtype} and shape "
                        f"{images.shape}, expected float32 [N, h, w, c]; write them with "
-                       "python -m pixel_vit.data.encode_latents.")
+                       "python -m pixel_vit.encode_latents.")
     arrays["images"] = images.astype(np.float32)
   for key in ("images", "labels"):
     if key not in arrays:
@@ -463,6 +466,23 @@ def _read_npz(path: str) -> _WholeSplit:
   if num_classes > np.iinfo(np.int32).max:
     raise ValueError(f"npz file {path}: {num_classes} classes do not fit int32 labels.")
   return _WholeSplit(images, labels, num_classes, inferred)
+
+
+def write_latents(path: str, latents: np.ndarray, labels: np.ndarray, *, latent_scale: float,
+                  vae_weights: str) -> None:
+  """Writes one split of a latent dataset, the .npz an `npz:` source reads back:
+    latents       float32 [N, h, w, c], already multiplied by `latent_scale`
+    labels        int32 [N]
+    latent_scale  float32 scalar, the VAE's scaling factor (divide by it to decode)
+    vae_weights   str, the basename of the VAE's weights file
+  To a temporary file first, so a crash never leaves a truncated .npz behind."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  temporary = path + ".tmp"
+  with open(temporary, "wb") as f:  # a file object keeps np.savez from appending '.npz'
+    np.savez(f, latents=latents, labels=labels, latent_scale=np.float32(latent_scale),
+             vae_weights=np.str_(vae_weights))
+  os.replace(temporary, path)
 
 
 def _network_reachable(host: str = "storage.googleapis.com", port: int = 443,
@@ -592,3 +612,11 @@ class TfdsSource(Source):
       return np.zeros((0, *empty_shape), np.uint8), np.zeros((0,), np.int32)
     return (np.concatenate([images for images, _ in batches]),
             np.concatenate([labels for _, labels in batches]))
+
+
+def validate_config(data) -> None:
+  """`config.data` (the locality ablation's keys: `locality.validate_permute_config`)."""
+  named("data.source", lambda: parse_source(
+      data.source, data_dir=data.get("data_dir"), download=data.get("download", True)))
+  if data.get("image_size") is not None:
+    check_positive("data.image_size", data.image_size)

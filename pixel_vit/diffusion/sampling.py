@@ -16,6 +16,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from pixel_vit.config_checks import check_choice, check_positive, named, require
+from pixel_vit.diffusion import gaussian
 from pixel_vit.diffusion.gaussian import GaussianDiffusion
 
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
@@ -155,3 +157,22 @@ def sampler(kind: str):
   if kind not in SAMPLERS:
     raise ValueError(f"sampler {kind!r} is unknown; use one of {SAMPLERS}.")
   return {"ddpm": ddpm_sample, "ddim": ddim_sample}[kind]
+
+
+def validate_config(config) -> None:
+  """`config.diffusion` and `config.sample` (configs/dit_pixel.py)."""
+  check_choice("diffusion.schedule", config.diffusion.schedule, gaussian.SCHEDULES)
+  check_positive("diffusion.num_timesteps", config.diffusion.num_timesteps)
+  sample = config.sample
+  check_choice("sample.sampler", sample.sampler, SAMPLERS)
+  named("sample.steps", gaussian.space_timesteps, config.diffusion.num_timesteps,
+        str(sample.steps))
+  require(0.0 <= sample.eta <= 1.0, f"config.sample.eta={sample.eta!r} must be in [0, 1].")
+  for key in ("cfg_scale", "grid_cfg_scale"):
+    require(sample[key] >= 1.0 or sample[key] == 0.0,
+            f"config.sample.{key}={sample[key]!r}: use 1.0 for no guidance, > 1 to guide.")
+  require((sample.cfg_scale == 1.0 and sample.grid_cfg_scale == 1.0)
+          or config.model.class_dropout > 0,
+          "config.sample guidance scales > 1 need a model trained with "
+          "config.model.class_dropout > 0 (its null class is never trained otherwise).")
+  check_positive("sample.grid_columns", sample.grid_columns)

@@ -29,15 +29,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit.data import augment
 from pixel_vit.models import inception as inception_lib
 from pixel_vit.models import vit
-from pixel_vit.trainers import pretrained
 
 TRAIN_CLASSIFIER = ("train one with python -m pixel_vit.main "
                     "--config=configs/cls_pixel.py:quick --workdir=DIR")
@@ -136,11 +135,11 @@ def _read_run(workdir: str) -> tuple[ml_collections.ConfigDict, object, int]:
     raise ValueError(f"{workdir!r} has no config.json, so it is not a pixel_vit run "
                      f"directory; {TRAIN_CLASSIFIER}.")
   config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  if not pretrained.workdir_has_checkpoint(workdir):
+  if not checkpoint_lib.workdir_has_checkpoint(workdir):
     raise ValueError(f"classifier workdir {workdir!r} holds no finished checkpoint (is the "
                      f"run still at step 0?); {TRAIN_CLASSIFIER}, or wait for its first "
                      "checkpoint.")
-  directory, step = pretrained.locate(workdir)
+  directory, step = checkpoint_lib.locate(workdir)
   return config, directory, step
 
 
@@ -155,14 +154,8 @@ def classifier_extractor(workdir: str) -> Extractor:
   """
   config, directory, step = _read_run(workdir)
   where = f"classifier checkpoint {directory / str(step)}"
-  reader = pretrained.checkpoint_reader(directory)
-  try:
-    metadata = reader.restore(step, args=ocp.args.Composite(
-        metadata=ocp.args.JsonRestore())).metadata or {}
-    saved = reader.item_metadata(step)["state"]
-  finally:
-    reader.close()
-  saved = getattr(saved, "tree", saved)
+  saved = checkpoint_lib.open_saved(directory, step)
+  metadata = saved.metadata
   if metadata.get("task") != "classification":
     raise ValueError(
         f"{where} is of task {metadata.get('task')!r}, not 'classification': features and "
@@ -175,11 +168,12 @@ def classifier_extractor(workdir: str) -> Extractor:
   if missing:
     raise ValueError(f"{where}: its metadata lacks {missing}; it was not written by "
                      "pixel_vit's classification trainer.")
+  identity = saved.identity()
   model_config = ml_collections.ConfigDict(config.model.to_dict())
   for key in ("variant", "posemb", "pool"):  # what the checkpoint says it is wins
-    model_config[key] = metadata[key]
-  height, width, channels = (int(x) for x in metadata["image_shape"])
-  num_classes = int(metadata["num_classes"])
+    model_config[key] = getattr(identity, key)
+  height, width, channels = (int(x) for x in identity.image_shape)
+  num_classes = int(identity.num_classes)
 
   def make_model():
     return vit.build_classifier(model_config, image_size=height, channels=channels,
@@ -188,23 +182,17 @@ def classifier_extractor(workdir: str) -> Extractor:
 
   graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
   abstract_params = nnx.to_pure_dict(abstract)
-  item_name = "ema_params" if isinstance(saved.get("ema_params"), dict) else "params"
+  item_name = "ema_params" if isinstance(saved.state_tree.get("ema_params"), dict) else "params"
   mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
   replicated = NamedSharding(mesh, PartitionSpec())
   target = {item_name: jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_params)}
-  reader = pretrained.checkpoint_reader(directory)
   try:
-    restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
+    params = saved.restore(target)[item_name]
   except (ValueError, KeyError) as e:
     raise ValueError(f"{where}: its {item_name} do not fit the classifier its metadata "
-                     f"describes ({metadata['variant']}, {height}x{width}x{channels}, "
+                     f"describes ({identity.variant}, {height}x{width}x{channels}, "
                      f"{num_classes} classes): {e}") from e
-  finally:
-    reader.close()
-  params = restored.state[item_name]
   augment_config = config.augment
 
   def apply(params, images):
@@ -217,7 +205,7 @@ def classifier_extractor(workdir: str) -> Extractor:
     return {"pool": pooled, "logits": model(normalised)}
 
   return Extractor(
-      name=f"classifier {metadata['variant']} step {step} ({item_name}) of {workdir}",
+      name=f"classifier {identity.variant} step {step} ({item_name}) of {workdir}",
       forward=local_forward(apply, params), dimension=vit.parse_variant(
-          metadata["variant"])[0].width,
+          identity.variant)[0].width,
       num_classes=num_classes, image_shape=(height, width, channels), channels=(channels,))

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from pixel_vit import parallel
+from pixel_vit.config_checks import check_choice, require
 from pixel_vit.models import vit
 
 # The timestep's sinusoidal features, before the MLP (DiT's frequency size).
@@ -164,3 +165,11 @@ def build_dit(model_config, *, image_size: int, channels: int, num_classes: int,
              posemb=model_config.posemb, class_dropout=model_config.class_dropout,
              dtype=vit.DTYPES[model_config.dtype], attention=model_config.attention,
              scan=model_config.scan, remat=model_config.remat, rngs=rngs)
+
+
+def validate_model_config(model) -> None:
+  """The DiT-only model keys (the rest: `vit.validate_model_config`)."""
+  check_choice("model.posemb", model.posemb, POSEMBS)
+  require(0.0 <= model.class_dropout < 1.0,
+          f"config.model.class_dropout={model.class_dropout!r} must be in [0, 1); "
+          "classifier-free guidance needs > 0 (DiT: 0.1).")

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pixel_vit import parallel
+from pixel_vit.config_checks import check_choice, check_positive, require
 from pixel_vit.models import vit
 
 
@@ -184,3 +185,40 @@ def mask_as_image(mask: jax.Array, patch: int, height: int, width: int) -> jax.A
   tokens = jnp.repeat(mask[:, :, None], patch * patch, axis=2)
   return vit.unpatchify(tokens, patch, height, width)
 
+
+def validate_decoder_config(model) -> None:
+  """The MAE decoder and target settings (configs/mae_pixel.py)."""
+  decoder = model.decoder
+  for key in ("width", "depth", "heads", "mlp_dim"):
+    check_positive(f"model.decoder.{key}", decoder[key])
+  require(decoder.width % decoder.heads == 0,
+          f"config.model.decoder.width={decoder.width} must be divisible by "
+          f"config.model.decoder.heads={decoder.heads}.")
+  check_choice("model.decoder.posemb", decoder.posemb, vit.POSEMBS)
+  require(decoder.posemb != "sincos2d" or decoder.width % 4 == 0,
+          f"config.model.decoder.width={decoder.width} must be a multiple of 4 for "
+          "config.model.decoder.posemb='sincos2d'.")
+  check_positive("model.norm_pix_window", model.norm_pix_window, allow_zero=True)
+  _, patch = vit.parse_variant(model.variant)
+  window = model.norm_pix_window or patch  # 0 = the token itself
+  require(not (model.norm_pix_loss and window < 2),
+          f"config.model.norm_pix_loss normalises over {window}x{window} pixels "
+          f"(config.model.norm_pix_window={model.norm_pix_window}, patch {patch}): one "
+          "pixel's own statistics are degenerate (a grey value has variance 0). Set "
+          "config.model.norm_pix_window >= 2; 2 gives the targets of ViT/2.")
+
+
+def validate_mask_ratio(mask_ratio: float, model, image_size: int) -> None:
+  """MAE masking hides at least one token and keeps at least one, on the real
+  token count and with the model's own rounding (`num_visible`)."""
+  _, patch = vit.parse_variant(model.variant)
+  tokens = (image_size // patch) ** 2
+  kept = round(tokens * (1 - fractions.Fraction(repr(float(mask_ratio)))))
+  require(tokens - num_visible(tokens, mask_ratio) > 0 and kept > 0,
+          f"config.mask_ratio={mask_ratio!r} masks {tokens - kept} of the {tokens} tokens "
+          f"({image_size}x{image_size} images, config.model.variant={model.variant!r} with "
+          f"patch {patch}) and keeps {kept} visible (round({tokens} x (1 - ratio))); MAE "
+          "needs at least one masked token (else the loss is 0 and nothing trains) and at "
+          f"least one visible. With {tokens} tokens use a ratio in [1/{tokens}, "
+          f"{tokens - 1}/{tokens}] = [{1 / tokens:.4g}, {(tokens - 1) / tokens:.4g}] "
+          "(MAE: 0.75).")

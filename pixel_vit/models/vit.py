@@ -21,6 +21,7 @@ from absl import logging
 from flax import nnx
 
 from pixel_vit import parallel
+from pixel_vit.config_checks import check_choice, named, require
 from pixel_vit.models import attention as attention_lib
 
 
@@ -492,3 +493,31 @@ def build_classifier(model_config, *, image_size: int, channels: int, num_classe
       tokenizer=model_config.get("tokenizer", "linear"), pixel_stats=pixel_stats, rngs=rngs)
   return Classifier(encoder=encoder, pool=model_config.pool, num_classes=num_classes,
                     rngs=rngs)
+
+
+def validate_model_config(model) -> None:
+  """`config.model` of a ViT / PiT (classifier and MAE encoder; DiT shares
+  the variant, dtype, remat and attention keys)."""
+  named("model.variant", parse_variant, model.variant)
+  check_choice("model.posemb", model.posemb, POSEMBS)
+  if "tokenizer" in model:  # classifier and MAE encoders; DiT's input is noisy, not 8-bit
+    check_choice("model.tokenizer", model.tokenizer, TOKENIZERS)
+  if "pool" in model:  # classifiers only
+    check_choice("model.pool", model.pool, POOLS)
+  check_choice("model.dtype", model.dtype, list(DTYPES))
+  check_choice("model.remat", model.remat, list(REMAT_CHOICES))
+  check_choice("model.attention", model.attention, list(attention_lib.BACKENDS))
+  drop_path = model.get("drop_path", 0.0)  # DiT has none
+  require(0.0 <= drop_path < 1.0, f"config.model.drop_path={drop_path!r} must be in [0, 1).")
+
+
+def validate_image_size(model, image_size: int) -> None:
+  """The patch must tile the image (checked once the image size is known)."""
+  _, patch = parse_variant(model.variant)
+  require(image_size % patch == 0,
+          f"config.model.variant={model.variant!r} has patch {patch}, which does not "
+          f"divide the image size {image_size}; pick a patch that divides it or set "
+          "config.data.image_size.")
+  window = model.get("norm_pix_window", 0) if model.get("norm_pix_loss", False) else 0
+  require(window == 0 or image_size % window == 0,
+          f"config.model.norm_pix_window={window} does not divide the image size {image_size}.")

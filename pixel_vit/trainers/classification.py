@@ -19,8 +19,8 @@ import jax
 import optax
 from flax import nnx
 
-from pixel_vit import configuration, parallel
-from pixel_vit.data import augment, locality, pipeline, sources
+from pixel_vit import parallel
+from pixel_vit.data import augment, locality, sources
 from pixel_vit.evaluation import accuracy
 from pixel_vit.models import vit
 from pixel_vit.trainers import loop, pretrained
@@ -28,7 +28,7 @@ from pixel_vit.trainers import state as state_lib
 
 
 def validate(config) -> None:
-  configuration.validate_common(config, jax.device_count(), jax.process_count())
+  loop.validate_common(config)
   pretrained.check_config(config)  # init_from vs config.model, when the path exists
 
 
@@ -91,37 +91,23 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   train_split, eval_split = plan.train_split, plan.eval_split
   if source is not None:  # every check before anything compiles
     dropped = source.check(config, train_split.images.shape[1:], plan.shapes.params)
-  # What makes a checkpoint this model; dtype, attention backend, scan and
-  # remat may change between runs (e.g. resuming on another machine).
-  identity = {"task": "classification", "variant": config.model.variant,
-              "posemb": config.model.posemb, "pool": config.model.pool,
-              "tokenizer": config.model.get("tokenizer", "linear"),
-              "num_classes": int(train_split.num_classes),
-              "image_shape": list(train_split.images.shape[1:])}
-  run = loop.start(config, workdir, plan, identity=identity,
+  run = loop.start(config, workdir, plan,
                    initial_params=None if source is None else source.load_encoder,
                    devices=devices)
-  length = configuration.describe_length(config, run.start_step, plan.total_steps,
-                                        plan.steps_per_epoch)
-  run.announce(f"{length}, {train_split.total_examples} train / "
-                   f"{eval_split.total_examples} eval examples")
+  run.announce(f"{run.length}, {train_split.total_examples} train / "
+               f"{eval_split.total_examples} eval examples")
   if source is not None:
     run.reporter.log(pretrained.describe(source, dropped))
   elif config.get("init_from"):
     run.reporter.log(f"resumed from {workdir}: config.init_from is not loaded again")
 
-  graphdef, shardings = run.described.graphdef, run.described.shardings
-  replicated = parallel.replicated(run.mesh)
-  num_classes = train_split.num_classes
-  permutation = locality.permutation_for(config.data, *train_split.images.shape[1:3])
-  train_step = run.jit(make_train_step(config, graphdef, plan.tx, plan.schedule, num_classes,
-                                       permutation),
-                       in_shardings=(shardings, run.batch_shardings()),
-                       out_shardings=(shardings, replicated), donate_argnums=0)
-  eval_sums = run.jit(make_eval_sums(config, graphdef, num_classes, permutation),
+  graphdef, num_classes = run.described.graphdef, train_split.num_classes
+  train_step = run.jit_train_step(make_train_step(config, graphdef, plan.tx, plan.schedule,
+                                                  num_classes, plan.permutation))
+  eval_sums = run.jit(make_eval_sums(config, graphdef, num_classes, plan.permutation),
                       in_shardings=(run.described.param_shardings,
                                     run.batch_shardings(with_mask=True)),
-                      out_shardings=replicated)
+                      out_shardings=parallel.replicated(run.mesh))
 
   def evaluate(step: int, state: state_lib.TrainState) -> dict:
     results = {}
@@ -129,12 +115,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None
     if state.ema_params is not None:
       candidates.append(("eval_ema", state.ema_params))
     for prefix, params in candidates:
-      batches = map(run.to_global,
-                    pipeline.eval_batches(eval_split, local_batch_size=plan.local_eval_batch))
-      metrics = accuracy.evaluate(functools.partial(eval_sums, params), batches)
+      metrics = accuracy.evaluate(functools.partial(eval_sums, params), run.eval_batches())
       results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
     return loop.report_eval(run, step, results)
 
-  batches = pipeline.train_batches(train_split, local_batch_size=plan.local_batch,
-                                   seed=config.seed, start_step=run.start_step)
-  return loop.train(run, config, train_step=train_step, batches=batches, evaluate=evaluate)
+  return loop.train(run, train_step=train_step, evaluate=evaluate)

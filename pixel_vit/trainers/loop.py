@@ -18,37 +18,100 @@ from absl import logging
 from flax import nnx
 
 from pixel_vit import checkpoint as checkpoint_lib
-from pixel_vit import configuration, parallel
+from pixel_vit.config_checks import check_choice, check_positive, require
+from pixel_vit import parallel
 from pixel_vit import optimizer as optimizer_lib
 from pixel_vit import workdir as workdir_lib
-from pixel_vit.data import pipeline, sources
+from pixel_vit.data import augment, locality, pipeline, sources
+from pixel_vit.models import attention, vit
 from pixel_vit.trainers import divergence, interrupts, reporting
 from pixel_vit.trainers import state as state_lib
 
 
+def validate_run(config, device_count: int, process_count: int) -> None:
+  """The loop's own keys: batch, run length, periods, checkpoints, the
+  non-finite policy and profiling (and the batch against the mesh)."""
+  check_positive("batch_size", config.batch_size)
+  check_positive("eval_batch_size", config.eval_batch_size)
+  check_positive("total_steps", config.total_steps, allow_zero=True)  # 0: use total_epochs
+  for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    check_positive(key, config[key])
+  check_choice("on_nonfinite", config.get("on_nonfinite", "stop"), ("stop", "skip"))
+  check_positive("max_nonfinite_skips", config.get("max_nonfinite_skips", 0), allow_zero=True)
+  if "profile" in config:
+    check_positive("profile.steps", config.profile.steps, allow_zero=True)
+    check_positive("profile.first_step", config.profile.first_step)
+  parallel.validate_batch_sizes(config, device_count, process_count)
+
+
+def validate_common(config) -> None:
+  """What every trainer's config has, each subsystem checking its own keys:
+  model, optimizer, data, augmentation, batch / mesh, attention, run length.
+  Before anything loads or compiles."""
+  device_count, process_count = jax.device_count(), jax.process_count()
+  vit.validate_model_config(config.model)
+  optimizer_lib.validate_config(config.optimizer)
+  sources.validate_config(config.data)
+  if "permute_pixels" in config.data:
+    locality.validate_permute_config(config.data.permute_pixels)
+  augment.validate_augment_config(config.augment)
+  validate_run(config, device_count, process_count)
+  attention.validate(config, device_count, jax.default_backend())
+  check_positive("total_epochs", config.total_epochs, allow_zero=True)
+  require(config.total_steps > 0 or config.total_epochs > 0,
+          f"config.total_steps={config.total_steps} and config.total_epochs="
+          f"{config.total_epochs:g} leave the run without a length: 0 steps means \"use "
+          "total_epochs\", and the quick configs pin total_epochs=0. Set "
+          "--config.total_steps=N (> 0), or --config.total_epochs=E (> 0) with "
+          "--config.total_steps=0.")
+
+
+def describe_length(config, start_step: int, total_steps: int, steps_per_epoch: int) -> str:
+  """'steps 0 -> 400 (...)': the run's length and what decided it, for the first log line."""
+  if config.total_steps:
+    how = (f"config.total_steps; {steps_per_epoch} steps/epoch, so "
+           f"{total_steps / steps_per_epoch:.3g} epochs")
+  else:
+    how = (f"from config.total_epochs={config.total_epochs:g} x {steps_per_epoch} "
+           "steps/epoch, since config.total_steps=0")
+  return f"steps {start_step} -> {total_steps} ({how})"
+
+
 @dataclasses.dataclass
 class Run:
+  """A started run: its config and plan, mesh, state, checkpointer and
+  reporter, and the scaffolding every trainer's step and evaluation share."""
+  config: Any
+  plan: Plan
   mesh: jax.sharding.Mesh
   rules: Any
   described: state_lib.ShardedState
   state: state_lib.TrainState
   checkpointer: checkpoint_lib.Checkpointer
   reporter: reporting.Reporter
-  identity: dict
-  total_steps: int
+  identity: checkpoint_lib.RunIdentity
   lock: workdir_lib.WorkdirLock
   stopped_by: str | None = None  # the signal that stopped the run early
-  data_warnings: tuple[str, ...] = ()  # Plan.data_warnings, logged by `announce`
 
   @property
   def start_step(self) -> int:
     return int(jax.device_get(self.state.step))
 
+  @property
+  def total_steps(self) -> int:
+    return self.plan.total_steps
+
+  @property
+  def length(self) -> str:
+    """'steps 0 -> 400 (...)' (`describe_length`), for the first log line."""
+    return describe_length(self.config, self.start_step, self.plan.total_steps,
+                           self.plan.steps_per_epoch)
+
   def announce(self, first_line: str) -> None:
-    """Logs the run's first line (its length: `configuration.describe_length`),
+    """Logs the run's first line (its `length` and what the trainer adds),
     then what the data check warned about, so the length always leads."""
     self.reporter.log(first_line)
-    for warning in self.data_warnings if self.reporter.is_main else ():
+    for warning in self.plan.data_warnings if self.reporter.is_main else ():
       logging.warning("%s", warning)
 
   def batch_shardings(self, *, with_mask: bool = False) -> dict:
@@ -71,6 +134,19 @@ class Run:
 
     return call
 
+  def jit_train_step(self, train_step: Callable):
+    """`train_step(state, batch) -> (state, metrics)` jitted on the state's
+    shardings, the state donated, the metrics replicated."""
+    shardings = self.described.shardings
+    return self.jit(train_step, in_shardings=(shardings, self.batch_shardings()),
+                    out_shardings=(shardings, parallel.replicated(self.mesh)),
+                    donate_argnums=0)
+
+  def eval_batches(self) -> Iterator[dict]:
+    """The whole eval split once, as global batches (padded, with `mask`)."""
+    return map(self.to_global, pipeline.eval_batches(
+        self.plan.eval_split, local_batch_size=self.plan.local_eval_batch))
+
 
 def load_splits(config) -> tuple[sources.ImageSplit, sources.ImageSplit]:
   source = sources.parse_source(config.data.source, data_dir=config.data.get("data_dir"),
@@ -90,7 +166,7 @@ def load_splits(config) -> tuple[sources.ImageSplit, sources.ImageSplit]:
   if height != width:
     raise ValueError(f"images from {config.data.source} are {height}x{width}; the encoder "
                      "needs square images: set config.data.image_size.")
-  configuration.validate_image_size(config.model, height)
+  vit.validate_image_size(config.model, height)
   return train, test
 
 
@@ -114,6 +190,8 @@ class Plan:
   tx: optax.GradientTransformation
   make_model: Callable[[], nnx.Module]
   shapes: state_lib.ModelShapes
+  # The locality ablation's fixed pixel permutation (None: off), data/locality.py.
+  permutation: locality.PixelPermutation | None
   # What the run can live with in its data (classes only eval has, unused
   # class ids), one paragraph each; `Run.announce` logs them.
   data_warnings: tuple[str, ...] = ()
@@ -137,10 +215,12 @@ def plan(config, make_model_fn: Callable[[Any, sources.ImageSplit], Callable[[],
       config, optimizer_lib.make_optimizer(config.optimizer, schedule, shapes.params))
   return Plan(train_split, eval_split, local_batch,
               config.eval_batch_size // jax.process_count(), steps_per_epoch, total_steps,
-              schedule, tx, make_model, shapes, tuple(data_warnings))
+              schedule, tx, make_model, shapes,
+              locality.permutation_for(config.data, *train_split.images.shape[1:3]),
+              tuple(data_warnings))
 
 
-def start(config, workdir: str, plan: Plan, *, identity: dict,
+def start(config, workdir: str, plan: Plan, *,
           initial_params: Callable[[Any], Any] | None = None, devices=None,
           read_only: bool = False) -> Run:
   """Workdir lock, mesh, sharded state (resumed or new), checkpointer and reporter.
@@ -154,13 +234,15 @@ def start(config, workdir: str, plan: Plan, *, identity: dict,
   """
   lock = workdir_lib.WorkdirLock(None) if read_only else workdir_lib.claim(workdir)
   try:
-    return _start(config, workdir, plan, identity, initial_params, devices, read_only, lock)
+    return _start(config, workdir, plan, initial_params, devices, read_only, lock)
   except BaseException:
     lock.release()  # e.g. a checkpoint of another model: the workdir is left as it was
     raise
 
 
-def _start(config, workdir, plan, identity, initial_params, devices, read_only, lock) -> Run:
+def _start(config, workdir, plan, initial_params, devices, read_only, lock) -> Run:
+  # What makes a checkpoint this model, the same rule for every task.
+  identity = checkpoint_lib.RunIdentity.of_run(config, plan.train_split)
   mesh = parallel.make_mesh(config.mesh, devices=devices)
   rules = config.sharding_rules
   described, create_state = state_lib.sharded_state(
@@ -178,8 +260,8 @@ def _start(config, workdir, plan, identity, initial_params, devices, read_only, 
                             ema_params=None if state.ema_params is None else params)
   reporter = reporting.Reporter(workdir, config, total_steps=plan.total_steps,
                                 log_every=config.log_every, record_config=not read_only)
-  return Run(mesh, rules, described, state, checkpointer, reporter, identity,
-             plan.total_steps, lock, data_warnings=plan.data_warnings)
+  return Run(config, plan, mesh, rules, described, state, checkpointer, reporter, identity,
+             lock)
 
 
 # Device batches made ahead of the step that runs (one being copied while one
@@ -187,12 +269,13 @@ def _start(config, workdir, plan, identity, initial_params, devices, read_only, 
 PREFETCH_DEPTH = 2
 
 
-def train(run: Run, config, *, train_step: Callable, batches: Iterator[dict],
+def train(run: Run, *, train_step: Callable,
           evaluate: Callable[[int, state_lib.TrainState], dict]) -> tuple[state_lib.TrainState, dict]:
-  """Runs `train_step` from the state's step to `run.total_steps`.
+  """Runs `train_step` (jitted: `run.jit_train_step`) from the state's step
+  to `run.total_steps`.
 
-  `batches` yields per-process numpy batches starting at the state's step (made
-  PREFETCH_DEPTH steps ahead on a thread, copied to the devices there);
+  The train batches (a function of seed and step, see data/pipeline.py) are
+  made PREFETCH_DEPTH steps ahead on a thread and copied to the devices there;
   `evaluate(step, state)` reports and returns its metrics. Returns the final
   state and the last evaluation's metrics. SIGTERM / SIGINT end it early
   with a checkpoint of the current step (`run.stopped_by` names the signal;
@@ -200,7 +283,9 @@ def train(run: Run, config, *, train_step: Callable, batches: Iterator[dict],
   first step, its checkpoint being the current state);
   a non-finite loss raises divergence.TrainingDivergedError (see there).
   """
-  state, start_step = run.state, run.start_step
+  config, state, start_step = run.config, run.state, run.start_step
+  batches = pipeline.train_batches(run.plan.train_split, local_batch_size=run.plan.local_batch,
+                                   seed=config.seed, start_step=start_step)
   guard = divergence.Guard(config)
   fetched: list[dict] = []  # host metrics of the steps since the last log point
   results: dict = {}

@@ -15,8 +15,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pixel_vit import configuration, parallel
-from pixel_vit.data import augment, locality, pipeline, sources
+from pixel_vit import parallel
+from pixel_vit.data import augment, locality, sources
 from pixel_vit.evaluation import pictures, splits
 from pixel_vit.models import mae, vit
 from pixel_vit.trainers import loop
@@ -27,19 +27,18 @@ GRID_EXAMPLES = 8
 
 
 def validate(config) -> None:
-  configuration.validate_common(config, jax.device_count(), jax.process_count())
-  configuration.validate_decoder(config.model)
+  loop.validate_common(config)
+  mae.validate_decoder_config(config.model)
   if not 0.0 < config.mask_ratio < 1.0:
     raise ValueError(f"config.mask_ratio={config.mask_ratio!r} must be in (0, 1).")
   if config.data.get("image_size"):  # else checked once the data says (check_data)
-    configuration.validate_mask_ratio(config.mask_ratio, config.model, config.data.image_size)
+    mae.validate_mask_ratio(config.mask_ratio, config.model, config.data.image_size)
 
 
 def check_data(config, plan: loop.Plan) -> None:
   """What needs the data: the mask ratio masks and keeps tokens at this image
   size. Before anything compiles."""
-  configuration.validate_mask_ratio(config.mask_ratio, config.model,
-                                    plan.train_split.images.shape[1])
+  mae.validate_mask_ratio(config.mask_ratio, config.model, plan.train_split.images.shape[1])
 
 
 def make_model_fn(config, split: sources.ImageSplit):
@@ -135,27 +134,16 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   plan = loop.plan(config, make_model_fn)
   check_data(config, plan)
   num_classes = plan.train_split.num_classes
-  decoder = config.model.decoder
-  identity = {"task": "mae", "variant": config.model.variant, "posemb": config.model.posemb,
-              "tokenizer": config.model.get("tokenizer", "linear"),
-              "decoder": [decoder.width, decoder.depth, decoder.heads, decoder.mlp_dim,
-                          decoder.posemb],
-              "image_shape": list(plan.train_split.images.shape[1:])}
-  run = loop.start(config, workdir, plan, identity=identity, devices=devices)
-  length = configuration.describe_length(config, run.start_step, plan.total_steps,
-                                        plan.steps_per_epoch)
-  run.announce(f"MAE {length}, mask ratio {config.mask_ratio}, "
-                   f"lr {config.optimizer.lr:.3g}")
+  run = loop.start(config, workdir, plan, devices=devices)
+  run.announce(f"MAE {run.length}, mask ratio {config.mask_ratio}, "
+               f"lr {config.optimizer.lr:.3g}")
 
-  graphdef, shardings = run.described.graphdef, run.described.shardings
+  graphdef, permutation = run.described.graphdef, plan.permutation
   param_shardings = run.described.param_shardings
   replicated = parallel.replicated(run.mesh)
   eval_batch = run.batch_shardings(with_mask=True)
-  permutation = locality.permutation_for(config.data, *plan.train_split.images.shape[1:3])
-  train_step = run.jit(make_train_step(config, graphdef, plan.tx, plan.schedule, num_classes,
-                                       permutation),
-                       in_shardings=(shardings, run.batch_shardings()),
-                       out_shardings=(shardings, replicated), donate_argnums=0)
+  train_step = run.jit_train_step(make_train_step(config, graphdef, plan.tx, plan.schedule,
+                                                  num_classes, permutation))
   eval_sums = run.jit(make_eval_sums(config, graphdef, num_classes, permutation),
                       in_shardings=(param_shardings, replicated, eval_batch),
                       out_shardings=replicated)
@@ -163,8 +151,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None
                         in_shardings=(param_shardings, eval_batch), out_shardings=replicated)
 
   def evaluate(step: int, state: state_lib.TrainState) -> dict:
-    batches = [run.to_global(b) for b in
-               pipeline.eval_batches(plan.eval_split, local_batch_size=plan.local_eval_batch)]
+    batches = list(run.eval_batches())
     totals = splits.sum_over_batches(
         lambda index, batch: eval_sums(state.params, jnp.int32(index), batch), batches)
     results = {"eval/loss": totals["loss"] / totals["count"], "eval/count": totals["count"]}
@@ -178,6 +165,4 @@ def train_and_evaluate(config, workdir: str, *, devices=None
     run.reporter.images(step, {"mae/reconstructions": image[None]})
     return loop.report_eval(run, step, results)
 
-  batches = pipeline.train_batches(plan.train_split, local_batch_size=plan.local_batch,
-                                   seed=config.seed, start_step=run.start_step)
-  return loop.train(run, config, train_step=train_step, batches=batches, evaluate=evaluate)
+  return loop.train(run, train_step=train_step, evaluate=evaluate)

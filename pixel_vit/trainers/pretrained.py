@@ -24,8 +24,8 @@ naming the checkpoint, the field, both values and the fix:
     lacks is an error. The checkpoint's [CLS] token is dropped when the
     classifier pools by global average (`pool='gap'` builds no [CLS]).
 
-Only the encoder parameters are read from disk (an orbax partial restore onto
-the classifier's own shardings); the optimizer state, EMA and decoder are not.
+Only the encoder parameters are read from disk (`checkpoint.SavedRun.restore`,
+a partial restore onto the classifier's own shardings); the optimizer state, EMA and decoder are not.
 The head keeps its zero initialisation. `params`, not `ema_params`, is loaded.
 
 Only a new run loads `init_from`: a run that resumes from its own workdir
@@ -35,80 +35,40 @@ nor needs `init_from` any more.
 from __future__ import annotations
 
 import dataclasses
-import os
+
 import jax
-import orbax.checkpoint as ocp
 from etils import epath
 
+from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit.models import vit
 
 TASKS = ("mae", "classification")
 CLS = "cls"  # the encoder's [CLS] token parameter
 
 
-def workdir_has_checkpoint(workdir: str) -> bool:
-  """Whether a run in `workdir` would resume (and so not load `init_from`)."""
-  return bool(ocp.utils.checkpoint_steps(os.path.join(workdir, "checkpoints")))
-
-
-def _steps(directory: epath.Path) -> list[int]:
-  return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
-
-
-def locate(init_from: str) -> tuple[epath.Path, int]:
-  """`init_from` -> (the checkpoints directory, the step to load)."""
-  # orbax wants absolute paths; URLs (gs://...) are left as they are.
-  path = epath.Path(init_from if "://" in init_from else os.path.abspath(init_from))
-  if not path.exists():
-    raise ValueError(
-        f"config.init_from={init_from!r} does not exist. Point it at a pre-training "
-        "workdir (e.g. the --workdir of configs/mae_pixel.py), its 'checkpoints' "
-        "directory or one 'checkpoints/<step>' directory; set it to '' to train from "
-        "random initialisation.")
-  if _steps(path / "checkpoints"):  # a workdir
-    directory = path / "checkpoints"
-    return directory, _steps(directory)[-1]
-  if _steps(path):  # a checkpoints directory
-    return path, _steps(path)[-1]
-  if path.name.isdigit() and int(path.name) in _steps(path.parent):  # checkpoints/<step>
-    return path.parent, int(path.name)
-  raise ValueError(
-      f"config.init_from={init_from!r} holds no finished checkpoint: expected a workdir "
-      "with 'checkpoints/<step>/' inside, a 'checkpoints' directory or one "
-      "'checkpoints/<step>' directory written by pixel_vit.")
-
-
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
-  """One pre-trained checkpoint: where it is, what it says it is, and the
-  shapes of its encoder parameters (read from orbax's metadata, no arrays)."""
+  """One pre-trained checkpoint named by `config.init_from`: where it is, what
+  its identity says it is, and the shapes of its encoder parameters."""
   init_from: str
-  directory: epath.Path
-  step: int
-  metadata: dict
+  saved: checkpoint_lib.SavedRun
+  identity: checkpoint_lib.RunIdentity
   encoder_shapes: dict  # flat {'blocks/layers/attn/qkv_kernel': shape, ...}
 
   @property
   def where(self) -> str:
-    return f"config.init_from={self.init_from!r} (checkpoint {self.directory / str(self.step)})"
+    return f"config.init_from={self.init_from!r} (checkpoint {self.saved.path})"
 
   # ---------------------------------------------------------------- checks
 
-  def _field(self, name: str):
-    if name not in self.metadata:
-      raise ValueError(f"{self.where}: its metadata has no {name!r} "
-                       f"({sorted(self.metadata)}); it was not written by a pixel_vit "
-                       "trainer that init_from can load.")
-    return self.metadata[name]
-
   def check_model(self, model_config) -> None:
     """Task, SIZE, PATCH and posemb against `config.model` (no data needed)."""
-    task = self._field("task")
+    task = self.identity.task
     if task not in TASKS:
       raise ValueError(
           f"{self.where}: task {task!r} cannot initialise a classifier; init_from takes a "
           f"checkpoint of task {list(TASKS)} (MAE pre-training or a classifier).")
-    variant = self._field("variant")
+    variant = self.identity.variant
     size, patch = vit.parse_variant(variant)
     want_size, want_patch = vit.parse_variant(model_config.variant)
     size_name, want_size_name = variant.partition("/")[0], model_config.variant.partition("/")[0]
@@ -125,13 +85,13 @@ class Pretrained:
           f"({variant}) vs config.model.variant={model_config.variant!r} ({want_patch}). "
           f"Fine-tune with --config.model.variant={size_name}/{patch} or point init_from at "
           f"a checkpoint with patch {want_patch}.")
-    tokenizer = self.metadata.get("tokenizer", "linear")  # older checkpoints: linear
+    tokenizer = self.identity.tokenizer or "linear"  # older checkpoints: linear
     if tokenizer != model_config.get("tokenizer", "linear"):
       raise ValueError(
           f"{self.where}: tokenizer differs: checkpoint {tokenizer!r} vs "
           f"config.model.tokenizer={model_config.get('tokenizer', 'linear')!r}. Set "
           f"--config.model.tokenizer={tokenizer} (what the encoder was trained with).")
-    posemb = self._field("posemb")
+    posemb = self.identity.posemb
     if posemb != model_config.posemb:
       raise ValueError(
           f"{self.where}: position embedding differs: checkpoint {posemb!r} vs "
@@ -140,7 +100,7 @@ class Pretrained:
 
   def check_image_shape(self, image_shape, posemb: str) -> None:
     """The data's [H, W, C] against the checkpoint's."""
-    saved = [int(x) for x in self._field("image_shape")]
+    saved = [int(x) for x in self.identity.image_shape]
     height, width, channels = (int(x) for x in image_shape)
     if saved[2] != channels:
       raise ValueError(
@@ -158,7 +118,7 @@ class Pretrained:
     """Compares the classifier's encoder parameters (a pure dict of shapes)
     with the checkpoint's. Returns (loaded, dropped) parameter names; raises
     naming every missing or mismatched one."""
-    wanted = _flat_shapes(encoder_abstract)
+    wanted = checkpoint_lib.flat_shapes(encoder_abstract)
     missing = sorted(set(wanted) - set(self.encoder_shapes))
     mismatched = sorted(k for k in set(wanted) & set(self.encoder_shapes)
                         if tuple(wanted[k]) != tuple(self.encoder_shapes[k]))
@@ -192,57 +152,33 @@ class Pretrained:
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         params["encoder"])
-    item = {"params": {"encoder": target}}
-    manager = checkpoint_reader(self.directory)
-    try:
-      restored = manager.restore(self.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-          partial_restore=True)))
-    finally:
-      manager.close()
-    return {**params, "encoder": restored.state["params"]["encoder"]}
-
-
-def checkpoint_reader(directory) -> ocp.CheckpointManager:
-  """A manager that only reads: the `state` item as a plain pytree (so part of
-  it can be restored without knowing the rest) and the JSON `metadata`."""
-  return ocp.CheckpointManager(
-      directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                "metadata": ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                           save_interval_steps=0))
-
-
-def _flat_shapes(tree) -> dict[str, tuple]:
-  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    restored = self.saved.restore({"params": {"encoder": target}})
+    return {**params, "encoder": restored["params"]["encoder"]}
 
 
 def open_checkpoint(init_from: str) -> Pretrained:
-  """Finds the checkpoint and reads its JSON metadata and parameter shapes."""
-  directory, step = locate(init_from)
+  """Finds the checkpoint and reads its identity and parameter shapes."""
+  directory, step = checkpoint_lib.locate(init_from)
   where = f"config.init_from={init_from!r} (checkpoint {directory / str(step)})"
-  manager = checkpoint_reader(directory)
   try:
-    try:
-      metadata = manager.restore(
-          step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
-      tree = manager.item_metadata(step)["state"]
-    except (FileNotFoundError, KeyError, ValueError) as e:
-      raise ValueError(f"{where} could not be read as a pixel_vit checkpoint "
-                       f"(items 'state' and 'metadata'): {e}") from e
-  finally:
-    manager.close()
-  tree = getattr(tree, "tree", tree)
+    saved = checkpoint_lib.open_saved(directory, step)
+  except (FileNotFoundError, KeyError, ValueError) as e:
+    raise ValueError(f"{where} could not be read as a pixel_vit checkpoint "
+                     f"(items 'state' and 'metadata'): {e}") from e
+  tree = saved.state_tree
   params = tree.get("params") if isinstance(tree, dict) else None
   if not isinstance(params, dict) or not isinstance(params.get("encoder"), dict):
     raise ValueError(
         f"{where}: its parameters have no 'encoder' "
         f"(top-level: {sorted(params) if isinstance(params, dict) else params!r}); "
         "init_from loads the encoder of an MAE or classification run.")
-  return Pretrained(init_from=init_from, directory=directory, step=step,
-                    metadata=dict(metadata or {}),
-                    encoder_shapes=_flat_shapes(params["encoder"]))
+  absent = checkpoint_lib.RunIdentity.missing(saved.metadata)
+  if absent:
+    raise ValueError(f"{where}: its metadata has no {absent[0]!r} "
+                     f"({sorted(saved.metadata)}); it was not written by a pixel_vit "
+                     "trainer that init_from can load.")
+  return Pretrained(init_from=init_from, saved=saved, identity=saved.identity(),
+                    encoder_shapes=checkpoint_lib.flat_shapes(params["encoder"]))
 
 
 def check_config(config) -> Pretrained | None:
@@ -264,7 +200,7 @@ def for_new_run(config, workdir: str) -> Pretrained | None:
   """The checkpoint a new run in `workdir` starts from (None when
   `config.init_from` is '' or the run resumes), checked against `config.model`."""
   init_from = config.get("init_from", "")
-  if not init_from or workdir_has_checkpoint(workdir):
+  if not init_from or checkpoint_lib.workdir_has_checkpoint(workdir):
     return None
   pretrained = open_checkpoint(init_from)
   pretrained.check_model(config.model)
@@ -272,8 +208,7 @@ def for_new_run(config, workdir: str) -> Pretrained | None:
 
 
 def describe(pretrained: Pretrained, dropped: list[str]) -> str:
-  meta = pretrained.metadata
-  text = (f"encoder initialised from {pretrained.directory / str(pretrained.step)} "
-          f"(task {meta.get('task')}, {meta.get('variant')}, posemb {meta.get('posemb')})")
+  identity = pretrained.identity
+  text = (f"encoder initialised from {pretrained.saved.path} "
+          f"(task {identity.task}, {identity.variant}, posemb {identity.posemb})")
   return text + (f"; dropped {', '.join(dropped)}" if dropped else "")
-

@@ -32,7 +32,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_mask as splash_mask)
 from jax.sharding import PartitionSpec
 
-from pixel_vit.models import ring_attention
+from pixel_vit import parallel
+from pixel_vit.models.attention import core
 
 # The kernel's tile sizes must divide the (padded) length and be multiples of
 # 128 (the TPU lane width); larger tiles are faster when padding allows.
@@ -63,8 +64,6 @@ def _kernel(length: int, heads: int, block: int, interpret: bool):
 
 
 def _make_kernel(length: int, heads: int, block: int, interpret: bool):
-  # Imported here: attention.py imports this module to register the backend.
-  from pixel_vit.models.attention import REMAT_SAVEABLE_NAMES
   mask = splash_mask.MultiHeadMask([splash_mask.FullMask((length, length))] * heads)
   sizes = splash_kernel.BlockSizes(
       block_q=block, block_kv=block, block_kv_compute=block,
@@ -74,7 +73,7 @@ def _make_kernel(length: int, heads: int, block: int, interpret: bool):
   # so the backward pass does not run the kernel's forward again.
   return splash_kernel.make_splash_mha(
       mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret,
-      residual_checkpoint_name=REMAT_SAVEABLE_NAMES[0])
+      residual_checkpoint_name=core.REMAT_SAVEABLE_NAMES[0])
 
 
 def _local_splash(q, k, v, kv_segments, *, interpret: bool):
@@ -100,18 +99,9 @@ def splash_attention(q, k, v, key_mask=None, *, interpret: bool | None = None):
   example's values, as `xla_attention`'s softmax over equal logits gives (the
   kernel itself needs one attended key per row).
   """
-  if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-    raise ValueError(f"splash attention takes q, k, v of one shape [batch, length, heads, "
-                     f"head_dim] (self-attention); got {q.shape}, {k.shape}, {v.shape}.")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"splash attention: q, k, v have dtypes {q.dtype}, {k.dtype}, "
-                     f"{v.dtype}; cast them to one dtype first.")
+  core.check_qkv("splash", q, k, v, self_attention=True)
+  key_mask = core.check_key_mask("splash", key_mask, k)
   batch, length = q.shape[:2]
-  if key_mask is not None:
-    key_mask = jnp.asarray(key_mask)
-    if key_mask.shape != (batch, length) or key_mask.dtype != jnp.bool_:
-      raise ValueError(f"splash attention: key_mask must be boolean [batch, key_length] = "
-                       f"{(batch, length)}; got {key_mask.dtype} {key_mask.shape}.")
   if interpret is None:
     interpret = jax.default_backend() != "tpu"
 
@@ -131,7 +121,7 @@ def splash_attention(q, k, v, key_mask=None, *, interpret: bool | None = None):
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:
     rules = flax_spmd.get_logical_axis_rules()
-    qkv_spec, mask_spec, _, _ = ring_attention.ring_layout(q.shape, mesh, rules)
+    qkv_spec, mask_spec, _, _ = parallel.ring_layout(q.shape, mesh, rules)
     # Whole sequences on each device: the length entry is dropped.
     qkv_spec = PartitionSpec(qkv_spec[0], None, qkv_spec[2], None)
     body = jax.shard_map(body, mesh=mesh, in_specs=(qkv_spec,) * 3 + (

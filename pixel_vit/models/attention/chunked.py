@@ -1,58 +1,19 @@
-"""Attention backends: the same multi-head attention computed different ways.
+"""`chunked`: blockwise online-softmax ("flash") attention with a custom VJP.
 
-Every backend takes q, k, v of shape [batch, length, heads, head_dim] and an
-optional boolean key mask [batch, key_length] (True = attend) and returns
-[batch, length, heads, head_dim]. They agree numerically; the model picks one
-by name from the config, so the choice is validated before anything compiles.
-
-`chunked` is blockwise online-softmax ("flash") attention with a custom VJP:
-it never holds a [length, length] array, so its memory grows linearly with
+It never holds a [length, length] array, so its memory grows linearly with
 the sequence length (pixel tokens: 1,025 for 32x32, 16,384 for 128x128).
-`ring` (ring_attention.py) splits the tokens over the `seq` mesh axis;
-`splash` (splash_attention.py) is the TPU Pallas flash kernel; `auto` picks
-one of them per call from the platform, the length and the mesh
-(`choose_backend`).
+Queries and keys may differ in length (cross-attention).
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from flax.core import spmd as flax_spmd
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from pixel_vit.models import online_softmax, ring_attention, splash_attention
-
-AttentionFn = Callable[..., jax.Array]
-
-# What `chunked` names for remat policies: its output and per-row log-sum-exp,
-# O(length) each; keeping them saves re-running its forward pass. `splash`
-# names both with the first.
-REMAT_SAVEABLE_NAMES = ("attention_out", "attention_lse")
-
-
-def xla_attention(q, k, v, key_mask=None):
-  """Plain einsum + softmax; softmax in float32 whatever the compute dtype."""
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k).astype(jnp.float32)
-  if key_mask is not None:
-    logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-
-
-def dot_product_attention(q, k, v, key_mask=None):
-  """`jax.nn.dot_product_attention`: cuDNN flash attention on GPU when it applies."""
-  mask = None if key_mask is None else key_mask[:, None, None, :]
-  return jax.nn.dot_product_attention(q, k, v, mask=mask)
-
-
-# ---------------------------------------------------------------------------
-# chunked: blockwise online-softmax attention with a custom VJP.
-# ---------------------------------------------------------------------------
+from pixel_vit.models.attention import core
 
 # Default block sizes of `chunked` (upper bounds, see `_blocking`), measured
 # with benchmarks/attention.py on the 2-core AVX-512 CPU, Ti heads (3 x 64).
@@ -172,14 +133,15 @@ def _forward_group(q, k, v, key_mask, query_block, key_block):
   def one_query_block(q_block):
     def one_key_block(stats, xs):
       k_block, v_block, block_fill = xs
-      return online_softmax.merge(stats, _block_logits(q_block, k_block, block_fill),
-                                  v_block), None
+      logits = _block_logits(q_block, k_block, block_fill)
+      return core.online_softmax_merge(stats, logits, v_block), None
 
-    stats, _ = lax.scan(one_key_block, online_softmax.initial(batch, heads, q_size, dim),
+    stats, _ = lax.scan(one_key_block,
+                        core.online_softmax_initial(batch, heads, q_size, dim),
                         (k_blocks, v_blocks, key_fill))
     # Fully masked rows have a max of 0 (their fill); padded query rows are
     # dropped by _from_blocks.
-    out, lse = online_softmax.finish(stats)
+    out, lse = core.online_softmax_finish(stats)
     return out.astype(q.dtype), lse
 
   out_blocks, lse = lax.map(one_query_block, q_blocks)
@@ -195,7 +157,8 @@ def _chunked_fwd(q, k, v, key_mask, query_block, key_block, batch_block):
   out, lse = _chunked_forward(q, k, v, key_mask, query_block, key_block, batch_block)
   # Named so a remat policy can keep them (vit.REMAT_POLICIES['dots']): then
   # the backward pass does not run the attention forward again.
-  out, lse = (checkpoint_name(x, name) for x, name in zip((out, lse), REMAT_SAVEABLE_NAMES))
+  out, lse = (checkpoint_name(x, name)
+              for x, name in zip((out, lse), core.REMAT_SAVEABLE_NAMES))
   # O(length) residuals: the inputs, the output and one float per query row.
   # The probabilities are recomputed block by block in the backward pass.
   return out, (q, k, v, key_mask, out, lse)
@@ -287,18 +250,7 @@ def chunked_attention(q, k, v, key_mask=None, *, query_block: int = QUERY_BLOCK,
   example's values, as the softmax over equal finfo.min logits gives, and the
   gradients w.r.t. q and k are zero. Works under jit, grad, remat and scan.
   """
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"chunked attention takes q, k, v of shape [batch, length, heads, "
-                     f"head_dim]; got {q.shape}, {k.shape}, {v.shape}.")
-  if (k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]):
-    raise ValueError(f"chunked attention: q {q.shape}, k {k.shape} and v {v.shape} must "
-                     "share batch, heads and head_dim, and k and v their length.")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"chunked attention: q, k, v have dtypes {q.dtype}, {k.dtype}, "
-                     f"{v.dtype}; cast them to one dtype first.")
-  if q.shape[1] < 1 or k.shape[1] < 1:
-    raise ValueError(f"chunked attention needs at least one query and one key; got "
-                     f"q {q.shape}, k {k.shape}.")
+  core.check_qkv("chunked", q, k, v, self_attention=False)
   for name, block, default in (("query_block", query_block, QUERY_BLOCK),
                                ("key_block", key_block, KEY_BLOCK),
                                ("batch_block", batch_block, None)):
@@ -307,85 +259,9 @@ def chunked_attention(q, k, v, key_mask=None, *, query_block: int = QUERY_BLOCK,
     if not isinstance(block, int) or isinstance(block, bool) or block < 1:
       raise ValueError(f"chunked attention: {name}={block!r} must be a positive integer "
                        f"(default {default}).")
-  if key_mask is not None:
-    key_mask = jnp.asarray(key_mask)
-    if key_mask.shape != (k.shape[0], k.shape[1]) or key_mask.dtype != jnp.bool_:
-      raise ValueError(f"chunked attention: key_mask must be boolean [batch, key_length] "
-                       f"= {(k.shape[0], k.shape[1])}; got {key_mask.dtype} "
-                       f"{key_mask.shape}.")
+  key_mask = core.check_key_mask("chunked", key_mask, k)
   batch, heads = q.shape[0], q.shape[2]
   if batch_block is None:
     scores = heads * _blocking(q.shape[1], query_block)[0] * _blocking(k.shape[1], key_block)[0]
     batch_block = BLOCK_SCORES // scores
   return _chunked(q, k, v, key_mask, query_block, key_block, _batch_group(batch, batch_block))
-
-
-# ---------------------------------------------------------------------------
-# auto: the backend for the platform, the sequence length and the mesh.
-# ---------------------------------------------------------------------------
-
-# `chunked` is used from this many keys on, `xla` below. Measured on the
-# 2-core CPU (benchmarks/attention.py, fwd+bwd, 3 heads x 64, ~64K tokens a
-# batch): chunked vs xla 0.90x at 65 tokens, 1.31x at 129, 1.90x at 257.
-CHUNKED_FROM_LENGTH = 128
-_HALF_PRECISION = (jnp.bfloat16, jnp.float16)
-
-
-def choose_backend(*, platform: str, length: int, dtype, seq_shards: int = 1,
-                   self_attention: bool = True) -> str:
-  """The backend `auto` runs: a pure function of what it depends on.
-
-  - keys other than the queries (cross-attention): `chunked` or `xla` by
-    length (`ring` and `splash` take self-attention only);
-  - tokens split over a `seq` mesh axis: `ring` (every other backend would
-    gather the whole sequence onto each device);
-  - TPU: `splash`, the Pallas flash kernel;
-  - GPU in bfloat16 / float16: `dot_product` (cuDNN flash attention);
-  - otherwise `chunked` from CHUNKED_FROM_LENGTH keys on (flash-style,
-    memory linear in length), `xla` for shorter sequences.
-  """
-  by_length = "chunked" if length >= CHUNKED_FROM_LENGTH else "xla"
-  if not self_attention:
-    return by_length
-  if seq_shards > 1:
-    return "ring"
-  if platform == "tpu":
-    return "splash"
-  if platform in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in map(jnp.dtype, _HALF_PRECISION):
-    return "dot_product"
-  return by_length
-
-
-def _seq_shards(q_shape) -> int:
-  """How many devices the active mesh splits the token axis over (1 without a mesh)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1
-  return ring_attention.ring_layout(q_shape, mesh, flax_spmd.get_logical_axis_rules())[3]
-
-
-def auto_attention(q, k, v, key_mask=None):
-  """Runs `choose_backend(...)`'s pick for these shapes, the platform and the mesh."""
-  self_attention = k.shape == q.shape
-  name = choose_backend(platform=jax.default_backend(), length=k.shape[1], dtype=q.dtype,
-                        seq_shards=_seq_shards(q.shape) if self_attention else 1,
-                        self_attention=self_attention)
-  return BACKENDS[name](q, k, v, key_mask)
-
-
-BACKENDS: dict[str, AttentionFn] = {
-    "xla": xla_attention,
-    "dot_product": dot_product_attention,
-    "chunked": chunked_attention,
-    "ring": ring_attention.ring_attention,
-    "splash": splash_attention.splash_attention,
-    "auto": auto_attention,
-}
-
-
-def get_backend(name: str) -> AttentionFn:
-  if name not in BACKENDS:
-    raise ValueError(
-        f"config.model.attention={name!r} is not an attention backend; "
-        f"choose one of {sorted(BACKENDS)}.")
-  return BACKENDS[name]

@@ -1,11 +1,12 @@
 r"""Encodes an image dataset into VAE latents once, for the latent diffusion study.
 
-  python -m pixel_vit.data.encode_latents \
+  python -m pixel_vit.encode_latents \
       --vae=/models/sd-vae-ft-ema --source=tfds:imagenet2012 --image_size=256 \
       --splits=train,validation --load_chunks=64 \
       --out=/data/imagenet256_latents_{split}.npz
 
-Every split becomes one .npz with exactly these arrays:
+Every split becomes one .npz with exactly these arrays (`sources.write_latents`,
+read back by the `npz:` source):
   latents       float32 [N, H/8, W/8, latent_channels], already multiplied by
                 the VAE's scaling factor (what the diffusion model trains on)
   labels        int32 [N], in the source's order
@@ -135,16 +136,6 @@ def _progress(split: str, done: int, total: int, start: float) -> None:
         f"ETA {eta_text}", flush=True)
 
 
-def _write_npz(path: str, arrays: dict) -> None:
-  """Writes to a temporary file first, so a crash never leaves a truncated .npz behind."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  temporary = path + ".tmp"
-  with open(temporary, "wb") as f:  # a file object keeps np.savez from appending '.npz'
-    np.savez(f, **arrays)
-  os.replace(temporary, path)
-
-
 def encode_split(encoder_for, source: sources.Source, split: str, *, image_size: int,
                  batch_size: int, load_chunks: int,
                  latent_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -225,9 +216,8 @@ def encode_dataset(*, vae_path: str, source: str, splits: list[str], out: str,
     latents, labels = encode_split(
         encoder_for, image_source, split, image_size=image_size, batch_size=batch_size,
         load_chunks=load_chunks, latent_shape=(side, side, config.latent_channels))
-    _write_npz(path, dict(latents=latents, labels=labels,
-                          latent_scale=np.float32(config.scaling_factor),
-                          vae_weights=np.str_(os.path.basename(weights_path))))
+    sources.write_latents(path, latents, labels, latent_scale=config.scaling_factor,
+                          vae_weights=os.path.basename(weights_path))
     print(f"[encode_latents] wrote {path}: latents {latents.shape}", flush=True)
   return paths
 

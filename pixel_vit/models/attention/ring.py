@@ -10,7 +10,7 @@ softmax (running max, sum and weighted-value accumulator, all float32) has
 merged their contributions. No device ever holds the whole sequence's keys or
 a [length, length] score matrix: per device the scores are [length/seq]^2.
 
-The backend has the signature of the others in `attention.py` (q, k, v
+The backend has the signature of the others in `attention/` (q, k, v
 [batch, length, heads, head_dim], optional boolean key_mask [batch,
 key_length]) and reads the mesh and the logical-axis rules that
 `parallel.activate` put in effect, so the model code does not change:
@@ -18,7 +18,8 @@ key_length]) and reads the mesh and the logical-axis rules that
 
 - Batch and heads are split as the rules say too (`batch` -> data, fsdp;
   `heads` -> tensor); a dimension that its mesh axes do not divide is left
-  whole on each device (correct, only less parallel).
+  whole on each device (correct, only less parallel); the layout is
+  `parallel.ring_layout`.
 - A length that `seq` does not divide (the encoder's [CLS] makes it N + 1;
   the MAE encoder sees the visible tokens + [CLS]) is padded inside to the
   next multiple: padded keys are never attended, padded queries are dropped.
@@ -33,58 +34,14 @@ running statistics (O(length) per device), recomputing the block scores.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from flax.core import spmd as flax_spmd
 from jax import lax
-from jax.sharding import PartitionSpec
 
 from pixel_vit import parallel
-from pixel_vit.models import online_softmax
-
-# Logical axes of q / k / v (as MultiHeadAttention constrains them) and of the mask.
-QKV_AXES = ("batch", "length", "heads", "kv")
-MASK_AXES = ("batch", "length")
-
-
-def _axis_names(entry) -> tuple[str, ...]:
-  """A PartitionSpec entry (None, 'seq' or ('data', 'fsdp')) as a tuple of names."""
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
-
-
-def _axes_size(mesh, names: tuple[str, ...]) -> int:
-  return math.prod(mesh.shape[name] for name in names)
-
-
-def _spec_entry(names: tuple[str, ...]):
-  if not names:
-    return None
-  return names[0] if len(names) == 1 else names
-
-
-def ring_layout(q_shape, mesh, rules):
-  """(qkv spec, mask spec, ring axes, ring size) for the active mesh and rules.
-
-  The specs come from the logical rules; the batch and heads entries are
-  dropped where their mesh axes do not divide the dimension (shard_map needs
-  even blocks; GSPMD reshards to the replicated layout on the way in).
-  """
-  spec = tuple(parallel.logical_to_spec(QKV_AXES, rules))
-  spec = spec + (None,) * (len(QKV_AXES) - len(spec))
-  batch, heads = _axis_names(spec[0]), _axis_names(spec[2])
-  ring = _axis_names(spec[1])
-  if q_shape[0] % _axes_size(mesh, batch):
-    batch = ()
-  if q_shape[2] % _axes_size(mesh, heads):
-    heads = ()
-  qkv_spec = PartitionSpec(_spec_entry(batch), _spec_entry(ring), _spec_entry(heads),
-                           _spec_entry(_axis_names(spec[3])))
-  mask_spec = PartitionSpec(_spec_entry(batch), _spec_entry(ring))
-  return qkv_spec, mask_spec, ring, _axes_size(mesh, ring)
+from pixel_vit.models.attention import core
 
 
 def _ring_body(q, k, v, keep, fill, *, ring: tuple[str, ...], ring_size: int):
@@ -108,7 +65,7 @@ def _ring_body(q, k, v, keep, fill, *, ring: tuple[str, ...], ring_size: int):
   def merge_block(stats, k, v, keep, fill):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = jnp.where(keep[:, None, None, :], logits, fill[:, None, None, :])
-    return online_softmax.merge(stats, logits, v, values_layout="bkhd")
+    return core.online_softmax_merge(stats, logits, v, values_layout="bkhd")
 
   def step(carry, _):
     stats, blocks = carry
@@ -118,7 +75,7 @@ def _ring_body(q, k, v, keep, fill, *, ring: tuple[str, ...], ring_size: int):
 
   # Masked keys carry finfo.min (a row with all keys masked: uniform over the
   # real keys, as xla_attention), padded keys -inf (never attended).
-  stats = online_softmax.initial(batch, heads, length, dim)
+  stats = core.online_softmax_initial(batch, heads, length, dim)
   # Under shard_map the statistics vary across devices like the blocks do;
   # constants must say so before they can be a scan carry.
   varying = set().union(*(jax.typeof(x).manual_axis_type.varying
@@ -129,7 +86,7 @@ def _ring_body(q, k, v, keep, fill, *, ring: tuple[str, ...], ring_size: int):
   blocks = (k, v, keep, fill)
   # ring_size - 1 steps that pass the blocks on, then the last block in place.
   (stats, blocks), _ = lax.scan(step, (stats, blocks), None, length=ring_size - 1)
-  out, _ = online_softmax.finish(merge_block(stats, *blocks))
+  out, _ = core.online_softmax_finish(merge_block(stats, *blocks))
   return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
@@ -143,34 +100,22 @@ def ring_attention(q, k, v, key_mask=None):
   `xla_attention`. Matches `xla_attention` in float32 to rounding, including
   gradients and examples whose keys are all masked.
   """
-  if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-    raise ValueError(f"ring attention takes q, k, v of one shape [batch, length, heads, "
-                     f"head_dim] (self-attention); got {q.shape}, {k.shape}, {v.shape}.")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"ring attention: q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; "
-                     "cast them to one dtype first.")
-  if key_mask is not None:
-    key_mask = jnp.asarray(key_mask)
-    if key_mask.shape != q.shape[:2] or key_mask.dtype != jnp.bool_:
-      raise ValueError(f"ring attention: key_mask must be boolean [batch, key_length] = "
-                       f"{q.shape[:2]}; got {key_mask.dtype} {key_mask.shape}.")
-
-  # Imported here: attention.py imports this module to register the backend.
-  from pixel_vit.models.attention import xla_attention
+  core.check_qkv("ring", q, k, v, self_attention=True)
+  key_mask = core.check_key_mask("ring", key_mask, k)
 
   mesh = jax.sharding.get_abstract_mesh()
   rules = flax_spmd.get_logical_axis_rules()
   if mesh.empty:
-    return xla_attention(q, k, v, key_mask)
-  unknown = [name for entry in parallel.logical_to_spec(QKV_AXES, rules)
-             for name in _axis_names(entry) if name not in mesh.shape]
+    return core.xla_attention(q, k, v, key_mask)
+  unknown = [name for entry in parallel.logical_to_spec(parallel.QKV_AXES, rules)
+             for name in parallel.spec_entry_axes(entry) if name not in mesh.shape]
   if unknown:
     raise ValueError(f"ring attention: the logical-axis rules map q / k / v to mesh axes "
                      f"{unknown} that the active mesh {dict(mesh.shape)} lacks; use "
                      "parallel.activate(mesh, config.sharding_rules).")
-  qkv_spec, mask_spec, ring, ring_size = ring_layout(q.shape, mesh, rules)
+  qkv_spec, mask_spec, ring, ring_size = parallel.ring_layout(q.shape, mesh, rules)
   if ring_size == 1:
-    return xla_attention(q, k, v, key_mask)
+    return core.xla_attention(q, k, v, key_mask)
 
   batch, length = q.shape[:2]
   padded = -(-length // ring_size) * ring_size
