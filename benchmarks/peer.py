@@ -133,8 +133,6 @@ def torch_vit(variant: str, *, image_size: int, channels: int, num_classes: int,
   from torch import nn
   from torch.nn import functional as F
 
-  from pixel_vit.models import vit
-
   size, patch = vit.parse_variant(variant)
   width, heads = size.width, size.heads
   if image_size % patch:
@@ -252,20 +250,15 @@ def _host_batch(w: dict) -> dict:
 
 def task_config(task: str, w: dict, args: argparse.Namespace):
   """The task's config file with this workload's overrides, validated as the trainer does."""
-  config = throughput._load_config(os.path.join(REPO_ROOT, "configs", CONFIG_FILES[task]))
-  config.model.variant = w["variant"]
-  config.model.dtype = w["dtype"]
-  for key in ("remat", "scan", "attention"):
-    if getattr(args, key) is not None:
-      config.model[key] = getattr(args, key)
-  config.batch_size = w["batch"]
-  config.data.image_size = w["image_size"]
-  config.total_steps = 10_000  # only shapes the lr schedule
-  if args.augment == "none":
+  config = throughput.benchmark_config(
+      os.path.join(REPO_ROOT, "configs", CONFIG_FILES[task]), variant=w["variant"],
+      batch=w["batch"], image_size=w["image_size"],
+      model_overrides=dict(dtype=w["dtype"], remat=args.remat, scan=args.scan,
+                           attention=args.attention),
+      validate=trainer(task).validate)
+  if args.augment == "none":  # valid values: the trainer's check above still holds
     config.augment.update(dict(crop=False, flip=False, randaugment_ops=0, erase_prob=0.0,
                                mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0))
-  trainer(task).validate(config)
-  vit.validate_image_size(config.model, w["image_size"])
   return config
 
 
@@ -282,7 +275,6 @@ def jax_side(task: str, w: dict, args: argparse.Namespace) -> types.SimpleNamesp
 
   from pixel_vit import parallel
   from pixel_vit.models import mae as mae_model
-  from pixel_vit.models import vit
 
   config = task_config(task, w, args)
   module = trainer(task)
@@ -324,9 +316,7 @@ def jax_side(task: str, w: dict, args: argparse.Namespace) -> types.SimpleNamesp
   else:
     tokens = str(patches)
   model = config.model
-  if remat != model.remat:
-    remat = f"auto: {remat}"
-  setting = (f"remat={remat}, scan={str(model.scan).lower()}, "
+  setting = (f"remat={throughput.remat_label(config, remat)}, scan={str(model.scan).lower()}, "
              f"attention={model.attention}, augment={args.augment}")
   return types.SimpleNamespace(
       name="pixel_vit" if task == "classification" else f"pixel_vit {TASK_NAMES[task]}",

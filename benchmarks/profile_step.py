@@ -126,6 +126,14 @@ def _has_dot(computation: str | None, by_computation: dict) -> bool:
 _ATTENTION_SOURCES = ("__init__", "core", "chunked", "dot_product")
 
 
+def group_by_computation(instructions: dict) -> dict:
+  """{computation name: [its instructions' infos]}, what `categorise` looks into."""
+  by_computation = collections.defaultdict(list)
+  for info in instructions.values():
+    by_computation[info["computation"]].append(info)
+  return by_computation
+
+
 def categorise(name: str, instructions: dict, by_computation: dict) -> str:
   info = instructions.get(name)
   if info is None:
@@ -164,9 +172,7 @@ def breakdown(trace_dir: str, hlo_text: str) -> dict:
   from jax._src.profiler import ProfileData
   instructions = parse_hlo(hlo_text)
   module = module_name(hlo_text)
-  by_computation = collections.defaultdict(list)
-  for info in instructions.values():
-    by_computation[info["computation"]].append(info)
+  by_computation = group_by_computation(instructions)
   paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
   if not paths:
     raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
@@ -181,6 +187,8 @@ def breakdown(trace_dir: str, hlo_text: str) -> dict:
             continue
           if instructions.get(op, {}).get("opcode") not in _CONTAINERS:
             ops[op] += event.duration_ns / 1e9
+  if not ops:  # e.g. the module name in the trace is not the compiled one's
+    raise RuntimeError(f"the trace under {trace_dir} has no events of HLO module {module!r}")
   totals = collections.Counter()
   for op, seconds in ops.items():  # categorised once per instruction, not per event
     totals[categorise(op, instructions, by_computation)] += seconds

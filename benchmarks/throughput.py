@@ -111,6 +111,11 @@ def analytic_flops(variant: str, image_size: int, channels: int, num_classes: in
               executed_train=3 * forward + recompute)
 
 
+def remat_label(config, resolved: str) -> str:
+  """How a result table shows the remat that ran: 'auto: dots' when `auto` chose it."""
+  return resolved if resolved == config.model.remat else f"auto: {resolved}"
+
+
 def resolved_remat(config, image_size: int, batch: int) -> str:
   """The classifier's remat policy, with `auto` resolved as its blocks will
   resolve it (`vit.auto_remat`) on this machine's devices and mesh."""
@@ -228,6 +233,24 @@ def _load_config(spec: str):
   return module.get_config(arg or None)
 
 
+def benchmark_config(spec: str, *, variant: str, batch: int, image_size: int,
+                     model_overrides: dict, validate):
+  """The config file `spec` set up for one benchmark workload: variant, batch,
+  image size and `model_overrides` (None: the config's own), validated by
+  `validate` (the task's trainer) as a run would be, before anything compiles."""
+  config = _load_config(spec)
+  config.model.variant = variant
+  for key, value in model_overrides.items():
+    if value is not None:
+      config.model[key] = value
+  config.batch_size = batch
+  config.data.image_size = image_size
+  config.total_steps = 10_000  # only shapes the lr schedule
+  validate(config)
+  vit.validate_image_size(config.model, image_size)
+  return config
+
+
 def matmul_peak_gflops(size: int, repeats: int) -> float:
   """Best float32 `jnp.matmul` GFLOP/s of a size x size product on this machine."""
   import jax
@@ -340,16 +363,10 @@ def run_child(args: argparse.Namespace) -> dict:
   from pixel_vit import parallel
   from pixel_vit.trainers import classification
 
-  config = _load_config(args.config)
-  config.model.variant = args.variant
-  for key in ("remat", "scan", "attention", "dtype"):
-    if getattr(args, key) is not None:
-      config.model[key] = getattr(args, key)
-  config.batch_size = args.batch
-  config.data.image_size = args.image_size
-  config.total_steps = 10_000  # only shapes the lr schedule
-  classification.validate(config)
-  vit.validate_image_size(config.model, args.image_size)
+  config = benchmark_config(
+      args.config, variant=args.variant, batch=args.batch, image_size=args.image_size,
+      model_overrides={key: getattr(args, key) for key in ("remat", "scan", "attention", "dtype")},
+      validate=classification.validate)
 
   num_classes = args.num_classes
 
@@ -416,7 +433,7 @@ def run_child(args: argparse.Namespace) -> dict:
   return dict(
       variant=args.variant, image_size=args.image_size, channels=args.channels,
       batch=args.batch, tokens=flops["tokens"],
-      remat=remat if remat == config.model.remat else f"auto: {remat}",
+      remat=remat_label(config, remat),
       scan=bool(config.model.scan), attention=config.model.attention,
       dtype=config.model.dtype, params=num_params,
       step_times_s=times, step_s=step_s, images_per_s=args.batch / step_s,

@@ -96,15 +96,11 @@ class RunIdentity:
             if (value := getattr(self, f.name)) is not None}
 
   @classmethod
-  def missing(cls, metadata: dict) -> list[str]:
-    """The required fields `metadata` lacks, in field order."""
-    return [name for name in cls.REQUIRED if name not in metadata]
-
-  @classmethod
   def from_json(cls, metadata: dict) -> "RunIdentity":
     """A checkpoint's `metadata` item; unknown keys are ignored, a missing
-    required field is a ValueError naming it (see `missing`)."""
-    absent = cls.missing(metadata)
+    required field is a ValueError naming the first one (for the reader to
+    prefix with where it looked)."""
+    absent = [name for name in cls.REQUIRED if name not in metadata]
     if absent:
       raise ValueError(f"its metadata has no {absent[0]!r} ({sorted(metadata)})")
     known = {f.name for f in dataclasses.fields(cls)}
@@ -354,7 +350,7 @@ class Checkpointer:
 
 def workdir_has_checkpoint(workdir: str) -> bool:
   """Whether `workdir` holds a finished checkpoint (a run there would resume)."""
-  return bool(ocp.utils.checkpoint_steps(os.path.join(workdir, "checkpoints")))
+  return bool(ocp.utils.checkpoint_steps(checkpoint_directory(workdir)))
 
 
 def _steps(directory: epath.Path) -> list[int]:

@@ -55,8 +55,7 @@ def sample_and_evaluate(config, workdir: str, *, num_samples: int, out: str = ""
   state = run.state
   params = state.ema_params if state.ema_params is not None else state.params
   step = run.start_step
-  generator = diffusion.run_generator(config, run, plan.train_split,
-                                      cfg_scale=config.sample.cfg_scale)
+  generator = diffusion.run_generator(run, cfg_scale=config.sample.cfg_scale)
   name = (f"{config.sample.sampler}{config.sample.steps}_cfg{config.sample.cfg_scale:g}"
           f"_step{step}_n{num_samples}")
   out = out or os.path.join(workdir, "samples", name)

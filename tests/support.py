@@ -22,6 +22,7 @@ NUM_DEVICES = 8  # fake CPU devices every test session runs with (conftest.py)
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 CLS_PIXEL_PATH = REPO_ROOT / "configs" / "cls_pixel.py"
 MAE_PIXEL_PATH = REPO_ROOT / "configs" / "mae_pixel.py"
+DIT_PIXEL_PATH = REPO_ROOT / "configs" / "dit_pixel.py"
 
 # A trainer run that costs seconds: the quick config (mu/1 on 8x8 digits),
 # shortened. Dotted keys, applied with `set_dotted`.
@@ -38,6 +39,13 @@ TINY_RUN = {
 # A short MAE run: configs/mae_pixel.py:quick (mu/1 on 8x8 digits, a 64-wide
 # 2-deep decoder), shortened. Dotted keys, applied with `set_dotted`.
 MAE_TINY_RUN = {**TINY_RUN, "eval_batch_size": 40}
+
+# configs/dit_pixel.py:quick (mu/1 DiT on 8x8 digits), shortened.
+DIT_TINY_RUN = {
+    "total_steps": 6, "batch_size": 32, "eval_batch_size": 40, "eval_every": 3,
+    "checkpoint_every": 3, "log_every": 2, "optimizer.warmup_steps": 2,
+    "sample.steps": "8", "sample.grid_columns": 2, "fid.batch_size": 40,
+}
 
 
 # ---------------------------------------------------------------- configs

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from support import (REPO_ROOT, assert_trees_equal, load_config_module, read_metrics,
-                     set_dotted, snapshot, train_losses)
+from support import (CLS_PIXEL_PATH, DIT_PIXEL_PATH, DIT_TINY_RUN, assert_trees_equal,
+                     load_config_module, read_metrics, set_dotted, snapshot, train_losses)
 from pixel_vit import sample as sample_lib
 from pixel_vit.data import sources
 from pixel_vit.diffusion import sampling
@@ -21,15 +21,6 @@ from pixel_vit.evaluation import sample_quality
 from pixel_vit.models import dit, vit
 from pixel_vit.trainers import diffusion as diffusion_trainer
 from pixel_vit.trainers import loop
-
-DIT_PIXEL_PATH = REPO_ROOT / "configs" / "dit_pixel.py"
-
-# configs/dit_pixel.py:quick (mu/1 DiT on 8x8 digits), shortened.
-DIT_TINY_RUN = {
-    "total_steps": 6, "batch_size": 32, "eval_batch_size": 40, "eval_every": 3,
-    "checkpoint_every": 3, "log_every": 2, "optimizer.warmup_steps": 2,
-    "sample.steps": "8", "sample.grid_columns": 2, "fid.batch_size": 40,
-}
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +189,7 @@ def test_float_images_are_not_taken_for_latents(tmp_path):
 def test_classifier_refuses_latent_data(tmp_path, dit_pixel):
   write_latents(tmp_path / "lat_train.npz")
   write_latents(tmp_path / "lat_test.npz", n=12, seed=1)
-  cls = load_config_module(REPO_ROOT / "configs" / "cls_pixel.py").get_config("quick")
+  cls = load_config_module(CLS_PIXEL_PATH).get_config("quick")
   cls.data.source = f"npz:{tmp_path}/lat_{{split}}.npz"
   with pytest.raises(ValueError, match="holds VAE latents, which only the diffusion task"):
     loop.load_splits(cls)
@@ -232,7 +223,7 @@ def test_diffusion_trains_on_latents_and_decodes_grids_with_the_vae(tmp_path, di
 
   plan = loop.plan(config, diffusion_trainer.make_model_fn)
   run = loop.start(config, workdir, plan, read_only=True)
-  generator = diffusion_trainer.run_generator(config, run, plan.train_split, cfg_scale=1.0)
+  generator = diffusion_trainer.run_generator(run, cfg_scale=1.0)
   latents = generator._sample(run.state.ema_params, jnp.zeros(8, jnp.int32),
                               jax.random.PRNGKey(0))
   run.checkpointer.close()
@@ -275,8 +266,7 @@ def test_grid_uses_fixed_noise_and_labels(learning_run):
   config, workdir, state, _ = learning_run
   plan = loop.plan(config, diffusion_trainer.make_model_fn)
   run = loop.start(config, workdir, plan, read_only=True)
-  generator = diffusion_trainer.run_generator(config, run, plan.train_split,
-                                              cfg_scale=config.sample.grid_cfg_scale)
+  generator = diffusion_trainer.run_generator(run, cfg_scale=config.sample.grid_cfg_scale)
   first = sample_quality.sample_grid(config, generator, run.state.ema_params)
   second = sample_quality.sample_grid(config, generator, run.state.ema_params)
   run.checkpointer.close()

@@ -122,7 +122,7 @@ def imports_of(name: str, path: pathlib.Path, modules: dict, root: pathlib.Path)
 
 
 def import_graph(package_dir: pathlib.Path) -> tuple[dict, list[Import]]:
-  """(modules, every package-internal import, in file and line order)."""
+  """(modules, every package-internal import)."""
   modules = module_files(package_dir)
   edges = []
   for name, path in modules.items():
@@ -135,12 +135,11 @@ def layer_of(module: str, layer_map: dict) -> str | None:
   return layer_map.get(relative.split(".")[0])
 
 
-def layer_violations(modules: dict, edges: list[Import], *, layer_map=None,
-                     allowed=None) -> list[str]:
+def layer_violations(modules: dict, edges: list[Import], *, layer_map=None) -> list[str]:
   """One line per import that runs upward or sideways between layers, or per
   module that is in no layer."""
   layer_map = LAYER_OF if layer_map is None else layer_map
-  allowed = ALLOWED_IMPORTS if allowed is None else allowed
+  allowed = ALLOWED_IMPORTS
   problems = [f"{module} ({path.name}) is in no layer: add its name to LAYER_OF"
               for module, path in modules.items() if layer_of(module, layer_map) is None]
   for edge in edges:
@@ -154,48 +153,14 @@ def layer_violations(modules: dict, edges: list[Import], *, layer_map=None,
 
 
 def import_cycles(edges: list[Import]) -> list[list[Import]]:
-  """Import cycles, each as its imports in order: for every group of modules
-  that import each other (a strongly connected component), the shortest
-  cycles through its modules until each module is on one."""
+  """Import cycles, each as its imports in order: the shortest cycle through
+  each module that is on one and on no cycle reported before it."""
   graph = {}
   for edge in edges:
     if edge.importer != edge.imported:
       graph.setdefault(edge.importer, {}).setdefault(edge.imported, edge)
-  # Tarjan's strongly connected components (iterative).
-  index, low, on_stack, stack, components = {}, {}, set(), [], []
-  for start in sorted(graph):
-    if start in index:
-      continue
-    work = [(start, iter(sorted(graph.get(start, {}))))]
-    index[start] = low[start] = len(index)
-    stack.append(start)
-    on_stack.add(start)
-    while work:
-      node, children = work[-1]
-      child = next(children, None)
-      if child is not None:
-        if child not in index:
-          index[child] = low[child] = len(index)
-          stack.append(child)
-          on_stack.add(child)
-          work.append((child, iter(sorted(graph.get(child, {})))))
-        elif child in on_stack:
-          low[node] = min(low[node], index[child])
-        continue
-      work.pop()
-      if work:
-        low[work[-1][0]] = min(low[work[-1][0]], low[node])
-      if low[node] == index[node]:
-        component = set()
-        while True:
-          member = stack.pop()
-          on_stack.discard(member)
-          component.add(member)
-          if member == node:
-            break
-        if len(component) > 1:
-          components.append(component)
-  def shortest_cycle(first, component):
+
+  def shortest_cycle(first):  # breadth first: the shortest path back to `first`
     paths = {first: []}
     queue = [first]
     while queue:
@@ -203,19 +168,17 @@ def import_cycles(edges: list[Import]) -> list[list[Import]]:
       for child, edge in sorted(graph.get(node, {}).items()):
         if child == first:
           return paths[node] + [edge]
-        if child in component and child not in paths:
+        if child not in paths:
           paths[child] = paths[node] + [edge]
           queue.append(child)
-    raise AssertionError(f"{first} is on no cycle of its component")
+    return None
 
-  cycles = []
-  for component in components:  # cycles until every module of the group is on one
-    covered = set()
-    for module in sorted(component):
-      if module not in covered:
-        cycles.append(shortest_cycle(module, component))
-        covered.update(edge.importer for edge in cycles[-1])
-  return sorted(cycles, key=lambda c: c[0].importer)
+  cycles, covered = [], set()
+  for module in sorted(graph):
+    if module not in covered and (cycle := shortest_cycle(module)):
+      cycles.append(cycle)
+      covered.update(edge.importer for edge in cycle)
+  return cycles
 
 
 def describe_cycle(cycle: list[Import]) -> str:

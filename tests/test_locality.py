@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from support import REPO_ROOT, load_config_module
+from support import DIT_PIXEL_PATH, REPO_ROOT, load_config_module
 from pixel_vit import configuration
 from pixel_vit.data import locality, pipeline
 from pixel_vit.diffusion import generation
@@ -101,7 +101,7 @@ def test_config_arguments_set_the_ablations(cls_pixel):
   assert cls_pixel.get_config("").model.posemb == "learn"
   with pytest.raises(ValueError, match="swaps='many' is not a int"):
     cls_pixel.get_config("swaps=many")
-  dit = load_config_module(REPO_ROOT / "configs" / "dit_pixel.py")
+  dit = load_config_module(DIT_PIXEL_PATH)
   assert dit.get_config("quick,swaps=7").data.permute_pixels.swaps == 7
   with pytest.raises(ValueError, match="tokenizer='vocab': this task's model has no pixel"):
     dit.get_config("quick,tokenizer=vocab")
@@ -165,7 +165,7 @@ def test_diffusion_samples_are_put_back_in_image_order():
 
 
 def test_diffusion_training_input_is_permuted(tmp_path):
-  dit = load_config_module(REPO_ROOT / "configs" / "dit_pixel.py").get_config("quick")
+  dit = load_config_module(DIT_PIXEL_PATH).get_config("quick")
   perm = locality.make_permutation(8, 8, swaps=50, max_distance=2, seed=0)
   images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1)).astype(np.uint8)
   x = diffusion.to_model_space(dit, jnp.asarray(images), permutation=perm)

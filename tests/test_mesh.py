@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from support import (MAE_TINY_RUN, REPO_ROOT, TINY_RUN, as_numpy_leaves, load_config_module,
-                     read_metrics, record_first_shapes, set_dotted)
+from support import (DIT_PIXEL_PATH, MAE_TINY_RUN, REPO_ROOT, TINY_RUN, as_numpy_leaves,
+                     load_config_module, read_metrics, record_first_shapes, set_dotted)
 from pixel_vit.models.attention import ring as ring_attention
 from pixel_vit.trainers import classification, diffusion, mae
 
@@ -48,7 +48,7 @@ def config_for(task: str):
     config = load_config_module(REPO_ROOT / "configs" / "mae_pixel.py").get_config("quick")
     set_dotted(config, copy.deepcopy(MAE_TINY_RUN))
     return config, mae
-  config = load_config_module(REPO_ROOT / "configs" / "dit_pixel.py").get_config("quick")
+  config = load_config_module(DIT_PIXEL_PATH).get_config("quick")
   set_dotted(config, {"batch_size": 32, "eval_batch_size": 40, "sample.steps": "2",
                       "sample.grid_columns": 1, "fid.batch_size": 40})
   return config, diffusion

@@ -206,9 +206,10 @@ def test_auto_remat_keeps_the_matmul_outputs_when_they_fit():
   shape = dict(batch_per_device=32, tokens=1025, dtype=jnp.float32)
   gib = 2 ** 30
   saved = {policy: vit.saved_activation_bytes(
-      policy, batch=32, tokens=1025, width=192, mlp_dim=768, depth=12, dtype_bytes=4)
+      policy, batch=shape["batch_per_device"], tokens=shape["tokens"], width=ti.width,
+      mlp_dim=ti.mlp_dim, depth=ti.depth, dtype_bytes=4)
       for policy in ("none", "dots", "full")}
-  # PiT-Ti/1 at batch 32: ~5.5 GiB kept with no remat, ~2.6 with dots, 0.3 with full.
+  # PiT-Ti/1 at batch 32: ~5.3 GiB kept with no remat, ~2.5 with dots, 0.28 with full.
   assert saved["none"] > saved["dots"] > saved["full"]
   assert 2.5 * gib < saved["dots"] < 3 * gib
   assert vit.auto_remat(ti, memory_bytes=24 * gib, **shape) == "dots"
@@ -219,12 +220,24 @@ def test_auto_remat_keeps_the_matmul_outputs_when_they_fit():
   assert vit.auto_remat(ti, memory_bytes=24 * gib, **dict(shape, batch_per_device=1024)) == "full"
 
 
-def test_auto_remat_uses_the_per_device_batch_of_the_active_mesh():
+def test_auto_remat_uses_the_per_device_batch_of_the_active_mesh(monkeypatch):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1, 1), parallel.MESH_AXES)
   rules = configuration.SHARDING_RULES
   assert parallel.batch_shards_active() == 1
   with parallel.activate(mesh, rules):
     assert parallel.batch_shards_active() == 8
+  # A device memory that holds `dots` for a batch of 8 but not of 64: the
+  # blocks pick `full` for 64 examples on one device, `dots` for 64 over 8.
+  blocks = build(remat="auto").encoder.blocks
+  size, tokens = vit.SIZES["mu"], IMAGE_SIZE ** 2
+  eight = vit.saved_activation_bytes("dots", batch=8, tokens=tokens, width=size.width,
+                                     mlp_dim=size.mlp_dim, depth=size.depth, dtype_bytes=4)
+  monkeypatch.setattr(vit, "device_memory_bytes",
+                      lambda: int(2 * eight / vit.REMAT_AUTO_MEMORY_FRACTION))
+  x = jax.ShapeDtypeStruct((64, tokens, size.width), jnp.float32)
+  assert blocks.resolve_remat(x) == "full"
+  with parallel.activate(mesh, rules):
+    assert blocks.resolve_remat(x) == "dots"
 
 
 # ---------------------------------------------------------------- stochastic depth

@@ -12,9 +12,7 @@ from pixel_vit.models import attention, vit
 def _categories(fn, *args) -> dict:
   text = jax.jit(fn).lower(*args).compile().as_text()
   instructions = profile_step.parse_hlo(text)
-  by_computation = collections.defaultdict(list)
-  for info in instructions.values():
-    by_computation[info["computation"]].append(info)
+  by_computation = profile_step.group_by_computation(instructions)
   found = collections.defaultdict(set)
   for name, info in instructions.items():
     if info["computation"] and "fused" in info["computation"]:

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from pixel_vit import parallel
 from pixel_vit.data import locality, sources
 from pixel_vit.diffusion import gaussian, sampling
+from pixel_vit.models import vae
 
 
 def diffusion_process(config) -> gaussian.GaussianDiffusion:
@@ -57,18 +58,18 @@ class Generator:
 
 
 def make_generator(config, graphdef: nnx.GraphDef, train_split: sources.ImageSplit, *,
-                   mesh: jax.sharding.Mesh, rules, param_shardings, jit: Callable,
-                   cfg_scale: float) -> Generator:
+                   permutation: locality.PixelPermutation | None, mesh: jax.sharding.Mesh,
+                   rules, param_shardings, jit: Callable, cfg_scale: float) -> Generator:
   """A jitted sampler (config.sample.*) with guidance `cfg_scale`, sharded over the
-  batch. With a pixel permutation the model generates scrambled images; they
-  are put back in image order before decoding, pictures and metrics.
+  batch. With a pixel `permutation` (the run's, data/locality.py) the model
+  generates scrambled images; they are put back in image order before
+  decoding, pictures and metrics.
 
   The model is `graphdef` with parameters sharded as `param_shardings`; `jit`
   is `jax.jit` traced under `mesh` and `rules` (a trainer's `Run.jit`).
   """
   process = sampling_process(config)
   shape = tuple(train_split.images.shape[1:])
-  permutation = locality.permutation_for(config.data, *shape[:2])
   channels = shape[-1]
   decode = latent_decoder(config, train_split)
   sample_fn = sampling.sampler(config.sample.sampler)
@@ -113,7 +114,6 @@ def latent_decoder(config, train_split: sources.ImageSplit):
     return None
   if not config.vae.weights:
     return jax.jit(lambda z: jnp.clip((z[..., :3] / 4.0 + 1.0) / 2.0, 0.0, 1.0))
-  from pixel_vit.models import vae
   graphdef, weights = nnx.split(vae.load_vae(config.vae.weights))
   decode = jax.jit(lambda w, z: nnx.merge(graphdef, w).decode_latents(z))
   return lambda z: decode(weights, z)

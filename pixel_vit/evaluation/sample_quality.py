@@ -19,7 +19,7 @@ from pixel_vit import parallel
 from pixel_vit.config_checks import check_positive, require
 from pixel_vit.data import sources
 from pixel_vit.diffusion import generation
-from pixel_vit.evaluation import pictures
+from pixel_vit.evaluation import features, fid, pictures
 
 
 def feature_extractor(config):
@@ -27,7 +27,6 @@ def feature_extractor(config):
   spec = config.fid.features
   if not spec:
     return None
-  from pixel_vit.evaluation import features
   kind, _, where = spec.partition(":")
   if kind == "classifier":
     return features.classifier_extractor(where)
@@ -37,7 +36,6 @@ def feature_extractor(config):
 def reference_for(config, extractor, train_split: sources.ImageSplit, decode):
   """The real-data statistics samples are compared with: a stats file
   (`config.fid.reference`, ADM's npz format) or features of the train split."""
-  from pixel_vit.evaluation import fid
   if config.fid.reference:
     return fid.load_reference(config.fid.reference)
   count = min(len(train_split.images), config.fid.reference_examples)
@@ -56,7 +54,6 @@ def reference_for(config, extractor, train_split: sources.ImageSplit, decode):
 
 def sample_metrics(config, generator: generation.Generator, params, extractor, reference, *,
                    num_samples: int, reporter=None) -> tuple[dict, np.ndarray, np.ndarray]:
-  from pixel_vit.evaluation import fid
   images, labels = generation.generate(config, generator, params, num_samples,
                                        reporter=reporter)
   metrics = fid.sample_metrics(extractor, images, labels, reference,

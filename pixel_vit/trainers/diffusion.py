@@ -36,7 +36,6 @@ from pixel_vit.trainers import loop
 from pixel_vit.trainers import state as state_lib
 
 
-
 def validate(config) -> None:
   loop.validate_common(config)
   dit.validate_model_config(config.model)
@@ -112,10 +111,10 @@ def make_eval_sums(config, graphdef, permutation=None):
 # ------------------------------------------------------------------ sampling
 
 
-def run_generator(config, run: loop.Run, train_split: sources.ImageSplit, *,
-                  cfg_scale: float) -> generation.Generator:
-  """`generation.make_generator` for `run`'s model, on its mesh and rules."""
-  return generation.make_generator(config, run.described.graphdef, train_split,
+def run_generator(run: loop.Run, *, cfg_scale: float) -> generation.Generator:
+  """`generation.make_generator` for `run`'s model and data, on its mesh and rules."""
+  return generation.make_generator(run.config, run.described.graphdef, run.plan.train_split,
+                                   permutation=run.plan.permutation,
                                    mesh=run.mesh, rules=run.rules,
                                    param_shardings=run.described.param_shardings,
                                    jit=run.jit, cfg_scale=cfg_scale)
@@ -140,10 +139,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None
                       in_shardings=(run.described.param_shardings, replicated,
                                     run.batch_shardings(with_mask=True)),
                       out_shardings=replicated)
-  grid_generator = run_generator(config, run, plan.train_split,
-                                 cfg_scale=config.sample.grid_cfg_scale)
-  fid_generator = (run_generator(config, run, plan.train_split,
-                                 cfg_scale=config.sample.cfg_scale)
+  grid_generator = run_generator(run, cfg_scale=config.sample.grid_cfg_scale)
+  fid_generator = (run_generator(run, cfg_scale=config.sample.cfg_scale)
                    if config.fid.num_samples else None)
   extractor = sample_quality.feature_extractor(config) if config.fid.num_samples else None
   reference = (sample_quality.reference_for(config, extractor, plan.train_split,

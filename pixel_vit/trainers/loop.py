@@ -18,10 +18,10 @@ from absl import logging
 from flax import nnx
 
 from pixel_vit import checkpoint as checkpoint_lib
-from pixel_vit.config_checks import check_choice, check_positive, require
-from pixel_vit import parallel
 from pixel_vit import optimizer as optimizer_lib
+from pixel_vit import parallel
 from pixel_vit import workdir as workdir_lib
+from pixel_vit.config_checks import check_choice, check_positive, require
 from pixel_vit.data import augment, locality, pipeline, sources
 from pixel_vit.models import attention, vit
 from pixel_vit.trainers import divergence, interrupts, reporting

@@ -172,12 +172,12 @@ def open_checkpoint(init_from: str) -> Pretrained:
         f"{where}: its parameters have no 'encoder' "
         f"(top-level: {sorted(params) if isinstance(params, dict) else params!r}); "
         "init_from loads the encoder of an MAE or classification run.")
-  absent = checkpoint_lib.RunIdentity.missing(saved.metadata)
-  if absent:
-    raise ValueError(f"{where}: its metadata has no {absent[0]!r} "
-                     f"({sorted(saved.metadata)}); it was not written by a pixel_vit "
-                     "trainer that init_from can load.")
-  return Pretrained(init_from=init_from, saved=saved, identity=saved.identity(),
+  try:
+    identity = saved.identity()
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}; it was not written by a pixel_vit trainer that "
+                     "init_from can load.") from None
+  return Pretrained(init_from=init_from, saved=saved, identity=identity,
                     encoder_shapes=checkpoint_lib.flat_shapes(params["encoder"]))
 
 
