@@ -36,5 +36,8 @@ setuptools.setup(
         # pip install torch==2.13.0), or pip pulls several GB of CUDA.
         "parity": ["torch", "diffusers"],
         "bench": ["matplotlib"],
+        # The TPU compiler (libtpu, the version this jax pins): pixel_vit.compile
+        # compiles a run for a TPU slice on any machine; no TPU needed.
+        "tpu": ["jax[tpu]"],
     },
 )

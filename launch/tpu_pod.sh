@@ -3,11 +3,17 @@
 # run pixel_vit.main on all workers at once, copy the logs back, delete it.
 #
 # Usage:
-#   launch/tpu_pod.sh [--dry_run] create              # --dry_run may also come last
+#   launch/tpu_pod.sh [--dry_run] create --config=CONFIG [--config.KEY=VALUE...]  # --dry_run may also come last
 #   launch/tpu_pod.sh [--dry_run] setup             # git HEAD of this checkout + jax[tpu] on every worker
 #   launch/tpu_pod.sh [--dry_run] run --config=CONFIG --workdir=gs://BUCKET/RUN [MAIN FLAGS...]
 #   launch/tpu_pod.sh [--dry_run] logs [LOCAL_DIR]  # default tpu_logs/TPU_NAME
 #   launch/tpu_pod.sh [--dry_run] delete
+#
+# Before any gcloud call, `create` and `run` compile the run for the slice
+# here, on this machine (`python -m pixel_vit.compile --topology=$ACCELERATOR_TYPE
+# --config=... [--config.KEY=VALUE...]`: the TPU compiler from the [tpu]
+# extra, no TPU needed) and stop when a program does not fit or does not
+# compile. `--skip_compile_check` turns that off; a dry run prints the check.
 #
 # `run` starts `python3 -m pixel_vit.main --distributed=auto ...` on every
 # worker (gcloud ... ssh --worker=all): jax.distributed.initialize() reads
@@ -27,9 +33,14 @@ set -euo pipefail
 die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 
 dry_run=${DRY_RUN:-0}
+compile_check=1
 args=()
-for arg in "$@"; do  # --dry_run may stand anywhere; pixel_vit.main must not see it
-  if [[ "$arg" == --dry_run ]]; then dry_run=1; else args+=("$arg"); fi
+for arg in "$@"; do  # --dry_run / --skip_compile_check may stand anywhere; pixel_vit.main must not see them
+  case "$arg" in
+    --dry_run) dry_run=1 ;;
+    --skip_compile_check) compile_check=0 ;;
+    *) args+=("$arg") ;;
+  esac
 done
 set -- "${args[@]}"
 action=${1:-}
@@ -57,8 +68,34 @@ run() {
 
 tpu_vm=(gcloud compute tpus tpu-vm)
 
+# Compiles the run given by the --config flags among "$@" for this slice, here
+# (pixel_vit.compile); a program that does not fit ends the script.
+check_compiles() {
+  local check=(python -m pixel_vit.compile "--topology=$accelerator_type")
+  local arg
+  for arg in "$@"; do
+    case "$arg" in --config=*|--config.*|--noconfig.*) check+=("$arg") ;; esac
+  done
+  if [[ "$dry_run" == 1 ]]; then
+    printf '%q ' "${check[@]}" | sed 's/ $//'
+    echo
+  elif ! "${check[@]}"; then
+    die "the compile check for $accelerator_type failed (above); nothing was created or started. Fix the config, or pass --skip_compile_check to go ahead anyway."
+  fi
+}
+
+has_config() {
+  local arg
+  for arg in "$@"; do [[ "$arg" == --config=* ]] && return 0; done
+  return 1
+}
+
 case "$action" in
   create)
+    if [[ "$compile_check" == 1 ]]; then
+      has_config "$@" || die "create needs --config=CONFIG (the run this slice is for: it is compiled for $accelerator_type first), or --skip_compile_check."
+      check_compiles "$@"
+    fi
     run "${tpu_vm[@]}" create "$TPU_NAME" "${location[@]}" \
       "--accelerator-type=$accelerator_type" "--version=$runtime_version"
     ;;
@@ -84,6 +121,7 @@ case "$action" in
       esac
     done
     (( have_config && have_workdir )) || die "run needs --config=CONFIG and --workdir=DIR (a gs:// bucket all workers see)."
+    [[ "$compile_check" == 1 ]] && check_compiles "$@"
     main="python3 -m pixel_vit.main --distributed=auto$(printf ' %q' "$@")"
     # pipefail: the worker's exit status is python's, not tee's.
     run "${tpu_vm[@]}" ssh "$TPU_NAME" --worker=all "${location[@]}" \

@@ -27,7 +27,7 @@ class CommandLineError(ValueError):
   """A --config or --config.KEY argument that cannot work, found before parsing."""
 
 
-def _config_argument(argv: list[str]) -> str | None:
+def config_argument(argv: list[str]) -> str | None:
   """The value of the last --config (`--config=V` or `--config V`) in argv."""
   value = None
   for i, arg in enumerate(argv[1:], 1):
@@ -141,7 +141,7 @@ def check_command_line(argv: list[str]) -> None:
   """Loads the --config file and checks every --config.KEY against it, before
   absl parses the flags (which would end in a long traceback)."""
   argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)  # expands --flagfile
-  argument = _config_argument(argv)
+  argument = config_argument(argv)
   if argument is None:
     return  # absl reports the missing required flag
   keys = _override_keys(argv)

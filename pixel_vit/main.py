@@ -13,7 +13,6 @@ message and exit code 1; `--traceback` shows where it came from.
 """
 from __future__ import annotations
 
-import importlib
 import logging as std_logging
 
 from absl import app, flags, logging
@@ -21,24 +20,12 @@ from ml_collections import config_flags
 
 from pixel_vit import command_line, distributed
 from pixel_vit import workdir as workdir_lib
-
-# config.task -> the trainer module (imported when needed).
-TRAINERS = {
-    "classification": "pixel_vit.trainers.classification",
-    "mae": "pixel_vit.trainers.mae",
-    "diffusion": "pixel_vit.trainers.diffusion",
-}
+from pixel_vit.trainers import trainer_for
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures; "
                                "a run resumes from it automatically.")
-
-
-def trainer_for(config):
-  if config.task not in TRAINERS:
-    raise ValueError(f"config.task={config.task!r} is not a task; choose one of {sorted(TRAINERS)}.")
-  return importlib.import_module(TRAINERS[config.task])
 
 
 class _HideLibraryChatter(std_logging.Filter):

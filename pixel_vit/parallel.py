@@ -12,8 +12,9 @@ slice) and a DCN part (across slices) by `config.mesh.dcn` (`device_grid`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn_linen
 import jax
@@ -24,6 +25,7 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pixel_vit import hardware
 from pixel_vit.config_checks import require
 
 MESH_AXES = ("data", "fsdp", "seq", "tensor")
@@ -145,9 +147,48 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: LogicalRules) -> 
 
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: LogicalRules):
-  """Mesh + rules in effect for tracing: `constrain` becomes a sharding constraint."""
-  with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(tuple(map(tuple, rules))):
+  """Mesh + rules in effect for tracing: `constrain` becomes a sharding
+  constraint, and the mesh's devices are the target of every hardware
+  choice (`hardware.active_target`), which may be compile-only TPU devices."""
+  with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(tuple(map(tuple, rules))), \
+      hardware.targeting(mesh.devices.flat):
     yield
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """One jitted program of a task: its function, the abstract arguments it
+  is compiled for (ShapeDtypeStructs carrying their shardings: the input
+  shardings come from them), its output shardings and donated arguments.
+
+  `jit` makes it callable on a mesh (calls may pass other batch sizes of
+  the same layout; jax retraces); `trace` traces it on `args` for the active
+  mesh's devices, which may be compile-only TPU devices (pixel_vit.compile).
+  """
+  name: str
+  fn: Callable
+  args: tuple
+  out_shardings: Any
+  donate_argnums: tuple[int, ...] = ()
+
+  def _jitted(self):
+    in_shardings = jax.tree.map(lambda a: a.sharding, self.args)
+    return jax.jit(self.fn, in_shardings=in_shardings, out_shardings=self.out_shardings,
+                   donate_argnums=self.donate_argnums)
+
+  def jit(self, mesh: Mesh, rules: LogicalRules) -> Callable:
+    """The program as a function, traced and run under `mesh` and `rules`."""
+    jitted = self._jitted()
+
+    def call(*args):
+      with activate(mesh, rules):
+        return jitted(*args)
+
+    return call
+
+  def trace(self) -> jax.stages.Traced:
+    """Traced on `args` (call inside `activate`; `.lower()` then lowers it)."""
+    return self._jitted().trace(*self.args)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

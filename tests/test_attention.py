@@ -332,3 +332,40 @@ def test_chunked_rejects_bad_input(call, message):
   q, k, v = qkv(9)
   with pytest.raises(ValueError, match=message):
     call(q, k, v)
+
+
+# ---------------------------------------------------------------- under a mesh
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_runs_each_devices_own_examples_under_a_data_mesh(masked):
+  # Batch 16 over data=8, in groups of 2 examples: each device attends over
+  # its own 2 examples. Left to GSPMD, chunked's loop over the groups
+  # gathered the whole batch onto every device (an all-gather per group)
+  # and each device computed all 16.
+  from jax.sharding import Mesh
+  from pixel_vit import configuration, parallel, program_costs
+  rules = configuration.SHARDING_RULES
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1, 1), parallel.MESH_AXES)
+  q, k, v = (jnp.tile(x, (8, 1, 1, 1)) for x in qkv(0))  # [16, 37, H, D]
+  key_mask = np.ones(q.shape[:2], bool)
+  if masked:
+    key_mask[1::3, -10:] = False
+  key_mask = jnp.asarray(key_mask) if masked else None
+  batch = parallel.batch_sharding(mesh, rules, 4)
+
+  def loss(q, k, v):
+    return (chunked(16, 8, batch_block=2)(q, k, v, key_mask=key_mask) ** 2).sum()
+
+  with parallel.activate(mesh, rules):
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), in_shardings=(batch,) * 3)
+    text = step.lower(q, k, v).compile().as_text()
+    value, grads = step(q, k, v)
+  kinds = {c.kind for c in program_costs.hlo_traffic(text).collectives}
+  assert "all-gather" not in kinds and "all-to-all" not in kinds, kinds
+  want_value, want_grads = jax.value_and_grad(
+      lambda q, k, v: (attention.xla_attention(q, k, v, key_mask) ** 2).sum(),
+      argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(got, want, **GRAD_TOL)

@@ -854,3 +854,20 @@ def test_bad_new_config_values_raise_value_error_naming_the_key():
   c = configuration.default_augment_config()
   assert (c.randaugment_ops, c.randaugment_magnitude, c.randaugment_magnitude_std,
           c.erase_prob) == (0, 9.0, 0.5, 0.0)
+
+
+def test_equalize_counts_the_same_by_comparison_as_by_scatter():
+  # The TPU form (compare every pixel with the 256 levels) and the CPU form
+  # (scatter-add histogram, gathered lookup) give identical histograms and
+  # tables, so Equalize does not depend on the device it is compiled for.
+  rng = np.random.RandomState(3)
+  levels = jnp.asarray(np.concatenate([
+      rng.randint(0, 256, (3, 64, 3)),  # spread
+      rng.randint(100, 104, (2, 64, 3)),  # narrow
+      np.full((1, 64, 3), 7)]), jnp.int32)  # one level
+  hist = augment._histogram_by_scatter(levels)
+  np.testing.assert_array_equal(augment._histogram_by_comparison(levels), hist)
+  assert int(hist.sum()) == levels.size
+  lut = jnp.asarray(rng.randint(0, 256, (6, 256, 3)), jnp.int32)
+  np.testing.assert_array_equal(augment._lookup_by_comparison(lut, levels),
+                                augment._lookup_by_gather(lut, levels))

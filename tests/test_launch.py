@@ -259,11 +259,12 @@ def tpu(args, tools, **env):
 
 
 def test_tpu_create_and_delete(tools):
-  assert tpu(["--dry_run", "create"], tools, PROJECT="my-project") == [[
-      "gcloud", "compute", "tpus", "tpu-vm", "create", "pit-pod", "--zone=us-central2-b",
-      "--project=my-project", "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base"]]
-  assert tpu(["create"], tools, DRY_RUN="1", ACCELERATOR_TYPE="v5litepod-16")[0][-2] == (
-      "--accelerator-type=v5litepod-16")
+  assert tpu(["--dry_run", "create", f"--config={CONFIG}"], tools, PROJECT="my-project") == [
+      ["python", "-m", "pixel_vit.compile", "--topology=v4-32", f"--config={CONFIG}"],
+      ["gcloud", "compute", "tpus", "tpu-vm", "create", "pit-pod", "--zone=us-central2-b",
+       "--project=my-project", "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base"]]
+  assert tpu(["create", "--skip_compile_check"], tools, DRY_RUN="1",
+             ACCELERATOR_TYPE="v5litepod-16")[0][-2] == "--accelerator-type=v5litepod-16"
   assert tpu(["delete", "--dry_run"], tools) == [[
       "gcloud", "compute", "tpus", "tpu-vm", "delete", "pit-pod", "--zone=us-central2-b",
       "--quiet"]]
@@ -272,7 +273,10 @@ def test_tpu_create_and_delete(tools):
 def test_tpu_run_starts_main_on_all_workers(tools):
   main_flags = [f"--config={CONFIG}", "--workdir=gs://bucket/runs/s1",
                 "--config.optimizer.lr=0.001"]
-  [tokens] = tpu(["--dry_run", "run", *main_flags], tools)
+  check, tokens = tpu(["--dry_run", "run", *main_flags], tools)
+  # First the compile check for this slice, with the run's config flags only.
+  assert check == ["python", "-m", "pixel_vit.compile", "--topology=v4-32",
+                   f"--config={CONFIG}", "--config.optimizer.lr=0.001"]
   assert tokens[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pit-pod"]
   assert "--worker=all" in tokens and "--zone=us-central2-b" in tokens
   remote = option(tokens, "--command")
@@ -307,16 +311,27 @@ def test_tpu_logs_copies_each_worker(tools, tmp_path):
   assert not (tmp_path / "logs").exists()
 
 
+def test_tpu_stops_before_gcloud_when_the_compile_check_fails(tools):
+  # A slice libtpu cannot describe: pixel_vit.compile exits 1, nothing is created.
+  result = launch("tpu_pod.sh", ["create", f"--config={CONFIG}"], tools,
+                  env={**TPU_ENV, "ACCELERATOR_TYPE": "v5litepod-3"}, timeout=300)
+  assert result.returncode == 2, result.stderr
+  assert "v5litepod-3" in result.stderr and "--skip_compile_check" in result.stderr
+  assert_no_tool_ran(tools)
+
+
 @pytest.mark.parametrize("args, env, message", [
-    (["--dry_run", "create"], {"TPU_NAME": ""}, "set TPU_NAME"),
-    (["--dry_run", "create"], {"ZONE": ""}, "set ZONE"),
+    (["--dry_run", "create", f"--config={CONFIG}"], {"TPU_NAME": ""}, "set TPU_NAME"),
+    (["--dry_run", "create", f"--config={CONFIG}"], {"ZONE": ""}, "set ZONE"),
+    (["--dry_run", "create"], {}, "create needs --config=CONFIG"),
     (["--dry_run"], {}, "name a command: create | setup | run | logs | delete"),
     (["--dry_run", "resize"], {}, "unknown command 'resize'"),
     (["--dry_run", "run", f"--config={CONFIG}"], {}, "run needs --config=CONFIG and --workdir"),
     (["--dry_run", "run", f"--config={CONFIG}", "--workdir=gs://b/r", "--process_id=0"], {},
      "--process_id=0: on a TPU pod every worker joins with --distributed=auto"),
     (["--dry_run", "logs"], {}, "set NUM_WORKERS for a dry run of logs"),
-], ids=["no_name", "no_zone", "no_command", "bad_command", "no_workdir", "process_id", "logs"])
+], ids=["no_name", "no_zone", "no_config", "no_command", "bad_command", "no_workdir",
+        "process_id", "logs"])
 def test_tpu_rejects_bad_use(tools, args, env, message):
   result = launch("tpu_pod.sh", args, tools, env={**TPU_ENV, **env})
   assert result.returncode == 2 and message in result.stderr, result.stderr

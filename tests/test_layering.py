@@ -50,6 +50,8 @@ LAYER_OF = {
     "configuration": "configuration",  # light helpers: parse_arg, config defaults
     "config_checks": "configuration",  # the wording of a config check (require, ...)
     "parallel": "infrastructure",
+    "hardware": "infrastructure",  # chips, the devices a trace targets, topologies
+    "program_costs": "infrastructure",  # memory / FLOPs / collectives of a compiled program
     "checkpoint": "infrastructure",
     "workdir": "infrastructure",
     "distributed": "infrastructure",
@@ -62,6 +64,7 @@ LAYER_OF = {
     "main": "commands",
     "sample": "commands",
     "encode_latents": "commands",
+    "compile": "commands",
     "command_line": "commands",
 }
 

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from pixel_vit import configuration, parallel
+from pixel_vit import configuration, hardware, parallel
 from pixel_vit.models import vit
 
 IMAGE_SIZE = 8
@@ -232,8 +232,8 @@ def test_auto_remat_uses_the_per_device_batch_of_the_active_mesh(monkeypatch):
   size, tokens = vit.SIZES["mu"], IMAGE_SIZE ** 2
   eight = vit.saved_activation_bytes("dots", batch=8, tokens=tokens, width=size.width,
                                      mlp_dim=size.mlp_dim, depth=size.depth, dtype_bytes=4)
-  monkeypatch.setattr(vit, "device_memory_bytes",
-                      lambda: int(2 * eight / vit.REMAT_AUTO_MEMORY_FRACTION))
+  memory = int(2 * eight / vit.REMAT_AUTO_MEMORY_FRACTION)
+  monkeypatch.setattr(hardware, "device_memory_bytes", lambda device: memory)
   x = jax.ShapeDtypeStruct((64, tokens, size.width), jnp.float32)
   assert blocks.resolve_remat(x) == "full"
   with parallel.activate(mesh, rules):

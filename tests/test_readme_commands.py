@@ -34,13 +34,14 @@ from pixel_vit.trainers import state as state_lib
 TABLE = re.compile(r"<!-- experiments-table -->(.*?)<!-- /experiments-table -->", re.S)
 COMMAND = re.compile(r"`(python -m pixel_vit\.(?:main|sample) [^`]+)`")
 EXTERNAL_FILES = ("fid.features", "fid.reference", "vae.weights")
-# The real shape of each dataset a command can name: (H, W, C, classes, latent).
-REAL_DATA = {
-    "tfds:cifar100": (32, 32, 3, 100, False),
-    "tfds:cifar10": (32, 32, 3, 10, False),
-    "tfds:imagenet2012": (None, None, 3, 1000, False),  # resized to data.image_size
-    "npz:data/imagenet256_latents_{split}.npz": (32, 32, 4, 1000, True),
-}
+
+
+def real_data(source: str) -> tuple:
+  """(H, W, C, classes, latent) of a dataset a command names (the table the
+  compile command uses, sources.KNOWN_DATASETS; H, W None: sizes vary)."""
+  facts = sources.KNOWN_DATASETS[source]
+  height, width, _ = facts.image_shape or (None, None, None)
+  return height, width, facts.channels, facts.num_classes, facts.latent
 
 
 def readme_commands() -> list[str]:
@@ -61,7 +62,7 @@ def strip_external_files(config) -> None:
 
 def real_split(config) -> sources.ImageSplit:
   """One stand-in example of the dataset's real shape (for eval_shape)."""
-  height, width, channels, classes, latent = REAL_DATA[config.data.source]
+  height, width, channels, classes, latent = real_data(config.data.source)
   if height is None:
     height = width = config.data.image_size
   images = np.zeros((1, height, width, channels), np.float32 if latent else np.uint8)
@@ -71,7 +72,7 @@ def real_split(config) -> sources.ImageSplit:
 
 def write_stand_in_data(directory, config, size: int, sizes=(("train", 24), ("test", 10))) -> str:
   """An npz source of the command's kind of data at `size` x `size`."""
-  _, _, channels, classes, latent = REAL_DATA[config.data.source]
+  _, _, channels, classes, latent = real_data(config.data.source)
   rng = np.random.default_rng(0)
   path = os.path.join(directory, f"data_{size}_{channels}_{classes}_{latent}_{{split}}.npz")
   # Eval labels drawn from the train labels: the trainers refuse an eval split
@@ -94,7 +95,7 @@ def stand_in_for_npz_source(config, directory) -> None:
   by a two-example file of its real shape, so the full-size config validates."""
   if not config.data.source.startswith("npz:"):
     return
-  height, width, channels, classes, latent = REAL_DATA[config.data.source]
+  height, width, channels, classes, latent = real_data(config.data.source)
   assert height == width, config.data.source
   os.makedirs(directory, exist_ok=True)
   config.data.source = write_stand_in_data(directory, config, height,

@@ -204,26 +204,37 @@ class Source(abc.ABC):
     """Reads this process's shard of `split`, resized to `image_size` if given."""
 
 
+def source_form(name: str) -> tuple[str, str]:
+  """'npz:PATH' -> ('npz', 'PATH'): the form of a source string, checked
+  without looking at any file."""
+  if not isinstance(name, str):
+    raise ValueError(f"data source {name!r} must be a string, one of {list(SOURCE_FORMS)}.")
+  kind, sep, arg = name.partition(":")
+  if name == "digits":
+    return "digits", ""
+  if sep and kind == "npz" and arg:
+    return kind, arg
+  if sep and kind == "tfds" and arg and not any(c.isspace() for c in arg):
+    return kind, arg
+  raise ValueError(f"data source {name!r} is not recognised; use one of {list(SOURCE_FORMS)}, "
+                   "e.g. 'digits', 'npz:../shared/data/mnist_rasbt_{split}.npz' or "
+                   "'tfds:cifar100'.")
+
+
 def parse_source(name: str, *, data_dir: str | None = None, download: bool = True) -> Source:
   """'digits' | 'npz:PATH' | 'tfds:NAME' -> Source. Reads no data.
 
   `data_dir` and `download` only apply to TFDS sources.
   """
-  if not isinstance(name, str):
-    raise ValueError(f"data source {name!r} must be a string, one of {list(SOURCE_FORMS)}.")
-  kind, sep, arg = name.partition(":")
-  if name == "digits":
+  kind, arg = source_form(name)
+  if kind == "digits":
     return DigitsSource()
-  if sep and kind == "npz" and arg:
+  if kind == "npz":
     return NpzSource(arg)
-  if sep and kind == "tfds" and arg and not any(c.isspace() for c in arg):
-    if data_dir and not download and "://" not in data_dir and not os.path.isdir(data_dir):
-      raise ValueError(f"data_dir {data_dir!r} for {name!r} does not exist and download "
-                       "is off; point --config.data.data_dir at a prepared TFDS directory.")
-    return TfdsSource(arg, data_dir=data_dir, download=download)
-  raise ValueError(f"data source {name!r} is not recognised; use one of {list(SOURCE_FORMS)}, "
-                   "e.g. 'digits', 'npz:../shared/data/mnist_rasbt_{split}.npz' or "
-                   "'tfds:cifar100'.")
+  if data_dir and not download and "://" not in data_dir and not os.path.isdir(data_dir):
+    raise ValueError(f"data_dir {data_dir!r} for {name!r} does not exist and download "
+                     "is off; point --config.data.data_dir at a prepared TFDS directory.")
+  return TfdsSource(arg, data_dir=data_dir, download=download)
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -614,9 +625,63 @@ class TfdsSource(Source):
             np.concatenate([labels for _, labels in batches]))
 
 
-def validate_config(data) -> None:
-  """`config.data` (the locality ablation's keys: `locality.validate_permute_config`)."""
-  named("data.source", lambda: parse_source(
-      data.source, data_dir=data.get("data_dir"), download=data.get("download", True)))
+def validate_config(data, *, files: bool = True) -> None:
+  """`config.data` (the locality ablation's keys: `locality.validate_permute_config`);
+  `files=False` checks the source's form only, not that its files exist."""
+  if files:
+    named("data.source", lambda: parse_source(
+        data.source, data_dir=data.get("data_dir"), download=data.get("download", True)))
+  else:
+    named("data.source", source_form, data.source)
   if data.get("image_size") is not None:
     check_positive("data.image_size", data.image_size)
+
+
+# ---------------------------------------------------------------- without data
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetFacts:
+  """What a dataset's splits look like, known without reading them."""
+  image_shape: tuple[int, int, int] | None  # native H, W, C (None: sizes vary)
+  channels: int
+  num_classes: int
+  examples: dict  # split name -> examples
+  latent: bool = False  # float32 VAE latents, not uint8 pixels
+
+
+# The datasets the configs name, by source string (as in config.data.source).
+KNOWN_DATASETS = {
+    "digits": DatasetFacts((8, 8, 1), 1, 10, {"train": 1437, "test": 360}),
+    "tfds:cifar100": DatasetFacts((32, 32, 3), 3, 100, {"train": 50_000, "test": 10_000}),
+    "tfds:cifar10": DatasetFacts((32, 32, 3), 3, 10, {"train": 50_000, "test": 10_000}),
+    "tfds:mnist": DatasetFacts((28, 28, 1), 1, 10, {"train": 60_000, "test": 10_000}),
+    "tfds:fashion_mnist": DatasetFacts((28, 28, 1), 1, 10, {"train": 60_000, "test": 10_000}),
+    "tfds:imagenet2012": DatasetFacts(None, 3, 1000,
+                                      {"train": 1_281_167, "validation": 50_000}),
+    # python -m pixel_vit.encode_latents of ImageNet at 256x256 (configs' imagenet256_latents).
+    "npz:data/imagenet256_latents_{split}.npz": DatasetFacts(
+        (32, 32, 4), 4, 1000, {"train": 1_281_167, "validation": 50_000}, latent=True),
+}
+
+
+def stand_in_split(facts: DatasetFacts, split: str, *, image_size: int | None = None,
+                   process_count: int = 1) -> ImageSplit:
+  """A split with the dataset's shape, class count and size but no examples:
+  what a model, a schedule and the programs are built from when compiling
+  ahead of time (pixel_vit.compile), which reads no data."""
+  if image_size is None and facts.image_shape is None:
+    raise ValueError("the dataset's images come in many sizes: set config.data.image_size.")
+  height = image_size or facts.image_shape[0]
+  width = image_size or facts.image_shape[1]
+  if facts.latent and image_size and image_size != facts.image_shape[0]:
+    raise ValueError(f"latents of size {facts.image_shape[0]} cannot be resized to "
+                     f"{image_size}: leave config.data.image_size unset.")
+  if split not in facts.examples:
+    raise ValueError(f"split {split!r} is not one of this dataset's splits "
+                     f"{sorted(facts.examples)}; set config.data.train_split / eval_split.")
+  dtype = np.float32 if facts.latent else np.uint8
+  return ImageSplit(images=np.zeros((0, height, width, facts.channels), dtype),
+                    labels=np.zeros((0,), np.int32), num_classes=facts.num_classes,
+                    total_examples=facts.examples[split], process_index=0,
+                    process_count=process_count, origin=f"a stand-in for split {split!r}")

@@ -57,21 +57,22 @@ class Generator:
     return samples if self.decode is None else self.decode(samples)
 
 
-def make_generator(config, graphdef: nnx.GraphDef, train_split: sources.ImageSplit, *,
-                   permutation: locality.PixelPermutation | None, mesh: jax.sharding.Mesh,
-                   rules, param_shardings, jit: Callable, cfg_scale: float) -> Generator:
-  """A jitted sampler (config.sample.*) with guidance `cfg_scale`, sharded over the
-  batch. With a pixel `permutation` (the run's, data/locality.py) the model
-  generates scrambled images; they are put back in image order before
-  decoding, pictures and metrics.
+def sampling_program(config, graphdef: nnx.GraphDef, train_split: sources.ImageSplit, *,
+                     permutation: locality.PixelPermutation | None, mesh: jax.sharding.Mesh,
+                     rules, abstract_params, cfg_scale: float,
+                     batch_size: int) -> parallel.Program:
+  """The sampler (config.sample.*) with guidance `cfg_scale` as a program
+  sharded over the batch: (params, labels, key) -> images in [0, 1] (or
+  latents). Compiled ahead of time for `batch_size` labels; called on any.
+  With a pixel `permutation` (the run's, data/locality.py) the model
+  generates scrambled images; they are put back in image order.
 
-  The model is `graphdef` with parameters sharded as `param_shardings`; `jit`
-  is `jax.jit` traced under `mesh` and `rules` (a trainer's `Run.jit`).
+  The model is `graphdef` with parameters like `abstract_params` (their
+  ShapeDtypeStructs, carrying their shardings).
   """
   process = sampling_process(config)
   shape = tuple(train_split.images.shape[1:])
   channels = shape[-1]
-  decode = latent_decoder(config, train_split)
   sample_fn = sampling.sampler(config.sample.sampler)
   options = dict(learn_sigma=config.model.learn_sigma,
                  clip_denoised=not train_split.is_latent)
@@ -88,11 +89,24 @@ def make_generator(config, graphdef: nnx.GraphDef, train_split: sources.ImageSpl
     x0 = sample_fn(model_fn, process, noise, labels, step_key, **options)
     return samples_as_images(x0, permutation=permutation, latent=train_split.is_latent)
 
-  labels_sharding = parallel.batch_sharding(mesh, rules, 1)
-  jitted = jit(sample, in_shardings=(param_shardings, labels_sharding,
-                                     parallel.replicated(mesh)),
-               out_shardings=parallel.batch_sharding(mesh, rules, 4))
-  return Generator(shape, train_split.num_classes, mesh, rules, decode, jitted)
+  labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32,
+                                sharding=parallel.batch_sharding(mesh, rules, 1))
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(mesh))
+  return parallel.Program("sample", sample, args=(abstract_params, labels, key),
+                          out_shardings=parallel.batch_sharding(mesh, rules, 4))
+
+
+def make_generator(config, graphdef: nnx.GraphDef, train_split: sources.ImageSplit, *,
+                   permutation: locality.PixelPermutation | None, mesh: jax.sharding.Mesh,
+                   rules, abstract_params, cfg_scale: float) -> Generator:
+  """`sampling_program`, jitted on `mesh` and `rules`, with the VAE decoder
+  for latent data (`latent_decoder`): a Generator of images in [0, 1].
+  `abstract_params`: the parameters' ShapeDtypeStructs carrying their shardings."""
+  program = sampling_program(config, graphdef, train_split, permutation=permutation,
+                             mesh=mesh, rules=rules, abstract_params=abstract_params,
+                             cfg_scale=cfg_scale, batch_size=config.fid.batch_size)
+  return Generator(tuple(train_split.images.shape[1:]), train_split.num_classes, mesh, rules,
+                   latent_decoder(config, train_split), program.jit(mesh, rules))
 
 
 def samples_as_images(x0: jax.Array, *, permutation, latent: bool) -> jax.Array:

@@ -79,8 +79,10 @@ def sample_grid_by_class(images: np.ndarray, labels: np.ndarray, per_row: int = 
                         for j in range(columns)])
 
 
-def validate_config(config, device_count: int) -> None:
-  """`config.fid` (features, reference, sample counts) and `config.vae.weights`."""
+def validate_config(config, device_count: int, *, files: bool = True) -> None:
+  """`config.fid` (features, reference, sample counts) and `config.vae.weights`;
+  `files=False` leaves out whether the named files exist (compiling ahead of
+  time reads none of them)."""
   fid = config.fid
   check_positive("fid.num_samples", fid.num_samples, allow_zero=True)
   check_positive("fid.batch_size", fid.batch_size)
@@ -98,6 +100,8 @@ def validate_config(config, device_count: int) -> None:
           f"config.fid.num_samples={fid.num_samples} needs config.fid.features: train a "
           "classifier on the same data (python -m pixel_vit.main --config=configs/"
           "cls_pixel.py:quick --workdir=DIR) and set --config.fid.features=classifier:DIR.")
+  if not files:
+    return
   if fid.features and kind == "classifier":
     require(checkpoint_lib.workdir_has_checkpoint(where),
             f"config.fid.features={fid.features!r}: {where} holds no classifier checkpoint; "

@@ -11,16 +11,14 @@ heads, kv, vocab, layers) and activations are constrained by logical names;
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
-from pixel_vit import parallel
+from pixel_vit import hardware, parallel
 from pixel_vit.config_checks import check_choice, named, require
 from pixel_vit.models import attention as attention_lib
 
@@ -108,22 +106,13 @@ def choose_remat(*, memory_bytes: int, **shape) -> str:
 
 def auto_remat(size: EncoderSize, *, batch_per_device: int, tokens: int, dtype,
                memory_bytes: int | None = None) -> str:
-  """What `remat='auto'` runs for `size` blocks on `tokens` tokens."""
+  """What `remat='auto'` runs for `size` blocks on `tokens` tokens; the
+  memory is one device's of the target (`hardware.active_target`) unless given."""
   return choose_remat(
-      memory_bytes=device_memory_bytes() if memory_bytes is None else memory_bytes,
+      memory_bytes=hardware.active_target().memory_bytes if memory_bytes is None
+      else memory_bytes,
       batch=batch_per_device, tokens=tokens, width=size.width, mlp_dim=size.mlp_dim,
       depth=size.depth, dtype_bytes=jnp.dtype(dtype).itemsize)
-
-
-def device_memory_bytes(device=None) -> int:
-  """One device's memory: the allocator's limit on GPU / TPU; on a CPU the
-  host's physical memory divided among its local CPU devices."""
-  device = device or jax.local_devices()[0]
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  if stats and stats.get("bytes_limit"):
-    return int(stats["bytes_limit"])
-  physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  return physical // max(1, jax.local_device_count(device.platform))
 
 
 def parse_variant(variant: str) -> tuple[EncoderSize, int]:
@@ -346,10 +335,18 @@ class BlockStack(nnx.Module):
     size = EncoderSize(width=width, depth=self.depth, heads=attn.qkv_kernel.shape[-2],
                        mlp_dim=mlp.fc1_kernel.shape[-1])
     per_device = -(-batch // parallel.batch_shards_active())
-    remat = auto_remat(size, batch_per_device=per_device, tokens=tokens, dtype=x.dtype)
-    logging.info("remat='auto' runs %r for %d blocks of width %d on %d tokens, batch %d per "
-                 "device (config.model.remat='full' uses the least memory)",
-                 remat, self.depth, width, tokens, per_device)
+    memory = hardware.active_target().memory_bytes
+    remat = auto_remat(size, batch_per_device=per_device, tokens=tokens, dtype=x.dtype,
+                       memory_bytes=memory)
+    kept = saved_activation_bytes("dots", batch=per_device, tokens=tokens, width=width,
+                                  mlp_dim=size.mlp_dim, depth=self.depth,
+                                  dtype_bytes=jnp.dtype(x.dtype).itemsize)
+    hardware.record_choice(
+        "model.remat=auto", remat,
+        f"{self.depth} blocks of width {width} on {tokens} tokens, batch {per_device} per "
+        f"device: 'dots' keeps {kept / hardware.GIB:.2f} GiB, "
+        f"{'within' if remat == 'dots' else 'over'} {REMAT_AUTO_MEMORY_FRACTION:.0%} of the "
+        f"device's {memory / hardware.GIB:.1f} GiB ('full' uses the least memory)")
     return remat
 
   def __call__(self, x, *, drop_rates=None, key=None, **context):

@@ -27,9 +27,13 @@ from pixel_vit.trainers import loop, pretrained
 from pixel_vit.trainers import state as state_lib
 
 
-def validate(config) -> None:
-  loop.validate_common(config)
-  pretrained.check_config(config)  # init_from vs config.model, when the path exists
+def validate(config, target=None, *, files: bool = True) -> None:
+  """Before anything loads or compiles, for `target` (default: this run's
+  devices); `files=False` leaves out what checks the run's files (data,
+  init_from), which compiling ahead of time does not read."""
+  loop.validate_common(config, target, files=files)
+  if files:
+    pretrained.check_config(config)  # init_from vs config.model, when the path exists
 
 
 def make_model_fn(config, split: sources.ImageSplit):
@@ -81,6 +85,22 @@ def make_eval_sums(config, graphdef, num_classes: int, permutation=None):
   return eval_sums
 
 
+def programs(layout: loop.Layout) -> dict[str, parallel.Program]:
+  """The jitted programs a run executes: the train step and the evaluation
+  step (run on the parameters and on their EMA)."""
+  config, plan = layout.config, layout.plan
+  graphdef, num_classes = layout.described.graphdef, plan.train_split.num_classes
+  return {
+      "train_step": layout.train_program(make_train_step(
+          config, graphdef, plan.tx, plan.schedule, num_classes, plan.permutation)),
+      "eval_step": parallel.Program(
+          "eval_step", make_eval_sums(config, graphdef, num_classes, plan.permutation),
+          args=(layout.described.abstract.params,
+                layout.abstract_batch(config.eval_batch_size, with_mask=True)),
+          out_shardings=layout.replicated),
+  }
+
+
 def train_and_evaluate(config, workdir: str, *, devices=None
                        ) -> tuple[state_lib.TrainState, dict]:
   """Trains to the configured length on `devices` (default: all); returns the
@@ -101,13 +121,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   elif config.get("init_from"):
     run.reporter.log(f"resumed from {workdir}: config.init_from is not loaded again")
 
-  graphdef, num_classes = run.described.graphdef, train_split.num_classes
-  train_step = run.jit_train_step(make_train_step(config, graphdef, plan.tx, plan.schedule,
-                                                  num_classes, plan.permutation))
-  eval_sums = run.jit(make_eval_sums(config, graphdef, num_classes, plan.permutation),
-                      in_shardings=(run.described.param_shardings,
-                                    run.batch_shardings(with_mask=True)),
-                      out_shardings=parallel.replicated(run.mesh))
+  jitted = {name: run.jit(program) for name, program in programs(run).items()}
+  train_step, eval_sums = jitted["train_step"], jitted["eval_step"]
 
   def evaluate(step: int, state: state_lib.TrainState) -> dict:
     results = {}

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pixel_vit import parallel
+from pixel_vit import hardware, parallel
 from pixel_vit.data import augment, locality, sources
 from pixel_vit.diffusion import generation, sampling
 from pixel_vit.evaluation import pictures, sample_quality, splits
@@ -36,11 +36,13 @@ from pixel_vit.trainers import loop
 from pixel_vit.trainers import state as state_lib
 
 
-def validate(config) -> None:
-  loop.validate_common(config)
+def validate(config, target=None, *, files: bool = True) -> None:
+  """Before anything loads or compiles (arguments: `classification.validate`)."""
+  target = target or hardware.Target.of(jax.devices())
+  loop.validate_common(config, target, files=files)
   dit.validate_model_config(config.model)
   sampling.validate_config(config)
-  sample_quality.validate_config(config, jax.device_count())
+  sample_quality.validate_config(config, target.device_count, files=files)
 
 
 def make_model_fn(config, split: sources.ImageSplit):
@@ -116,8 +118,31 @@ def run_generator(run: loop.Run, *, cfg_scale: float) -> generation.Generator:
   return generation.make_generator(run.config, run.described.graphdef, run.plan.train_split,
                                    permutation=run.plan.permutation,
                                    mesh=run.mesh, rules=run.rules,
-                                   param_shardings=run.described.param_shardings,
-                                   jit=run.jit, cfg_scale=cfg_scale)
+                                   abstract_params=run.described.abstract.params,
+                                   cfg_scale=cfg_scale)
+
+
+def programs(layout: loop.Layout) -> dict[str, parallel.Program]:
+  """The jitted programs a run executes: the train step, the evaluation step,
+  and the sampler (`pixel_vit.sample`'s, for config.fid.batch_size labels at
+  guidance config.sample.cfg_scale; the grid's runs the same at its own
+  scale and a smaller batch)."""
+  config, plan = layout.config, layout.plan
+  graphdef, described = layout.described.graphdef, layout.described
+  batch_index = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated)
+  return {
+      "train_step": layout.train_program(make_train_step(
+          config, graphdef, plan.tx, plan.schedule, plan.permutation)),
+      "eval_step": parallel.Program(
+          "eval_step", make_eval_sums(config, graphdef, plan.permutation),
+          args=(described.abstract.params, batch_index,
+                layout.abstract_batch(config.eval_batch_size, with_mask=True)),
+          out_shardings=layout.replicated),
+      "sample": generation.sampling_program(
+          config, graphdef, plan.train_split, permutation=plan.permutation,
+          mesh=layout.mesh, rules=layout.rules, abstract_params=described.abstract.params,
+          cfg_scale=config.sample.cfg_scale, batch_size=config.fid.batch_size),
+  }
 
 
 # ------------------------------------------------------------------ training
@@ -132,13 +157,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   run.announce(
       f"diffusion {run.length} on {'latents' if plan.train_split.is_latent else 'pixels'} "
       f"{plan.train_split.images.shape[1:]}, lr {config.optimizer.lr:.3g}")
-  graphdef, replicated = run.described.graphdef, parallel.replicated(run.mesh)
-  train_step = run.jit_train_step(make_train_step(config, graphdef, plan.tx, plan.schedule,
-                                                  plan.permutation))
-  eval_sums = run.jit(make_eval_sums(config, graphdef, plan.permutation),
-                      in_shardings=(run.described.param_shardings, replicated,
-                                    run.batch_shardings(with_mask=True)),
-                      out_shardings=replicated)
+  built = programs(run)
+  train_step, eval_sums = run.jit(built["train_step"]), run.jit(built["eval_step"])
   grid_generator = run_generator(run, cfg_scale=config.sample.grid_cfg_scale)
   fid_generator = (run_generator(run, cfg_scale=config.sample.cfg_scale)
                    if config.fid.num_samples else None)

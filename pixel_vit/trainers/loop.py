@@ -18,8 +18,8 @@ from absl import logging
 from flax import nnx
 
 from pixel_vit import checkpoint as checkpoint_lib
+from pixel_vit import hardware, parallel
 from pixel_vit import optimizer as optimizer_lib
-from pixel_vit import parallel
 from pixel_vit import workdir as workdir_lib
 from pixel_vit.config_checks import check_choice, check_positive, require
 from pixel_vit.data import augment, locality, pipeline, sources
@@ -44,19 +44,23 @@ def validate_run(config, device_count: int, process_count: int) -> None:
   parallel.validate_batch_sizes(config, device_count, process_count)
 
 
-def validate_common(config) -> None:
+def validate_common(config, target: hardware.Target | None = None, *,
+                    files: bool = True) -> None:
   """What every trainer's config has, each subsystem checking its own keys:
-  model, optimizer, data, augmentation, batch / mesh, attention, run length.
-  Before anything loads or compiles."""
-  device_count, process_count = jax.device_count(), jax.process_count()
+  model, optimizer, data, augmentation, batch / mesh, attention, run length,
+  for the devices the run is compiled for (`target`; default: all of this
+  run's). `files=False`: not whether the data files exist (a compile ahead
+  of time reads none). Before anything loads or compiles."""
+  target = target or hardware.Target.of(jax.devices())
+  device_count, process_count = target.device_count, target.process_count
   vit.validate_model_config(config.model)
   optimizer_lib.validate_config(config.optimizer)
-  sources.validate_config(config.data)
+  sources.validate_config(config.data, files=files)
   if "permute_pixels" in config.data:
     locality.validate_permute_config(config.data.permute_pixels)
   augment.validate_augment_config(config.augment)
   validate_run(config, device_count, process_count)
-  attention.validate(config, device_count, jax.default_backend())
+  attention.validate(config, device_count, target.platform)
   check_positive("total_epochs", config.total_epochs, allow_zero=True)
   require(config.total_steps > 0 or config.total_epochs > 0,
           f"config.total_steps={config.total_steps} and config.total_epochs="
@@ -78,14 +82,56 @@ def describe_length(config, start_step: int, total_steps: int, steps_per_epoch: 
 
 
 @dataclasses.dataclass
-class Run:
-  """A started run: its config and plan, mesh, state, checkpointer and
-  reporter, and the scaffolding every trainer's step and evaluation share."""
+class Layout:
+  """A run's config and plan laid over devices: the mesh, the logical-axis
+  rules and the state's shardings. What a task's programs are built from
+  (each trainer's `programs(layout)`), with or without data and state: a
+  `Run` is a Layout with its state; `pixel_vit.compile` builds one over
+  compile-only TPU devices."""
   config: Any
   plan: Plan
   mesh: jax.sharding.Mesh
   rules: Any
   described: state_lib.ShardedState
+
+  def batch_shardings(self, *, with_mask: bool = False) -> dict:
+    """Shardings of a global image batch (`mask`: eval padding)."""
+    names = {"images": 4, "labels": 1, **({"mask": 1} if with_mask else {})}
+    return {name: parallel.batch_sharding(self.mesh, self.rules, ndim)
+            for name, ndim in names.items()}
+
+  def abstract_batch(self, batch_size: int, *, with_mask: bool = False) -> dict:
+    """A global batch of `batch_size` as the pipeline hands it over, abstract:
+    images (uint8 pixels or float32 latents), labels and the eval `mask`."""
+    images = self.plan.train_split.images
+    shapes = {"images": ((batch_size, *images.shape[1:]), images.dtype),
+              "labels": ((batch_size,), np.int32), "mask": ((batch_size,), np.float32)}
+    return {name: jax.ShapeDtypeStruct(*shapes[name], sharding=sharding)
+            for name, sharding in self.batch_shardings(with_mask=with_mask).items()}
+
+  @property
+  def replicated(self) -> jax.sharding.NamedSharding:
+    return parallel.replicated(self.mesh)
+
+  def train_program(self, train_step: Callable) -> parallel.Program:
+    """`train_step(state, batch) -> (state, metrics)` on the state's
+    shardings and a global `config.batch_size` batch, the state donated, the
+    metrics replicated."""
+    return parallel.Program("train_step", train_step,
+                            args=(self.described.abstract,
+                                  self.abstract_batch(self.config.batch_size)),
+                            out_shardings=(self.described.shardings, self.replicated),
+                            donate_argnums=(0,))
+
+  def jit(self, program: parallel.Program) -> Callable:
+    """`program` as a function on this layout's mesh and rules."""
+    return program.jit(self.mesh, self.rules)
+
+
+@dataclasses.dataclass
+class Run(Layout):
+  """A started run: a Layout with its state, checkpointer, reporter and
+  workdir lock, and the scaffolding every trainer's loop shares."""
   state: state_lib.TrainState
   checkpointer: checkpoint_lib.Checkpointer
   reporter: reporting.Reporter
@@ -114,33 +160,8 @@ class Run:
     for warning in self.plan.data_warnings if self.reporter.is_main else ():
       logging.warning("%s", warning)
 
-  def batch_shardings(self, *, with_mask: bool = False) -> dict:
-    """Shardings of a global image batch (`mask`: eval padding)."""
-    names = {"images": 4, "labels": 1, **({"mask": 1} if with_mask else {})}
-    return {name: parallel.batch_sharding(self.mesh, self.rules, ndim)
-            for name, ndim in names.items()}
-
   def to_global(self, local_batch: dict) -> dict:
     return parallel.host_to_global(local_batch, self.mesh, self.rules)
-
-  def jit(self, fn, *, in_shardings, out_shardings, donate_argnums=()):
-    """`jax.jit` traced under this run's mesh and logical-axis rules."""
-    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
-                     donate_argnums=donate_argnums)
-
-    def call(*args):
-      with parallel.activate(self.mesh, self.rules):
-        return jitted(*args)
-
-    return call
-
-  def jit_train_step(self, train_step: Callable):
-    """`train_step(state, batch) -> (state, metrics)` jitted on the state's
-    shardings, the state donated, the metrics replicated."""
-    shardings = self.described.shardings
-    return self.jit(train_step, in_shardings=(shardings, self.batch_shardings()),
-                    out_shardings=(shardings, parallel.replicated(self.mesh)),
-                    donate_argnums=0)
 
   def eval_batches(self) -> Iterator[dict]:
     """The whole eval split once, as global batches (padded, with `mask`)."""
@@ -197,10 +218,11 @@ class Plan:
   data_warnings: tuple[str, ...] = ()
 
 
-def plan(config, make_model_fn: Callable[[Any, sources.ImageSplit], Callable[[], nnx.Module]]
-         ) -> Plan:
-  """Reads the data, sizes the schedule and traces the model's shapes once."""
-  train_split, eval_split = load_splits(config)
+def plan(config, make_model_fn: Callable[[Any, sources.ImageSplit], Callable[[], nnx.Module]],
+         *, splits: tuple[sources.ImageSplit, sources.ImageSplit] | None = None) -> Plan:
+  """Reads the data (or takes `splits`, e.g. `sources.stand_in_split`s that
+  hold no examples), sizes the schedule and traces the model's shapes once."""
+  train_split, eval_split = splits or load_splits(config)
   # Before anything compiles: a model built for the train split can evaluate
   # the eval split (sizes, kinds, labels vs classes); MAE ignores labels.
   data_warnings = sources.check_splits(train_split, eval_split,
@@ -240,14 +262,23 @@ def start(config, workdir: str, plan: Plan, *,
     raise
 
 
+def lay_out(config, plan: Plan, devices=None
+            ) -> tuple[Layout, Callable[[], state_lib.TrainState]]:
+  """`plan` over `devices` (default: all): the mesh `config.mesh` describes,
+  the rules and the state's description (nothing allocated), and the jitted
+  function that creates a new state on them."""
+  mesh = parallel.make_mesh(config.mesh, devices=devices)
+  described, create_state = state_lib.sharded_state(
+      plan.make_model, plan.tx, mesh=mesh, rules=config.sharding_rules, seed=config.seed,
+      ema=config.optimizer.ema_decay > 0, shapes=plan.shapes)
+  return Layout(config, plan, mesh, config.sharding_rules, described), create_state
+
+
 def _start(config, workdir, plan, initial_params, devices, read_only, lock) -> Run:
   # What makes a checkpoint this model, the same rule for every task.
   identity = checkpoint_lib.RunIdentity.of_run(config, plan.train_split)
-  mesh = parallel.make_mesh(config.mesh, devices=devices)
-  rules = config.sharding_rules
-  described, create_state = state_lib.sharded_state(
-      plan.make_model, plan.tx, mesh=mesh, rules=rules, seed=config.seed,
-      ema=config.optimizer.ema_decay > 0, shapes=plan.shapes)
+  layout, create_state = lay_out(config, plan, devices)
+  described = layout.described
   checkpointer = checkpoint_lib.Checkpointer(
       workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
   if checkpointer.latest_step() is not None:
@@ -260,8 +291,8 @@ def _start(config, workdir, plan, initial_params, devices, read_only, lock) -> R
                             ema_params=None if state.ema_params is None else params)
   reporter = reporting.Reporter(workdir, config, total_steps=plan.total_steps,
                                 log_every=config.log_every, record_config=not read_only)
-  return Run(config, plan, mesh, rules, described, state, checkpointer, reporter, identity,
-             lock)
+  return Run(config, plan, layout.mesh, layout.rules, described, state, checkpointer,
+             reporter, identity, lock)
 
 
 # Device batches made ahead of the step that runs (one being copied while one

@@ -26,8 +26,9 @@ from pixel_vit.trainers import state as state_lib
 GRID_EXAMPLES = 8
 
 
-def validate(config) -> None:
-  loop.validate_common(config)
+def validate(config, target=None, *, files: bool = True) -> None:
+  """Before anything loads or compiles (arguments: `classification.validate`)."""
+  loop.validate_common(config, target, files=files)
   mae.validate_decoder_config(config.model)
   if not 0.0 < config.mask_ratio < 1.0:
     raise ValueError(f"config.mask_ratio={config.mask_ratio!r} must be in (0, 1).")
@@ -127,28 +128,40 @@ def make_reconstruct(config, graphdef, num_classes: int, permutation=None):
   return reconstruct
 
 
+def programs(layout: loop.Layout) -> dict[str, parallel.Program]:
+  """The jitted programs a run executes: the train step, the masked-loss
+  evaluation step and the reconstruction grid's."""
+  config, plan = layout.config, layout.plan
+  graphdef, permutation = layout.described.graphdef, plan.permutation
+  num_classes = plan.train_split.num_classes
+  params = layout.described.abstract.params
+  eval_batch = layout.abstract_batch(config.eval_batch_size, with_mask=True)
+  batch_index = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated)
+  return {
+      "train_step": layout.train_program(make_train_step(
+          config, graphdef, plan.tx, plan.schedule, num_classes, permutation)),
+      "eval_step": parallel.Program(
+          "eval_step", make_eval_sums(config, graphdef, num_classes, permutation),
+          args=(params, batch_index, eval_batch), out_shardings=layout.replicated),
+      "reconstruct": parallel.Program(
+          "reconstruct", make_reconstruct(config, graphdef, num_classes, permutation),
+          args=(params, eval_batch), out_shardings=layout.replicated),
+  }
+
+
 def train_and_evaluate(config, workdir: str, *, devices=None
                        ) -> tuple[state_lib.TrainState, dict]:
   """Pre-trains to the configured length on `devices` (default: all); returns
   the final state and the last evaluation's metrics."""
   plan = loop.plan(config, make_model_fn)
   check_data(config, plan)
-  num_classes = plan.train_split.num_classes
   run = loop.start(config, workdir, plan, devices=devices)
   run.announce(f"MAE {run.length}, mask ratio {config.mask_ratio}, "
                f"lr {config.optimizer.lr:.3g}")
 
-  graphdef, permutation = run.described.graphdef, plan.permutation
-  param_shardings = run.described.param_shardings
-  replicated = parallel.replicated(run.mesh)
-  eval_batch = run.batch_shardings(with_mask=True)
-  train_step = run.jit_train_step(make_train_step(config, graphdef, plan.tx, plan.schedule,
-                                                  num_classes, permutation))
-  eval_sums = run.jit(make_eval_sums(config, graphdef, num_classes, permutation),
-                      in_shardings=(param_shardings, replicated, eval_batch),
-                      out_shardings=replicated)
-  reconstruct = run.jit(make_reconstruct(config, graphdef, num_classes, permutation),
-                        in_shardings=(param_shardings, eval_batch), out_shardings=replicated)
+  jitted = {name: run.jit(program) for name, program in programs(run).items()}
+  train_step, eval_sums, reconstruct = (jitted[name] for name in
+                                        ("train_step", "eval_step", "reconstruct"))
 
   def evaluate(step: int, state: state_lib.TrainState) -> dict:
     batches = list(run.eval_batches())

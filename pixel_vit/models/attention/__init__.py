@@ -16,7 +16,7 @@ anything compiles (`validate`).
   the mesh (`choose_backend`).
 
 This module is the registry: backends import only `core` (and
-`pixel_vit.parallel`), never this module.
+`pixel_vit.parallel` / `pixel_vit.hardware`), never this module.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import spmd as flax_spmd
 
-from pixel_vit import parallel
+from pixel_vit import hardware, parallel
 from pixel_vit.config_checks import require
 from pixel_vit.models.attention.chunked import (BLOCK_SCORES, KEY_BLOCK, QUERY_BLOCK,
                                                 chunked_attention)
@@ -81,11 +81,17 @@ def _seq_shards(q_shape) -> int:
 
 
 def auto_attention(q, k, v, key_mask=None):
-  """Runs `choose_backend(...)`'s pick for these shapes, the platform and the mesh."""
+  """Runs `choose_backend(...)`'s pick for these shapes, the mesh and the
+  platform of the devices compiled for (`hardware.active_target`)."""
   self_attention = k.shape == q.shape
-  name = choose_backend(platform=jax.default_backend(), length=k.shape[1], dtype=q.dtype,
-                        seq_shards=_seq_shards(q.shape) if self_attention else 1,
-                        self_attention=self_attention)
+  platform = hardware.active_target().platform
+  seq_shards = _seq_shards(q.shape) if self_attention else 1
+  name = choose_backend(platform=platform, length=k.shape[1], dtype=q.dtype,
+                        seq_shards=seq_shards, self_attention=self_attention)
+  hardware.record_choice(
+      "model.attention=auto", name,
+      f"{'self' if self_attention else 'cross'}-attention over {k.shape[1]} keys in "
+      f"{jnp.dtype(q.dtype).name} on {platform}, tokens split {seq_shards} way(s)")
   return BACKENDS[name](q, k, v, key_mask)
 
 

@@ -243,7 +243,8 @@ def chunked_attention(q, k, v, key_mask=None, *, query_block: int = QUERY_BLOCK,
   padded query rows are dropped). Keys may be fewer or more than queries.
   Examples are processed `batch_block` at a time (the largest divisor of the
   batch not above it); None picks as many as keep a block's scores under
-  BLOCK_SCORES.
+  BLOCK_SCORES. Under a mesh each device runs its own examples and heads
+  (`core.per_device`).
 
   Matches `xla_attention` (float32: to rounding) including where a key_mask
   masks every key of an example: the output is then the mean of that
@@ -260,8 +261,14 @@ def chunked_attention(q, k, v, key_mask=None, *, query_block: int = QUERY_BLOCK,
       raise ValueError(f"chunked attention: {name}={block!r} must be a positive integer "
                        f"(default {default}).")
   key_mask = core.check_key_mask("chunked", key_mask, k)
-  batch, heads = q.shape[0], q.shape[2]
-  if batch_block is None:
-    scores = heads * _blocking(q.shape[1], query_block)[0] * _blocking(k.shape[1], key_block)[0]
-    batch_block = BLOCK_SCORES // scores
-  return _chunked(q, k, v, key_mask, query_block, key_block, _batch_group(batch, batch_block))
+
+  def local(q, k, v, key_mask):  # one device's examples and heads
+    batch, heads = q.shape[0], q.shape[2]
+    group = batch_block
+    if group is None:
+      scores = (heads * _blocking(q.shape[1], query_block)[0]
+                * _blocking(k.shape[1], key_block)[0])
+      group = BLOCK_SCORES // scores
+    return _chunked(q, k, v, key_mask, query_block, key_block, _batch_group(batch, group))
+
+  return core.per_device(local, q, k, v, key_mask)

@@ -12,7 +12,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax.core import spmd as flax_spmd
 from jax import lax
+from jax.sharding import PartitionSpec
+
+from pixel_vit import parallel
 
 AttentionFn = Callable[..., jax.Array]
 
@@ -30,6 +34,32 @@ def xla_attention(q, k, v, key_mask=None):
     logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def per_device(body: Callable, q, k, v, key_mask):
+  """`body(q, k, v, key_mask)` on each device's own examples and heads.
+
+  For a backend that needs whole sequences and loops over blocks (`chunked`,
+  `splash`): under a mesh (`parallel.activate`) it runs inside `shard_map`
+  over the mesh axes of the batch and the heads (those that divide them);
+  left to GSPMD, `chunked`'s loops gathered the whole global batch onto every
+  device and each device computed all of it. Without a mesh, `body` runs as
+  it is. `key_mask` [batch, key_length] (or None) is split with the batch.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return body(q, k, v, key_mask)
+  qkv_spec, mask_spec, _, _ = parallel.ring_layout(q.shape, mesh,
+                                                   flax_spmd.get_logical_axis_rules())
+  # Whole sequences on each device: the length entries are dropped.
+  qkv_spec = PartitionSpec(qkv_spec[0], None, qkv_spec[2], None)
+  mask_spec = PartitionSpec(mask_spec[0], None)
+  if key_mask is None:
+    return jax.shard_map(lambda q, k, v: body(q, k, v, None), mesh=mesh,
+                         in_specs=(qkv_spec,) * 3, out_specs=qkv_spec,
+                         check_vma=False)(q, k, v)
+  return jax.shard_map(body, mesh=mesh, in_specs=(qkv_spec,) * 3 + (mask_spec,),
+                       out_specs=qkv_spec, check_vma=False)(q, k, v, key_mask)
 
 
 # ---------------------------------------------------------------------------

@@ -13,26 +13,28 @@ key_length]) so encoder, MAE and DiT use it by name.
   Padded keys and masked keys get another segment id than the queries, so
   they are never attended; padded query rows are dropped.
 - Under a mesh (`parallel.activate`), the kernel runs inside `shard_map` over
-  the axes the logical rules give `batch` and `heads` (a Pallas call cannot be
-  partitioned by GSPMD); each device holds whole sequences.
-- On a platform other than TPU the kernel runs in Pallas interpret mode: slow,
-  exact, and how the tests check it against `xla` on CPU. Configuration
-  validation refuses `splash` off TPU for training runs.
+  the axes the logical rules give `batch` and `heads` (`core.per_device`: a
+  Pallas call cannot be partitioned by GSPMD); each device holds whole
+  sequences.
+- Compiled through Mosaic when the target is a TPU (also from a CPU machine
+  compiling for compile-only TPU devices, `pixel_vit.compile`); for any
+  other target the kernel runs in Pallas interpret mode: slow, exact, and how
+  the tests check it against `xla` on CPU. Configuration validation refuses
+  `splash` off TPU for training runs.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 
 import jax
 import jax.numpy as jnp
-from flax.core import spmd as flax_spmd
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_kernel as splash_kernel)
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_mask as splash_mask)
-from jax.sharding import PartitionSpec
 
-from pixel_vit import parallel
+from pixel_vit import hardware
 from pixel_vit.models.attention import core
 
 # The kernel's tile sizes must divide the (padded) length and be multiples of
@@ -56,11 +58,14 @@ def padded_blocking(length: int) -> tuple[int, int]:
 def _kernel(length: int, heads: int, block: int, interpret: bool):
   """The splash kernel for one example: full (non-causal) attention.
 
-  Built eagerly (its block-mask tables are concrete arrays) so the cached
-  kernel can be used by any later trace.
+  Its block-mask tables are concrete arrays, so it is built eagerly, on a
+  thread of its own: outside the trace and the mesh that asked for it (JAX
+  keeps both per thread), whose devices may be compile-only TPUs
+  (pixel_vit.compile) that cannot hold an array. The cached kernel then
+  serves any later trace.
   """
-  with jax.ensure_compile_time_eval():
-    return _make_kernel(length, heads, block, interpret)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as builder:
+    return builder.submit(_make_kernel, length, heads, block, interpret).result()
 
 
 def _make_kernel(length: int, heads: int, block: int, interpret: bool):
@@ -94,7 +99,8 @@ def _local_splash(q, k, v, kv_segments, *, interpret: bool):
 def splash_attention(q, k, v, key_mask=None, *, interpret: bool | None = None):
   """Self-attention with the splash kernel; matches `xla_attention`.
 
-  `interpret` None: compiled on TPU, Pallas interpret mode elsewhere. Where a
+  `interpret` None: compiled when the target (`hardware.active_target`, the
+  devices compiled for) is a TPU, Pallas interpret mode elsewhere. Where a
   key_mask masks every key of an example, the output is the mean of that
   example's values, as `xla_attention`'s softmax over equal logits gives (the
   kernel itself needs one attended key per row).
@@ -103,7 +109,7 @@ def splash_attention(q, k, v, key_mask=None, *, interpret: bool | None = None):
   key_mask = core.check_key_mask("splash", key_mask, k)
   batch, length = q.shape[:2]
   if interpret is None:
-    interpret = jax.default_backend() != "tpu"
+    interpret = hardware.active_target().platform != "tpu"
 
   _, padded = padded_blocking(length)
   keep = jnp.ones((batch, length), bool) if key_mask is None else key_mask
@@ -118,15 +124,7 @@ def splash_attention(q, k, v, key_mask=None, *, interpret: bool | None = None):
   q, k, v = (jnp.pad(x, pad) for x in (q * scale, k, v))
 
   body = functools.partial(_local_splash, interpret=interpret)
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty:
-    rules = flax_spmd.get_logical_axis_rules()
-    qkv_spec, mask_spec, _, _ = parallel.ring_layout(q.shape, mesh, rules)
-    # Whole sequences on each device: the length entry is dropped.
-    qkv_spec = PartitionSpec(qkv_spec[0], None, qkv_spec[2], None)
-    body = jax.shard_map(body, mesh=mesh, in_specs=(qkv_spec,) * 3 + (
-        PartitionSpec(mask_spec[0], None),), out_specs=qkv_spec, check_vma=False)
-  out = body(q, k, v, kv_segments)[:, :length]
+  out = core.per_device(body, q, k, v, kv_segments)[:, :length]
   if key_mask is None:
     return out
   mean_values = v[:, :length].mean(axis=1, keepdims=True).astype(out.dtype)

@@ -1,0 +1,274 @@
+r"""docs/tpu_plan.md from real compiles: a TPU slice for every README experiment.
+
+For every row of README.md's experiments table, each of its training
+commands (`python -m pixel_vit.main ...`, the paper's global batch and
+schedule as the configs give them) is compiled with `python -m
+pixel_vit.compile` for the slices of LADDER in order, until every program
+of every command of the row fits; that is the row's slice. DiT rows
+include the sampler (the `sample` program, what `pixel_vit.sample` runs).
+
+Each compile runs in a fresh process, exactly as a user runs it, and
+leaves its report (the command's --json_out) in docs/tpu_plan_runs/; a
+report already there for the same command, slice and jax/libtpu versions is
+read instead of compiled again, so an interrupted plan continues where it
+stopped. These are compiles, not runs: no TPU has run these programs. The
+step time and chip-hours are estimates from the compiled FLOPs and HBM
+traffic against the chip's published peaks.
+
+  python -m experiments.tpu_plan                  # everything (hours on 2 cores)
+  python -m experiments.tpu_plan --match=DiT      # the rows whose name contains DiT
+  python -m experiments.tpu_plan --report_only    # rewrite docs/tpu_plan.md from the reports
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = os.path.join(REPO, "docs", "tpu_plan_runs")
+PLAN = os.path.join(REPO, "docs", "tpu_plan.md")
+
+# The slices tried, in order: v5e (the cheapest chip) from 4 to 64 chips,
+# then v5p (6x the HBM per chip) from 4 to 64 chips. A row that fits none
+# says so, with the compiler's numbers.
+LADDER = ("v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:4x8", "v5e:8x8",
+          "v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4")
+
+TABLE = re.compile(r"<!-- experiments-table -->(.*?)<!-- /experiments-table -->", re.S)
+MAIN_COMMAND = re.compile(r"`python -m pixel_vit\.main ([^`]+)`")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  name: str
+  commands: tuple[tuple[str, ...], ...]  # each: the compile flags (--config, --config.K=V)
+
+
+def readme_rows() -> list[Row]:
+  """The experiments table's rows and their training commands' config flags."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    table = TABLE.search(f.read()).group(1)
+  rows = []
+  for line in table.strip().splitlines()[2:]:
+    name = line.split("|")[1].strip()
+    commands = []
+    for flags_text in MAIN_COMMAND.findall(line):
+      flags = tuple(w for w in shlex.split(flags_text) if w.startswith("--config"))
+      commands.append(flags)
+    rows.append(Row(name, tuple(commands)))
+  return rows
+
+
+def versions() -> str:
+  return "jax {} libtpu {}".format(*(importlib.metadata.version(p) for p in ("jax", "libtpu")))
+
+
+def report_path(flags: tuple[str, ...], topology: str) -> str:
+  key = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:10]
+  config = re.sub(r"[^A-Za-z0-9]+", "_", flags[0].split("/")[-1])[:60]
+  return os.path.join(RUNS, f"{config}__{key}__{topology.replace(':', '_')}.json")
+
+
+def compile_report(flags: tuple[str, ...], topology: str, *, recompile: bool) -> dict:
+  """The compile command's report for `flags` on `topology` (read back if done)."""
+  path = report_path(flags, topology)
+  if os.path.exists(path) and not recompile:
+    with open(path) as f:
+      record = json.load(f)
+    if record.get("flags") == list(flags) and record.get("versions") == versions():
+      return record
+  command = [sys.executable, "-m", "pixel_vit.compile", f"--topology={topology}",
+             f"--json_out={path}.part", *flags]
+  print(f"[plan] {' '.join(shlex.quote(c) for c in command[1:])}", flush=True)
+  start = time.time()
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+  if not os.path.exists(f"{path}.part"):  # an error before any report: keep its message
+    message = (result.stderr.strip().split("\nerror: ")[-1] or "no output").splitlines()[0]
+    record = dict(error=message)
+  else:
+    with open(f"{path}.part") as f:
+      record = json.load(f)
+    os.remove(f"{path}.part")
+  record.update(flags=list(flags), topology=topology, versions=versions(),
+                exit_code=result.returncode, wall_seconds=round(time.time() - start, 1),
+                date=datetime.date.today().isoformat())
+  os.makedirs(RUNS, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(record, f, indent=1)
+  print(f"[plan]   exit {result.returncode} in {record['wall_seconds']:.0f} s: "
+        f"{'fits' if record.get('fits') else record.get('error') or 'does not fit'}",
+        flush=True)
+  return record
+
+
+def plan_row(row: Row, report_for) -> dict:
+  """The first slice of LADDER on which every command of `row` fits, with
+  each command's report there and the slices refused before it.
+  `report_for(flags, topology)` gives a report, or None when there is none
+  (--report_only): then the row is left unplanned."""
+  tried = []
+  for topology in LADDER:
+    reports = []
+    for flags in row.commands:
+      record = report_for(flags, topology)
+      if record is None:
+        return dict(row=row, topology=None, reports=[], tried=tried, missing=True)
+      reports.append(record)
+      if not record.get("fits"):
+        break
+    tried.append((topology, reports))
+    if all(r.get("fits") for r in reports) and len(reports) == len(row.commands):
+      return dict(row=row, topology=topology, reports=reports, tried=tried, missing=False)
+    if any("error" in r for r in reports):  # not a memory limit: bigger slices will not help
+      break
+  return dict(row=row, topology=None, reports=[], tried=tried, missing=False)
+
+
+def stored_report(flags: tuple[str, ...], topology: str) -> dict | None:
+  path = report_path(flags, topology)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+# ---------------------------------------------------------------- the report
+
+GIB = 2 ** 30
+
+
+def _refusal_note(record: dict) -> str:
+  if "error" in record:
+    return record["error"]
+  refused = [f"{r['program']}: {r['compiler_says']}" for r in record.get("refused", [])]
+  over = [f"{p['name']} peak {p['peak_bytes'] / GIB:.1f} GiB" for p in record.get("programs", [])
+          if p["margin_bytes"] < 0]
+  return "; ".join(refused + over)
+
+
+def _command_text(flags) -> str:
+  return " ".join(flags)
+
+
+def format_plan(planned: list[dict]) -> str:
+  lines = [
+      "# The paper's experiments on TPU: slices from real compiles",
+      "",
+      "<!-- written by python -m experiments.tpu_plan; do not edit by hand -->",
+      "",
+      "**These are compiles, not runs.** No TPU has run these programs. Each row's",
+      "training command(s) from README's experiments table, with the paper's global",
+      "batch and the config's schedule, were compiled by `python -m pixel_vit.compile`",
+      "on a 2-core CPU machine with libtpu (the real TPU compiler, Mosaic kernels",
+      "included) for compile-only TPU devices, trying the slices "
+      + ", ".join(f"`{t}`" for t in LADDER) + " in order;",
+      "the first on which every program of every command fits is the row's slice.",
+      "",
+      "- *peak / left*: the compiler's peak memory per chip (arguments, outputs and",
+      "  live temporaries), and what is left of the HBM it lets a program use.",
+      "- *TFLOP/step*: matmul FLOPs of one train step per chip, counted in the traced",
+      "  program (every scan iteration and Pallas kernel block counted).",
+      "- *HBM traffic*: an estimate from the compiled HLO (each fusion reads its",
+      "  operands and writes its result once).",
+      "- *step / chip-hours*: an **estimate**, not a measurement: max(FLOPs / bf16",
+      "  peak, HBM traffic / HBM bandwidth) per step, times the config's training",
+      "  steps and the slice's chips; evaluation and input are not included, and real",
+      "  steps reach perhaps 40-70% of such a bound.",
+      "- *collectives*: per train step and chip, from the compiled HLO.",
+      "",
+      "| experiment | command | slice | program | peak / left GiB | TFLOP/step | HBM traffic GiB | "
+      "collectives | compile s |",
+      "|---|---|---|---|---|---|---|---|---|",
+  ]
+  notes = []
+  for entry in planned:
+    row = entry["row"]
+    if entry["missing"]:
+      lines.append(f"| {row.name} | | not compiled yet | | | | | | |")
+      continue
+    if entry["topology"] is None:
+      last_topology, last_reports = entry["tried"][-1] if entry["tried"] else ("-", [])
+      why = "; ".join(_refusal_note(r) for r in last_reports if not r.get("fits"))
+      lines.append(f"| {row.name} | | **fits none up to {LADDER[-1]}** | | | | | | |")
+      notes.append(f"- {row.name}: on {last_topology}: {why}")
+      continue
+    for record in entry["reports"]:
+      chip_slice = f"{record['slice']} (`{record['topology']}`)"
+      for program in record["programs"]:
+        collectives = ", ".join(f"{c['kind']} {c['count']:g}x {c['bytes'] / GIB:.2g} GiB"
+                                for c in program["collectives"]) or "none"
+        lines.append(
+            f"| {row.name} | `{_command_text(record['flags'])}` | {chip_slice} | "
+            f"{program['name']} | {program['peak_bytes'] / GIB:.2f} / "
+            f"{program['margin_bytes'] / GIB:.2f} | {program['flops'] / 1e12:.3g} | "
+            f"{program['hbm_traffic_bytes'] / GIB:.3g} | {collectives} | "
+            f"{program['compile_seconds']:.0f} |")
+    refused = [(t, r) for t, reports in entry["tried"][:-1] for r in reports
+               if not r.get("fits")]
+    if refused:
+      notes.append(f"- {row.name}: " + "; ".join(
+          f"{t}: {_refusal_note(r)}" for t, r in refused))
+  lines += ["", "## Estimated training cost (the config's schedule)", "",
+            "| experiment | command | slice | chips | auto choices | est. step | bound | "
+            "steps | est. hours | est. chip-hours |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+  for entry in planned:
+    for record in entry["reports"]:
+      estimate = record.get("estimate")
+      if not estimate:
+        continue
+      choices = "; ".join(f"{c['setting'].split('=')[0].split('.')[-1]}: {c['chose']}"
+                          for c in record["choices"] if "train_step" in c["programs"])
+      lines.append(
+          f"| {entry['row'].name} | `{_command_text(record['flags'])}` | {record['slice']} | "
+          f"{record['target']['device_count']} | {choices} | "
+          f"{estimate['step_seconds'] * 1e3:.3g} ms | {estimate['bound']} | "
+          f"{estimate['steps']:,} | {estimate['hours']:.3g} | {estimate['chip_hours']:,.0f} |")
+  if notes:
+    lines += ["", "## Smaller slices the compiler refused", ""] + notes
+  lines += ["", f"Compiled with {versions()} on {datetime.date.today().isoformat()}; "
+            "reports in `docs/tpu_plan_runs/`. Regenerate: `python -m experiments.tpu_plan` "
+            "(hours on 2 cores; reports already there are reused).", ""]
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m experiments.tpu_plan",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--match", default="", help="only rows whose name contains this")
+  parser.add_argument("--report_only", action="store_true",
+                      help="compile nothing: rewrite the plan from the reports there are")
+  parser.add_argument("--recompile", action="store_true", help="ignore existing reports")
+  args = parser.parse_args(argv)
+  if args.report_only:
+    report_for = stored_report
+  else:
+    def report_for(flags, topology):
+      return compile_report(flags, topology, recompile=args.recompile)
+  planned = []
+  for row in readme_rows():
+    if args.match not in row.name:
+      continue
+    print(f"[plan] {row.name}: {len(row.commands)} command(s)", flush=True)
+    planned.append(plan_row(row, report_for))
+  if args.match and not args.report_only:
+    print(format_plan(planned))
+    return 0
+  with open(PLAN, "w") as f:
+    f.write(format_plan(planned))
+  print(f"[plan] wrote {PLAN}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
