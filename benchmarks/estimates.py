@@ -1,8 +1,18 @@
-r"""On paper, for GPU and TPU: expected MFU of a train step per attention backend.
+r"""Expected MFU of a train step on GPU and TPU: from compiled programs where a
+compiler is at hand (TPU), on paper otherwise (GPU).
 
-An ESTIMATE from FLOP and byte counts (a roofline), not a measurement: this
-machine has no accelerator. For each of the paper's shapes and each backend
-it counts, per example and per layer, forward + backward:
+TPU rows (`--tpus`, needs the [tpu] extra): the real train step of each
+workload (configs/cls_pixel.py or dit_pixel.py, bfloat16, `auto` attention
+and remat, `--per_chip_batch` examples per chip) is compiled for a small
+slice of each chip with `pixel_vit.compile`; the bound is the model FLOPs
+over max(compiled matmul FLOPs / peak, estimated HBM traffic / bandwidth),
+both read from the compiled program. Still an ESTIMATE (no TPU ran it),
+but of the program the pod would run, padding, remat and layout included.
+
+GPU rows: a hand roofline (no GPU compiler is installed here by default;
+`pixel_vit.compile --topology=h100:8` works with jax's CUDA plugin). For each
+of the paper's shapes and each backend it counts, per example and per layer,
+forward + backward:
 
 - matmul FLOPs: the model FLOPs MFU is based on (`throughput.analytic_flops`'s
   convention: 3 x forward) plus what the backend recomputes (flash backends
@@ -26,7 +36,8 @@ MFU printed is an upper bound at full matmul efficiency; real steps reach
 perhaps 50-70% of it. `auto` is `attention.choose_backend` for the platform
 in bfloat16.
 
-  python -m benchmarks.estimates            # the README's table
+  python -m benchmarks.estimates                      # GPU roofline + TPU compiles (~15 min)
+  python -m benchmarks.estimates --tpus=               # the GPU roofline only (seconds)
 """
 from __future__ import annotations
 
@@ -45,27 +56,38 @@ class Accelerator:
   hbm_tb_s: float
 
 
-# Published dense bf16 peaks and HBM bandwidths.
+# Published dense bf16 peaks and HBM bandwidths of the GPUs (the TPUs' are
+# pixel_vit.hardware.CHIPS).
 ACCELERATORS = (
     Accelerator("A100 SXM", "gpu", 312.0, 2.04),
     Accelerator("H100 SXM", "gpu", 989.0, 3.35),
-    Accelerator("TPU v4", "tpu", 275.0, 1.2),
-    Accelerator("TPU v5e", "tpu", 197.0, 0.82),
-    Accelerator("TPU v5p", "tpu", 459.0, 2.76),
 )
+# The TPU slices the compiled rows are compiled for (4 chips each).
+TPU_SLICES = ("v4:2x2x1", "v5e:2x2", "v5p:2x2x1")
 
-# (label, variant, image size, channels, [CLS] token): the paper's shapes.
-# DiT's blocks are counted as the encoder's (its adaLN modulation adds ~1%).
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  label: str
+  variant: str
+  image_size: int
+  channels: int
+  cls_token: bool  # DiT's blocks are counted as the encoder's (adaLN adds ~1%)
+  config: str  # what pixel_vit.compile builds for the TPU rows
+
+
+# The paper's shapes.
 WORKLOADS = (
-    ("CIFAR-100 ViT-Ti/2", "Ti/2", 32, 3, True),
-    ("CIFAR-100 PiT-Ti/1", "Ti/1", 32, 3, True),
-    ("CIFAR-100 PiT-S/1", "S/1", 32, 3, True),
-    ("ImageNet 28x28 PiT-B/1", "B/1", 28, 3, True),
-    ("ImageNet 28x28 PiT-L/1", "L/1", 28, 3, True),
-    ("DiT latents 32x32x4 PiT-L/1", "L/1", 32, 4, False),
+    Workload("CIFAR-100 ViT-Ti/2", "Ti/2", 32, 3, True, "cls_pixel.py:variant=Ti/2"),
+    Workload("CIFAR-100 PiT-Ti/1", "Ti/1", 32, 3, True, "cls_pixel.py:variant=Ti/1"),
+    Workload("CIFAR-100 PiT-S/1", "S/1", 32, 3, True, "cls_pixel.py:variant=S/1"),
+    Workload("ImageNet 28x28 PiT-B/1", "B/1", 28, 3, True,
+             "cls_pixel.py:variant=B/1,dataset=imagenet28"),
+    Workload("ImageNet 28x28 PiT-L/1", "L/1", 28, 3, True,
+             "cls_pixel.py:variant=L/1,dataset=imagenet28"),
+    Workload("DiT latents 32x32x4 PiT-L/1", "L/1", 32, 4, False, "dit_pixel.py:variant=L/1"),
 )
-BACKENDS = ("xla", "chunked", "dot_product", "splash")
-ON_PLATFORM = {"gpu": ("xla", "chunked", "dot_product"), "tpu": ("xla", "chunked", "splash")}
+BACKENDS = ("xla", "chunked", "dot_product")
 
 BF16 = 2
 # Reads + writes of each token's width-sized vectors per layer, forward and
@@ -109,34 +131,89 @@ def estimate(accelerator: Accelerator, variant: str, image_size: int, channels: 
               bound="memory" if memory_s > compute_s else "compute")
 
 
+def tokens_of(workload: Workload) -> int:
+  _, patch = vit.parse_variant(workload.variant)
+  return (workload.image_size // patch) ** 2 + workload.cls_token
+
+
 def table() -> str:
+  """The GPU rows: a hand roofline per backend."""
   lines = ["| accelerator | workload | tokens | auto picks | "
            + " | ".join(f"{b} MFU bound" for b in BACKENDS) + " |",
            "|---|---|---|---|" + "---|" * len(BACKENDS)]
   for acc in ACCELERATORS:
-    for label, variant, image_size, channels, cls_token in WORKLOADS:
-      _, patch = vit.parse_variant(variant)
-      tokens = (image_size // patch) ** 2 + cls_token
+    for w in WORKLOADS:
+      tokens = tokens_of(w)
       picked = attention.choose_backend(platform=acc.platform, length=tokens,
                                         dtype="bfloat16")
       cells = []
       for backend in BACKENDS:
-        if backend not in ON_PLATFORM[acc.platform]:
-          cells.append("—")
-          continue
-        e = estimate(acc, variant, image_size, channels, cls_token, backend)
+        e = estimate(acc, w.variant, w.image_size, w.channels, w.cls_token, backend)
         mark = "**" if backend == picked else ""
         cells.append(f"{mark}{100 * e['mfu']:.0f}%{mark} ({e['bound'][0]})")
-      lines.append(f"| {acc.name} | {label} | {tokens} | {picked} | " + " | ".join(cells) + " |")
+      lines.append(f"| {acc.name} | {w.label} | {tokens} | {picked} | " + " | ".join(cells)
+                   + " |")
+  return "\n".join(lines)
+
+
+def compiled_bound(workload: Workload, train_cost, chip, per_chip_batch: int) -> dict:
+  """The MFU bound of a compiled train step (program_costs.ProgramCost, per
+  chip): model FLOPs (3 x forward) over the step's time bound."""
+  model = throughput.analytic_flops(workload.variant, workload.image_size, workload.channels,
+                                    num_classes=1000, cls_token=workload.cls_token)
+  compute_s = train_cost.flops / chip.bf16_flops
+  memory_s = train_cost.hbm_traffic_bytes / chip.hbm_bytes_per_s
+  step_s = max(compute_s, memory_s)
+  return dict(mfu=per_chip_batch * model["train"] / step_s / chip.bf16_flops,
+              bound="memory" if memory_s > compute_s else "compute", step_s=step_s)
+
+
+def compiled_table(slices, per_chip_batch: int) -> str:
+  """The TPU rows: each workload's real train step compiled for each slice."""
+  import jax
+  from pixel_vit import compile as compile_lib
+  from pixel_vit import command_line, hardware
+  jax.config.update("jax_platforms", "cpu")  # compile-only devices; this host's CPU runs nothing
+  lines = ["| TPU (compiled) | workload | tokens | attention, remat (auto) | MFU bound | "
+           "step bound | peak GiB / chip |", "|---|---|---|---|---|---|---|"]
+  for topology in slices:
+    devices = hardware.tpu_devices(topology)
+    for w in WORKLOADS:
+      config = command_line.load_config(f"{throughput.REPO_ROOT}/configs/{w.config}")
+      config.model.dtype = "bfloat16"
+      config.batch_size = per_chip_batch * len(devices)
+      report = compile_lib.compile_run(config, devices, topology=topology,
+                                       programs=["train_step"])
+      chosen = ", ".join(c.chose for _, c in report.choices)
+      if not report.costs:
+        lines.append(f"| {report.chip.name} | {w.label} | {tokens_of(w)} | {chosen} | refused: "
+                     f"{report.refusals[0].compiler_says} | | |")
+        continue
+      cost = report.costs[0]
+      e = compiled_bound(w, cost, report.chip, per_chip_batch)
+      lines.append(f"| {report.chip.name} | {w.label} | {tokens_of(w)} | {chosen} | "
+                   f"{100 * e['mfu']:.0f}% ({e['bound'][0]}) | {e['step_s'] * 1e3:.3g} ms | "
+                   f"{cost.peak_bytes / hardware.GIB:.2f} |")
   return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-  argparse.ArgumentParser(prog="python -m benchmarks.estimates",
-                          description=__doc__.split("\n")[0]).parse_args(argv)
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.estimates",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--tpus", default=",".join(TPU_SLICES),
+                      help="TPU slices to compile for ('' for none; needs the [tpu] extra)")
+  parser.add_argument("--per_chip_batch", type=int, default=32,
+                      help="examples per chip of the compiled train steps")
+  args = parser.parse_args(argv)
+  print("GPU, a hand roofline (no GPU compiler here):\n")
   print(table())
   print("\nMFU upper bound = model FLOPs / max(executed FLOPs / peak, HBM bytes / bandwidth);"
         " (c) compute-bound, (m) memory-bound; bold = what `auto` runs (bfloat16).")
+  slices = [s for s in args.tpus.split(",") if s]
+  if slices:
+    print(f"\nTPU, from the compiled train step (bfloat16, {args.per_chip_batch} examples per "
+          "chip; an estimate: no TPU ran it):\n")
+    print(compiled_table(slices, args.per_chip_batch))
   return 0
 
 

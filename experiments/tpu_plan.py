@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+from experiments import readme_table
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(REPO, "docs", "tpu_plan_runs")
 PLAN = os.path.join(REPO, "docs", "tpu_plan.md")
@@ -44,8 +46,6 @@ PLAN = os.path.join(REPO, "docs", "tpu_plan.md")
 LADDER = ("v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:4x8", "v5e:8x8",
           "v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4")
 
-TABLE = re.compile(r"<!-- experiments-table -->(.*?)<!-- /experiments-table -->", re.S)
-MAIN_COMMAND = re.compile(r"`python -m pixel_vit\.main ([^`]+)`")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,18 +55,12 @@ class Row:
 
 
 def readme_rows() -> list[Row]:
-  """The experiments table's rows and their training commands' config flags."""
-  with open(os.path.join(REPO, "README.md")) as f:
-    table = TABLE.search(f.read()).group(1)
-  rows = []
-  for line in table.strip().splitlines()[2:]:
-    name = line.split("|")[1].strip()
-    commands = []
-    for flags_text in MAIN_COMMAND.findall(line):
-      flags = tuple(w for w in shlex.split(flags_text) if w.startswith("--config"))
-      commands.append(flags)
-    rows.append(Row(name, tuple(commands)))
-  return rows
+  """The experiments table's rows and their training commands' config flags
+  (`pixel_vit.main` commands; a DiT row's sampler is one of its programs)."""
+  return [Row(name, tuple(tuple(w for w in shlex.split(command) if w.startswith("--config"))
+                          for command in commands
+                          if command.startswith("python -m pixel_vit.main ")))
+          for name, commands in readme_table.rows()]
 
 
 def versions() -> str:
@@ -74,9 +68,10 @@ def versions() -> str:
 
 
 def report_path(flags: tuple[str, ...], topology: str) -> str:
-  key = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:10]
-  config = re.sub(r"[^A-Za-z0-9]+", "_", flags[0].split("/")[-1])[:60]
-  return os.path.join(RUNS, f"{config}__{key}__{topology.replace(':', '_')}.json")
+  text = " ".join(flags)
+  key = hashlib.sha256(text.encode()).hexdigest()[:8]
+  name = re.sub(r"[^A-Za-z0-9]+", "_", text.replace("--config=configs/", "").replace(".py", ""))
+  return os.path.join(RUNS, f"{name.strip('_')[:70]}__{key}__{topology.replace(':', '_')}.json")
 
 
 def compile_report(flags: tuple[str, ...], topology: str, *, recompile: bool) -> dict:

@@ -20,19 +20,17 @@ weights) are dropped from the shrunken copy: they are inputs, not code.
 """
 import json
 import os
-import re
 
 import numpy as np
 import pytest
 
-from support import REPO_ROOT, Command, build
+from experiments import readme_table
+from support import Command, build
 from pixel_vit import main as main_lib
 from pixel_vit import sample as sample_lib
 from pixel_vit.data import sources
 from pixel_vit.trainers import state as state_lib
 
-TABLE = re.compile(r"<!-- experiments-table -->(.*?)<!-- /experiments-table -->", re.S)
-COMMAND = re.compile(r"`(python -m pixel_vit\.(?:main|sample) [^`]+)`")
 EXTERNAL_FILES = ("fid.features", "fid.reference", "vae.weights")
 
 
@@ -45,10 +43,7 @@ def real_data(source: str) -> tuple:
 
 
 def readme_commands() -> list[str]:
-  with open(REPO_ROOT / "README.md") as f:
-    match = TABLE.search(f.read())
-  assert match, "README.md has no <!-- experiments-table --> section"
-  return COMMAND.findall(match.group(1))
+  return [command for _, commands in readme_table.rows() for command in commands]
 
 
 def strip_external_files(config) -> None:
