@@ -124,11 +124,16 @@ def resolved_remat(config, image_size: int, batch: int) -> str:
   import jax
 
   from pixel_vit import parallel
+  from pixel_vit.models import attention
   size, patch = vit.parse_variant(config.model.variant)
   tokens = (image_size // patch) ** 2 + (config.model.pool == "cls")
   shards = parallel.batch_shards(config.mesh, jax.device_count())
+  dtype = vit.DTYPES[config.model.dtype]
+  attention_bytes = attention.remat_saved_bytes(
+      config.model.attention, batch=batch, length=tokens, heads=size.heads,
+      head_dim=size.width // size.heads, dtype=dtype)
   return vit.auto_remat(size, batch_per_device=-(-batch // shards), tokens=tokens,
-                        dtype=vit.DTYPES[config.model.dtype])
+                        dtype=dtype, attention_bytes=attention_bytes)
 
 
 # ---------------------------------------------------------------------------

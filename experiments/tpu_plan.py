@@ -80,7 +80,10 @@ def compile_report(flags: tuple[str, ...], topology: str, *, recompile: bool) ->
   if os.path.exists(path) and not recompile:
     with open(path) as f:
       record = json.load(f)
-    if record.get("flags") == list(flags) and record.get("versions") == versions():
+    # Errors (not a memory refusal) are compiled again: they may have been
+    # the machine's, not the config's.
+    if (record.get("flags") == list(flags) and record.get("versions") == versions()
+        and "error" not in record):
       return record
   command = [sys.executable, "-m", "pixel_vit.compile", f"--topology={topology}",
              f"--json_out={path}.part", *flags]
@@ -88,7 +91,9 @@ def compile_report(flags: tuple[str, ...], topology: str, *, recompile: bool) ->
   start = time.time()
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
   if not os.path.exists(f"{path}.part"):  # an error before any report: keep its message
-    message = (result.stderr.strip().split("\nerror: ")[-1] or "no output").splitlines()[0]
+    stderr = result.stderr.strip()
+    message = (stderr.split("\nerror: ")[-1].splitlines()[0] if "\nerror: " in stderr
+               else " | ".join(stderr.splitlines()[-3:]) or "no output")
     record = dict(error=message)
   else:
     with open(f"{path}.part") as f:

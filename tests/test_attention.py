@@ -369,3 +369,16 @@ def test_chunked_runs_each_devices_own_examples_under_a_data_mesh(masked):
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
   for got, want in zip(grads, want_grads):
     np.testing.assert_allclose(got, want, **GRAD_TOL)
+
+
+def test_remat_keeps_the_flash_backends_residuals_and_counts_them():
+  # Per token, what remat `dots` keeps of attention beyond the projections.
+  shape = dict(batch=8, length=257, heads=3, head_dim=64, dtype=jnp.float32)
+  out = 3 * 64 * 4
+  assert attention.remat_saved_bytes("xla", **shape) == 0  # scores recomputed
+  assert attention.remat_saved_bytes("chunked", **shape) == out + 3 * 4
+  # splash: its log-sum-exp over 128 float32 lanes, at 257 tokens padded to 384.
+  assert attention.remat_saved_bytes("splash", **shape) == 384 / 257 * (out + 3 * 4 * 128)
+  # auto: what it will run for this (CPU) target and length.
+  assert attention.remat_saved_bytes("auto", **shape) == attention.remat_saved_bytes(
+      "chunked", **shape)

@@ -157,12 +157,15 @@ def test_classification_compiles_for_a_v5e_slice():
 
 
 def test_mae_pretraining_and_fine_tuning_compile_for_a_v5e_slice():
-  # MAE PiT-Ti/1 at batch 1,024: v5e:2x2 and v5e:2x4 are refused (18.9 and 21.7 GiB;
-  # remat=auto keeps more on 8 chips), v5e:4x4 fits.
-  pretrain = compile_config("mae_pixel.py", "variant=Ti/1", "v5e:4x4")
+  # MAE PiT-Ti/1 at batch 1,024 on 4 v5e chips. remat=auto chose `dots` for
+  # the encoder here while it left out splash's residuals (a log-sum-exp
+  # over 128 float32 lanes per head, at the padded length), and the compiler
+  # refused the program (18.9 GiB); counted, auto keeps `full` and it fits.
+  pretrain = compile_config("mae_pixel.py", "variant=Ti/1", "v5e:2x2")
   assert_fits(pretrain, ["train_step", "eval_step", "reconstruct"])
+  assert chose(pretrain, "model.remat=auto") == {"full"}
   finetune = compile_config("mae_finetune.py", "variant=Ti/1,init_from=/nowhere/mae_Ti1",
-                            "v5e:4x4", programs=["train_step"])
+                            "v5e:2x2", programs=["train_step"])
   assert_fits(finetune, ["train_step"])
 
 

@@ -73,19 +73,22 @@ REMAT_CHOICES = ("auto", "none", "dots", "full")
 
 
 def saved_activation_bytes(remat: str, *, batch: int, tokens: int, width: int, mlp_dim: int,
-                           depth: int, dtype_bytes: int) -> int:
+                           depth: int, dtype_bytes: int, attention_bytes: float = 0.0) -> int:
   """What the backward pass keeps of the blocks' forward, per device.
 
   Per token and layer: `none` keeps about 11 width-sized vectors (LayerNorm
   inputs and outputs, q, k, v, attention output, projections, residuals)
   and 2 mlp-sized ones (fc1, GELU), plus, not counted here, the [heads, N,
   N] probabilities of an attention that materialises them (`xla`);
-  `dots` keeps the matmul outputs (qkv, out, fc1, fc2: 5 x width + mlp);
-  `full` keeps each layer's input only.
+  `dots` keeps the matmul outputs (qkv, out, fc1, fc2: 5 x width + mlp) and
+  `attention_bytes` per token of the attention backend's own residuals
+  (`attention.remat_saved_bytes`); `full` keeps each layer's input only.
   """
   per_token = {"none": 11 * width + 2 * mlp_dim, "dots": 5 * width + mlp_dim,
-               "full": width}[remat]
-  return depth * batch * tokens * per_token * dtype_bytes
+               "full": width}[remat] * dtype_bytes
+  if remat == "dots":
+    per_token += attention_bytes
+  return int(depth * batch * tokens * per_token)
 
 
 def choose_remat(*, memory_bytes: int, **shape) -> str:
@@ -105,14 +108,14 @@ def choose_remat(*, memory_bytes: int, **shape) -> str:
 
 
 def auto_remat(size: EncoderSize, *, batch_per_device: int, tokens: int, dtype,
-               memory_bytes: int | None = None) -> str:
+               memory_bytes: int | None = None, attention_bytes: float = 0.0) -> str:
   """What `remat='auto'` runs for `size` blocks on `tokens` tokens; the
   memory is one device's of the target (`hardware.active_target`) unless given."""
   return choose_remat(
       memory_bytes=hardware.active_target().memory_bytes if memory_bytes is None
       else memory_bytes,
       batch=batch_per_device, tokens=tokens, width=size.width, mlp_dim=size.mlp_dim,
-      depth=size.depth, dtype_bytes=jnp.dtype(dtype).itemsize)
+      depth=size.depth, dtype_bytes=jnp.dtype(dtype).itemsize, attention_bytes=attention_bytes)
 
 
 def parse_variant(variant: str) -> tuple[EncoderSize, int]:
@@ -336,11 +339,15 @@ class BlockStack(nnx.Module):
                        mlp_dim=mlp.fc1_kernel.shape[-1])
     per_device = -(-batch // parallel.batch_shards_active())
     memory = hardware.active_target().memory_bytes
+    attention_bytes = attention_lib.remat_saved_bytes(
+        attn.attention, batch=batch, length=tokens, heads=size.heads,
+        head_dim=width // size.heads, dtype=x.dtype)
     remat = auto_remat(size, batch_per_device=per_device, tokens=tokens, dtype=x.dtype,
-                       memory_bytes=memory)
+                       memory_bytes=memory, attention_bytes=attention_bytes)
     kept = saved_activation_bytes("dots", batch=per_device, tokens=tokens, width=width,
                                   mlp_dim=size.mlp_dim, depth=self.depth,
-                                  dtype_bytes=jnp.dtype(x.dtype).itemsize)
+                                  dtype_bytes=jnp.dtype(x.dtype).itemsize,
+                                  attention_bytes=attention_bytes)
     hardware.record_choice(
         "model.remat=auto", remat,
         f"{self.depth} blocks of width {width} on {tokens} tokens, batch {per_device} per "

@@ -31,13 +31,13 @@ from pixel_vit.models.attention.chunked import (BLOCK_SCORES, KEY_BLOCK, QUERY_B
 from pixel_vit.models.attention.core import AttentionFn, REMAT_SAVEABLE_NAMES, xla_attention
 from pixel_vit.models.attention.dot_product import dot_product_attention
 from pixel_vit.models.attention.ring import ring_attention
-from pixel_vit.models.attention.splash import splash_attention
+from pixel_vit.models.attention.splash import padded_blocking, splash_attention, splash_kernel
 
 __all__ = [
     "AttentionFn", "BACKENDS", "BLOCK_SCORES", "CHUNKED_FROM_LENGTH", "KEY_BLOCK",
     "QUERY_BLOCK", "REMAT_SAVEABLE_NAMES", "auto_attention", "choose_backend",
-    "chunked_attention", "dot_product_attention", "get_backend", "ring_attention",
-    "splash_attention", "validate", "xla_attention",
+    "chunked_attention", "dot_product_attention", "get_backend", "remat_saved_bytes",
+    "ring_attention", "splash_attention", "validate", "xla_attention",
 ]
 
 # `chunked` is used from this many keys on, `xla` below. Measured on the
@@ -93,6 +93,28 @@ def auto_attention(q, k, v, key_mask=None):
       f"{'self' if self_attention else 'cross'}-attention over {k.shape[1]} keys in "
       f"{jnp.dtype(q.dtype).name} on {platform}, tokens split {seq_shards} way(s)")
   return BACKENDS[name](q, k, v, key_mask)
+
+
+def remat_saved_bytes(name: str, *, batch: int, length: int, heads: int, head_dim: int,
+                      dtype) -> float:
+  """Bytes per token that remat `dots` keeps of backend `name`'s attention
+  beyond the projections (`auto` resolved as it will run, for the target):
+  the flash backends' named output and log-sum-exp (REMAT_SAVEABLE_NAMES).
+  `chunked`: the output and one float32 per head; `splash`: the output and a
+  log-sum-exp the kernel keeps broadcast over its 128 lanes in float32, both
+  at the length padded to its block (what made MAE PiT-Ti/1 on a v5e need
+  18.9 GiB where `dots` was estimated without it); `xla`, `dot_product`,
+  `ring`: nothing (their scores are recomputed)."""
+  if name == "auto":
+    name = choose_backend(platform=hardware.active_target().platform, length=length,
+                          dtype=dtype, seq_shards=_seq_shards((batch, length, heads, head_dim)))
+  out = heads * head_dim * jnp.dtype(dtype).itemsize
+  if name == "chunked":
+    return out + 4 * heads
+  if name == "splash":
+    padded = padded_blocking(length)[1]
+    return padded / length * (out + 4 * heads * splash_kernel.NUM_LANES)
+  return 0.0
 
 
 BACKENDS: dict[str, AttentionFn] = {
