@@ -85,6 +85,7 @@ def compile_report(flags: tuple[str, ...], topology: str, *, recompile: bool) ->
     if (record.get("flags") == list(flags) and record.get("versions") == versions()
         and "error" not in record):
       return record
+  os.makedirs(RUNS, exist_ok=True)
   command = [sys.executable, "-m", "pixel_vit.compile", f"--topology={topology}",
              f"--json_out={path}.part", *flags]
   print(f"[plan] {' '.join(shlex.quote(c) for c in command[1:])}", flush=True)
@@ -102,7 +103,6 @@ def compile_report(flags: tuple[str, ...], topology: str, *, recompile: bool) ->
   record.update(flags=list(flags), topology=topology, versions=versions(),
                 exit_code=result.returncode, wall_seconds=round(time.time() - start, 1),
                 date=datetime.date.today().isoformat())
-  os.makedirs(RUNS, exist_ok=True)
   with open(path, "w") as f:
     json.dump(record, f, indent=1)
   print(f"[plan]   exit {result.returncode} in {record['wall_seconds']:.0f} s: "

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 
@@ -342,6 +343,7 @@ def main(argv):
                          programs=_FLAGS["programs"].value)
     print(format_report(report), flush=True)
     if _FLAGS["json_out"].value:
+      os.makedirs(os.path.dirname(_FLAGS["json_out"].value) or ".", exist_ok=True)
       with open(_FLAGS["json_out"].value, "w") as f:
         json.dump(report.to_json(), f, indent=2, default=str)
     if not report.fits:

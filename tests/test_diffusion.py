@@ -662,11 +662,11 @@ def test_guidance_extrapolates_every_noise_channel_and_keeps_conditional_varianc
   out = np.asarray(sampling.guided(model, cfg_scale=cfg_scale, null_label=null_label,
                                    channels=channels)(x, t, labels))
   assert out.shape == (3, 2, 2, 2 * channels)
-  # One model call on the doubled batch; the second half sees only the null label.
+  # One model call on the doubled batch: each example, then its twin with the null label.
   (seen_x, seen_t, seen_labels), = record
-  np.testing.assert_array_equal(seen_labels, [0, 2, 3, null_label, null_label, null_label])
-  np.testing.assert_array_equal(seen_t, [5, 7, 9, 5, 7, 9])
-  np.testing.assert_array_equal(seen_x, np.concatenate([np.asarray(x)] * 2))
+  np.testing.assert_array_equal(seen_labels, [0, null_label, 2, null_label, 3, null_label])
+  np.testing.assert_array_equal(seen_t, [5, 5, 7, 7, 9, 9])
+  np.testing.assert_array_equal(seen_x, np.repeat(np.asarray(x), 2, axis=0))
   channel = np.arange(1, channels + 1)
   cond = 0.1 * (np.asarray(labels)[:, None, None, None] + 1) * channel + np.asarray(x)
   uncond = 0.1 * (null_label + 1) * channel + np.asarray(x)
@@ -708,3 +708,20 @@ def test_guidance_rejects_wrong_channels():
     wrong(x, jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32))
   with pytest.raises(ValueError, match="channels=0 must be the positive data channel count"):
     sampling.guided(toy_conditional_model([]), cfg_scale=2.0, null_label=10, channels=0)
+
+
+def test_guided_model_keeps_each_devices_examples_on_it():
+  # The doubled batch pairs each example with its unconditional twin, so a
+  # batch sharded over 8 devices needs no collective to be guided (the
+  # conditional and unconditional halves used to be concatenated: every
+  # device then sent half its rows to another, at every sampling step).
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from pixel_vit import program_costs
+  mesh = Mesh(np.array(jax.devices()[:8]), ("batch",))
+  rows = NamedSharding(mesh, PartitionSpec("batch"))
+  model = lambda x, t, y: x * (y[:, None, None, None] + 1.0) + t[:, None, None, None]
+  guided = sampling.guided(model, cfg_scale=1.5, null_label=10, channels=4)
+  x = jax.ShapeDtypeStruct((16, 2, 2, 4), jnp.float32, sharding=rows)
+  t = jax.ShapeDtypeStruct((16,), jnp.int32, sharding=rows)
+  text = jax.jit(guided, out_shardings=rows).lower(x, t, t).compile().as_text()
+  assert not program_costs.hlo_traffic(text).collectives

@@ -383,3 +383,25 @@ def test_command_line_check_accepts_good_overrides():
          "--config.data.image_size=8", "--workdir=/tmp/unused"])
   finally:
     os.chdir(cwd)
+
+
+# ---------------------------------------------------------------- pixel_vit.compile's data
+
+
+def test_compile_stands_in_for_known_data_and_asks_for_the_shape_of_other_data(cls_pixel):
+  from pixel_vit import compile as compile_lib
+  config = cls_pixel.get_config("variant=S/1,dataset=imagenet28")
+  train, test = compile_lib.stand_in_splits(config)
+  # ImageNet at 28x28: the table's classes and split sizes, no examples read.
+  assert train.images.shape == (0, 28, 28, 3) and train.num_classes == 1000
+  assert (train.total_examples, test.total_examples) == (1_281_167, 50_000)
+  config.data.source = "npz:/nowhere/my_data_{split}.npz"
+  with pytest.raises(ValueError, match="--image_shape=H,W,C and --num_classes=N"):
+    compile_lib.stand_in_splits(config)
+  config.data.image_size = None
+  train, _ = compile_lib.stand_in_splits(config, image_shape=["16", "16", "1"], num_classes=7,
+                                         train_examples=5000)
+  assert train.images.shape == (0, 16, 16, 1) and train.num_classes == 7
+  assert train.total_examples == 5000
+  with pytest.raises(ValueError, match="must be H,W,C"):
+    compile_lib.stand_in_splits(config, image_shape=["16", "16"], num_classes=7)

@@ -28,8 +28,8 @@ SAMPLERS = ("ddpm", "ddim")
 def guided(model_fn: ModelFn, *, cfg_scale: float, null_label: int, channels: int) -> ModelFn:
   """Classifier-free guidance: eps = uncond + s (cond - uncond).
 
-  The model runs once on a doubled batch (conditional half, then the same
-  inputs with `null_label`); the result has the original batch size. The
+  The model runs once on a doubled batch (each input twice, the second time
+  with `null_label`); the result has the original batch size. The
   variance channels, if any, come from the conditional half. Scale 1.0
   returns `model_fn` itself: exactly the conditional model, at half the cost.
   """
@@ -40,15 +40,19 @@ def guided(model_fn: ModelFn, *, cfg_scale: float, null_label: int, channels: in
 
   def guided_fn(x, t_model, labels):
     batch = x.shape[0]
-    both_labels = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
-    output = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t_model, t_model]),
-                      both_labels)
+    # Each example next to its unconditional twin: [x0, x0, x1, x1, ...], so
+    # a batch sharded over devices stays where it is (concatenating the two
+    # halves moved half of every device's rows to another, at every step).
+    pair = lambda a, b: jnp.stack([a, b], axis=1).reshape(2 * batch, *a.shape[1:])
+    output = model_fn(pair(x, x), pair(t_model, t_model),
+                      pair(labels, jnp.full_like(labels, null_label)))
     if output.shape[-1] not in (channels, 2 * channels):
       raise ValueError(
           f"guided model output has {output.shape[-1]} channels; with channels="
           f"{channels} it must have {channels} (eps) or {2 * channels} (eps, v). "
           "Pass the data channel count as `channels`.")
-    cond, uncond = output[:batch], output[batch:]
+    output = output.reshape(batch, 2, *output.shape[1:])
+    cond, uncond = output[:, 0], output[:, 1]
     # DiT's reference guides only the first 3 channels (a leftover from RGB
     # pixels), which leaves one of the 4 VAE latent channels unguided; all
     # `channels` noise channels are guided here.
