@@ -150,7 +150,8 @@ GIB = 2 ** 30
 def _refusal_note(record: dict) -> str:
   if "error" in record:
     return record["error"]
-  refused = [f"{r['program']}: {r['compiler_says']}" for r in record.get("refused", [])]
+  refused = [f"{r['program']}: {r['compiler_says'].rstrip('.')}"
+             for r in record.get("refused", [])]
   over = [f"{p['name']} peak {p['peak_bytes'] / GIB:.1f} GiB" for p in record.get("programs", [])
           if p["margin_bytes"] < 0]
   return "; ".join(refused + over)
@@ -158,6 +159,33 @@ def _refusal_note(record: dict) -> str:
 
 def _command_text(flags) -> str:
   return " ".join(flags)
+
+
+def _collectives(program: dict) -> str:
+  return ", ".join(f"{c['kind']} {c['count']:g}x {c['bytes'] / GIB:.2g} GiB"
+                   for c in program["collectives"]) or "none"
+
+
+def _duration(seconds: float) -> str:
+  return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
+
+
+def _auto_choices(record: dict) -> str:
+  """'remat full, attention splash' (encoder and decoder alike count once)."""
+  seen = dict.fromkeys(f"{c['setting'].split('=')[0].split('.')[-1]} {c['chose']}"
+                       for c in record["choices"] if "train_step" in c["programs"])
+  return ", ".join(seen)
+
+
+def slice_summary(entry: dict) -> str:
+  """'v5litepod-4: 6.4 of 15.75 GiB' for README's experiments table."""
+  if entry["missing"]:
+    return "not compiled yet"
+  if entry["topology"] is None:
+    return f"fits none up to {LADDER[-1]}"
+  peak = max(p["peak_bytes"] for r in entry["reports"] for p in r["programs"])
+  usable = entry["reports"][0]["chip"]["usable_hbm_bytes"]
+  return f"{entry['reports'][0]['slice']}: {peak / GIB:.1f} of {usable / GIB:.2f} GiB"
 
 
 def format_plan(planned: list[dict]) -> str:
@@ -172,73 +200,64 @@ def format_plan(planned: list[dict]) -> str:
       "on a 2-core CPU machine with libtpu (the real TPU compiler, Mosaic kernels",
       "included) for compile-only TPU devices, trying the slices "
       + ", ".join(f"`{t}`" for t in LADDER) + " in order;",
-      "the first on which every program of every command fits is the row's slice.",
+      "the first on which every program of every command fits is the row's slice",
+      "(data parallel, as the configs are: `config.mesh.fsdp` would shard the state).",
       "",
-      "- *peak / left*: the compiler's peak memory per chip (arguments, outputs and",
-      "  live temporaries), and what is left of the HBM it lets a program use.",
-      "- *TFLOP/step*: matmul FLOPs of one train step per chip, counted in the traced",
-      "  program (every scan iteration and Pallas kernel block counted).",
-      "- *HBM traffic*: an estimate from the compiled HLO (each fusion reads its",
-      "  operands and writes its result once).",
-      "- *step / chip-hours*: an **estimate**, not a measurement: max(FLOPs / bf16",
-      "  peak, HBM traffic / HBM bandwidth) per step, times the config's training",
-      "  steps and the slice's chips; evaluation and input are not included, and real",
-      "  steps reach perhaps 40-70% of such a bound.",
-      "- *collectives*: per train step and chip, from the compiled HLO.",
+      "- *train step*: its peak memory per chip (arguments, outputs and live",
+      "  temporaries, the compiler's figure) and what is left of the HBM the",
+      "  compiler lets a program use; its matmul FLOPs per chip, counted in the",
+      "  traced program (every scan iteration and Pallas kernel block); an estimate",
+      "  of its HBM traffic from the compiled HLO (each fusion reads its operands",
+      "  and writes its result once); its collectives per step and chip.",
+      "- *other programs*: the evaluation step, MAE's reconstruction grid, DiT's",
+      "  sampler (250 steps at `config.fid.batch_size`, guidance 1.5): their peaks.",
+      "- *est. step / chip-hours*: an **estimate**, not a measurement: max(FLOPs /",
+      "  bf16 peak, HBM traffic / HBM bandwidth) per step, times the config's",
+      "  training steps and the slice's chips; evaluation and input not included.",
+      "  Real steps reach perhaps 40-70% of such a bound. The configs compute in",
+      "  float32 as written (`--config.model.dtype=bfloat16` halves activations and",
+      "  their traffic), which is why every row is memory-bound.",
       "",
-      "| experiment | command | slice | program | peak / left GiB | TFLOP/step | HBM traffic GiB | "
-      "collectives | compile s |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "| experiment | command | slice | train step: peak / left GiB | TFLOP | HBM traffic GiB "
+      "| collectives | other programs: peak GiB | auto | est. step | steps | est. chip-hours "
+      "| compile s |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   notes = []
   for entry in planned:
     row = entry["row"]
-    if entry["missing"]:
-      lines.append(f"| {row.name} | | not compiled yet | | | | | | |")
-      continue
-    if entry["topology"] is None:
-      last_topology, last_reports = entry["tried"][-1] if entry["tried"] else ("-", [])
-      why = "; ".join(_refusal_note(r) for r in last_reports if not r.get("fits"))
-      lines.append(f"| {row.name} | | **fits none up to {LADDER[-1]}** | | | | | | |")
-      notes.append(f"- {row.name}: on {last_topology}: {why}")
+    if entry["missing"] or entry["topology"] is None:
+      lines.append(f"| {row.name} | | **{slice_summary(entry)}** |" + " |" * 10)
+      if not entry["missing"] and entry["tried"]:
+        last_topology, last_reports = entry["tried"][-1]
+        notes.append(f"- {row.name}: on {last_topology}: " + "; ".join(
+            _refusal_note(r) for r in last_reports if not r.get("fits")))
       continue
     for record in entry["reports"]:
-      chip_slice = f"{record['slice']} (`{record['topology']}`)"
-      for program in record["programs"]:
-        collectives = ", ".join(f"{c['kind']} {c['count']:g}x {c['bytes'] / GIB:.2g} GiB"
-                                for c in program["collectives"]) or "none"
-        lines.append(
-            f"| {row.name} | `{_command_text(record['flags'])}` | {chip_slice} | "
-            f"{program['name']} | {program['peak_bytes'] / GIB:.2f} / "
-            f"{program['margin_bytes'] / GIB:.2f} | {program['flops'] / 1e12:.3g} | "
-            f"{program['hbm_traffic_bytes'] / GIB:.3g} | {collectives} | "
-            f"{program['compile_seconds']:.0f} |")
+      programs = {p["name"]: p for p in record["programs"]}
+      train = programs["train_step"]
+      others = ", ".join(f"{name} {p['peak_bytes'] / GIB:.2f}" for name, p in programs.items()
+                         if name != "train_step")
+      estimate = record["estimate"]
+      compile_s = sum(p["compile_seconds"] for p in programs.values())
+      lines.append(
+          f"| {row.name} | `{' '.join(record['flags'])}` | {record['slice']} | "
+          f"{train['peak_bytes'] / GIB:.2f} / {train['margin_bytes'] / GIB:.2f} | "
+          f"{train['flops'] / 1e12:.3g} | {train['hbm_traffic_bytes'] / GIB:.3g} | "
+          f"{_collectives(train)} | {others} | {_auto_choices(record)} | "
+          f"{_duration(estimate['step_seconds'])} ({estimate['bound']}) | "
+          f"{estimate['steps']:,} | {estimate['chip_hours']:.3g} | {compile_s:.0f} |")
     refused = [(t, r) for t, reports in entry["tried"][:-1] for r in reports
                if not r.get("fits")]
     if refused:
       notes.append(f"- {row.name}: " + "; ".join(
-          f"{t}: {_refusal_note(r)}" for t, r in refused))
-  lines += ["", "## Estimated training cost (the config's schedule)", "",
-            "| experiment | command | slice | chips | auto choices | est. step | bound | "
-            "steps | est. hours | est. chip-hours |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-  for entry in planned:
-    for record in entry["reports"]:
-      estimate = record.get("estimate")
-      if not estimate:
-        continue
-      choices = "; ".join(f"{c['setting'].split('=')[0].split('.')[-1]}: {c['chose']}"
-                          for c in record["choices"] if "train_step" in c["programs"])
-      lines.append(
-          f"| {entry['row'].name} | `{_command_text(record['flags'])}` | {record['slice']} | "
-          f"{record['target']['device_count']} | {choices} | "
-          f"{estimate['step_seconds'] * 1e3:.3g} ms | {estimate['bound']} | "
-          f"{estimate['steps']:,} | {estimate['hours']:.3g} | {estimate['chip_hours']:,.0f} |")
+          f"`{t}`: {_refusal_note(r)}" for t, r in refused))
   if notes:
     lines += ["", "## Smaller slices the compiler refused", ""] + notes
-  lines += ["", f"Compiled with {versions()} on {datetime.date.today().isoformat()}; "
-            "reports in `docs/tpu_plan_runs/`. Regenerate: `python -m experiments.tpu_plan` "
-            "(hours on 2 cores; reports already there are reused).", ""]
+  lines += ["", f"Compiled with {versions()} on {datetime.date.today().isoformat()} (compile "
+            "seconds on 2 shared CPU cores); reports in `docs/tpu_plan_runs/`. Regenerate: "
+            "`python -m experiments.tpu_plan` (about an hour on 2 cores; reports already "
+            "there for the same command and versions are reused).", ""]
   return "\n".join(lines)
 
 
@@ -261,6 +280,8 @@ def main(argv=None) -> int:
       continue
     print(f"[plan] {row.name}: {len(row.commands)} command(s)", flush=True)
     planned.append(plan_row(row, report_for))
+  for entry in planned:
+    print(f"[plan] {entry['row'].name}: {slice_summary(entry)}")
   if args.match and not args.report_only:
     print(format_plan(planned))
     return 0
