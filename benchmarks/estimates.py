@@ -174,7 +174,7 @@ def compiled_table(slices, per_chip_batch: int) -> str:
   from pixel_vit import compile as compile_lib
   from pixel_vit import command_line, hardware
   jax.config.update("jax_platforms", "cpu")  # compile-only devices; this host's CPU runs nothing
-  lines = ["| TPU (compiled) | workload | tokens | attention, remat (auto) | MFU bound | "
+  lines = ["| TPU (compiled) | workload | tokens | auto: remat, attention | MFU bound | "
            "step bound | peak GiB / chip |", "|---|---|---|---|---|---|---|"]
   for topology in slices:
     devices = hardware.tpu_devices(topology)

@@ -10,9 +10,10 @@ traffic and collectives, read from the compiler's output.
   the jaxpr is counted instead;
 - memory traffic and collectives: from the optimised HLO text, each
   top-level instruction (a fusion reads its operands and writes its result
-  once) and each collective weighted by how often its computation runs
-  (loop trip counts read from the loop conditions). An estimate: in-place
-  updates and on-chip reuse are not modelled.
+  once; buffers the compiler placed in on-chip memory do not count) and
+  each collective weighted by how often its computation runs (loop trip
+  counts read from the loop conditions). An estimate: the reuse of data
+  inside a fusion or a kernel is not modelled.
 
 Nothing here runs a program; it works for compile-only TPU devices.
 """
@@ -31,7 +32,11 @@ from jax.extend import core as jex_core
 _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
                 "s32": 4, "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4,
                 "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "token": 0}
-_ARRAY_TYPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_ARRAY_TYPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
+_ARRAY_TEXT = re.compile(r"\b[a-z][a-z0-9]*\[[0-9,]*\](?:\{[^}]*\})?")  # one array's type
+# A layout's memory space other than 0 (HBM): on-chip memory the compiler
+# places a buffer in (TPU VMEM / CMEM), e.g. {2,1,0:T(8,128)S(1)}.
+_ON_CHIP = re.compile(r"S\([1-9]\d*\)")
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                "collective-permute")
@@ -41,11 +46,12 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
                "opt-barrier", "add-dependency", "domain"}
 
 
-def type_bytes(hlo_type: str) -> int:
-  """Bytes of an HLO type: 'bf16[256,1025]{...}' or a tuple of them."""
+def type_bytes(hlo_type: str, *, hbm_only: bool = False) -> int:
+  """Bytes of an HLO type: 'bf16[256,1025]{...}' or a tuple of them;
+  `hbm_only`: leaving out buffers placed in on-chip memory."""
   total = 0.0
-  for dtype, dims in _ARRAY_TYPE.findall(hlo_type):
-    if dtype in _DTYPE_BYTES:
+  for dtype, dims, layout in _ARRAY_TYPE.findall(hlo_type):
+    if dtype in _DTYPE_BYTES and not (hbm_only and _ON_CHIP.search(layout)):
       total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
   return int(total)
 
@@ -223,8 +229,7 @@ def _communicated_bytes(kind: str, opcode: str, result_type: str) -> int:
   largest buffer (an all-reduce's outputs are all of its result)."""
   if opcode == kind or kind == "all-reduce":
     return type_bytes(result_type)
-  return max((type_bytes(t) for t in re.findall(r"[a-z0-9]+\[[0-9,]*\]", result_type)),
-             default=0)
+  return max((type_bytes(t) for t in _ARRAY_TEXT.findall(result_type)), default=0)
 
 
 def _instruction_traffic(instruction: Instruction, sizes: dict[str, int],
@@ -237,8 +242,8 @@ def _instruction_traffic(instruction: Instruction, sizes: dict[str, int],
   for fused in instruction.called("calls"):
     inner.update(i.opcode for i in computations.get(fused, []))
   result = sizes.get(instruction.name, 0)
-  pieces = [type_bytes(t) for t in re.findall(r"[a-z0-9]+\[[0-9,]*\]",
-                                               instruction.result_type)] or [result]
+  pieces = [type_bytes(t, hbm_only=True)
+            for t in _ARRAY_TEXT.findall(instruction.result_type)] or [result]
   operands = [sizes.get(o, 0) for o in instruction.operands]
   if "dynamic-update-slice" in inner:
     in_place = [size for size in operands if size in pieces and size > 0]
@@ -257,7 +262,7 @@ def hlo_traffic(text: str) -> HloTraffic:
   collectives: dict[str, list[float]] = {}
   for name, times in counts.items():
     instructions = computations.get(name, [])
-    sizes = {i.name: type_bytes(i.result_type) for i in instructions}
+    sizes = {i.name: type_bytes(i.result_type, hbm_only=True) for i in instructions}
     for instruction in instructions:
       opcode = instruction.opcode
       kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
