@@ -112,6 +112,9 @@ def default_augment_config() -> ml_collections.ConfigDict:
   # pixels) keeps strong scale jitter while the label stays recognisable.
   c.crop_scale = (0.25, 1.0)
   c.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  # > 0: the CIFAR recipe's crop instead (pad each side by this many black
+  # pixels, cut a random window of the image's size: translation, no zoom).
+  c.crop_padding = 0
   c.flip = True
   # RandAugment as timm's rand-m9-mstd0.5-inc1 when randaugment_ops = 2 (DeiT,
   # MAE fine-tuning); 0 ops keeps it off, so configs opt in.

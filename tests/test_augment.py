@@ -31,8 +31,8 @@ def _config(**overrides):
 
 
 def _all_off(**overrides):
-  return _config(crop=False, flip=False, label_smoothing=0.0, mixup_alpha=0.0,
-                 cutmix_alpha=0.0, **overrides)
+  return _config(**{**dict(crop=False, flip=False, label_smoothing=0.0, mixup_alpha=0.0,
+                           cutmix_alpha=0.0), **overrides})
 
 
 def _uint8(batch, height, width, channels, seed=0):
@@ -144,6 +144,44 @@ def test_flip_about_half_and_each_flipped_equals_mirror():
   flipped = np.all(y == mirror, axis=(1, 2, 3))
   assert np.all(same ^ flipped)  # every example is exactly one of the two
   assert 0.45 < flipped.mean() < 0.55, flipped.mean()
+
+
+def test_pad_crop_is_a_translation_with_black_borders_and_covers_every_offset():
+  x = _coord_images(4000, 6, 7) + 1.0  # every pixel > 0, so a border (fill -1) shows
+  y = np.asarray(augment.random_pad_crop(jax.random.key(0), x, padding=2, fill=-1.0))
+  assert y.shape == x.shape
+  seen = set()
+  for image in y[:400]:
+    inside = image[..., 0] != -1.0
+    rows, cols = np.nonzero(inside)
+    # the kept pixels are one contiguous window of the source, shifted whole
+    dy = int(image[rows[0], cols[0], 0] - 1 - rows[0])
+    dx = int(image[rows[0], cols[0], 1] - 1 - cols[0])
+    assert -2 <= dy <= 2 and -2 <= dx <= 2
+    expected = np.full((6, 7), -1.0)
+    for r in range(6):
+      for c in range(7):
+        if 0 <= r + dy < 6 and 0 <= c + dx < 7:
+          expected[r, c] = r + dy + 1
+    np.testing.assert_array_equal(image[..., 0], expected)
+    seen.add((dy, dx))
+  assert len(seen) == 25  # all (2 * padding + 1)^2 windows occur
+  # per-example randomness does not depend on the other examples
+  z = np.asarray(augment.random_pad_crop(jax.random.key(0), x[:10], padding=2, fill=-1.0))
+  np.testing.assert_array_equal(z, y[:10])
+
+
+def test_pad_crop_in_augment_batch_pads_with_black_in_the_normalised_scale():
+  white = np.full((64, 8, 8, 1), 255, np.uint8)
+  config = _all_off(crop=True, crop_padding=1)
+  images, _ = augment.augment_batch(jax.random.key(1), white, jnp.zeros(64, jnp.int32),
+                                    num_classes=2, config=config)
+  values = set(np.unique(np.round(np.asarray(images), 5)).tolist())
+  assert values == {1.0, -1.0}  # (255/255 - .5)/.5 inside, (0 - .5)/.5 on the border
+  with pytest.raises(ValueError, match=r"crop_padding=2 needs config\.augment\.crop=True"):
+    augment.validate_augment_config(_all_off(crop_padding=2))
+  with pytest.raises(ValueError, match=r"config\.augment\.crop_padding=-1"):
+    augment.validate_augment_config(_config(crop_padding=-1))
 
 
 # ------------------------------------------------------------ labels

@@ -14,7 +14,7 @@ so a resumed run replays the same augmentations.
 
 Configuration fields read by :func:`augment_batch` / :func:`preprocess_eval`
 (see `pixel_vit.configuration.default_augment_config`): ``mean``, ``std``, ``crop``,
-``crop_scale``, ``crop_ratio``, ``flip``, ``randaugment_ops``,
+``crop_scale``, ``crop_ratio``, ``crop_padding``, ``flip``, ``randaugment_ops``,
 ``randaugment_magnitude``, ``randaugment_magnitude_std``, ``erase_prob``,
 ``label_smoothing``, ``mixup_alpha``, ``cutmix_alpha``, ``mix_switch_prob``.
 """
@@ -41,6 +41,7 @@ __all__ = [
     "rand_augment_op",
     "random_erasing",
     "random_flip",
+    "random_pad_crop",
     "random_resized_crop",
     "smooth_labels",
     "validate_augment_config",
@@ -136,6 +137,13 @@ def _check_num_ops(name: str, value: Any) -> int:
   return int(value)
 
 
+def _check_padding(name: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+    raise ValueError(f"{name}={value!r} is not allowed: expected an integer >= 0 (pixels of "
+                     "padding on each side; 0 = no padded crop, CIFAR recipes use 4 at 32x32)")
+  return int(value)
+
+
 def _check_magnitude(name: str, value: Any) -> float:
   try:
     v = float(value)
@@ -178,6 +186,11 @@ def validate_augment_config(config: Any) -> None:
                        "allowed: expected True or False")
   _check_scale_ratio(_field(config, "crop_scale"), _field(config, "crop_ratio"),
                      prefix="config.augment.crop_")
+  padding = _check_padding("config.augment.crop_padding", _field(config, "crop_padding"))
+  if padding and not _field(config, "crop"):
+    raise ValueError(f"config.augment.crop_padding={padding} needs config.augment.crop=True "
+                     "(the padded crop replaces the random resized crop); set crop_padding=0 "
+                     "for no crop at all")
   _check_num_ops("config.augment.randaugment_ops", _field(config, "randaugment_ops"))
   _check_magnitude("config.augment.randaugment_magnitude",
                    _field(config, "randaugment_magnitude"))
@@ -340,6 +353,33 @@ def _random_resized_crop(key, images, scale, ratio, out_size):
   out = jax.vmap(lambda im, b: _crop_and_resize(im, b, out_size))(images,
                                                                     boxes)
   return out.astype(images.dtype)
+
+
+def random_pad_crop(key: jax.Array, images: jax.Array, *, padding: int,
+                    fill: float | Sequence[float] = 0.0) -> jax.Array:
+  """The CIFAR recipe's crop: pad each side by `padding` pixels of `fill`
+  (per channel, or one value), then cut a random window of the original size
+  (torchvision's RandomCrop(size, padding)). Translation only: no rescaling,
+  so nothing is interpolated; example i uses ``jax.random.split(key, B)[i]``.
+  """
+  _check_images(images)
+  padding = _check_padding("padding", padding)
+  fill = jnp.broadcast_to(jnp.asarray(fill, images.dtype), images.shape[-1:])
+  return _random_pad_crop(key, images, padding, fill)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _random_pad_crop(key, images, padding, fill):
+  if not padding:
+    return images
+  batch, height, width, _ = images.shape
+  widths = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  inside = jnp.pad(jnp.ones(images.shape[:-1] + (1,), bool), widths)
+  padded = jnp.where(inside, jnp.pad(images, widths), fill)
+  offsets = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 2 * padding + 1))(
+      jax.random.split(key, batch))
+  return jax.vmap(lambda image, offset: jax.lax.dynamic_slice(
+      image, (offset[0], offset[1], 0), (height, width, image.shape[-1])))(padded, offsets)
 
 
 def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
@@ -1038,6 +1078,7 @@ def augment_batch(key: jax.Array, images: jax.Array, labels: jax.Array, *,
       mean=mean, std=std, crop=bool(config.crop),
       crop_scale=tuple(float(v) for v in config.crop_scale),
       crop_ratio=tuple(float(v) for v in config.crop_ratio),
+      crop_padding=int(config.crop_padding),
       flip=bool(config.flip),
       randaugment_ops=int(config.randaugment_ops),
       randaugment_magnitude=float(config.randaugment_magnitude),
@@ -1056,6 +1097,7 @@ class _AugmentParams(NamedTuple):
   crop: bool
   crop_scale: tuple[float, float]
   crop_ratio: tuple[float, float]
+  crop_padding: int
   flip: bool
   randaugment_ops: int
   randaugment_magnitude: float
@@ -1073,7 +1115,7 @@ def _augment_batch(key, images, labels, num_classes: int,
   if p.randaugment_ops:
     # RandAugment's 8-bit style ops need [0, 1] pixels, so crop, flip and
     # RandAugment come before normalising, as in timm.
-    x = _crop_and_flip(key, _unit_range(images), p)
+    x = _crop_and_flip(key, _unit_range(images), p, black=0.0)
     x = rand_augment(jax.random.fold_in(key, _STREAM_RANDAUGMENT), x,
                      num_ops=p.randaugment_ops,
                      magnitude=p.randaugment_magnitude,
@@ -1083,7 +1125,8 @@ def _augment_batch(key, images, labels, num_classes: int,
     # Crop and flip commute with the per-channel affine normalisation; doing it
     # first, as before RandAugment existed, keeps those runs' numbers bit for
     # bit.
-    x = _crop_and_flip(key, normalize(images, p.mean, p.std), p)
+    x = _crop_and_flip(key, normalize(images, p.mean, p.std), p,
+                       black=_standardize(jnp.zeros((len(p.mean),)), p.mean, p.std))
   if p.erase_prob:
     x = random_erasing(jax.random.fold_in(key, _STREAM_ERASE), x,
                        probability=p.erase_prob)
@@ -1095,8 +1138,13 @@ def _augment_batch(key, images, labels, num_classes: int,
   return x, targets
 
 
-def _crop_and_flip(key: jax.Array, x: jax.Array, p: _AugmentParams) -> jax.Array:
-  if p.crop:
+def _crop_and_flip(key: jax.Array, x: jax.Array, p: _AugmentParams, *,
+                   black) -> jax.Array:
+  """`black`: what a 0 pixel is in `x`'s scale, the padded crop's border."""
+  if p.crop and p.crop_padding:
+    x = random_pad_crop(jax.random.fold_in(key, _STREAM_CROP), x, padding=p.crop_padding,
+                        fill=black)
+  elif p.crop:
     x = random_resized_crop(jax.random.fold_in(key, _STREAM_CROP), x,
                             scale=p.crop_scale, ratio=p.crop_ratio)
   if p.flip:
