@@ -5,7 +5,15 @@ Every run is `python -m pixel_vit.main` (or `pixel_vit.sample`, or
 its workdir under --root; the tables are read back from each workdir's
 metrics.jsonl, and docs/results.md plus its plots are rewritten from them.
 
-Groups (--only picks some; every group shares the recipe below):
+Groups (--only picks some). The converged study (8x8 Fashion-MNIST, every
+run 30 epochs to a plateau, evaluated after every epoch; CONV_RECIPE):
+  conv_tune     the peak learning rate of each patch size, on a held-out fifth
+                of the train file (the cells below wait for it)
+  conv_patch    /1 vs /2 vs /4, --seeds seeds each: learning curves, final table
+  conv_posemb   position embedding sincos2d / none at /1 and /2
+  conv_permute  a fixed pixel permutation, local (delta 1) and global (delta 8),
+                at /1 and /2
+The early-learning study (16x16, 200 steps; RECIPE):
   patch     patch 1 vs 2 vs 4, Fashion-MNIST and MNIST, --seeds seeds each
   posemb    position embedding learn / sincos2d / none at /1 (Fashion-MNIST)
   permute   pixel permutation: accuracy against (T swaps, delta) for /1 and /2
@@ -15,13 +23,13 @@ Groups (--only picks some; every group shares the recipe below):
             with the project's own digits classifier as the feature extractor
   speed     train-step images/s of each patch size (benchmarks/throughput.py)
 
-Recipe: the `mu` model (64 wide, 4 blocks, 4 heads) of configs/*:quick, the
+Early-learning recipe: the `mu` model (64 wide, 4 blocks, 4 heads) of configs/*:quick, the
 28x28 images resized to 16x16 (256 pixel tokens: at 28x28, 784 tokens, one
 PiT step was ~5x slower and the study would not fit a day on 2 cores; 16
 also lets 4x4 patches tile the image), batch 128, AdamW lr 1e-3 with 50
 warmup steps and cosine decay, no augmentation, global average pooling.
 
-  python -m experiments.paper_study    # everything (an estimated 3-4 h on 2 idle cores)
+  python -m experiments.paper_study    # everything that is missing
   python -m experiments.paper_study --only=patch --seeds=3
   python -m experiments.paper_study --report_only       # rewrite docs/ from the workdirs
   python -m experiments.paper_study --dry_run           # print the commands
@@ -30,10 +38,12 @@ warmup steps and cosine decay, no augmentation, global average pooling.
 report, --report_only once they are done, reads every workdir).
 
 docs/study_runs/ keeps each run's records (study.json, metrics.jsonl,
-samples / throughput JSON, the last picture; no checkpoints): copy it to the
-root (`cp -r docs/study_runs/. /tmp/pixel_vit_study/`) and --report_only
-rewrites the committed report, and a plain run runs only what is missing
-(an MAE fine-tune or probe still needs its pre-training's checkpoint).
+samples / throughput JSON, the last picture; no checkpoints), copied there
+as each run finishes (--records). They name no absolute path (a job's argv
+says $ROOT for --root) and carry their machine and date, so
+`--report_only --root=ANY_COPY` rewrites the same report; with the copy as
+the root, a plain run runs only what is missing (an MAE fine-tune or probe
+still needs its pre-training's checkpoint).
 
 A finished run (its study.json records the same command) is not run again,
 so an interrupted study continues where it stopped; an unfinished one
@@ -68,7 +78,29 @@ PATCHES = (1, 2, 4)
 # relabelling of the tokens).
 PERMUTE_GRID = tuple((t, d) for d in (1, 4, 16) for t in (256, 2048))
 PERMUTE_GRID_P1 = ((2048, 16),)
-GROUPS = ("patch", "posemb", "permute", "mae", "dit", "speed")
+# The converged study (8x8 Fashion-MNIST, trained to a plateau); see CONV_*.
+CONV_GROUPS = ("conv_tune", "conv_patch", "conv_posemb", "conv_permute")
+GROUPS = ("patch", "posemb", "permute", "mae", "dit", "speed") + CONV_GROUPS
+# Stands for --root in a job's argv, so a run's record names no absolute path
+# and a copy of the records anywhere reads back as finished.
+ROOT = "$ROOT"
+
+# ---- the converged study: 8x8 Fashion-MNIST, every run to a plateau
+CONV_SIZE = 8  # /1 = 64 pixel tokens, /2 = 16, /4 = 4
+CONV_BATCH = 128
+FASHION_TRAIN = 60_000  # examples in the train file
+CONV_EPOCHS = 30
+# Tuning: each patch size gets the learning rate that scores best on a
+# held-out fifth of the train file (the single-file npz split: 48,000 /
+# 12,000), after CONV_TUNE_EPOCHS with the same recipe; ties go to the
+# smaller rate. Never the test split.
+CONV_TUNE_LRS = (5e-4, 1e-3, 2e-3, 4e-3)
+CONV_TUNE_EPOCHS = 10
+CONV_TUNE_DATA = "../shared/data/fashion_mnist_debian_train.npz"
+# Permutation strengths at 8x8: T = 64 swaps (one per pixel on average)
+# within delta = 1 (local) or delta = 8, the whole image (global).
+CONV_SWAPS = 64
+CONV_DELTAS = (1, CONV_SIZE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +119,7 @@ class Job:
       extra = [f"--json_out={os.path.join(path, 'throughput.json')}"]
     else:
       extra = []
-    return [sys.executable, "-m", *self.argv, *extra]
+    return [sys.executable, "-m", *(a.replace(ROOT, root) for a in self.argv), *extra]
 
   def label(self, key):
     return dict(self.labels).get(key)
@@ -131,6 +163,7 @@ def jobs_for(args) -> list[Job]:
                       labels=(("patch", patch), ("swaps", swaps), ("delta", delta))))
   jobs += _mae_jobs(args)
   jobs += _dit_jobs(args)
+  jobs += _conv_jobs(args)
   for patch in PATCHES:
     jobs.append(Job(f"speed_p{patch}", "speed", (
         "benchmarks.throughput", "--config=configs/cls_pixel.py:quick,posemb=learn",
@@ -138,6 +171,90 @@ def jobs_for(args) -> list[Job]:
         "--num_classes=10", "--steps=10", "--min_steps=5", "--max_timing_s=60"),
         workdir_flag=False, labels=(("patch", patch),)))
   return [j for j in jobs if j.group in args.only and args.match in j.name]
+
+
+def _conv_argv(patch: int, seed: int, lr: float, *, epochs: int = CONV_EPOCHS,
+               data: str = DATASETS["fashion_mnist"], train_examples: int = FASHION_TRAIN,
+               **args) -> tuple[str, ...]:
+  """The converged recipe: AdamW, one warmup epoch, cosine decay to ~0 over
+  the whole run, weight decay 0.05, padded crop (1 pixel) and flip; the test
+  split evaluated after every epoch, a checkpoint every epoch."""
+  args = {"posemb": "learn", **args}
+  arg = ",".join([f"quick,variant=mu/{patch},dataset=npz:{data}"]
+                 + [f"{k}={v}" for k, v in args.items()])
+  per_epoch = train_examples // CONV_BATCH  # the pipeline drops the last partial batch
+  return ("pixel_vit.main", f"--config=configs/cls_pixel.py:{arg}",
+          f"--config.data.image_size={CONV_SIZE}", f"--config.batch_size={CONV_BATCH}",
+          f"--config.total_steps={epochs * per_epoch}",
+          f"--config.optimizer.warmup_steps={per_epoch}", f"--config.optimizer.lr={lr:g}",
+          "--config.optimizer.weight_decay=0.05", "--config.augment.crop=True",
+          "--config.augment.crop_padding=1", "--config.augment.flip=True",
+          "--config.eval_batch_size=1000", f"--config.eval_every={per_epoch}",
+          f"--config.checkpoint_every={per_epoch}", f"--config.log_every={per_epoch}",
+          f"--config.seed={seed}")
+
+
+def _conv_tune_job(patch: int, lr: float) -> Job:
+  return Job(f"conv8_tune_p{patch}_lr{lr:g}", "conv_tune",
+             _conv_argv(patch, 0, lr, epochs=CONV_TUNE_EPOCHS, data=CONV_TUNE_DATA,
+                        train_examples=FASHION_TRAIN * 4 // 5),
+             labels=(("patch", patch), ("lr", lr)))
+
+
+def conv_tuning(root: str, patch: int) -> dict[float, float | None] | None:
+  """{lr: held-out top-1 after tuning} once every tuning run of `patch` has
+  finished, else None."""
+  scores = {}
+  for lr in CONV_TUNE_LRS:
+    job = _conv_tune_job(patch, lr)
+    if finished(root, job) is None:
+      return None
+    scores[lr] = last_metrics(os.path.join(root, job.name)).get("eval/top1")
+  return scores
+
+
+def conv_tuned_lr(root: str, patch: int) -> float | None:
+  scores = conv_tuning(root, patch)
+  if scores is None:
+    return None
+  return max(CONV_TUNE_LRS, key=lambda lr: (scores[lr] if scores[lr] is not None else -1.0, -lr))
+
+
+def _conv_jobs(args) -> list[Job]:
+  """Tuning first (cheap patch sizes first), then the cells of every patch
+  size whose tuning has finished (see conv_waiting)."""
+  lrs = {patch: conv_tuned_lr(args.root, patch) for patch in PATCHES}
+  return ([_conv_tune_job(patch, lr) for patch in (4, 2, 1) for lr in CONV_TUNE_LRS]
+          + _conv_cells(args.seeds, {p: lr for p, lr in lrs.items() if lr}))
+
+
+def _conv_cells(seeds: int, lrs: dict[int, float]) -> list[Job]:
+  """The converged cells of the patch sizes in `lrs`, at their rates, seed-major."""
+  jobs = []
+  for seed in range(seeds):
+    jobs += [Job(f"conv8_p{patch}_seed{seed}", "conv_patch", _conv_argv(patch, seed, lrs[patch]),
+                 labels=(("patch", patch), ("seed", seed)))
+             for patch in (4, 2, 1) if patch in lrs]
+  for seed in range(seeds):
+    for patch in (2, 1):
+      if patch not in lrs:
+        continue
+      for posemb in ("sincos2d", "none"):
+        jobs.append(Job(f"conv8_p{patch}_{posemb}_seed{seed}", "conv_posemb",
+                        _conv_argv(patch, seed, lrs[patch], posemb=posemb),
+                        labels=(("patch", patch), ("posemb", posemb), ("seed", seed))))
+      for delta in CONV_DELTAS:
+        jobs.append(Job(f"conv8_p{patch}_swaps{CONV_SWAPS}_d{delta}_seed{seed}", "conv_permute",
+                        _conv_argv(patch, seed, lrs[patch], swaps=CONV_SWAPS,
+                                   swap_distance=delta),
+                        labels=(("patch", patch), ("delta", delta), ("seed", seed))))
+  return jobs
+
+
+def conv_waiting(args) -> int:
+  """How many converged cells wait for their patch size's tuning."""
+  untuned = [patch for patch in PATCHES if conv_tuned_lr(args.root, patch) is None]
+  return len(_conv_cells(args.seeds, dict.fromkeys(untuned, 1.0)))
 
 
 def _mae_jobs(args) -> list[Job]:
@@ -152,7 +269,7 @@ def _mae_jobs(args) -> list[Job]:
         "--config.model.norm_pix_loss=True", "--config.model.norm_pix_window=2",
         "--config.optimizer.base_lr=1.5e-3"),
         labels=(("patch", patch), ("stage", "pretrain"))))
-    init = os.path.join(args.root, pretrain)
+    init = f"{ROOT}/{pretrain}"
     for stage, mode, init_from, base_lr in (("finetune", "finetune", init, 4e-3),
                                             ("scratch", "finetune", "", 4e-3),
                                             ("probe", "probe", init, 2e-2)):
@@ -166,7 +283,7 @@ def _mae_jobs(args) -> list[Job]:
 
 
 def _dit_jobs(args) -> list[Job]:
-  classifier = os.path.join(args.root, "dit_digits_classifier")
+  classifier = f"{ROOT}/dit_digits_classifier"
   jobs = [Job("dit_digits_classifier", "dit", (
       "pixel_vit.main", "--config=configs/cls_pixel.py:quick"), labels=(("stage", "classifier"),))]
   for patch in (1, 2):
@@ -176,8 +293,8 @@ def _dit_jobs(args) -> list[Job]:
     # The trained run's workdir; the samples go to this job's own directory.
     jobs.append(Job(f"dit_digits_p{patch}_samples", "dit", (
         "pixel_vit.sample", config, f"--num_samples={args.dit_samples}",
-        f"--workdir={os.path.join(args.root, f'dit_digits_p{patch}')}",
-        f"--out={os.path.join(args.root, f'dit_digits_p{patch}_samples', 'samples')}"),
+        f"--workdir={ROOT}/dit_digits_p{patch}",
+        f"--out={ROOT}/dit_digits_p{patch}_samples/samples"),
         workdir_flag=False, labels=(("patch", patch), ("stage", "samples"))))
   return jobs
 
@@ -215,11 +332,32 @@ def run(root: str, job: Job) -> dict:
     raise SystemExit(f"[study] {job.name} failed (exit {result.returncode}); see "
                      f"{workdir}/log.txt")
   record = {"argv": list(job.argv), "wall_s": wall, "finished": time.time(),
-            "load_average": os.getloadavg()[0]}
+            "load_average": os.getloadavg()[0], "machine": machine()}
   with open(_record_path(root, job), "w") as f:
     json.dump(record, f, indent=2)
   print(f"[study] {job.name}: done in {wall / 60:.1f} min", flush=True)
   return record
+
+
+# What a finished run's records are: enough for --report_only, no checkpoints.
+RECORD_FILES = ("study.json", "metrics.jsonl", "samples.json", "samples.png", "throughput.json")
+
+
+def keep_records(root: str, job: Job, records: str) -> None:
+  """Copies the run's records (and its newest picture of each kind) to
+  records/<name>/, the committed docs/study_runs by default."""
+  source, target = os.path.join(root, job.name), os.path.join(records, job.name)
+  if os.path.abspath(source) == os.path.abspath(target):
+    return
+  os.makedirs(target, exist_ok=True)
+  for name in RECORD_FILES:
+    if os.path.exists(os.path.join(source, name)):
+      shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+  for prefix in ("reconstructions_", "samples_"):
+    picture = _newest_picture(source, prefix)
+    if picture:
+      os.makedirs(os.path.join(target, "pictures"), exist_ok=True)
+      shutil.copyfile(picture, os.path.join(target, "pictures", os.path.basename(picture)))
 
 
 def _read_json(path: str):
@@ -316,21 +454,30 @@ def machine() -> str:
 def write_report(args, jobs: list[Job]) -> str:
   os.makedirs(DOCS, exist_ok=True)  # the sections write their plots and pictures there
   results = Results(args.root, jobs)
+  waiting = conv_waiting(args)
   lines = [
       "# Measured study: pixels vs patches on real data, 2 CPU cores",
       "",
-      f"Written by `python -m experiments.paper_study` on "
-      f"{datetime.date.today().isoformat()}; machine: {machine()}. Every number below is "
-      "read from the runs' `metrics.jsonl`; rerunning the script rewrites this file and its "
-      "plots. The paper's own numbers (ImageNet, CIFAR-100, GPUs) are in the README; this "
-      "is a small-scale check of the same comparisons, not a reproduction of them.",
+      "Written by `python -m experiments.paper_study` from the runs' records "
+      f"({_provenance(results)}). Every number below is read from the runs' `metrics.jsonl`; "
+      "`python -m experiments.paper_study --report_only --root=DIR` rewrites this file and "
+      "its plots from any copy of [study_runs/](study_runs/). The paper's own numbers "
+      "(ImageNet, CIFAR-100, GPUs) are in the README; this is a small-scale check of the "
+      "same comparisons, not a reproduction of them.",
       "",
-      "**Recipe (all classification runs).** " + RECIPE,
-      "",
-      f"**Runs.** {len(results.records)} of {len(jobs)} finished; a cell marked — was not "
-      "run yet (`python -m experiments.paper_study` runs only what is missing).",
+      f"**Runs.** {len(results.records)} of {len(jobs) + waiting} finished"
+      + (f" ({waiting} converged cells wait for their patch size's tuning)" if waiting else "")
+      + "; a cell marked — was not run yet (`python -m experiments.paper_study` runs only "
+      "what is missing).",
       "",
   ]
+  lines += _converged_sections(args, results)
+  lines += ['<a id="early"></a>', "", "# Early learning: 0.4 epochs at 16x16", "",
+            "The first study, kept as it was: every run stops after 200 steps, far from "
+            "convergence, so it measures how fast each tokenisation learns, not the paper's "
+            "converged claim (the sections above). How the order changes with the budget is "
+            "said there.", "",
+            "**Recipe (all classification runs of this part).** " + RECIPE, ""]
   lines += _patch_section(args, results)
   lines += _posemb_section(args, results)
   lines += _permute_section(args, results)
@@ -353,8 +500,279 @@ RECIPE = (
     "test split.")
 
 
-def _example(jobs, group):
-  job = next(j for j in jobs if j.group == group)
+def _provenance(results: "Results") -> str:
+  """When and on what the finished runs ran, from their records."""
+  records = [record for _, record in results.records.values()]
+  if not records:
+    return "no run finished yet"
+  days = sorted(datetime.datetime.fromtimestamp(r["finished"], datetime.timezone.utc)
+                .date().isoformat() for r in records if "finished" in r)
+  machines = sorted({r["machine"] for r in records if "machine" in r})
+  unrecorded = sum("machine" not in r for r in records)
+  said = f"runs finished {days[0]} to {days[-1]}" if days else "run dates not recorded"
+  if machines:
+    said += "; machines: " + "; ".join(machines)
+  if unrecorded:
+    said += f"; {unrecorded} runs did not record their machine"
+  return said
+
+
+CONV_RECIPE = (
+    "The `mu` model (width 64, 4 blocks, 4 heads, MLP 256; ~0.2M parameters) with learned "
+    "position embeddings from random init (the paper's choice) and global average pooling; "
+    "Fashion-MNIST's 28x28 images resized to 8x8 (antialiased), so /1 has 64 pixel tokens, "
+    "/2 16 and /4 4; batch 128; AdamW (b2 0.999, weight decay 0.05, gradient clip 1), one "
+    "warmup epoch, then cosine decay to ~0 over the whole run, so each run ends at a small "
+    f"learning rate instead of being cut mid-schedule; {CONV_EPOCHS} epochs; light "
+    "augmentation: the CIFAR recipe's padded crop (1 pixel of black padding at 8x8, the "
+    "same 1/8 of the side as 4 pixels at 32x32) and horizontal flips (clothes are "
+    "mirror-symmetric), no mixup, RandAugment, erasing or label smoothing, which a 0.2M "
+    "model on 60,000 images does not need to stay off the train set; no dropout or drop "
+    "path. The whole 10,000-image test split is evaluated after every epoch. *Tuning*, the "
+    f"same for every patch size: the peak learning rate of {{{', '.join(f'{v:g}' for v in CONV_TUNE_LRS)}}} "
+    f"that scores best after {CONV_TUNE_EPOCHS} epochs of the same recipe on a held-out "
+    "fifth of the train file (48,000 train / 12,000 held out; seed 0), never the test split. "
+    "The ablations use their patch size's tuned rate.")
+
+
+def eval_curve(workdir: str) -> list[tuple[int, float]]:
+  """(step, eval/top1) of every evaluation in the run's metrics.jsonl."""
+  curve = []
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      values = json.loads(line)
+      if values.get("eval/top1") is not None:
+        curve.append((values["step"], values["eval/top1"]))
+  return curve
+
+
+def _conv_curves(results: "Results", group: str, **labels) -> list[list[tuple[int, float]]]:
+  return [eval_curve(os.path.join(results.root, job.name))
+          for job, _ in results.select(group, **labels)]
+
+
+def _plateau(curve: list[tuple[int, float]]) -> float | None:
+  """Spread (points) of the last 5 evaluations: the plateau test (< 0.3)."""
+  last = [v for _, v in curve[-5:]]
+  return 100 * (max(last) - min(last)) if len(last) == 5 else None
+
+
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, float, float]]:
+  """(step, mean, min, max) over runs, at the steps every run evaluated."""
+  steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves))) if curves else []
+  out = []
+  for step in steps:
+    values = [dict(c)[step] for c in curves]
+    out.append((step, statistics.mean(values), min(values), max(values)))
+  return out
+
+
+def _crossings(a: list, b: list, per_epoch: int) -> list[str]:
+  """Epochs at which mean curve a's lead over b changes sign."""
+  b_at = {step: mean for step, mean, _, _ in b}
+  said, sign = [], 0
+  for step, mean, _, _ in a:
+    if step not in b_at or mean == b_at[step]:
+      continue
+    new = 1 if mean > b_at[step] else -1
+    if sign and new != sign:
+      said.append(f"{step / per_epoch:.0f}")
+    sign = new
+  return said
+
+
+def _converged_sections(args, results: "Results") -> list[str]:
+  per_epoch = FASHION_TRAIN // CONV_BATCH
+  lines = ['<a id="converged"></a>', "",
+           "# Pixels vs patches at convergence (8x8 Fashion-MNIST)", "",
+           "**Recipe.** " + CONV_RECIPE, ""]
+  # tuning
+  lines += ["**Tuning** (held-out top-1 % after "
+            f"{CONV_TUNE_EPOCHS} epochs; bold: the rate each patch size then trains with):", "",
+            "| patch | " + " | ".join(f"lr {v:g}" for v in CONV_TUNE_LRS) + " |",
+            "|---|" + "---|" * len(CONV_TUNE_LRS)]
+  lrs = {}
+  for patch in PATCHES:
+    chosen = conv_tuned_lr(args.root, patch)
+    lrs[patch] = chosen
+    cells = []
+    for lr in CONV_TUNE_LRS:
+      top1 = results.top1("conv_tune", patch=patch, lr=lr)
+      cell = f"{100 * top1[0]:.2f}" if top1 and top1[0] is not None else "—"
+      cells.append(f"**{cell}**" if lr == chosen else cell)
+    lines.append(f"| /{patch} | " + " | ".join(cells) + " |")
+  edge = [f"/{p}" for p, lr in lrs.items() if lr in (CONV_TUNE_LRS[0], CONV_TUNE_LRS[-1])]
+  if edge:
+    lines += ["", f"The best rate of {', '.join(edge)} is at the edge of the grid: a wider grid "
+              "might find a better one."]
+  # the patch table
+  lines += ["", '<a id="converged-patch"></a>', "",
+            f"## Patch size at convergence: /1 vs /2 vs /4 ({args.seeds} seeds)", "",
+            "Final test top-1 after the last epoch, mean ± std over seeds (model init, data "
+            "order and augmentation); *plateau*: the largest spread of a run's last 5 epochs "
+            "(the issue's test: under 0.3 points); *train FLOPs*: model FLOPs of one run "
+            "(3 x forward, `benchmarks.throughput.analytic_flops`); *wall*: minutes per run "
+            "on the 2 shared cores.", "",
+            "| patch | tokens | lr | test top-1 % | best epoch's top-1 % | plateau (points) "
+            "| train PFLOP | wall min / run |", "|---|---|---|---|---|---|---|---|"]
+  curves = {}
+  for patch in PATCHES:
+    runs = _conv_curves(results, "conv_patch", patch=patch)
+    curves[patch] = runs
+    final = results.top1("conv_patch", patch=patch)
+    best = [max(v for _, v in c) for c in runs if c]
+    plateaus = [p for p in map(_plateau, runs) if p is not None]
+    walls = [r["wall_s"] for _, r in results.select("conv_patch", patch=patch)]
+    flops = _train_flops(patch) * CONV_EPOCHS * per_epoch * CONV_BATCH
+    lines.append(
+        f"| /{patch} | {(CONV_SIZE // patch) ** 2} | {lrs[patch]:g} | " if lrs[patch] else
+        f"| /{patch} | {(CONV_SIZE // patch) ** 2} | — | ")
+    lines[-1] += " | ".join([fmt_pct(final), fmt_pct(best),
+                             f"{max(plateaus):.2f}" if plateaus else "—", f"{flops / 1e15:.2f}",
+                             f"{statistics.mean(walls) / 60:.0f}" if walls else "—"]) + " |"
+  lines.append("")
+  p1, p2, p4 = (results.top1("conv_patch", patch=p) for p in PATCHES)
+  said = [s for s in (compare(p1, p2, "/1", "/2"), compare(p2, p4, "/2", "/4"),
+                      compare(p1, p4, "/1", "/4")) if s]
+  lines += [f"* {s}." for s in said]
+  lines += ["", _converged_verdict(p1, p2, p4, curves, per_epoch)]
+  lines += ["", "![test accuracy against epochs and training FLOPs](results_converged_curves.png)",
+            "", "Command of one cell (the others change `variant`, `seed` and the tuned lr):", "",
+            "```", _example(jobs_for_report(args), "conv_patch", fallback="conv_tune"), "```", ""]
+  _plot_converged(curves, per_epoch)
+  lines += _converged_locality(args, results)
+  return lines
+
+
+def _train_flops(patch: int) -> float:
+  """Model FLOPs of one training image (3 x forward) of mu/patch at CONV_SIZE."""
+  from benchmarks import throughput  # noqa: PLC0415  (imports the model: only for reports)
+  return throughput.analytic_flops(f"mu/{patch}", CONV_SIZE, 1, 10, cls_token=False)["train"]
+
+
+def _converged_verdict(p1, p2, p4, curves: dict, per_epoch: int) -> str:
+  if not (p1 and p2 and p4):
+    return ""
+  means = {1: statistics.mean(p1), 2: statistics.mean(p2), 4: statistics.mean(p4)}
+  order = sorted(means, key=lambda p: -means[p])
+  noise = 200 * max(mean_std(v)[1] for v in (p1, p2))  # twice the larger std, in points
+  gap = 100 * (means[1] - means[2])
+  if gap > noise:
+    verdict = "agrees with the paper: pixels beat 2x2 patches at equal model and recipe"
+  elif gap < -noise:
+    verdict = "disagrees with the paper: 2x2 patches beat pixels at equal model and recipe"
+  else:
+    verdict = ("neither agrees nor disagrees: /1 and /2 are within twice their seed std, "
+               "which the paper's claim (/1 matches or beats /2) allows")
+  mean_curves = {p: _mean_curve(c) for p, c in curves.items() if c}
+  cross = []
+  for a, b in ((1, 2), (2, 4), (1, 4)):
+    if a in mean_curves and b in mean_curves:
+      epochs = _crossings(mean_curves[a], mean_curves[b], per_epoch)
+      cross.append(f"/{a} and /{b} " + (f"cross at epoch {', '.join(epochs)}" if epochs
+                                        else "never cross"))
+  return ("**Against the paper.** At convergence the order is "
+          + " > ".join(f"/{p}" for p in order) + f", and /1 − /2 = {gap:+.2f} points: this "
+          + verdict + ". Mean curves: " + "; ".join(cross) + ". After 0.4 epochs at 16x16 "
+          "(the early-learning section below) the order was /4 > /2 > /1.")
+
+
+def _converged_locality(args, results: "Results") -> list[str]:
+  lines = ['<a id="converged-locality"></a>', "",
+           f"## Locality at convergence: position embedding and pixel permutation ({args.seeds} "
+           "seeds)", "",
+           "The same recipe and tuned rate per patch size; `learn` and *unpermuted* are the "
+           f"patch table's runs. Permutation: one fixed permutation (T = {CONV_SWAPS} swaps of "
+           "pixel pairs, one per pixel on average) of every image, applied after augmentation "
+           "and before tokenisation, within δ = 1 (neighbours: local) or δ = 8 (anywhere in the "
+           "8x8 image: global). Final test top-1 %, mean ± std.", "",
+           "| cell | /1 | /2 | /2 − /1 |", "|---|---|---|---|"]
+  rows = [("learn (unpermuted)", "conv_patch", {})]
+  rows += [(f"posemb {k}", "conv_posemb", {"posemb": k}) for k in ("sincos2d", "none")]
+  rows += [(f"permuted, δ = {d}", "conv_permute", {"delta": d}) for d in CONV_DELTAS]
+  cells = {}
+  for name, group, labels in rows:
+    a, b = (results.top1(group, patch=p, **labels) for p in (1, 2))
+    cells[name] = (a, b)
+    diff = (f"{100 * (statistics.mean(b) - statistics.mean(a)):+.2f}" if a and b else "—")
+    lines.append(f"| {name} | {fmt_pct(a)} | {fmt_pct(b)} | {diff} |")
+  lines.append("")
+  base1, base2 = cells["learn (unpermuted)"]
+  for name, (a, b) in cells.items():
+    if name.startswith("learn"):
+      continue
+    for patch, values, base in ((1, a, base1), (2, b, base2)):
+      sentence = compare(values, base, f"{name} at /{patch}", "learn/unpermuted")
+      if sentence:
+        lines.append(f"* {sentence}.")
+  lines += ["", _locality_verdict(cells), "",
+            "```", _example(jobs_for_report(args), "conv_permute", fallback="conv_tune"), "```", ""]
+  return lines
+
+
+def _locality_verdict(cells: dict) -> str:
+  """The paper's two predictions against the cells that finished."""
+  base1, base2 = cells["learn (unpermuted)"]
+  said = []
+  for delta in CONV_DELTAS:
+    a, b = cells[f"permuted, δ = {delta}"]
+    if a and b and base1 and base2:
+      drop1 = 100 * (statistics.mean(base1) - statistics.mean(a))
+      drop2 = 100 * (statistics.mean(base2) - statistics.mean(b))
+      noise = 200 * max(mean_std(v)[1] for v in (a, b, base1, base2))
+      more = ("hurts /2 more than /1, as the paper predicts" if drop2 - drop1 > noise else
+              "hurts /1 more than /2, against the paper" if drop1 - drop2 > noise else
+              "hurts /1 and /2 alike (the difference of the drops is within twice the "
+              "largest seed std)")
+      said.append(f"δ = {delta}: the drop is {drop1:+.2f} points at /1 and {drop2:+.2f} at "
+                  f"/2, so permutation {more}")
+  for kind in ("sincos2d", "none"):
+    a, b = cells[f"posemb {kind}"]
+    if a and base1 and b and base2:
+      said.append(f"posemb {kind} moves /1 by {100 * (statistics.mean(a) - statistics.mean(base1)):+.2f} "
+                  f"and /2 by {100 * (statistics.mean(b) - statistics.mean(base2)):+.2f} points "
+                  "against learned")
+  if not said:
+    return ""
+  return ("**Against the paper.** It predicts that a fixed permutation hurts a ViT/2 more "
+          "than a PiT/1 and that removing the position embedding costs little. Here: "
+          + "; ".join(said) + ".")
+
+
+def _plot_converged(curves: dict, per_epoch: int) -> None:
+  plt = _pyplot()
+  if plt is None or not any(curves.values()):
+    return
+  figure, (by_epoch, by_flops) = plt.subplots(1, 2, figsize=(10, 3.8))
+  for patch, runs in sorted(curves.items()):
+    mean = _mean_curve([c for c in runs if c])
+    if not mean:
+      continue
+    steps = [s for s, *_ in mean]
+    epochs = [s / per_epoch for s in steps]
+    flops = [s * CONV_BATCH * _train_flops(patch) for s in steps]
+    label = f"/{patch} ({(CONV_SIZE // patch) ** 2} tokens, {len(runs)} seeds)"
+    for axis, xs in ((by_epoch, epochs), (by_flops, flops)):
+      line, = axis.plot(xs, [100 * m for _, m, _, _ in mean], label=label)
+      axis.fill_between(xs, [100 * lo for *_, lo, _ in mean], [100 * hi for *_, hi in mean],
+                        alpha=0.25, color=line.get_color())
+  by_epoch.set_xlabel("epoch")
+  by_flops.set_xlabel("training FLOPs (model FLOPs, 3 x forward)")
+  by_flops.set_xscale("log")
+  for axis in (by_epoch, by_flops):
+    axis.set_ylabel("test top-1 % (mean; band: min-max over seeds)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+  figure.suptitle("mu on 8x8 Fashion-MNIST, equal recipe, trained to a plateau")
+  figure.tight_layout()
+  figure.savefig(os.path.join(DOCS, "results_converged_curves.png"), dpi=120)
+  plt.close(figure)
+
+
+def _example(jobs, group, fallback: str | None = None):
+  """One job's command line: of `group`, else of `fallback`'s (not listed yet)."""
+  job = next((j for j in jobs if j.group == group), None)
+  job = job or next(j for j in jobs if j.group == fallback)
   return "python -m " + " ".join(job.argv) + f" --workdir=RUNS/{job.name}"
 
 
@@ -688,6 +1106,8 @@ def parse_flags(argv=None) -> argparse.Namespace:
   p.add_argument("--mae_steps", type=int, default=400)
   p.add_argument("--finetune_steps", type=int, default=200)
   p.add_argument("--dit_samples", type=int, default=1000)
+  p.add_argument("--records", default=os.path.join(DOCS, "study_runs"),
+                 help="copy each finished run's records here (empty: nowhere)")
   p.add_argument("--report_only", action="store_true", help="only rewrite docs/results.md")
   p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
   args = p.parse_args(argv)
@@ -709,12 +1129,16 @@ def main(argv=None) -> int:
       print(" ".join(job.command(args.root)[1:]))
     return 0
   if not args.report_only:
-    todo = [job for job in jobs if finished(args.root, job) is None]
-    print(f"[study] {len(jobs) - len(todo)} of {len(jobs)} runs already done; "
-          f"{len(todo)} to run", flush=True)
-    for index, job in enumerate(todo):
-      print(f"[study] run {index + 1}/{len(todo)}", flush=True)
-      run(args.root, job)
+    done = 0
+    while True:  # the job list grows as tuning finishes (conv_tuned_lr)
+      todo = [job for job in jobs_for(args) if finished(args.root, job) is None]
+      if not todo:
+        break
+      print(f"[study] run {done + 1}: {len(todo)} to run", flush=True)
+      run(args.root, todo[0])
+      done += 1
+      if args.records:
+        keep_records(args.root, todo[0], args.records)
       write_report(args, jobs_for_report(args))  # the file follows the runs
   print(write_report(args, jobs_for_report(args)))
   return 0

@@ -2,6 +2,7 @@
 import json
 import os
 import shlex
+import shutil
 
 import pytest
 
@@ -9,9 +10,11 @@ from experiments import paper_study
 from support import Command, build
 
 
-def test_every_group_has_jobs_with_distinct_workdirs():
-  jobs = paper_study.jobs_for(paper_study.parse_flags([]))
-  assert {job.group for job in jobs} == set(paper_study.GROUPS)
+def test_every_group_has_jobs_with_distinct_workdirs(tmp_path):
+  jobs = paper_study.jobs_for(paper_study.parse_flags([f"--root={tmp_path}"]))
+  # the converged cells are listed once tuning has finished (below)
+  assert {job.group for job in jobs} == set(paper_study.GROUPS) - {
+      "conv_patch", "conv_posemb", "conv_permute"}
   names = [job.name for job in jobs]
   assert len(names) == len(set(names))
   patch = [job for job in jobs if job.group == "patch"]
@@ -70,3 +73,123 @@ def test_report_counts_finished_runs_and_marks_missing_cells(tmp_path, monkeypat
     assert f'<a id="{anchor}"></a>' in text
   assert "| /1 | 256 | 60.00 ± 14.14 (n=2) | — |" in text
   assert "| patch | 2 | 2 |" in text  # the wall-time table: 2 runs, 2 minutes
+
+
+def _finish(root, job, curve, wall_s=60.0, machine="test machine"):
+  """Writes a finished run: its metrics (one eval per (step, top1)) and record."""
+  workdir = root / job.name
+  os.makedirs(workdir, exist_ok=True)
+  (workdir / "metrics.jsonl").write_text("".join(
+      json.dumps({"step": step, "eval/top1": top1}) + "\n" for step, top1 in curve))
+  (workdir / "study.json").write_text(json.dumps(
+      {"argv": list(job.argv), "wall_s": wall_s, "finished": 1.8e9, "machine": machine}))
+
+
+def test_converged_cells_appear_once_their_patch_size_is_tuned_at_the_best_held_out_rate(
+    tmp_path):
+  args = paper_study.parse_flags([f"--root={tmp_path}", "--only=" + ",".join(
+      paper_study.CONV_GROUPS)])
+  jobs = paper_study.jobs_for(args)
+  assert {j.group for j in jobs} == {"conv_tune"}
+  # /4: the patch cell; /2 and /1: + 2 position embeddings + 2 permutations
+  assert paper_study.conv_waiting(args) == 3 * (1 + 5 + 5)
+  # Tuning reads the held-out fifth of the train file, never the test split.
+  for job in jobs:
+    command = Command.parse("python -m " + shlex.join(job.argv) + " --workdir=x")
+    config = build(command)
+    assert config.data.source == "npz:" + paper_study.CONV_TUNE_DATA
+    assert "{split}" not in config.data.source and config.data.eval_split == "test"
+    assert config.data.image_size == paper_study.CONV_SIZE
+    assert config.total_steps == paper_study.CONV_TUNE_EPOCHS * config.eval_every
+  scores = dict(zip(paper_study.CONV_TUNE_LRS, (0.80, 0.85, 0.85, 0.70)))
+  for job in jobs:
+    if job.label("patch") == 2:
+      _finish(tmp_path, job, [(375, scores[job.label("lr")])])
+  assert paper_study.conv_tuned_lr(str(tmp_path), 2) == 1e-3  # the tie goes to the smaller rate
+  assert paper_study.conv_tuned_lr(str(tmp_path), 1) is None
+  jobs = paper_study.jobs_for(args)
+  cells = [j for j in jobs if j.group != "conv_tune"]
+  assert len(cells) == 3 * 5 and all(j.label("patch") == 2 for j in cells)
+  assert paper_study.conv_waiting(args) == 3 * (1 + 5)
+  for job in cells:
+    config = build(Command.parse("python -m " + shlex.join(job.argv) + " --workdir=x"))
+    assert config.optimizer.lr == 1e-3
+    assert config.data.source == "npz:" + paper_study.DATASETS["fashion_mnist"]
+    assert config.total_steps == paper_study.CONV_EPOCHS * config.eval_every
+    assert config.eval_every == paper_study.FASHION_TRAIN // config.batch_size  # every epoch
+    assert config.augment.crop and config.augment.crop_padding == 1 and config.augment.flip
+    if job.group == "conv_permute":
+      assert config.data.permute_pixels.max_distance == job.label("delta")
+
+
+def test_report_from_a_copy_of_the_records_anywhere_is_the_same(tmp_path, monkeypatch):
+  """Records name no absolute path ($ROOT), the report says when and where
+  they ran from the records, so a copy in another folder rebuilds it."""
+  docs = tmp_path / "docs"
+  monkeypatch.setattr(paper_study, "DOCS", str(docs))
+  first = tmp_path / "first"
+  args = paper_study.parse_flags([f"--root={first}"])
+  mae = [j for j in paper_study.jobs_for_report(args) if j.group == "mae"]
+  assert any(paper_study.ROOT in a for j in mae for a in j.argv)
+  assert all(str(first) not in a for j in mae for a in j.argv)
+  finetune = next(j for j in mae if j.label("stage") == "finetune")
+  assert any(f"init_from={first}/mae_fashion_mnist_p1_pretrain" in a
+             for a in finetune.command(str(first)))
+  jobs = [j for j in paper_study.jobs_for_report(args) if j.group == "conv_tune"]
+  for job in jobs:  # every patch size tuned; then two seeds of each converged cell
+    _finish(first, job, [(375, 0.8 + job.label("lr"))])
+  per_epoch = paper_study.FASHION_TRAIN // paper_study.CONV_BATCH
+  for job in paper_study.jobs_for_report(args):
+    if job.group in ("conv_patch", "conv_permute") and job.label("seed") < 2:
+      base = {1: 0.86, 2: 0.85, 4: 0.80}[job.label("patch")] - 0.05 * bool(job.label("delta"))
+      _finish(first, job, [(per_epoch * e, base - 0.1 / e + 0.001 * job.label("seed"))
+                           for e in range(1, 31)])
+  for job in mae:
+    _finish(first, job, [(200, 0.7)])
+  records = tmp_path / "records"
+  for job in paper_study.jobs_for_report(args):
+    if paper_study.finished(str(first), job):
+      paper_study.keep_records(str(first), job, str(records))
+  text = paper_study.write_report(args, paper_study.jobs_for_report(args))
+  copy = tmp_path / "elsewhere" / "copy"
+  shutil.copytree(records, copy)
+  again = paper_study.parse_flags([f"--root={copy}"])
+  assert paper_study.write_report(again, paper_study.jobs_for_report(again)) == text
+  assert "machines: test machine" in text
+  assert "| /1 | 64 | 0.004 | 85.72 ± 0.07 (n=2) |" in text  # the best tuned rate, final epoch
+  assert "/1 and /2 never cross" in text and "/2 and /4 never cross" in text
+  assert "permuted, δ = 1 | 80.72 ± 0.07 (n=2) | 79.72 ± 0.07 (n=2) |" in text
+  assert (docs / "results_converged_curves.png").exists()
+
+
+def test_a_study_resumes_where_it_stopped_and_runs_newly_listed_cells(tmp_path, monkeypatch):
+  """main runs only what is missing, re-lists jobs after each run (tuning
+  unlocks cells) and keeps each finished run's records."""
+  monkeypatch.setattr(paper_study, "DOCS", str(tmp_path / "docs"))
+  ran = []
+
+  def fake_run(root, job):
+    ran.append(job.name)
+    top1 = 0.9 - job.label("lr") if job.group == "conv_tune" else 0.8
+    _finish(tmp_path / "runs", job, [(375, top1)])
+
+  monkeypatch.setattr(paper_study, "run", fake_run)
+  flags = [f"--root={tmp_path / 'runs'}", f"--records={tmp_path / 'records'}",
+           "--only=conv_tune,conv_patch", "--match=_p4_", "--seeds=2"]
+  tune = [j for j in paper_study.jobs_for(paper_study.parse_flags(flags))]
+  _finish(tmp_path / "runs", tune[0], [(375, 0.5)])  # one tuning run finished before
+  paper_study.main(flags)
+  assert ran == [j.name for j in tune[1:]] + ["conv8_p4_seed0", "conv8_p4_seed1"]
+  assert sorted(os.listdir(tmp_path / "records")) == sorted(ran)  # what it ran, kept
+  record = json.loads((tmp_path / "records" / "conv8_p4_seed0" / "study.json").read_text())
+  assert "--config.optimizer.lr=0.001" in record["argv"]  # 0.0005 scored 0.5 before
+  ran.clear()
+  paper_study.main(flags)
+  assert ran == []
+
+
+def test_crossings_name_the_epochs_where_the_lead_changes():
+  a = [(100 * e, m, m, m) for e, m in enumerate((0.5, 0.6, 0.7, 0.8, 0.9), 1)]
+  b = [(100 * e, m, m, m) for e, m in enumerate((0.6, 0.65, 0.7, 0.75, 0.95), 1)]
+  assert paper_study._crossings(a, b, per_epoch=100) == ["4", "5"]  # a leads at 4, b at 5
+  assert paper_study._crossings(a, a, per_epoch=100) == []
