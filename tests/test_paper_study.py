@@ -168,7 +168,7 @@ def test_a_study_resumes_where_it_stopped_and_runs_newly_listed_cells(tmp_path, 
   monkeypatch.setattr(paper_study, "DOCS", str(tmp_path / "docs"))
   ran = []
 
-  def fake_run(root, job):
+  def fake_run(root, job, core=None):
     ran.append(job.name)
     top1 = 0.9 - job.label("lr") if job.group == "conv_tune" else 0.8
     _finish(tmp_path / "runs", job, [(375, top1)])
@@ -193,3 +193,33 @@ def test_crossings_name_the_epochs_where_the_lead_changes():
   b = [(100 * e, m, m, m) for e, m in enumerate((0.6, 0.65, 0.7, 0.75, 0.95), 1)]
   assert paper_study._crossings(a, b, per_epoch=100) == ["4", "5"]  # a leads at 4, b at 5
   assert paper_study._crossings(a, a, per_epoch=100) == []
+
+
+def test_parallel_runs_wait_for_what_they_need(tmp_path, monkeypatch):
+  """With --parallel=2 a fine-tune never starts before its pre-training has
+  finished, and every job runs exactly once."""
+  monkeypatch.setattr(paper_study, "DOCS", str(tmp_path / "docs"))
+  import threading
+  import time
+  lock, ran, live = threading.Lock(), [], set()
+
+  def fake_run(root, job, core=None):
+    assert core in (0, 1)
+    with lock:
+      for need in job.needs:
+        assert need not in live and os.path.exists(os.path.join(root, need, "study.json"))
+      live.add(job.name)
+    time.sleep(0.05)
+    _finish(tmp_path / "runs", job, [(200, 0.7)])
+    with lock:
+      live.discard(job.name)
+      ran.append(job.name)
+
+  monkeypatch.setattr(paper_study, "run", fake_run)
+  flags = [f"--root={tmp_path / 'runs'}", "--records=", "--only=mae", "--parallel=2"]
+  paper_study.main(flags)
+  jobs = paper_study.jobs_for(paper_study.parse_flags(flags))
+  assert sorted(ran) == sorted(j.name for j in jobs)
+  for job in jobs:
+    for need in job.needs:
+      assert ran.index(need) < ran.index(job.name)
