@@ -655,6 +655,51 @@ def _converged_sections(args, results: "Results") -> list[str]:
             "```", _example(jobs_for_report(args), "conv_patch", fallback="conv_tune"), "```", ""]
   _plot_converged(curves, per_epoch)
   lines += _converged_locality(args, results)
+  lines += _converged_budget(args, results)
+  return lines
+
+
+# A tuning run trains CONV_TUNE_EPOCHS on 4/5 of the train file: this many
+# times fewer images than a converged cell.
+_TUNE_SHARE = CONV_EPOCHS * 5 / (CONV_TUNE_EPOCHS * 4)
+
+
+def _converged_budget(args, results: "Results") -> list[str]:
+  """The plan from measured costs: minutes per cell of each patch size (its
+  finished cells, else its tuning runs scaled by the images they saw)."""
+  lines = ['<a id="converged-budget"></a>', "", "## Budget of the converged study", "",
+           "Cost per run as measured here (wall minutes of the finished runs, which ran two at "
+           "a time, each on one core; a patch size with no finished cell yet is estimated from "
+           f"its tuning runs x {_TUNE_SHARE:.2f}, the ratio of images seen), and the plan it "
+           "gives for every cell of the study:", "",
+           "| patch | min / cell | how measured | cells (finished / all) | tuning min | "
+           "est. total h |", "|---|---|---|---|---|---|"]
+  all_cells = _conv_cells(args.seeds, dict.fromkeys(PATCHES, 1.0))
+  total, unmeasured = 0.0, []
+  for patch in PATCHES:
+    cells = [job for job in all_cells if job.label("patch") == patch]
+    done = [results.records[job.name][1]["wall_s"] for job in cells
+            if job.name in results.records]
+    tuning = [record["wall_s"] for _, record in results.select("conv_tune", patch=patch)]
+    if done:
+      per_cell, how = statistics.mean(done) / 60, f"{len(done)} finished cell(s)"
+    elif tuning:
+      per_cell, how = statistics.mean(tuning) * _TUNE_SHARE / 60, f"{len(tuning)} tuning run(s)"
+    else:
+      lines.append(f"| /{patch} | — | not measured yet | 0 / {len(cells)} | — | — |")
+      unmeasured.append(f"/{patch}")
+      continue
+    tune_min = sum(tuning) / 60 + (len(CONV_TUNE_LRS) - len(tuning)) * per_cell / _TUNE_SHARE
+    hours = (len(cells) * per_cell + tune_min) / 60
+    total += hours
+    lines.append(f"| /{patch} | {per_cell:.0f} | {how} | {len(done)} / {len(cells)} | "
+                 f"{tune_min:.0f} | {hours:.1f} |")
+  lines += ["", f"Summed compute for the plan: about {total:.1f} hours of runs"
+            + (f" without {' and '.join(unmeasured)}, not measured yet" if unmeasured else "")
+            + " (two run at once on the 2 cores, so the wall time is about half). Cut first "
+            "if it must be: "
+            "16x16 and MAE at convergence were not started; the seeds and epochs are "
+            "not cut.", ""]
   return lines
 
 
