@@ -344,6 +344,10 @@ def run(root: str, job: Job, core: int | None = None) -> dict:
   if result.returncode:
     raise SystemExit(f"[study] {job.name} failed (exit {result.returncode}); see "
                      f"{workdir}/log.txt")
+  reached, total = _last_step(workdir), _total_steps(job)
+  if total is not None and reached != total:  # a SIGTERM saves, then exits 0
+    raise SystemExit(f"[study] {job.name} stopped at step {reached} of {total} (stopped from "
+                     "outside?); run the study again to resume it from its checkpoint")
   record = {"argv": list(job.argv), "wall_s": wall, "finished": time.time(),
             "load_average": os.getloadavg()[0], "machine": machine(),
             "cores": 1 if core is not None else os.cpu_count()}
@@ -372,6 +376,22 @@ def keep_records(root: str, job: Job, records: str) -> None:
     if picture:
       os.makedirs(os.path.join(target, "pictures"), exist_ok=True)
       shutil.copyfile(picture, os.path.join(target, "pictures", os.path.basename(picture)))
+
+
+def _total_steps(job: Job) -> int | None:
+  """The run's length when its argv sets it (--config.total_steps=N)."""
+  for arg in job.argv:
+    if arg.startswith("--config.total_steps="):
+      return int(arg.split("=", 1)[1])
+  return None
+
+
+def _last_step(workdir: str) -> int | None:
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return max((json.loads(line)["step"] for line in f if line.strip()), default=None)
+  except OSError:
+    return None
 
 
 def _read_json(path: str):

@@ -3,6 +3,7 @@ import json
 import os
 import shlex
 import shutil
+import types
 
 import pytest
 
@@ -223,3 +224,31 @@ def test_parallel_runs_wait_for_what_they_need(tmp_path, monkeypatch):
   for job in jobs:
     for need in job.needs:
       assert ran.index(need) < ran.index(job.name)
+
+
+def test_a_run_stopped_from_outside_is_not_recorded_as_finished(tmp_path, monkeypatch):
+  """pixel_vit.main exits 0 after a SIGTERM (it saved a checkpoint): the
+  study must not take that run for finished."""
+  job = [j for j in paper_study.jobs_for(paper_study.parse_flags(
+      [f"--root={tmp_path}", "--only=conv_tune"]))][0]
+  total = paper_study._total_steps(job)
+
+  real_run = paper_study.subprocess.run
+
+  def fake_main(steps):
+    def fake(command, **kwargs):
+      if "pixel_vit.main" not in command:  # anything else (jax's own probes) runs for real
+        return real_run(command, **kwargs)
+      workdir = next(a.split("=", 1)[1] for a in command if a.startswith("--workdir="))
+      with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": steps, "train/loss": 1.0}) + "\n")
+      return types.SimpleNamespace(returncode=0)
+    return fake
+
+  monkeypatch.setattr(paper_study.subprocess, "run", fake_main(total // 2))
+  with pytest.raises(SystemExit, match=rf"stopped at step {total // 2} of {total}"):
+    paper_study.run(str(tmp_path), job)
+  assert paper_study.finished(str(tmp_path), job) is None
+  monkeypatch.setattr(paper_study.subprocess, "run", fake_main(total))
+  paper_study.run(str(tmp_path), job, core=0)
+  assert paper_study.finished(str(tmp_path), job)["cores"] == 1
