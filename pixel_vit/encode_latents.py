@@ -33,6 +33,7 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pixel_vit import command_line
 from pixel_vit.data import sources
 from pixel_vit.models import vae as vae_lib
 
@@ -225,10 +226,11 @@ def encode_dataset(*, vae_path: str, source: str, splits: list[str], out: str,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; everything is a --flag.")
-  encode_dataset(vae_path=_VAE.value, source=_SOURCE.value, splits=_SPLITS.value,
-                 out=_OUT.value, image_size=_IMAGE_SIZE.value, batch_size=_BATCH_SIZE.value,
-                 sample=_SAMPLE.value, seed=_SEED.value, data_dir=_DATA_DIR.value,
-                 load_chunks=_LOAD_CHUNKS.value)
+  with command_line.stops_with_one_message():  # --traceback shows where, as in main
+    encode_dataset(vae_path=_VAE.value, source=_SOURCE.value, splits=_SPLITS.value,
+                   out=_OUT.value, image_size=_IMAGE_SIZE.value, batch_size=_BATCH_SIZE.value,
+                   sample=_SAMPLE.value, seed=_SEED.value, data_dir=_DATA_DIR.value,
+                   load_chunks=_LOAD_CHUNKS.value)
 
 
 if __name__ == "__main__":

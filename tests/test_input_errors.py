@@ -334,6 +334,22 @@ def _run_main(tmp_path, *args):
 
 
 @pytest.mark.slow
+def test_encode_latents_errors_are_one_message_and_traceback_is_a_flag(tmp_path):
+  command = [sys.executable, "-m", "pixel_vit.encode_latents", "--source=digits",
+             f"--vae={tmp_path / 'missing.safetensors'}", f"--out={tmp_path / 'x_{split}.npz'}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr, proc.stderr
+  assert "error: --vae=" in proc.stderr and "does not exist" in proc.stderr
+  proc = subprocess.run(command + ["--traceback"], cwd=REPO_ROOT, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 1 and "Traceback" in proc.stderr
+  assert not list(tmp_path.glob("x_*"))
+
+
+@pytest.mark.slow
 def test_command_line_typo_in_a_config_key(tmp_path):
   stderr = _run_main(tmp_path, "--config=configs/cls_pixel.py:quick",
                      "--config.optimizer.base_lrr=1")
