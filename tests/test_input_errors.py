@@ -311,6 +311,20 @@ def test_unreadable_npz_files_get_a_clear_error(tmp_path, kind, expected):
   assert excinfo.value.__cause__ is None  # one paragraph, no chained traceback
 
 
+def test_single_file_npz_too_small_for_its_split_says_so(tmp_path, quick_config, workdir,
+                                                         no_jit):
+  """One example: the 80/20 split leaves no train example. The message says
+  that, not something about classes that occur only in eval."""
+  images, labels = _digits()
+  path = _write(tmp_path / "one.npz", images[:1], labels[:1])
+  with pytest.raises(ValueError, match=r"one\.npz has 1 example\(s\): its fixed 4/5 train/test "
+                     r"split leaves none for 'train'\. Use a file with at least 5 examples"):
+    classification.train_and_evaluate(quick_config({"data.source": f"npz:{path}"}), workdir)
+  assert not os.path.exists(workdir)
+  five = _write(tmp_path / "five.npz", images[:5], labels[:5])
+  assert len(sources.parse_source(f"npz:{five}").load("train").images) == 4
+
+
 def test_truncated_npz_stops_the_run_before_compiling(tmp_path, quick_config, workdir, no_jit):
   good = _good_npz_bytes(tmp_path)
   path = tmp_path / "cut.npz"

@@ -388,6 +388,13 @@ class NpzSource(_InMemorySource):
     _check_train_test(self.name, split)
     whole = _read_npz(self.path)
     index = _train_test_indices(len(whole.images), split)
+    if not len(index):
+      n = len(whole.images)
+      raise ValueError(
+          f"npz file {self.path} has {n} example(s): its fixed {_TRAIN_FRACTION[0]}/"
+          f"{_TRAIN_FRACTION[1]} train/test split leaves none for {split!r}. Use a file with at "
+          f"least {_TRAIN_FRACTION[1]} examples, or give the splits their own files "
+          "(npz:PATH_{split}.npz with PATH_train.npz and PATH_test.npz).")
     return whole._replace(images=whole.images[index], labels=whole.labels[index])
 
 
