@@ -338,17 +338,17 @@ def train(run: Run, *, train_step: Callable,
           try:
             guard.check(lambda: _last_checkpoint(run), fetched=fetched)
           finally:  # also when it stops the run: these metrics show the divergence
-            means = {k: np.mean([m[k] for m in fetched]) for k in fetched[0]}
-            if guard.skipped_total:
-              means["train/nonfinite_skipped"] = guard.skipped_total
-            run.reporter.scalars(step, means)
-            fetched = []
+            _log_train_means(run, guard, step, fetched)
         if step % config.eval_every == 0 or last:
           results = evaluate(step, state)
         stopping = stops.requested is not None and jax.process_count() == 1
         if run.checkpointer.should_save(step, force=last or stopping):
-          guard.check(lambda: _last_checkpoint(run), fetched=fetched)
-          guard.check_params(step, state.params, lambda: _last_checkpoint(run))
+          try:
+            guard.check(lambda: _last_checkpoint(run), fetched=fetched)
+            guard.check_params(step, state.params, lambda: _last_checkpoint(run))
+          except divergence.TrainingDivergedError:  # not a log step: log what shows it
+            _log_train_means(run, guard, step, fetched)
+            raise
           run.checkpointer.save(step, state, run.identity, force=last or stopping)
         if stopping or run.checkpointer.reached_preemption(step):  # orbax saved this step
           run.checkpointer.wait()
@@ -365,6 +365,18 @@ def train(run: Run, *, train_step: Callable,
     run.reporter.close()
     run.lock.release()
   return state, results
+
+
+def _log_train_means(run: Run, guard: divergence.Guard, step: int, fetched: list[dict]) -> None:
+  """Writes the mean of the train metrics fetched since the last log point
+  (and empties `fetched`)."""
+  if not fetched:
+    return
+  means = {k: np.mean([m[k] for m in fetched]) for k in fetched[0]}
+  if guard.skipped_total:
+    means["train/nonfinite_skipped"] = guard.skipped_total
+  run.reporter.scalars(step, means)
+  fetched.clear()
 
 
 def _preempted_before_the_first_step(run: Run, start_step: int) -> bool:
