@@ -238,19 +238,23 @@ def _conv_cells(seeds: int, lrs: dict[int, float]) -> list[Job]:
     jobs += [Job(f"conv8_p{patch}_seed{seed}", "conv_patch", _conv_argv(patch, seed, lrs[patch]),
                  labels=(("patch", patch), ("seed", seed)))
              for patch in (4, 2, 1) if patch in lrs]
+  # The ablations, seed-major, the paper's sharpest predictions first: no
+  # position embedding and the global permutation, then sincos2d and the
+  # local permutation.
   for seed in range(seeds):
-    for patch in (2, 1):
-      if patch not in lrs:
-        continue
-      for posemb in ("sincos2d", "none"):
-        jobs.append(Job(f"conv8_p{patch}_{posemb}_seed{seed}", "conv_posemb",
-                        _conv_argv(patch, seed, lrs[patch], posemb=posemb),
-                        labels=(("patch", patch), ("posemb", posemb), ("seed", seed))))
-      for delta in CONV_DELTAS:
-        jobs.append(Job(f"conv8_p{patch}_swaps{CONV_SWAPS}_d{delta}_seed{seed}", "conv_permute",
-                        _conv_argv(patch, seed, lrs[patch], swaps=CONV_SWAPS,
-                                   swap_distance=delta),
-                        labels=(("patch", patch), ("delta", delta), ("seed", seed))))
+    for posemb, delta in (("none", None), (None, CONV_SIZE), ("sincos2d", None), (None, 1)):
+      for patch in (2, 1):
+        if patch not in lrs:
+          continue
+        if posemb:
+          jobs.append(Job(f"conv8_p{patch}_{posemb}_seed{seed}", "conv_posemb",
+                          _conv_argv(patch, seed, lrs[patch], posemb=posemb),
+                          labels=(("patch", patch), ("posemb", posemb), ("seed", seed))))
+        else:
+          jobs.append(Job(f"conv8_p{patch}_swaps{CONV_SWAPS}_d{delta}_seed{seed}",
+                          "conv_permute", _conv_argv(patch, seed, lrs[patch], swaps=CONV_SWAPS,
+                                                     swap_distance=delta),
+                          labels=(("patch", patch), ("delta", delta), ("seed", seed))))
   return jobs
 
 
