@@ -166,6 +166,9 @@ def base_config(task: str, dataset: str, *, quick: bool) -> ml_collections.Confi
   config.mesh = mesh_config()
   config.sharding_rules = SHARDING_RULES
   config.keep_checkpoints = 3  # >= 1: the newest N, the final one included
+  # A workdir lock left by a run on another host is refused (on a shared
+  # filesystem that run may still be alive); True takes it over (workdir.py).
+  config.take_over_lock = False
   # A non-finite loss or gradient norm: 'stop' the run (no NaN checkpoint is
   # ever written), or 'skip' that update and stop after more than
   # max_nonfinite_skips in a row (trainers/divergence.py).

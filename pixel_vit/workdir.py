@@ -3,9 +3,11 @@
 `claim(workdir)` checks, before anything loads or compiles, that the workdir
 is a directory this process can write (creating it), and takes an exclusive
 lock on `<workdir>/.lock` that the OS releases when the process dies, so a
-lock left by a killed run is taken over (with a message naming its pid) and
-a live one stops the second run before it races the first on the same
-checkpoint paths. Locking is local-filesystem only: a `gs://` workdir (a
+lock left by a killed run on this host is taken over (with a message naming
+its pid) and a live one stops the second run before it races the first on the
+same checkpoint paths. A lock file naming another host is refused unless
+`take_over` (config.take_over_lock): on a shared filesystem the OS lock may not
+reach across hosts, so that run may still be alive. Locking is local-filesystem only: a `gs://` workdir (a
 pod's shared bucket) is not locked, and in a multi-process run process 0
 holds the lock for all.
 """
@@ -61,8 +63,15 @@ def check_writable(workdir: str) -> None:
                      "permissions.")
 
 
-def claim(workdir: str) -> WorkdirLock:
-  """check_writable, then the lock (process 0 of a local workdir only)."""
+def _holder_host(record: str) -> str | None:
+  """The host of a lock record 'pid N on HOST' (None if it names none)."""
+  _, on, host = record.partition(" on ")
+  return host.strip() or None if on else None
+
+
+def claim(workdir: str, *, take_over: bool = False) -> WorkdirLock:
+  """check_writable, then the lock (process 0 of a local workdir only);
+  `take_over`: also a lock file that another host's run left."""
   check_writable(workdir)
   if "://" in workdir or jax.process_index() != 0:
     return WorkdirLock(None)
@@ -85,6 +94,15 @@ def claim(workdir: str) -> WorkdirLock:
         "choose another --workdir.") from None
   handle.seek(0)
   previous = handle.read().strip()
+  host = _holder_host(previous)
+  if host is not None and host != socket.gethostname() and not take_over:
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    handle.close()
+    raise WorkdirInUseError(
+        f"--workdir={workdir} is locked by a run on another host ({previous}); this host "
+        "cannot see whether it still runs (a shared filesystem may not pass the OS lock "
+        "between hosts). If it has stopped, take the lock over with "
+        "--config.take_over_lock=True; otherwise choose another --workdir.")
   if previous:
     logging.warning("%s was left by a run that is no longer alive (%s); taking it over.",
                     path, previous)

@@ -6,6 +6,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import socket
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +35,12 @@ def test_live_lock_refuses_a_second_run(tmp_path):
 
 
 def test_stale_lock_is_taken_over_with_a_message(tmp_path, caplog):
-  (tmp_path / ".lock").write_text("pid 999999 on a-dead-host\n")  # no process holds it
+  # this host's run, killed: no process holds the OS lock
+  (tmp_path / ".lock").write_text(f"pid 999999 on {socket.gethostname()}\n")
   lock = workdir_lib.claim(str(tmp_path))
   try:
-    assert "pid 999999 on a-dead-host" in caplog.text and "taking it over" in caplog.text
+    assert f"pid 999999 on {socket.gethostname()}" in caplog.text
+    assert "taking it over" in caplog.text
     assert (tmp_path / ".lock").read_text().startswith(f"pid {os.getpid()} ")
     with open(tmp_path / ".lock") as other:  # really held
       with pytest.raises(OSError):
@@ -45,6 +48,26 @@ def test_stale_lock_is_taken_over_with_a_message(tmp_path, caplog):
   finally:
     lock.release()
   assert (tmp_path / ".lock").read_text() == ""  # a clean release leaves no stale record
+
+
+def test_lock_of_another_host_is_refused_unless_taken_over(tmp_path, caplog):
+  """On a shared filesystem another node's live run may not hold the OS lock
+  here: its lock file is not proof that it died."""
+  (tmp_path / ".lock").write_text("pid 4242 on node-17\n")
+  with pytest.raises(workdir_lib.WorkdirInUseError,
+                     match=r"locked by a run on another host \(pid 4242 on node-17\).*"
+                           r"--config\.take_over_lock=True"):
+    workdir_lib.claim(str(tmp_path))
+  assert (tmp_path / ".lock").read_text() == "pid 4242 on node-17\n"  # left as it was
+  with open(tmp_path / ".lock") as other:  # and not held
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(other, fcntl.LOCK_UN)
+  lock = workdir_lib.claim(str(tmp_path), take_over=True)
+  try:
+    assert "pid 4242 on node-17" in caplog.text and "taking it over" in caplog.text
+    assert (tmp_path / ".lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+  finally:
+    lock.release()
 
 
 def test_workdir_that_is_a_file_or_unwritable_is_refused(tmp_path):

@@ -37,6 +37,7 @@ def validate_run(config, device_count: int, process_count: int) -> None:
   for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     check_positive(key, config[key])
   check_choice("on_nonfinite", config.get("on_nonfinite", "stop"), ("stop", "skip"))
+  check_choice("take_over_lock", config.get("take_over_lock", False), (False, True))
   check_positive("max_nonfinite_skips", config.get("max_nonfinite_skips", 0), allow_zero=True)
   if "profile" in config:
     check_positive("profile.steps", config.profile.steps, allow_zero=True)
@@ -254,7 +255,8 @@ def start(config, workdir: str, plan: Plan, *,
   takes no lock and leaves the workdir's `config.json`, the record of how it
   was trained, as it is.
   """
-  lock = workdir_lib.WorkdirLock(None) if read_only else workdir_lib.claim(workdir)
+  lock = (workdir_lib.WorkdirLock(None) if read_only else
+          workdir_lib.claim(workdir, take_over=config.get("take_over_lock", False)))
   try:
     return _start(config, workdir, plan, initial_params, devices, read_only, lock)
   except BaseException:
