@@ -39,6 +39,10 @@ class CheckpointSaveError(RuntimeError):
   """A save failed (disk full, permissions, ...); earlier checkpoints are intact."""
 
 
+class DamagedCheckpointError(ValueError):
+  """A checkpoint whose own files say it is incomplete (e.g. its identity)."""
+
+
 class CheckpointMismatchError(ValueError):
   """The checkpoint was written by a different model or train state."""
 
@@ -299,7 +303,13 @@ class Checkpointer:
         "the config changed, run with the config they were written with.")
 
   def _restore_step(self, step: int, abstract_state: Any, identity: RunIdentity) -> Any:
-    mismatched = identity.differences(self.read_metadata(step))
+    saved = self.read_metadata(step)
+    missing = [k for k in RunIdentity.REQUIRED if not isinstance(saved, dict) or k not in saved]
+    if missing:  # what a crash mid-write leaves: damage, not another model
+      raise DamagedCheckpointError(
+          f"its identity metadata ({self.directory}/{step}/metadata) is "
+          f"{'empty' if not saved else 'incomplete'}: no {', '.join(missing)}")
+    mismatched = identity.differences(saved)
     if mismatched:
       details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}"
                           for k, (a, b) in mismatched.items())

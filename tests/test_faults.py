@@ -170,6 +170,21 @@ def test_a_restore_drops_only_the_echoes_of_a_failed_read(saved, capsys):
   assert "Event loop is closed" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("metadata", ["{}", '{"task": "classification"}', "{not json", "[]"])
+def test_empty_partial_or_unreadable_identity_is_damage_not_another_model(saved, metadata,
+                                                                         caplog):
+  """What a crash mid-write leaves in the identity file is damage: the step
+  is set aside and the previous one restored (not 'does not match the config')."""
+  with open(os.path.join(saved, "checkpoints", "3", "metadata", "metadata"), "w") as f:
+    f.write(metadata)
+  checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5)
+  restored = checkpointer.restore(abstract(STATE), IDENTITY)
+  np.testing.assert_array_equal(restored["w"], STATE["w"] * 2)
+  assert "checkpoint step 3" in caplog.text and "resumed from step 2" in caplog.text
+  assert checkpointer.all_steps() == [1, 2]
+  checkpointer.close()
+
+
 def test_a_checkpoint_of_another_model_is_a_mismatch_not_damage(saved):
   checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5)
   other_model = dataclasses.replace(IDENTITY, variant="other")
