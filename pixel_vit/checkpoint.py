@@ -191,18 +191,23 @@ class Checkpointer:
   the metadata, with barriers through `jax.distributed`.
   """
 
-  def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True,
+               read_only: bool = False):
+    """`read_only` (a sampler beside a training run): orbax writes and
+    creates nothing, and a restore never moves a damaged step aside."""
     if keep < 1:
       raise ValueError(f"config.keep_checkpoints={keep} would delete every checkpoint, the "
                        "final one included; set it to 1 or more.")
     self.directory = checkpoint_directory(workdir)
     self.damaged_directory = os.path.join(os.path.dirname(self.directory), DAMAGED)
     self._saving_step: int | None = None  # an async save not yet known to have committed
+    self.read_only = read_only
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=save_every, max_to_keep=keep,
-            enable_async_checkpointing=async_save))
+            enable_async_checkpointing=async_save, read_only=read_only,
+            create=not read_only))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -274,6 +279,8 @@ class Checkpointer:
     Without `step`: the newest checkpoint that reads. Newer ones that failed
     to read are then moved aside with a warning, and only then: when none
     reads, nothing is moved (the cause may be the config, not the files).
+    A read-only checkpointer moves nothing: the warning says which step it
+    used and why.
     Raises CheckpointMismatchError, naming the checkpoint, when it was
     written by a different model or train state.
     """
@@ -291,6 +298,11 @@ class Checkpointer:
         failures.append((candidate, first_line(e)))
         continue
       for damaged, error in failures:
+        if self.read_only:
+          logging.warning("checkpoint step %d in %s could not be read (%s); using step %d, "
+                          "the newest that reads (read-only: nothing moved).", damaged,
+                          self.directory, error, candidate)
+          continue
         where = self._set_aside(damaged)
         logging.warning("checkpoint step %d in %s could not be read (%s); moved it to %s and "
                         "resumed from step %d instead.", damaged, self.directory, error, where,

@@ -127,6 +127,20 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_restored(save
   checkpointer.close()
 
 
+def test_a_read_only_restore_uses_the_newest_readable_and_moves_nothing(saved, caplog):
+  """pixel_vit.sample reads a training run's workdir: it must not change it."""
+  damage(os.path.join(saved, "checkpoints", "3"), "truncate")
+  before = sorted(os.listdir(saved)), sorted(os.listdir(os.path.join(saved, "checkpoints")))
+  checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5, read_only=True)
+  restored = checkpointer.restore(abstract(STATE), IDENTITY)
+  np.testing.assert_array_equal(restored["w"], STATE["w"] * 2)
+  assert "checkpoint step 3" in caplog.text and "using step 2" in caplog.text
+  assert "read-only: nothing moved" in caplog.text
+  after = sorted(os.listdir(saved)), sorted(os.listdir(os.path.join(saved, "checkpoints")))
+  assert after == before and checkpointer.all_steps() == [1, 2, 3]
+  checkpointer.close()
+
+
 def test_no_readable_checkpoint_is_one_clear_error_and_nothing_is_deleted(saved):
   for step in (1, 2, 3):
     damage(os.path.join(saved, "checkpoints", str(step)), "metadata")

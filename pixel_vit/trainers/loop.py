@@ -282,7 +282,8 @@ def _start(config, workdir, plan, initial_params, devices, read_only, lock) -> R
   layout, create_state = lay_out(config, plan, devices)
   described = layout.described
   checkpointer = checkpoint_lib.Checkpointer(
-      workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+      workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints,
+      read_only=read_only)
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(described.abstract, identity)
   else:
