@@ -327,8 +327,7 @@ class Checkpointer:
                           for k, (a, b) in mismatched.items())
       raise CheckpointMismatchError(
           f"checkpoint {self.directory}/{step} does not match the config ({details}). "
-          "Use a fresh --workdir, or set the config back to what the checkpoint was "
-          "trained with.")
+          + self._mismatch_fix())
     try:
       restored = self.manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
@@ -338,9 +337,16 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f"checkpoint {self.directory}/{step} holds a different train state than the "
           f"config builds ({' '.join(str(e).split()[:40])}), e.g. another optimizer, EMA "
-          "setting or config.on_nonfinite mode. Use a fresh --workdir or the config it was written "
-          "with.") from e
+          "setting or config.on_nonfinite mode. " + self._mismatch_fix()) from e
     return restored.state
+
+  def _mismatch_fix(self) -> str:
+    if self.read_only:  # reading a trained run: its config is the fix, not a new workdir
+      return ("Read it with the config it was trained with (the --config and --config.* "
+              f"flags of its training command; {os.path.dirname(self.directory)}/config.json "
+              "records them).")
+    return ("Use a fresh --workdir, or set the config back to what the checkpoint was "
+            "trained with.")
 
   def _set_aside(self, step: int) -> str:
     """Moves a damaged step out of orbax's sight (all processes agree first)."""

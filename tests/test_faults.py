@@ -212,6 +212,16 @@ def test_a_checkpoint_of_another_model_is_a_mismatch_not_damage(saved):
   assert not os.path.exists(os.path.join(saved, checkpoint_lib.DAMAGED))
 
 
+def test_a_read_only_mismatch_advises_the_training_config_not_a_fresh_workdir(saved):
+  other_model = dataclasses.replace(IDENTITY, variant="other")
+  checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5, read_only=True)
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError) as caught:
+    checkpointer.restore(abstract(STATE), other_model)
+  assert "variant: checkpoint 'tiny' vs config 'other'" in str(caught.value)
+  assert "fresh --workdir" not in str(caught.value)
+  assert f"{saved}/config.json records them" in str(caught.value)
+
+
 def test_a_failed_save_is_one_error_and_leaves_earlier_checkpoints(saved, monkeypatch):
   checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5)
   partial = os.path.join(saved, "checkpoints", "4.orbax-checkpoint-tmp-1234")
