@@ -21,8 +21,10 @@ were.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging as pylogging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -134,6 +136,38 @@ def first_line(error: BaseException, limit: int = 300) -> str:
   text = str(error).strip().splitlines()
   line = f"{type(error).__name__}: {text[0] if text else ''}".strip()
   return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def describe_damage(step_directory: str, error: BaseException) -> str:
+  """One line: which file or array of a checkpoint step failed to read, and
+  how (missing, truncated, not JSON), from the step's files and the error;
+  tensorstore's spec and reprs left out."""
+  text = str(error)
+  for part in ("state/_METADATA", "metadata/metadata"):
+    if not os.path.exists(os.path.join(step_directory, part)):
+      return f"{part} is missing"
+  process = re.search(r"(ocdbt\.process_\d+)", text)
+  if process and not os.path.exists(os.path.join(step_directory, "state", process.group(1))):
+    return f"state/{process.group(1)}/ is missing"
+  if isinstance(error, DamagedCheckpointError):
+    return str(error)
+  if isinstance(error, json.JSONDecodeError):
+    return f"metadata/metadata is not valid JSON ({error.msg})"
+  files = re.findall(r'local file "([^"]+)"', text)
+  array = re.search(r'Error reading "([^"/]+)/', text)
+  where = ""
+  if files:
+    path = files[-1]
+    where = os.path.relpath(path, step_directory) if path.startswith(step_directory) else path
+    where = f"file {where}" + (f" (array {array.group(1)!r})" if array else "")
+  size = re.search(r"byte range \[\d+, (\d+)\) is not valid for value of size (\d+)", text)
+  if size:
+    return f"{where or 'a data file'} is truncated ({size.group(2)} bytes, {size.group(1)} read)"
+  line = re.sub(r"\s*\[tensorstore_spec=.*", "", text.strip().splitlines()[0] if text.strip()
+                else "")
+  line = re.sub(r"<bound method [^>]*>|<[^<>]* object at 0x[0-9a-f]+>", "<...>", line)
+  line = f"{type(error).__name__}: {line}" + (f" [{where}]" if where else "")
+  return line if len(line) <= 200 else line[:197] + "..."
 
 
 # asyncio's words for a task whose exception nobody awaited.
@@ -295,7 +329,8 @@ class Checkpointer:
       except Exception as e:  # a damaged checkpoint raises anything tensorstore can
         if step is not None:
           raise
-        failures.append((candidate, first_line(e)))
+        failures.append((candidate, describe_damage(os.path.join(self.directory,
+                                                                 str(candidate)), e)))
         continue
       for damaged, error in failures:
         if self.read_only:

@@ -6,6 +6,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import socket
 
 import jax
@@ -118,6 +119,14 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_restored(save
   for name in STATE:
     np.testing.assert_array_equal(restored[name], STATE[name] * 2)
   assert "checkpoint step 3" in caplog.text and "resumed from step 2" in caplog.text
+  # one line naming the file and the kind of damage, no tensorstore spec or repr
+  warning = next(r.getMessage() for r in caplog.records if "checkpoint step 3" in r.getMessage())
+  assert "\n" not in warning and "tensorstore_spec" not in warning and "<bound" not in warning
+  if how == "truncate":
+    assert re.search(r"\(file state/d/[0-9a-f]+ \(array '[wb]'\) is truncated \(\d+ bytes, "
+                     r"\d+ read\)\)", warning), warning
+  else:
+    assert "(state/_METADATA is missing)" in warning, warning
   assert checkpointer.all_steps() == [1, 2]
   moved = os.listdir(os.path.join(saved, checkpoint_lib.DAMAGED))
   assert len(moved) == 1 and moved[0].startswith("3.")  # set aside, not deleted
