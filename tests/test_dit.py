@@ -179,6 +179,25 @@ def test_latent_npz_reads_as_float_split(tmp_path):
     source.load("train", image_size=8)
 
 
+@pytest.mark.parametrize("dtype, value", [(np.float32, np.nan), (np.float16, np.inf)])
+def test_non_finite_latents_are_refused_when_read_naming_file_split_count_and_index(
+    tmp_path, dtype, value):
+  """A NaN in either split would train on silently (eval/loss=nan, exit 0)
+  or look like a divergence at step 1: it is bad data, found when read."""
+  write_latents(tmp_path / "lat_train.npz")
+  latents, labels = write_latents(tmp_path / "lat_test.npz", n=12, seed=1)
+  latents = latents.astype(dtype)
+  latents[7, 0, 1, 2] = value
+  latents[9, 3, 3, 0] = value
+  np.savez(tmp_path / "lat_test.npz", latents=latents, labels=labels,
+           latent_scale=np.float32(0.18215))
+  source = sources.parse_source(f"npz:{tmp_path}/lat_{{split}}.npz")
+  assert source.load("train").images.shape[0] == 40  # the other split is fine
+  with pytest.raises(ValueError, match=r"lat_test\.npz \(split 'test'\): 2 of 12 latents hold "
+                     r"NaN or Inf \(2 values; the first is example 7\)"):
+    source.load("test")
+
+
 def test_float_images_are_not_taken_for_latents(tmp_path):
   np.savez(tmp_path / "f.npz", images=np.zeros((4, 8, 8, 1), np.float32),
            labels=np.zeros(4, np.int32))

@@ -274,7 +274,8 @@ def test_stop_mode_names_the_first_bad_step_and_the_checkpoint():
   for step, loss in ((1, 2.0), (2, 1.5), (3, np.nan), (4, np.inf)):
     guard.observe(step, metrics(loss))
   with pytest.raises(divergence.TrainingDivergedError,
-                     match=r"diverged at step 3: train/loss=nan\. .*step 2 in X"):
+                     match=r"diverged at step 3: train/loss=nan\. .*step 2 in X.*"
+                           r"set config\.on_nonfinite='skip'"):
     guard.check(lambda: "the last checkpoint, step 2 in X, is finite", fetched=[])
 
 
@@ -287,8 +288,11 @@ def test_skip_mode_tolerates_the_configured_run_of_bad_steps():
   for step in (7, 8, 9):
     guard.observe(step, metrics(1.0, np.nan))
   with pytest.raises(divergence.TrainingDivergedError,
-                     match=r"step 9: .*more than config.max_nonfinite_skips=2 in a row"):
+                     match=r"step 9: .*more than config.max_nonfinite_skips=2 in a row") as caught:
     guard.check(lambda: "", fetched=[])
+  # skip is already on: the advice is the limit, not the mode it is in
+  assert "on_nonfinite='skip'" not in str(caught.value)
+  assert "raise config.max_nonfinite_skips" in str(caught.value)
 
 
 def test_params_check_catches_inf():

@@ -384,7 +384,7 @@ class NpzSource(_InMemorySource):
 
   def _read_split(self, split):
     if "{split}" in self.path:
-      return _read_npz(self._file(split))
+      return _read_npz(self._file(split), split)
     _check_train_test(self.name, split)
     whole = _read_npz(self.path)
     index = _train_test_indices(len(whole.images), split)
@@ -432,8 +432,8 @@ def _open_npz(path: str) -> dict[str, np.ndarray]:
                      f"number / string arrays instead: {_NPZ_FIX}.") from None
 
 
-def _read_npz(path: str) -> _WholeSplit:
-  """Loads and validates one .npz file."""
+def _read_npz(path: str, split: str | None = None) -> _WholeSplit:
+  """Loads and validates one .npz file (`split`: which one it is, for messages)."""
   arrays = _open_npz(path)
   fix = _NPZ_FIX
   latent = "latents" in arrays and "images" not in arrays
@@ -443,6 +443,15 @@ def _read_npz(path: str) -> _WholeSplit:
       raise ValueError(f"npz file {path}: latents have dtype {images.dtype} and shape "
                        f"{images.shape}, expected float32 [N, h, w, c]; write them with "
                        "python -m pixel_vit.encode_latents.")
+    bad = ~np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+    if bad.any():  # a NaN would train on silently and make every eval NaN
+      first = int(np.argmax(bad))
+      raise ValueError(
+          f"npz file {path}{f' (split {split!r})' if split else ''}: {int(bad.sum())} of "
+          f"{len(images)} latents hold NaN or Inf ({int((~np.isfinite(images)).sum())} "
+          f"values; the first is example {first}). Encode the images again with python -m "
+          "pixel_vit.encode_latents (float16 overflows above 65504: keep float32), or drop "
+          "those examples.")
     arrays["images"] = images.astype(np.float32)
   for key in ("images", "labels"):
     if key not in arrays:

@@ -73,11 +73,13 @@ class Guard:
         values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
         limit = (f" (more than config.max_nonfinite_skips={self.max_skips} in a row)"
                  if self.action == "skip" else "")
+        skip = ("raise config.max_nonfinite_skips" if self.action == "skip" else
+                "set config.on_nonfinite='skip'")
         raise TrainingDivergedError(
             f"training diverged at step {step}: {values}{limit}. Nothing after the last "
             f"checkpoint was saved; {last_checkpoint()}. Lower the learning rate (config.optimizer.lr), "
-            "raise the warmup or clip gradients (config.optimizer.grad_clip), or set "
-            "config.on_nonfinite='skip' to step over rare bad batches.")
+            f"raise the warmup or clip gradients (config.optimizer.grad_clip), or {skip} "
+            "to step over rare bad batches.")
       self.skipped_total += 1  # only reached in 'skip' mode: this update was not applied
 
   def check_params(self, step: int, params, last_checkpoint: Callable[[], str]) -> None:
