@@ -169,6 +169,9 @@ def base_config(task: str, dataset: str, *, quick: bool) -> ml_collections.Confi
   # A workdir lock left by a run on another host is refused (on a shared
   # filesystem that run may still be alive); True takes it over (workdir.py).
   config.take_over_lock = False
+  # A resume that changes the seed, the global batch or the data (source,
+  # split, size, permutation) is refused unless True (trainers/config_history.py).
+  config.resume_with_changes = False
   # A non-finite loss or gradient norm: 'stop' the run (no NaN checkpoint is
   # ever written), or 'skip' that update and stop after more than
   # max_nonfinite_skips in a row (trainers/divergence.py).

@@ -24,7 +24,7 @@ from pixel_vit import workdir as workdir_lib
 from pixel_vit.config_checks import check_choice, check_positive, require
 from pixel_vit.data import augment, locality, pipeline, sources
 from pixel_vit.models import attention, vit
-from pixel_vit.trainers import divergence, interrupts, reporting
+from pixel_vit.trainers import config_history, divergence, interrupts, reporting
 from pixel_vit.trainers import state as state_lib
 
 
@@ -38,6 +38,7 @@ def validate_run(config, device_count: int, process_count: int) -> None:
     check_positive(key, config[key])
   check_choice("on_nonfinite", config.get("on_nonfinite", "stop"), ("stop", "skip"))
   check_choice("take_over_lock", config.get("take_over_lock", False), (False, True))
+  check_choice("resume_with_changes", config.get("resume_with_changes", False), (False, True))
   check_positive("max_nonfinite_skips", config.get("max_nonfinite_skips", 0), allow_zero=True)
   if "profile" in config:
     check_positive("profile.steps", config.profile.steps, allow_zero=True)
@@ -292,8 +293,11 @@ def _start(config, workdir, plan, initial_params, devices, read_only, lock) -> R
       params = jax.device_put(initial_params(state.params), described.param_shardings)
       state = state.replace(params=params,
                             ema_params=None if state.ema_params is None else params)
+  if not read_only:  # a sampler leaves the run's record of how it was trained alone
+    config_history.check_and_record(workdir, config, int(jax.device_get(state.step)),
+                                    log=logging.warning)
   reporter = reporting.Reporter(workdir, config, total_steps=plan.total_steps,
-                                log_every=config.log_every, record_config=not read_only)
+                                log_every=config.log_every)
   return Run(config, plan, layout.mesh, layout.rules, described, state, checkpointer,
              reporter, identity, lock)
 

@@ -20,16 +20,12 @@ from etils import epath
 class Reporter:
   """clu metric writer + `metrics.jsonl` + `ReportProgress`."""
 
-  def __init__(self, workdir: str, config, *, total_steps: int, log_every: int,
-               record_config: bool = True):
+  def __init__(self, workdir: str, config, *, total_steps: int, log_every: int):
     self.is_main = jax.process_index() == 0
     self.workdir = workdir
     directory = epath.Path(workdir)
     if self.is_main:
       directory.mkdir(parents=True, exist_ok=True)
-    if self.is_main and record_config:
-      (directory / "config.json").write_text(
-          config.to_json_best_effort(indent=2, sort_keys=True))
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=not self.is_main, asynchronous=True)
     self.progress = periodic_actions.ReportProgress(
