@@ -33,7 +33,6 @@ _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u1
                 "s32": 4, "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4,
                 "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "token": 0}
 _ARRAY_TYPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
-_ARRAY_TEXT = re.compile(r"\b[a-z][a-z0-9]*\[[0-9,]*\](?:\{[^}]*\})?")  # one array's type
 # A layout's memory space other than 0 (HBM): on-chip memory the compiler
 # places a buffer in (TPU VMEM / CMEM), e.g. {2,1,0:T(8,128)S(1)}.
 _ON_CHIP = re.compile(r"S\([1-9]\d*\)")
@@ -44,6 +43,11 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
 _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
                "call", "conditional", "after-all", "partition-id", "replica-id",
                "opt-barrier", "add-dependency", "domain"}
+
+
+def _array_types(hlo_type: str) -> list[str]:
+  """Each array type of `hlo_type` (a tuple's elements), layout included."""
+  return [match.group(0) for match in _ARRAY_TYPE.finditer(hlo_type)]
 
 
 def type_bytes(hlo_type: str, *, hbm_only: bool = False) -> int:
@@ -229,7 +233,7 @@ def _communicated_bytes(kind: str, opcode: str, result_type: str) -> int:
   largest buffer (an all-reduce's outputs are all of its result)."""
   if opcode == kind or kind == "all-reduce":
     return type_bytes(result_type)
-  return max((type_bytes(t) for t in _ARRAY_TEXT.findall(result_type)), default=0)
+  return max((type_bytes(t) for t in _array_types(result_type)), default=0)
 
 
 def _instruction_traffic(instruction: Instruction, sizes: dict[str, int],
@@ -243,7 +247,7 @@ def _instruction_traffic(instruction: Instruction, sizes: dict[str, int],
     inner.update(i.opcode for i in computations.get(fused, []))
   result = sizes.get(instruction.name, 0)
   pieces = [type_bytes(t, hbm_only=True)
-            for t in _ARRAY_TEXT.findall(instruction.result_type)] or [result]
+            for t in _array_types(instruction.result_type)] or [result]
   operands = [sizes.get(o, 0) for o in instruction.operands]
   if "dynamic-update-slice" in inner:
     in_place = [size for size in operands if size in pieces and size > 0]
