@@ -204,23 +204,17 @@ def _conv_tune_job(patch: int, lr: float) -> Job:
              labels=(("patch", patch), ("lr", lr)))
 
 
-def conv_tuning(root: str, patch: int) -> dict[float, float | None] | None:
-  """{lr: held-out top-1 after tuning} once every tuning run of `patch` has
-  finished, else None."""
+def conv_tuned_lr(root: str, patch: int) -> float | None:
+  """The rate of `patch` with the best held-out top-1 once every tuning run
+  of it has finished (ties: the smaller), else None."""
   scores = {}
   for lr in CONV_TUNE_LRS:
     job = _conv_tune_job(patch, lr)
     if finished(root, job) is None:
       return None
-    scores[lr] = last_metrics(os.path.join(root, job.name)).get("eval/top1")
-  return scores
-
-
-def conv_tuned_lr(root: str, patch: int) -> float | None:
-  scores = conv_tuning(root, patch)
-  if scores is None:
-    return None
-  return max(CONV_TUNE_LRS, key=lambda lr: (scores[lr] if scores[lr] is not None else -1.0, -lr))
+    top1 = last_metrics(os.path.join(root, job.name)).get("eval/top1")
+    scores[lr] = -1.0 if top1 is None else top1
+  return max(CONV_TUNE_LRS, key=lambda lr: (scores[lr], -lr))
 
 
 def _conv_jobs(args) -> list[Job]:
@@ -338,8 +332,7 @@ def run(root: str, job: Job, core: int | None = None) -> dict:
   start = time.time()
   env, pin = dict(os.environ), None
   if core is not None:
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                        "intra_op_parallelism_threads=1").strip()
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     pin = functools.partial(os.sched_setaffinity, 0, {core})
   with open(os.path.join(workdir, "log.txt"), "a") as log:
     result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -597,10 +590,11 @@ def _plateau(curve: list[tuple[int, float]]) -> float | None:
 
 def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, float, float]]:
   """(step, mean, min, max) over runs, at the steps every run evaluated."""
-  steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves))) if curves else []
+  by_step = [dict(curve) for curve in curves]
+  steps = sorted(set.intersection(*map(set, by_step))) if by_step else []
   out = []
   for step in steps:
-    values = [dict(c)[step] for c in curves]
+    values = [curve[step] for curve in by_step]
     out.append((step, statistics.mean(values), min(values), max(values)))
   return out
 
@@ -673,7 +667,7 @@ def _converged_sections(args, results: "Results") -> list[str]:
   said = [s for s in (compare(p1, p2, "/1", "/2"), compare(p2, p4, "/2", "/4"),
                       compare(p1, p4, "/1", "/4")) if s]
   lines += [f"* {s}." for s in said]
-  lines += ["", _converged_verdict(p1, p2, p4, curves, per_epoch)]
+  lines += ["", _converged_verdict(results, p1, p2, p4, curves, per_epoch)]
   lines += ["", "![test accuracy against epochs and training FLOPs](results_converged_curves.png)",
             "", "Command of one cell (the others change `variant`, `seed` and the tuned lr):", "",
             "```", _example(jobs_for_report(args), "conv_patch", fallback="conv_tune"), "```", ""]
@@ -727,13 +721,14 @@ def _converged_budget(args, results: "Results") -> list[str]:
   return lines
 
 
+@functools.cache
 def _train_flops(patch: int) -> float:
   """Model FLOPs of one training image (3 x forward) of mu/patch at CONV_SIZE."""
   from benchmarks import throughput  # noqa: PLC0415  (imports the model: only for reports)
   return throughput.analytic_flops(f"mu/{patch}", CONV_SIZE, 1, 10, cls_token=False)["train"]
 
 
-def _converged_verdict(p1, p2, p4, curves: dict, per_epoch: int) -> str:
+def _converged_verdict(results: "Results", p1, p2, p4, curves: dict, per_epoch: int) -> str:
   if not (p1 and p2 and p4):
     return ""
   means = {1: statistics.mean(p1), 2: statistics.mean(p2), 4: statistics.mean(p4)}
@@ -754,10 +749,12 @@ def _converged_verdict(p1, p2, p4, curves: dict, per_epoch: int) -> str:
       epochs = _crossings(mean_curves[a], mean_curves[b], per_epoch)
       cross.append(f"/{a} and /{b} " + (f"cross at epoch {', '.join(epochs)}" if epochs
                                         else "never cross"))
+  early = _early_order(results, "fashion_mnist")
   return ("**Against the paper.** At convergence the order is "
           + " > ".join(f"/{p}" for p in order) + f", and /1 − /2 = {gap:+.2f} points: this "
-          + verdict + ". Mean curves: " + "; ".join(cross) + ". After 0.4 epochs at 16x16 "
-          "(the early-learning section below) the order was /4 > /2 > /1.")
+          + verdict + ". Mean curves: " + "; ".join(cross) + "."
+          + (" After 0.4 epochs at 16x16 (the early-learning section below) the order on "
+             "Fashion-MNIST was " + " > ".join(f"/{p}" for p in early) + "." if early else ""))
 
 
 def _converged_locality(args, results: "Results") -> list[str]:
@@ -767,8 +764,9 @@ def _converged_locality(args, results: "Results") -> list[str]:
            "The same recipe and tuned rate per patch size; `learn` and *unpermuted* are the "
            f"patch table's runs. Permutation: one fixed permutation (T = {CONV_SWAPS} swaps of "
            "pixel pairs, one per pixel on average) of every image, applied after augmentation "
-           "and before tokenisation, within δ = 1 (neighbours: local) or δ = 8 (anywhere in the "
-           "8x8 image: global). Final test top-1 %, mean ± std.", "",
+           f"and before tokenisation, within δ = {CONV_DELTAS[0]} (neighbours: local) or δ = "
+           f"{CONV_DELTAS[1]} (anywhere in the {CONV_SIZE}x{CONV_SIZE} image: global). Final "
+           "test top-1 %, mean ± std.", "",
            "| cell | /1 | /2 | /2 − /1 |", "|---|---|---|---|"]
   rows = [("learn (unpermuted)", "conv_patch", {})]
   rows += [(f"posemb {k}", "conv_posemb", {"posemb": k}) for k in ("sincos2d", "none")]
@@ -896,14 +894,18 @@ def _patch_section(args, results: Results) -> list[str]:
   return lines
 
 
+def _early_order(results: "Results", dataset: str) -> list[int] | None:
+  """The early study's patch sizes on `dataset`, best mean first (None until
+  every size has a finished run)."""
+  means = {p: statistics.mean(v) for p in PATCHES
+           if (v := results.top1("patch", dataset=dataset, patch=p))}
+  return sorted(PATCHES, key=lambda p: -means[p]) if len(means) == len(PATCHES) else None
+
+
 def _paper_direction(args, results: Results) -> str:
   """Whether the smaller patch won here, as the paper finds on CIFAR and ImageNet."""
-  orders = {}  # dataset -> patches, best first
-  for dataset in DATASETS:
-    means = {p: statistics.mean(v) for p in PATCHES
-             if (v := results.top1("patch", dataset=dataset, patch=p))}
-    if len(means) == len(PATCHES):
-      orders[dataset] = sorted(PATCHES, key=lambda p: -means[p])
+  orders = {dataset: order for dataset in DATASETS
+            if (order := _early_order(results, dataset))}
   if not orders:
     return ""
   verdicts = [f"{DATASET_NAMES[d]} ranks " + " > ".join(f"/{p}" for p in order)
