@@ -157,10 +157,6 @@ def _refusal_note(record: dict) -> str:
   return "; ".join(refused + over)
 
 
-def _command_text(flags) -> str:
-  return " ".join(flags)
-
-
 def _collectives(program: dict) -> str:
   return ", ".join(f"{c['kind']} {c['count']:g}x {c['bytes'] / GIB:.2g} GiB"
                    for c in program["collectives"]) or "none"
@@ -178,14 +174,15 @@ def _auto_choices(record: dict) -> str:
 
 
 def slice_summary(entry: dict) -> str:
-  """'v5litepod-4: 6.4 of 15.75 GiB' for README's experiments table."""
+  """README's "TPU slice" cell of a row, e.g. 'v5e-4: 6.4 GiB / chip' (the
+  largest peak of its programs; tests/test_tpu_plan.py holds README to it)."""
   if entry["missing"]:
     return "not compiled yet"
   if entry["topology"] is None:
     return f"fits none up to {LADDER[-1]}"
   peak = max(p["peak_bytes"] for r in entry["reports"] for p in r["programs"])
-  usable = entry["reports"][0]["chip"]["usable_hbm_bytes"]
-  return f"{entry['reports'][0]['slice']}: {peak / GIB:.1f} of {usable / GIB:.2f} GiB"
+  name = entry["reports"][0]["slice"].replace("v5litepod-", "v5e-")
+  return f"{name}: {peak / GIB:.1f} GiB / chip"
 
 
 def format_plan(planned: list[dict]) -> str:
@@ -254,7 +251,11 @@ def format_plan(planned: list[dict]) -> str:
           f"`{t}`: {_refusal_note(r)}" for t, r in refused))
   if notes:
     lines += ["", "## Smaller slices the compiler refused", ""] + notes
-  lines += ["", f"Compiled with {versions()} on {datetime.date.today().isoformat()} (compile "
+  reports = [r for entry in planned for _, tried in entry["tried"] for r in tried]
+  dates = sorted({r["date"] for r in reports if "date" in r}) or ["?"]
+  when = f"from {dates[0]} to {dates[-1]}" if len(dates) > 1 else f"on {dates[0]}"
+  built = ", ".join(sorted({r["versions"] for r in reports if "versions" in r})) or versions()
+  lines += ["", f"Compiled with {built} {when} (compile "
             "seconds on 2 shared CPU cores); reports in `docs/tpu_plan_runs/`. Regenerate: "
             "`python -m experiments.tpu_plan` (about an hour on 2 cores; reports already "
             "there for the same command and versions are reused).", ""]
