@@ -339,33 +339,38 @@ def test_sample_grid_has_a_picture_for_any_number_of_samples(count):
 # ---------------------------------------------------------------- resume with another config
 
 
-def test_every_start_keeps_its_config_and_a_resume_names_what_changed(tmp_path):
+def _start_run(workdir, config, start_step, log):
+  """What loop.start does with the config: check the resume, then record it."""
   from pixel_vit.trainers import config_history
+  changed = config_history.check_resume(workdir, config, start_step)
+  config_history.record(workdir, config, start_step, changed, log=log)
+
+
+def test_every_start_keeps_its_config_and_a_resume_names_what_changed(tmp_path):
   first = ConfigDict(dict(seed=0, batch_size=8, data=dict(source="digits"),
                           optimizer=dict(lr=1e-3), total_steps=10, resume_with_changes=False))
   said = []
-  config_history.check_and_record(str(tmp_path), first, 0, log=said.append)
+  _start_run(str(tmp_path), first, 0, log=said.append)
   assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["lr"] == 1e-3
   second = ConfigDict(first.to_dict())
   second.optimizer.lr, second.total_steps = 5e-4, 20
-  config_history.check_and_record(str(tmp_path), second, 10, log=said.append)
+  _start_run(str(tmp_path), second, 10, log=said.append)
   assert said == ["resumed at step 10 with config.optimizer.lr changed: 0.001 -> 0.0005",
                   "resumed at step 10 with config.total_steps changed: 10 -> 20"]
   # the first start's record is kept; the resume has its own
   assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["lr"] == 1e-3
   assert json.loads((tmp_path / "configs" / "start_10.json").read_text())["total_steps"] == 20
   said.clear()  # the next resume compares with the last start, not the first
-  config_history.check_and_record(str(tmp_path), second, 20, log=said.append)
+  _start_run(str(tmp_path), second, 20, log=said.append)
   assert said == []
 
 
 @pytest.mark.parametrize("key, value", [("seed", 1), ("batch_size", 16),
                                         ("data.source", "npz:x.npz")])
 def test_a_resume_that_changes_the_data_order_is_refused_unless_accepted(tmp_path, key, value):
-  from pixel_vit.trainers import config_history
   first = ConfigDict(dict(seed=0, batch_size=8, data=dict(source="digits"),
                           resume_with_changes=False))
-  config_history.check_and_record(str(tmp_path), first, 0, log=print)
+  _start_run(str(tmp_path), first, 0, log=print)
   changed = ConfigDict(first.to_dict())
   *parents, leaf = key.split(".")
   node = changed
@@ -374,11 +379,11 @@ def test_a_resume_that_changes_the_data_order_is_refused_unless_accepted(tmp_pat
   node[leaf] = value
   with pytest.raises(ValueError, match=rf"resuming .* at step 5 with {re.escape(key)}: .* "
                      r"--config\.resume_with_changes=True"):
-    config_history.check_and_record(str(tmp_path), changed, 5, log=print)
+    _start_run(str(tmp_path), changed, 5, log=print)
   assert not (tmp_path / "configs").exists()  # nothing recorded for a refused start
   changed.resume_with_changes = True
   said = []
-  config_history.check_and_record(str(tmp_path), changed, 5, log=said.append)
+  _start_run(str(tmp_path), changed, 5, log=said.append)
   before = "digits" if key == "data.source" else first[key]
   assert said == [f"resumed at step 5 with config.{key} changed: {before!r} -> {value!r}"]
   assert (tmp_path / "configs" / "start_5.json").exists()

@@ -55,7 +55,7 @@ def fake_gcs(tmp_path, monkeypatch):
 
 def test_reporter_and_pictures_write_to_the_bucket(fake_gcs):
   config = ml_collections.ConfigDict(dict(seed=3, model=dict(variant="mu/1")))
-  config_history.check_and_record(WORKDIR, config, 0, log=print)  # the start's config.json
+  config_history.record(WORKDIR, config, 0, {}, log=print)  # the start's config.json
   reporter = reporting.Reporter(WORKDIR, config, total_steps=4, log_every=1)
   reporter.scalars(1, {"train/loss": 2.5})
   reporter.scalars(2, {"train/loss": 2.0})

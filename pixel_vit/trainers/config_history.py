@@ -42,10 +42,9 @@ def _as_json(config) -> dict:
 def last_start(workdir: str) -> dict | None:
   """The config of the workdir's last start (None: no record)."""
   directory = epath.Path(workdir)
-  later = sorted(((int(m.group(1)), path) for path in (directory / LATER).glob("start_*.json")
-                  if (m := re.fullmatch(r"start_(\d+)\.json", path.name))),
-                 key=lambda pair: pair[0]) if (directory / LATER).exists() else []
-  path = later[-1][1] if later else directory / FIRST
+  later = [(int(m.group(1)), path) for path in (directory / LATER).glob("start_*.json")
+           if (m := re.fullmatch(r"start_(\d+)\.json", path.name))]
+  path = max(later)[1] if later else directory / FIRST
   if not path.exists():
     return None
   try:
@@ -62,24 +61,31 @@ def changes(previous: dict, config) -> dict[str, tuple]:
           if before[key] != now[key] and not key.startswith(OPERATIONAL_KEYS)}
 
 
-def check_and_record(workdir: str, config, start_step: int, log) -> None:
-  """On a resume (start_step > 0): logs the changed keys and refuses data-order
-  changes (ValueError, before anything is written) unless allowed. Then
-  records this start's config (process 0)."""
+def check_resume(workdir: str, config, start_step: int) -> dict[str, tuple]:
+  """Before a resume from `start_step` restores anything: the keys that
+  differ from the last start; a data-order change is refused (ValueError)
+  unless config.resume_with_changes. {} for a fresh start."""
   previous = last_start(workdir) if start_step > 0 else None
-  if previous is not None:
-    changed = changes(previous, config)
-    order = [key for key in changed if key.startswith(DATA_ORDER_KEYS)]
-    if order and not config.get("resume_with_changes", False):
-      listed = "; ".join(f"{key}: {changed[key][0]!r} -> {changed[key][1]!r}" for key in order)
-      raise ValueError(
-          f"resuming {workdir} at step {start_step} with {listed}: that changes the data "
-          "order or what a step means, so the run would no longer be the uninterrupted one "
-          "its first steps belong to. Set them back, use a fresh --workdir, or accept it "
-          "with --config.resume_with_changes=True (every start's config is kept in the "
-          "workdir).")
-    for key, (before, now) in changed.items():
-      log(f"resumed at step {start_step} with config.{key} changed: {before!r} -> {now!r}")
+  if previous is None:
+    return {}
+  changed = changes(previous, config)
+  order = [key for key in changed if key.startswith(DATA_ORDER_KEYS)]
+  if order and not config.get("resume_with_changes", False):
+    listed = "; ".join(f"{key}: {changed[key][0]!r} -> {changed[key][1]!r}" for key in order)
+    raise ValueError(
+        f"resuming {workdir} at step {start_step} with {listed}: that changes the data "
+        "order or what a step means, so the run would no longer be the uninterrupted one "
+        "its first steps belong to. Set them back, use a fresh --workdir, or accept it "
+        "with --config.resume_with_changes=True (every start's config is kept in the "
+        "workdir).")
+  return changed
+
+
+def record(workdir: str, config, start_step: int, changed: dict[str, tuple], log) -> None:
+  """Logs what `check_resume` found changed, then keeps this start's config
+  (process 0): config.json for the first start, configs/start_<STEP>.json after."""
+  for key, (before, now) in changed.items():
+    log(f"resumed at step {start_step} with config.{key} changed: {before!r} -> {now!r}")
   if jax.process_index() != 0:
     return
   directory = epath.Path(workdir)

@@ -285,7 +285,10 @@ def _start(config, workdir, plan, initial_params, devices, read_only, lock) -> R
   checkpointer = checkpoint_lib.Checkpointer(
       workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints,
       read_only=read_only)
-  if checkpointer.latest_step() is not None:
+  latest = checkpointer.latest_step()
+  # A refused resume stops here, before the restore reads the state.
+  changed = {} if read_only else config_history.check_resume(workdir, config, latest or 0)
+  if latest is not None:
     state = checkpointer.restore(described.abstract, identity)
   else:
     state = create_state()
@@ -294,8 +297,8 @@ def _start(config, workdir, plan, initial_params, devices, read_only, lock) -> R
       state = state.replace(params=params,
                             ema_params=None if state.ema_params is None else params)
   if not read_only:  # a sampler leaves the run's record of how it was trained alone
-    config_history.check_and_record(workdir, config, int(jax.device_get(state.step)),
-                                    log=logging.warning)
+    config_history.record(workdir, config, int(jax.device_get(state.step)), changed,
+                          log=logging.warning)
   reporter = reporting.Reporter(workdir, config, total_steps=plan.total_steps,
                                 log_every=config.log_every)
   return Run(config, plan, layout.mesh, layout.rules, described, state, checkpointer,
