@@ -6,10 +6,10 @@ lock on `<workdir>/.lock` that the OS releases when the process dies, so a
 lock left by a killed run on this host is taken over (with a message naming
 its pid) and a live one stops the second run before it races the first on the
 same checkpoint paths. A lock file naming another host is refused unless
-`take_over` (config.take_over_lock): on a shared filesystem the OS lock may not
-reach across hosts, so that run may still be alive. Locking is local-filesystem only: a `gs://` workdir (a
-pod's shared bucket) is not locked, and in a multi-process run process 0
-holds the lock for all.
+`take_over` (config.take_over_lock): on a shared filesystem the OS lock may
+not reach across hosts, so that run may still be alive. Locking is
+local-filesystem only: a `gs://` workdir (a pod's shared bucket) is not
+locked, and in a multi-process run process 0 holds the lock for all.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def check_writable(workdir: str) -> None:
 def _holder_host(record: str) -> str | None:
   """The host of a lock record 'pid N on HOST' (None if it names none)."""
   _, on, host = record.partition(" on ")
-  return host.strip() or None if on else None
+  return (host.strip() or None) if on else None
 
 
 def claim(workdir: str, *, take_over: bool = False) -> WorkdirLock:
