@@ -113,7 +113,11 @@ def mae_quick_config(mae_pixel):
 
 @pytest.fixture
 def no_jit(monkeypatch):
-  """Makes any `jax.jit` call fail the test: the check must come first."""
+  """Makes any `jax.jit` call fail the test: the check must come first.
+
+  The modules a command imports late (command_line's error handling) are
+  imported first: a `@jax.jit` decorator at import compiles nothing."""
+  from pixel_vit.trainers import divergence  # noqa: F401
 
   def forbidden(*args, **kwargs):
     raise AssertionError("jax.jit was called before the bad input was rejected")

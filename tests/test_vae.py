@@ -8,6 +8,7 @@ error and tool tests write their checkpoints with the torch-free exporter
 """
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -416,15 +417,17 @@ def test_tool_samples_the_posterior_with_a_fixed_seed(tmp_path):
     (dict(batch_size=12), r"--batch_size=12 must be a positive multiple of the 8 local"),
     (dict(splits="train,train"), r"distinct"),
 ])
-def test_tool_rejects_bad_flags_before_compiling(tmp_path, no_jit, overrides, message):
+def test_tool_rejects_bad_flags_before_compiling(tmp_path, capsys, no_jit, overrides, message):
   save_tiny_vae(tmp_path / "vae")
   flag_values = dict(vae=tmp_path / "vae", source="digits", splits="test", image_size=16,
                      batch_size=64, out=tmp_path / "out_{split}.npz")
   flag_values.update(overrides)
   if "vae" in overrides:
     flag_values["vae"] = tmp_path / overrides["vae"]
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(SystemExit) as stopped:  # the command's one-message exit (no --traceback)
     run_tool(**flag_values)
+  assert stopped.value.code == 1
+  assert re.search(message, capsys.readouterr().err), message
   assert not list(tmp_path.glob("out_*"))
 
 
