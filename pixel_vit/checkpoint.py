@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -138,6 +139,19 @@ def first_line(error: BaseException, limit: int = 300) -> str:
   return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
+def describe_io_error(error: BaseException) -> str:
+  """One line for a failed write or read: the operating system's reason and
+  the array when tensorstore names them (e.g. "No space left on device
+  (errno 28) writing array 'params.w/0'"), else `first_line`."""
+  text = str(error)
+  reason = re.search(r":\s*([^:\[]+?)\s*\[os_error_code='(\d+)'\]", text)
+  if not reason:
+    return first_line(error)
+  array = re.search(r'Error (writing|reading) "([^"]+)"', text)
+  return (f"{reason.group(1)} (errno {reason.group(2)})"
+          + (f" {array.group(1)} array {array.group(2)!r}" if array else ""))
+
+
 def describe_damage(step_directory: str, error: BaseException) -> str:
   """One line: which file or array of a checkpoint step failed to read, and
   how (missing, truncated, not JSON), from the step's files and the error;
@@ -180,32 +194,63 @@ def _is_closed_loop_error(error: BaseException | None) -> bool:
   return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
-def _drop_restore_echo(record: pylogging.LogRecord) -> bool:
-  """A logging filter: False for the echoes `_quiet_failed_restore_echoes` names."""
+# Set once a Checkpointer has reported a failed read or write itself.
+_reported_io_failure = False
+
+
+def _note_reported_failure() -> None:
+  global _reported_io_failure
+  _reported_io_failure = True
+
+
+def _is_echo_of_reported_failure(unraisable) -> bool:
+  """An orbax read or write coroutine left pending when its event loop closed
+  over a failure this module reported: at exit, its garbage collection
+  re-raises that failure as `Exception ignored in <coroutine ...>`."""
+  code = getattr(unraisable.object, "cr_code", None)
+  return (_reported_io_failure and code is not None
+          and f"{os.sep}orbax{os.sep}" in code.co_filename)
+
+
+def _drop_io_echo(record: pylogging.LogRecord) -> bool:
+  """A logging filter: False for the echoes `quiet_failed_io_echoes` names."""
   error = record.exc_info[1] if record.exc_info else None
   return not (_is_closed_loop_error(error)
               or str(record.msg).startswith(_UNAWAITED_TASK_ECHOES))
 
 
-def _quiet_failed_restore_echoes() -> None:
-  """When one read of a restore fails, orbax closes its event loop while the
-  other reads are in flight. They then echo the failure as dozens of
-  tracebacks: `Task exception was never retrieved` with a tensorstore error
-  (the `asyncio` logger), `exception calling callback` with `RuntimeError:
-  Event loop is closed` (the `concurrent.futures` logger), and the same error
-  as unraisable exceptions. `restore` reports the failure once itself; this
-  drops exactly those echoes. It is installed before the first read, not
+def _one_line_orbax_errors(record: pylogging.LogRecord) -> bool:
+  """A logging filter: an error orbax logs from its save threads keeps its
+  first line and loses its traceback (the run's own message follows it)."""
+  if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+    record.msg = (describe_io_error(record.exc_info[1]) if record.exc_info[1]
+                  else record.getMessage())
+    record.args, record.exc_info, record.exc_text = None, None, None
+  return True
+
+
+def quiet_failed_io_echoes() -> None:
+  """When one write of a save or one read of a restore fails, orbax closes
+  its event loop while the other writes or reads are in flight. They then
+  echo the failure as dozens of tracebacks: `Task exception was never
+  retrieved` with a tensorstore error (the `asyncio` logger), `exception
+  calling callback` with `RuntimeError: Event loop is closed` (the
+  `concurrent.futures` logger), the same error as unraisable exceptions,
+  and orbax's own error logs with a traceback per thread. `Checkpointer`
+  reports the failure once itself; this drops exactly the echoes and cuts
+  orbax's logs to one line. It is installed when a Checkpointer is made, not
   after a failure, because the echoes come from orbax's threads and can
-  arrive before the failing read returns. Idempotent: the filter is one
-  object (a logger keeps it once) and the hook is not wrapped twice."""
+  arrive first. Idempotent: the filters are one object each (a logger keeps
+  it once) and the hook is not wrapped twice."""
   for name in ("asyncio", "concurrent.futures"):
-    pylogging.getLogger(name).addFilter(_drop_restore_echo)
+    pylogging.getLogger(name).addFilter(_drop_io_echo)
+  pylogging.getLogger("absl").addFilter(_one_line_orbax_errors)
   previous = sys.unraisablehook
   if getattr(previous, "_drops_closed_event_loops", False):
     return
 
   def hook(unraisable):
-    if not _is_closed_loop_error(unraisable.exc_value):
+    if not (_is_closed_loop_error(unraisable.exc_value) or _is_echo_of_reported_failure(unraisable)):
       previous(unraisable)
 
   hook._drops_closed_event_loops = True
@@ -236,6 +281,7 @@ class Checkpointer:
     self.damaged_directory = os.path.join(os.path.dirname(self.directory), DAMAGED)
     self._saving_step: int | None = None  # an async save not yet known to have committed
     self.read_only = read_only
+    quiet_failed_io_echoes()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -266,20 +312,40 @@ class Checkpointer:
       self._saving_step = step
     return saved
 
-  def wait(self):
+  def wait(self, *, stopped_at: int | None = None):
     """Blocks until the last save has committed (raises CheckpointSaveError)."""
     try:
       self.manager.wait_until_finished()
       self.manager.check_for_errors()
     except Exception as e:
-      self._save_failed(self._saving_step, e)
+      self._save_failed(self._saving_step, e, stopped_at=stopped_at)
     self._saving_step = None
 
-  def _save_failed(self, step: int | None, error: BaseException):
+  def check_last_save(self, step: int) -> None:
+    """Without blocking: once the last async save has ended, raises
+    CheckpointSaveError if it failed, so the run stops at `step` (the next
+    step), not at its next save an interval later. Multi-process, every
+    process calls it at the same steps and they agree (one small all-gather)
+    that the save has ended everywhere before any of them looks."""
+    if self._saving_step is None:
+      return
+    ended = not self.manager.is_saving_in_progress()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      ended = bool(multihost_utils.process_allgather(np.int32(ended)).all())
+    if ended:
+      self.wait(stopped_at=step)
+
+  def _save_failed(self, step: int | None, error: BaseException, *,
+                   stopped_at: int | None = None):
+    _note_reported_failure()
     removed = self._remove_temporaries()
     kept = [s for s in self.all_steps() if s != step]
+    stopped = (f" The run stopped at step {stopped_at}; steps after {kept[-1] if kept else 0} "
+               "are not saved." if stopped_at is not None else "")
     raise CheckpointSaveError(
-        f"saving checkpoint step {step} to {self.directory} failed ({first_line(error)}). "
+        f"saving checkpoint step {step} to {self.directory} failed ({describe_io_error(error)})."
+        f"{stopped} "
         f"Earlier checkpoints are intact (steps {kept or 'none'})"
         f"{'; removed its partial ' + ', '.join(removed) if removed else ''}. Free disk space "
         "or fix the directory's permissions, then rerun the same command: it resumes from "
@@ -319,7 +385,6 @@ class Checkpointer:
     written by a different model or train state.
     """
     steps = [step] if step is not None else self.all_steps()[::-1]
-    _quiet_failed_restore_echoes()
     failures = []
     for candidate in steps:
       try:
@@ -331,6 +396,7 @@ class Checkpointer:
           raise
         failures.append((candidate, describe_damage(os.path.join(self.directory,
                                                                  str(candidate)), e)))
+        _note_reported_failure()  # below: in a warning, or in the error
         continue
       for damaged, error in failures:
         if self.read_only:

@@ -7,6 +7,7 @@ imported before the test modules are collected. Plain helpers and constants
 live in support.py (`from support import ...`), which starts no backend.
 """
 import copy
+import importlib
 import os
 import socket
 
@@ -117,7 +118,7 @@ def no_jit(monkeypatch):
 
   The modules a command imports late (command_line's error handling) are
   imported first: a `@jax.jit` decorator at import compiles nothing."""
-  from pixel_vit.trainers import divergence  # noqa: F401
+  importlib.import_module("pixel_vit.trainers.divergence")
 
   def forbidden(*args, **kwargs):
     raise AssertionError("jax.jit was called before the bad input was rejected")

@@ -193,6 +193,57 @@ def test_a_restore_drops_only_the_echoes_of_a_failed_read(saved, capsys):
   assert "Event loop is closed" not in capsys.readouterr().err
 
 
+PENDING_READS_AT_EXIT = """
+import gc, os, sys, types
+sys.path.insert(0, {tests!r})
+import test_faults as t
+from support import damage_checkpoint
+from pixel_vit import checkpoint as checkpoint_lib
+
+@types.coroutine
+def suspend():
+  yield
+
+def pending(filename):
+  # A read left pending, as orbax leaves them: closing it at exit raises.
+  source = ("async def read_array():\\n  try:\\n    await suspend()\\n  finally:\\n"
+            "    raise Exception('Encountered error while reading array ' + __file__)\\n")
+  namespace = {{"suspend": suspend, "__file__": filename}}
+  exec(compile(source, filename, "exec"), namespace)
+  coroutine = namespace["read_array"]()
+  coroutine.send(None)
+  return coroutine
+
+checkpointer = checkpoint_lib.Checkpointer({workdir!r}, save_every=1, keep=5)
+if {damaged!r}:
+  damage_checkpoint(os.path.join({workdir!r}, "checkpoints", "3"), "metadata")
+  checkpointer.restore(t.abstract(t.STATE), t.IDENTITY)  # falls back to 2: reported
+reads = [pending(os.path.join(os.sep, "site", "orbax", "serialization.py")),
+         pending(os.path.join(os.sep, "site", "pixel_vit", "ours.py"))]
+del reads
+gc.collect()
+"""
+
+
+@pytest.mark.parametrize("damaged", [True, False])
+def test_pending_orbax_reads_of_a_reported_failure_do_not_dump_at_exit(saved, damaged):
+  """Issue 21 item 5: after a fallback, orbax's reads of the damaged step that
+  were left pending re-raise when garbage-collected at exit (`Exception
+  ignored in <coroutine ...>`, ~50 tracebacks). Once a Checkpointer has
+  reported a failure they are dropped; before that, and for any coroutine
+  not orbax's, they print as Python prints them."""
+  import subprocess
+  import sys
+  tests = os.path.dirname(os.path.abspath(__file__))
+  script = PENDING_READS_AT_EXIT.format(tests=tests, workdir=saved, damaged=damaged)
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "reading array /site/pixel_vit/ours.py" in proc.stderr, proc.stderr[-2000:]
+  orbax_echo = "reading array /site/orbax/serialization.py" in proc.stderr
+  assert orbax_echo == (not damaged), proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("metadata", ["{}", '{"task": "classification"}', "{not json", "[]"])
 def test_empty_partial_or_unreadable_identity_is_damage_not_another_model(saved, metadata,
                                                                          caplog):
@@ -259,6 +310,42 @@ def test_a_failed_async_save_surfaces_at_wait(saved, monkeypatch):
   monkeypatch.setattr(checkpointer.manager, "wait_until_finished", failed)
   with pytest.raises(checkpoint_lib.CheckpointSaveError, match="saving checkpoint step 4"):
     checkpointer.wait()
+
+
+def test_a_failed_async_save_is_raised_at_the_next_check_once_the_write_has_ended(
+    saved, monkeypatch):
+  """Issue 21 item 3 (unit level; a real full disk is in test_faults_end_to_end):
+  the loop checks every step; it raises as soon as the save has ended, naming
+  the step it stopped at, and never blocks while the write is in flight."""
+  checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5)
+  checkpointer.save(4, STATE, IDENTITY, force=True)
+  in_flight = [True]
+  monkeypatch.setattr(checkpointer.manager, "is_saving_in_progress", lambda: in_flight[0])
+
+  def failed(*args, **kwargs):
+    assert not in_flight[0], "waited on a save still in flight (the step would block)"
+    raise RuntimeError("background write failed")
+
+  monkeypatch.setattr(checkpointer.manager, "wait_until_finished", failed)
+  checkpointer.check_last_save(5)  # still writing: nothing yet
+  in_flight[0] = False
+  with pytest.raises(checkpoint_lib.CheckpointSaveError,
+                     match=r"step 4 .*failed \(RuntimeError: background write failed\)\. The run "
+                           r"stopped at step 6; steps after 3 are not saved\. Earlier checkpoints "
+                           r"are intact \(steps \[1, 2, 3\]\)"):
+    checkpointer.check_last_save(6)
+
+
+def test_a_save_that_committed_is_checked_once(saved, monkeypatch):
+  checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5)
+  checkpointer.save(4, STATE, IDENTITY, force=True)
+  checkpointer.wait()
+  calls = []
+  monkeypatch.setattr(checkpointer.manager, "is_saving_in_progress",
+                      lambda: calls.append(1) or False)
+  checkpointer.check_last_save(5)
+  assert not calls  # nothing in flight: not even a look
+  checkpointer.close()
 
 
 # ---------------------------------------------------------------- non-finite guard

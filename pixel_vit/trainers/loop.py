@@ -341,6 +341,8 @@ def train(run: Run, *, train_step: Callable,
         return state, results
       for step in range(start_step + 1, run.total_steps + 1):
         state, metrics = train_step(state, next(ahead))
+        if jax.process_count() == 1 or step % config.log_every == 0:  # multi-process: agreed
+          run.checkpointer.check_last_save(step)  # a failed async save stops the run now
         guard.observe(step, metrics)
         run.reporter.tick(step)
         last = step == run.total_steps
