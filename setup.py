@@ -24,6 +24,8 @@ setuptools.setup(
         "tensorflow-cpu",  # tf.data for TFDS and clu's metric writers; CPU only
         "tensorboard",  # clu.metric_writers needs it
         "safetensors",  # VAE weights (models/vae.py)
+        "grain>=0.2.12",  # the streaming input path (data/stream.py)
+        "array-record>=0.7",  # its ArrayRecord files (data/records.py, write_records)
         "scipy",  # FID tests' reference; sklearn needs it anyway
     ],
     extras_require={

@@ -1,0 +1,103 @@
+"""Image datasets as ArrayRecord files: the layout `pixel_vit.write_records`
+writes from an image folder and the streaming loader reads with grain.
+
+A split is `<dir>/<split>-NNNNN-of-MMMMM.array_record` shards plus
+`<dir>/<split>.json`, written last, which says the split is complete: its
+example count, class names and counts, shard names, and what the writer
+converted or skipped. Each record is one example: an 8-byte header (`PVR1`,
+the label as little-endian uint32) followed by the image file's bytes as
+they were on disk (JPEG, PNG, ...): decoding and cropping happen when read,
+on the original image.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+
+FORMAT = "pixel_vit.records/1"
+_MAGIC = b"PVR1"
+_HEADER = struct.Struct("<4sI")
+
+
+def encode_record(label: int, image_bytes: bytes) -> bytes:
+  return _HEADER.pack(_MAGIC, label) + image_bytes
+
+
+def decode_record(record: bytes, *, where: str = "a record") -> tuple[int, bytes]:
+  """(label, image file bytes)."""
+  if len(record) < _HEADER.size or record[:4] != _MAGIC:
+    raise ValueError(f"{where} is not a pixel_vit image record (no {_MAGIC!r} header): "
+                     "write the files with `python -m pixel_vit.write_records`, or read a "
+                     "TFDS ArrayRecord dataset as tfds:NAME.")
+  _, label = _HEADER.unpack_from(record)
+  return label, record[_HEADER.size:]
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+  return f"{split}-{index:05d}-of-{count:05d}.array_record"
+
+
+def metadata_path(directory: str, split: str) -> str:
+  return os.path.join(directory, f"{split}.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSplit:
+  """One written split: where its shards are and what it holds."""
+  directory: str
+  split: str
+  num_examples: int
+  class_names: tuple[str, ...]
+  class_counts: tuple[int, ...]
+  shards: tuple[str, ...]  # file names in `directory`, in record order
+  shard_sizes: tuple[int, ...]
+  skipped: tuple[str, ...] = ()  # files the writer could not decode
+  converted: dict = dataclasses.field(default_factory=dict)  # PIL mode -> count
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def paths(self) -> list[str]:
+    return [os.path.join(self.directory, name) for name in self.shards]
+
+  def to_json(self) -> dict:
+    fields = dataclasses.asdict(self)
+    fields.pop("directory")
+    return {"format": FORMAT, **fields}
+
+
+def open_split(directory: str, split: str) -> RecordSplit:
+  """The split's metadata, with every shard checked to exist; errors name the
+  file and the fix."""
+  path = metadata_path(directory, split)
+  if not os.path.exists(path):
+    partial = [n for n in _listdir(directory) if n.startswith(f"{split}-")]
+    raise ValueError(
+        f"{path} does not exist: {directory} holds no complete {split!r} split"
+        + (f" ({len(partial)} shard files without it: the writer did not finish; rerun "
+           "`python -m pixel_vit.write_records` with the same flags to complete it)"
+           if partial else "; write one with `python -m pixel_vit.write_records`") + ".")
+  with open(path) as f:
+    try:
+      fields = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e.msg}); rerun the writer.") from e
+  if fields.pop("format", None) != FORMAT:
+    raise ValueError(f"{path} is not a {FORMAT} split description.")
+  tuples = {k: tuple(v) for k, v in fields.items() if isinstance(v, list)}
+  split_info = RecordSplit(directory=directory, **{**fields, **tuples})
+  missing = [p for p in split_info.paths if not os.path.exists(p)]
+  if missing:
+    raise ValueError(
+        f"{len(missing)} of {len(split_info.shards)} shards of {split!r} in {directory} are "
+        f"missing, e.g. {os.path.basename(missing[0])}: restore them, or delete {path} and "
+        "rerun `python -m pixel_vit.write_records` to write them again.")
+  return split_info
+
+
+def _listdir(directory: str) -> list[str]:
+  return os.listdir(directory) if os.path.isdir(directory) else []

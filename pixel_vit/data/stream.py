@@ -1,0 +1,194 @@
+"""Streaming batches from ArrayRecord shards with grain: host memory bounded
+whatever the dataset's size, decoding and crops in grain's worker processes.
+
+The training order is a pure function of (seed, epoch), over the whole split,
+and independent of the number of processes: epoch e visits the permutation
+`np.random.default_rng([seed, e])` of all records, cut into global batches
+(what does not fill one is dropped); process p of P takes the p-th
+contiguous part of each global batch. A crop's randomness is keyed by
+(seed, step, position in the global batch). So a run resumed at step s,
+on any number of processes with the same global batch, sees exactly the
+examples and crops an uninterrupted run sees from step s on; the position
+is the step, and `data_position` is what a checkpoint records to check it.
+
+Evaluation reads every record once: process p takes the p-th contiguous
+part of the split, zero-padded to the same number of batches as the
+largest part, with 'mask' 1.0 on real examples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Iterator
+
+import grain
+import numpy as np
+from absl import flags
+
+from pixel_vit.data import crops, records
+
+
+@dataclasses.dataclass(frozen=True)
+class HostCrops:
+  """What the host does to each example (data/crops.py)."""
+  image_size: int
+  channels: int = 3
+  scale: tuple[float, float] = (0.08, 1.0)
+  ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  flip: bool = True
+  crop_fraction: float = 0.875  # evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How the global batch is shared among processes."""
+  global_batch: int
+  process_index: int = 0
+  process_count: int = 1
+
+  def __post_init__(self):
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f"process_index={self.process_index} is not in [0, "
+                       f"{self.process_count}).")
+    if self.global_batch % self.process_count:
+      raise ValueError(f"the global batch {self.global_batch} does not split evenly over "
+                       f"{self.process_count} processes.")
+
+  @property
+  def local_batch(self) -> int:
+    return self.global_batch // self.process_count
+
+
+def steps_per_epoch(split: records.RecordSplit, global_batch: int) -> int:
+  steps = split.num_examples // global_batch
+  if steps == 0:
+    raise ValueError(f"the global batch {global_batch} is larger than {split.split!r} in "
+                     f"{split.directory} ({split.num_examples} examples); lower the batch size.")
+  return steps
+
+
+def data_position(split: records.RecordSplit, *, seed: int, global_batch: int,
+                  step: int) -> dict:
+  """What a checkpoint records of the input at `step`: enough to resume it
+  and to refuse a resume over other data or another order."""
+  spe = steps_per_epoch(split, global_batch)
+  return {"loader": "stream", "split": split.split, "num_examples": split.num_examples,
+          "shards": len(split.shards), "seed": seed, "global_batch": global_batch,
+          "step": step, "epoch": step // spe, "step_in_epoch": step % spe}
+
+
+class _Records:
+  """Random access to a split's records, opened lazily in each worker."""
+
+  def __init__(self, split: records.RecordSplit):
+    self.split = split
+    self._source = None
+
+  def __getitem__(self, index: int) -> tuple[int, bytes]:
+    if self._source is None:
+      self._source = grain.sources.ArrayRecordDataSource(self.split.paths)
+    return records.decode_record(self._source[int(index)],
+                                 where=f"record {index} of {self.split.directory}")
+
+  def __getstate__(self):  # a worker opens its own readers
+    return {"split": self.split, "_source": None}
+
+
+class _TrainExample:
+  """Local position -> {'images', 'labels'}: the record the global order puts
+  there, decoded and randomly cropped."""
+
+  def __init__(self, split: records.RecordSplit, host: HostCrops, layout: Layout, seed: int):
+    self.records, self.host, self.layout, self.seed = _Records(split), host, layout, seed
+    self.spe = steps_per_epoch(split, layout.global_batch)
+    self._orders: dict[int, np.ndarray] = {}  # epoch -> permutation (the last two)
+    self._lock = threading.Lock()  # grain reads with several threads
+
+  def order(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      order = self._orders.get(epoch)
+      if order is None:
+        order = np.random.default_rng([self.seed, epoch]).permutation(
+            self.records.split.num_examples)
+        self._orders[epoch] = order
+        for old in sorted(e for e in self._orders if e != epoch)[:-1]:
+          del self._orders[old]  # a thread late for an old epoch recomputes it
+      return order
+
+  def record_index(self, step: int, slot: int) -> int:
+    """The record at global position `slot` of step `step`'s global batch."""
+    order = self.order(step // self.spe)
+    return int(order[(step % self.spe) * self.layout.global_batch + slot])
+
+  def __getstate__(self):  # a worker process makes its own lock and orders
+    return {**self.__dict__, "_orders": {}, "_lock": None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
+
+  def __call__(self, position: int) -> dict:
+    step, j = divmod(int(position), self.layout.local_batch)
+    slot = self.layout.process_index * self.layout.local_batch + j
+    index = self.record_index(step, slot)
+    label, data = self.records[index]
+    image = crops.decode(data, self.host.channels, where=f"record {index}")
+    rng = np.random.default_rng([self.seed, step, slot])
+    pixels = crops.train_crop(image, rng, self.host.image_size, scale=self.host.scale,
+                              ratio=self.host.ratio, flip=self.host.flip)
+    return {"images": pixels, "labels": np.int32(label)}
+
+
+class _EvalExample:
+
+  def __init__(self, split: records.RecordSplit, host: HostCrops, first: int, count: int):
+    self.records, self.host, self.first, self.count = _Records(split), host, first, count
+
+  def __call__(self, position: int) -> dict:
+    position = int(position)
+    shape = (self.host.image_size, self.host.image_size, self.host.channels)
+    if position >= self.count:  # padding: same batch count on every process
+      return {"images": np.zeros(shape, np.uint8), "labels": np.int32(0),
+              "mask": np.float32(0)}
+    label, data = self.records[self.first + position]
+    image = crops.decode(data, self.host.channels, where=f"record {self.first + position}")
+    return {"images": crops.eval_crop(image, self.host.image_size,
+                                      crop_fraction=self.host.crop_fraction),
+            "labels": np.int32(label), "mask": np.float32(1)}
+
+
+def _iterate(dataset: grain.MapDataset, batch: int, workers: int) -> Iterator[dict]:
+  if workers > 0 and not flags.FLAGS.is_parsed():
+    # grain's workers read its absl flags; outside an absl app (a notebook,
+    # a test) they would refuse to start.
+    flags.FLAGS.mark_as_parsed()
+  batched = dataset.batch(batch).to_iter_dataset(
+      grain.ReadOptions(num_threads=max(1, min(16, batch)), prefetch_buffer_size=2 * batch))
+  if workers > 0:
+    batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(batched)
+
+
+def train_batches(split: records.RecordSplit, host: HostCrops, layout: Layout, *, seed: int,
+                  start_step: int, total_steps: int, workers: int = 0) -> Iterator[dict]:
+  """{'images': uint8 [local_batch, S, S, C], 'labels': int32} for steps
+  start_step + 1 ... total_steps (the batch of step s is the s-th from 0)."""
+  if not 0 <= start_step <= total_steps:
+    raise ValueError(f"start_step={start_step} must be in [0, total_steps={total_steps}].")
+  local = layout.local_batch
+  positions = grain.MapDataset.range(start_step * local, total_steps * local)
+  return _iterate(positions.map(_TrainExample(split, host, layout, seed)), local, workers)
+
+
+def num_eval_batches(split: records.RecordSplit, layout: Layout) -> int:
+  largest = -(-split.num_examples // layout.process_count)
+  return -(-largest // layout.local_batch)
+
+
+def eval_batches(split: records.RecordSplit, host: HostCrops, layout: Layout, *,
+                 workers: int = 0) -> Iterator[dict]:
+  bounds = np.linspace(0, split.num_examples, layout.process_count + 1).astype(int)
+  first, count = bounds[layout.process_index], (bounds[layout.process_index + 1]
+                                                - bounds[layout.process_index])
+  padded = num_eval_batches(split, layout) * layout.local_batch
+  example = _EvalExample(split, host, int(first), int(count))
+  return _iterate(grain.MapDataset.range(padded).map(example), layout.local_batch, workers)

@@ -1,0 +1,272 @@
+"""The streaming input path (issue 22, first part): host crops of the original
+image, the image-folder -> ArrayRecord writer, and grain batches whose order
+is a function of (seed, step) only: the same for 1 and 2 processes, on
+resume, and with worker processes. Data is generated here (JPEG and PNG of
+varied sizes and aspect ratios in class folders); nothing is downloaded."""
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pixel_vit import write_records
+from pixel_vit.data import crops, records, stream
+
+# ---------------------------------------------------------------- crops
+
+
+def test_random_resized_crop_boxes_follow_the_scale_and_ratio_ranges():
+  rng = np.random.default_rng(0)
+  height, width = 300, 400
+  scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+  boxes = np.array([crops.random_resized_crop_box(rng, height, width, scale=scale, ratio=ratio)
+                    for _ in range(4000)])
+  top, left, h, w = boxes.T
+  assert (top >= 0).all() and (left >= 0).all()
+  assert (top + h <= height).all() and (left + w <= width).all()
+  area = h * w / (height * width)
+  aspect = w / h
+  # Rounding to whole pixels moves a box's area and ratio a little.
+  assert area.min() >= scale[0] * 0.95 and area.max() <= 1.0
+  assert aspect.min() >= ratio[0] * 0.97 and aspect.max() <= ratio[1] * 1.03
+  # Area uniform in scale (draws that do not fit are redrawn, which trims the
+  # large end): the mean is below the uniform mean 0.54, well above the bottom.
+  assert 0.40 < area.mean() < 0.56, area.mean()
+  # Log-ratio roughly symmetric around 0 for a landscape image this mild.
+  assert abs(np.log(aspect).mean()) < 0.05
+  # Placement covers the image: both extremes occur.
+  assert (top == 0).any() and (left == 0).any()
+
+
+def test_random_resized_crop_falls_back_to_the_centre_at_the_nearest_ratio():
+  rng = np.random.default_rng(0)
+  # A 10x1000 strip: no box with ratio <= 4/3 and >= 8% of the area fits.
+  top, left, h, w = crops.random_resized_crop_box(rng, 10, 1000, scale=(0.5, 1.0),
+                                                  ratio=(3 / 4, 4 / 3))
+  assert (h, w) == (10, round(10 * 4 / 3)) and left == (1000 - w) // 2 and top == 0
+
+
+def halves_image(width: int, height: int) -> Image.Image:
+  """Left half red (255, 0, 0), right half blue (0, 0, 255)."""
+  pixels = np.zeros((height, width, 3), np.uint8)
+  pixels[:, :width // 2, 0] = 255
+  pixels[:, width // 2:, 2] = 255
+  return Image.fromarray(pixels)
+
+
+def test_eval_crop_resizes_the_shorter_side_then_takes_the_centre():
+  # 80x40 -> shorter side 40 becomes floor(16 / 0.5) = 32 -> 64x32; the centre
+  # 16x16 covers x 24..40 of 64, i.e. x 30..50 of the original 80: red left
+  # of 40, blue right of it, split in the middle of the crop.
+  out = crops.eval_crop(halves_image(80, 40), 16, crop_fraction=0.5)
+  assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+  assert (out[:, :7, 0] > 200).all() and (out[:, :7, 2] < 50).all()
+  assert (out[:, 9:, 2] > 200).all() and (out[:, 9:, 0] < 50).all()
+  # Portrait: the shorter side is the width; the crop keeps the vertical centre.
+  tall = np.zeros((100, 20), np.uint8)
+  tall[45:55] = 255  # a bright band in the middle
+  out = crops.eval_crop(Image.fromarray(tall), 20, crop_fraction=1.0)
+  assert out.shape == (20, 20, 1)
+  assert out[10, :, 0].min() > 200 and out[0, :, 0].max() < 50
+
+
+def test_train_crop_is_of_the_original_image_not_of_a_square_resize():
+  """A box on a 2:1 image keeps its aspect: a crop of the left quarter is all
+  red. Resizing to a square first would squeeze the halves but not change
+  this; the box is checked against the original's coordinates instead."""
+  image = halves_image(200, 100)
+  rng = np.random.default_rng(3)
+  for _ in range(50):
+    state = rng.bit_generator.state
+    top, left, h, w = crops.random_resized_crop_box(rng, 100, 200, scale=(0.05, 0.2),
+                                                    ratio=(0.9, 1.1))
+    rng.bit_generator.state = state
+    out = crops.train_crop(image, rng, 8, scale=(0.05, 0.2), ratio=(0.9, 1.1), flip=False)
+    if left + w <= 95:
+      assert (out[..., 0] > 200).all()
+    elif left >= 105:
+      assert (out[..., 2] > 200).all()
+
+
+def test_decode_converts_grey_and_cmyk_and_names_a_corrupt_file(tmp_path):
+  grey = tmp_path / "grey.jpg"
+  Image.fromarray(np.full((9, 7), 128, np.uint8)).save(grey)
+  cmyk = tmp_path / "cmyk.jpg"
+  Image.fromarray(np.full((9, 7, 3), 200, np.uint8)).convert("CMYK").save(cmyk)
+  assert np.asarray(crops.decode(grey.read_bytes(), 3)).shape == (9, 7, 3)
+  assert np.asarray(crops.decode(cmyk.read_bytes(), 3)).shape == (9, 7, 3)
+  with pytest.raises(crops.BadImageError, match="'cat/0.jpg' cannot be decoded"):
+    crops.decode(b"\xff\xd8\xff\xe0garbage", 3, where="'cat/0.jpg'")
+
+
+# ---------------------------------------------------------------- the writer
+
+
+def make_image_folder(root, *, classes=3, per_class=14, seed=0) -> str:
+  """JPEG and PNG files of varied sizes and aspect ratios, one folder per class."""
+  rng = np.random.default_rng(seed)
+  for c in range(classes):
+    folder = os.path.join(root, f"class_{c}")
+    os.makedirs(folder, exist_ok=True)
+    for i in range(per_class):
+      h, w = (int(v) for v in rng.integers(12, 48, 2))
+      pixels = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+      pixels[..., 0] = 40 * c  # the class shows in the red channel
+      Image.fromarray(pixels).save(os.path.join(folder, f"{i}.{'png' if i % 3 else 'jpg'}"))
+  return str(root)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+  root = tmp_path_factory.mktemp("folder")
+  images = make_image_folder(root / "images")
+  out = str(root / "records")
+  return images, out, write_records.write_split(images=images, out=out, split="train",
+                                                examples_per_shard=10)
+
+
+def test_writer_keeps_every_image_with_its_label(written):
+  images, out, split = written
+  assert split.num_examples == 42 and split.class_counts == (14, 14, 14)
+  assert split.class_names == ("class_0", "class_1", "class_2")
+  reopened = records.open_split(out, "train")
+  assert reopened == split
+  import grain
+  source = grain.sources.ArrayRecordDataSource(reopened.paths)
+  stored = sorted((records.decode_record(source[i])[0], records.decode_record(source[i])[1])
+                  for i in range(len(source)))
+  on_disk = sorted((label, open(os.path.join(images, name, f), "rb").read())
+                   for label, name in enumerate(split.class_names)
+                   for f in os.listdir(os.path.join(images, name)))
+  assert stored == on_disk  # every file once, bytes unchanged, the right label
+
+
+def test_writer_resumes_only_missing_shards_and_refuses_a_changed_folder(written, tmp_path):
+  images, out, split = written
+  copy = str(tmp_path / "records")
+  shutil.copytree(out, copy)
+  os.remove(os.path.join(copy, "train.json"))
+  os.remove(os.path.join(copy, split.shards[1]))
+  os.remove(os.path.join(copy, split.shards[1] + ".json"))
+  untouched = os.path.getmtime(os.path.join(copy, split.shards[0]))
+  with pytest.raises(ValueError, match="no complete 'train' split .* rerun"):
+    records.open_split(copy, "train")
+  again = write_records.write_split(images=images, out=copy, split="train",
+                                    examples_per_shard=10)
+  assert again == records.open_split(copy, "train")
+  assert os.path.getmtime(os.path.join(copy, split.shards[0])) == untouched
+  for name in split.shards:
+    with open(os.path.join(out, name), "rb") as a, open(os.path.join(copy, name), "rb") as b:
+      assert a.read() == b.read(), name
+  # A folder that changed since: refused, not mixed in.
+  changed = str(tmp_path / "changed")
+  shutil.copytree(images, changed)
+  os.remove(os.path.join(changed, "class_0", "0.jpg"))
+  os.remove(os.path.join(copy, "train.json"))
+  with pytest.raises(ValueError, match="different file list"):
+    write_records.write_split(images=changed, out=copy, split="train", examples_per_shard=10)
+
+
+def test_writer_bad_input_is_named(tmp_path):
+  images = make_image_folder(tmp_path / "images", classes=2, per_class=4)
+  with open(os.path.join(images, "class_1", "broken.jpg"), "wb") as f:
+    f.write(b"\xff\xd8\xff\xe0 not a jpeg")
+  Image.fromarray(np.zeros((9, 9), np.uint8)).save(os.path.join(images, "class_0", "g.jpg"))
+  Image.fromarray(np.zeros((9, 9, 3), np.uint8)).convert("CMYK").save(
+      os.path.join(images, "class_0", "c.jpg"))
+  split = write_records.write_split(images=images, out=str(tmp_path / "a"), split="train")
+  assert split.skipped == ("class_1/broken.jpg",)
+  assert split.converted == {"L": 1, "CMYK": 1} and split.num_examples == 10
+  with pytest.raises(ValueError, match="'class_1/broken.jpg' cannot be decoded.*"
+                                       "--on_bad_image=skip"):
+    write_records.write_split(images=images, out=str(tmp_path / "b"), split="train",
+                              on_bad_image="fail")
+  os.makedirs(os.path.join(images, "class_9"))
+  with pytest.raises(ValueError, match="class_9' holds no image files"):
+    write_records.write_split(images=images, out=str(tmp_path / "c"), split="train")
+  with pytest.raises(ValueError, match="is not a directory"):
+    write_records.write_split(images=str(tmp_path / "nowhere"), out=str(tmp_path / "d"),
+                              split="train")
+
+
+def test_a_missing_shard_is_named_with_the_fix(written, tmp_path):
+  _, out, split = written
+  copy = str(tmp_path / "records")
+  shutil.copytree(out, copy)
+  os.remove(os.path.join(copy, split.shards[2]))
+  with pytest.raises(ValueError, match=f"1 of 5 shards .* missing, e.g. {split.shards[2]}"):
+    records.open_split(copy, "train")
+  with open(os.path.join(copy, split.shards[0]), "rb") as f:
+    assert f.read(4) != b"PVR1"  # the container's header, not a record: records are inside
+  with pytest.raises(ValueError, match="not a pixel_vit image record"):
+    records.decode_record(b"JUNK and more")
+
+
+# ---------------------------------------------------------------- the stream
+
+HOST = stream.HostCrops(image_size=8, scale=(0.3, 1.0))
+
+
+def take(split, layout, *, start=0, total=12, seed=1, workers=0):
+  return list(stream.train_batches(split, HOST, layout, seed=seed, start_step=start,
+                                   total_steps=total, workers=workers))
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for i, (x, y) in enumerate(zip(a, b)):
+    np.testing.assert_array_equal(x["images"], y["images"], err_msg=f"batch {i}")
+    np.testing.assert_array_equal(x["labels"], y["labels"], err_msg=f"batch {i}")
+
+
+def test_the_order_is_a_function_of_seed_and_step_not_of_processes_or_resume(written):
+  _, _, split = written
+  one = take(split, stream.Layout(8))
+  assert one[0]["images"].shape == (8, 8, 8, 3) and one[0]["labels"].dtype == np.int32
+  halves = [take(split, stream.Layout(8, p, 2)) for p in (0, 1)]
+  assert_batches_equal([{k: np.concatenate([a[k], b[k]]) for k in a}
+                        for a, b in zip(*halves)], one)
+  assert_batches_equal(take(split, stream.Layout(8), start=4), one[4:])  # crosses an epoch
+  other_seed = take(split, stream.Layout(8), seed=2)
+  assert not np.array_equal(other_seed[0]["images"], one[0]["images"])
+  # One epoch (42 // 8 = 5 steps) visits 40 distinct records: labels match the
+  # class counts they could come from, and the next epoch reshuffles.
+  labels = np.concatenate([b["labels"] for b in one[:5]])
+  assert np.bincount(labels, minlength=3).max() <= 14
+  assert not np.array_equal(one[0]["labels"], one[5]["labels"])
+
+
+def test_worker_processes_give_the_same_batches(written):
+  _, _, split = written
+  assert_batches_equal(take(split, stream.Layout(8), total=4, workers=2),
+                       take(split, stream.Layout(8), total=4))
+
+
+def test_eval_reads_every_record_once_over_any_process_count(written):
+  _, _, split = written
+  for processes in (1, 3):
+    layout = stream.Layout(6 * processes, 0, processes)
+    seen = []
+    for p in range(processes):
+      layout = stream.Layout(6 * processes, p, processes)
+      batches = list(stream.eval_batches(split, HOST, layout))
+      assert len(batches) == stream.num_eval_batches(split, layout)
+      for batch in batches:
+        seen.extend(batch["labels"][batch["mask"] > 0].tolist())
+        assert not batch["images"][batch["mask"] == 0].any()  # padding is zeros
+    assert sorted(seen) == sorted(np.repeat(np.arange(3), 14).tolist()), processes
+
+
+def test_data_position_records_the_epoch_and_what_would_change_the_order(written):
+  _, _, split = written
+  position = stream.data_position(split, seed=1, global_batch=8, step=12)
+  assert position["epoch"] == 2 and position["step_in_epoch"] == 2
+  assert json.loads(json.dumps(position)) == position
+  with pytest.raises(ValueError, match="global batch 64 is larger"):
+    stream.steps_per_epoch(split, 64)
+  with pytest.raises(ValueError, match="does not split evenly"):
+    stream.Layout(9, 0, 2)
+  assert math.isclose(HOST.crop_fraction, 0.875)
