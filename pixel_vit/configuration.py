@@ -140,6 +140,12 @@ def dataset_config(dataset: str) -> ml_collections.ConfigDict:
       source=settings["source"], data_dir=None, download=True,
       train_split="train", eval_split=settings["eval_split"],
       image_size=ml_collections.FieldReference(settings["image_size"], field_type=int),
+      # memory: the split decoded into host RAM (digits, npz, TFDS); stream:
+      # ArrayRecord through grain (records:DIR, data/stream.py); auto: the one
+      # the source allows.
+      loader="auto",
+      workers=0,  # grain worker processes that decode and crop (stream)
+      crop_fraction=0.875,  # eval: shorter side to image_size / this, centre crop (stream)
       # The locality ablation: T swaps of pixel pairs within delta (data/locality.py).
       permute_pixels=permute_pixels_config()))
 

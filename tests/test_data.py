@@ -150,7 +150,7 @@ def test_npz_not_a_zip_is_rejected(tmp_path):
 @pytest.mark.parametrize("name",
                          ["", "mnist", "npz:", "tfds:", "tfds:mn ist", "hf:mnist", "Digits"])
 def test_unknown_source_string_is_rejected(name):
-  allowed = r"\['digits', 'npz:PATH', 'tfds:NAME'\]"
+  allowed = r"\['digits', 'npz:PATH', 'tfds:NAME', 'records:DIR'\]"
   with pytest.raises(ValueError, match=f"is not recognised; use one of {allowed}"):
     sources.parse_source(name)
 

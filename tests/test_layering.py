@@ -64,6 +64,7 @@ LAYER_OF = {
     "main": "commands",
     "sample": "commands",
     "encode_latents": "commands",
+    "write_records": "commands",
     "compile": "commands",
     "command_line": "commands",
 }

@@ -270,3 +270,101 @@ def test_data_position_records_the_epoch_and_what_would_change_the_order(written
   with pytest.raises(ValueError, match="does not split evenly"):
     stream.Layout(9, 0, 2)
   assert math.isclose(HOST.crop_fraction, 0.875)
+
+
+# ---------------------------------------------------------------- training on a stream
+
+
+@pytest.fixture(scope="module")
+def records_dataset(tmp_path_factory):
+  """train and test splits of generated images, as records:DIR."""
+  root = tmp_path_factory.mktemp("stream_run")
+  out = str(root / "records")
+  write_records.write_split(images=make_image_folder(root / "train", per_class=24, seed=1),
+                            out=out, split="train", examples_per_shard=32)
+  write_records.write_split(images=make_image_folder(root / "test", per_class=6, seed=2),
+                            out=out, split="test")
+  return out
+
+
+def stream_config(quick_config, records_dir, **overrides):
+  return quick_config({
+      "data.source": f"records:{records_dir}", "data.image_size": 8, "batch_size": 16,
+      "eval_batch_size": 8, "keep_checkpoints": 10, "augment.crop": True,
+      "augment.flip": True, "model.drop_path": 0.1, **overrides})
+
+
+@pytest.mark.slow
+def test_training_on_a_stream_resumes_exactly(quick_config, records_dataset, make_workdir):
+  """As test_training's exact resume, on a streamed split: run B starts from
+  run A's step-3 checkpoint and must end bitwise equal to A, which needs
+  the same examples and the same host crops for steps 4-6."""
+  import jax
+  from support import assert_trees_equal
+  from pixel_vit.trainers import classification
+  config = stream_config(quick_config, records_dataset)
+  classification.validate(config)
+  run_a, run_b = make_workdir("a"), make_workdir("b")
+  state_a, results = classification.train_and_evaluate(config, run_a)
+  assert results["eval/count"] == 18  # every test record once (8 + 8 + 2 of a padded batch)
+  os.makedirs(os.path.join(run_b, "checkpoints"))
+  shutil.copytree(os.path.join(run_a, "checkpoints", "3"),
+                  os.path.join(run_b, "checkpoints", "3"))
+  state_b, _ = classification.train_and_evaluate(config, run_b)
+  assert int(jax.device_get(state_b.step)) == 6
+  with open(os.path.join(run_a, "metrics.jsonl")) as f:
+    waits = [r["train/input_wait_fraction"] for r in map(json.loads, f)
+             if "train/input_wait_fraction" in r]
+  assert waits and all(0 <= w <= 1 for w in waits), waits
+  assert_trees_equal(state_b.params, state_a.params, "params")
+  assert_trees_equal(state_b.opt_state, state_a.opt_state, "opt_state")
+
+
+def test_the_device_does_not_crop_or_flip_what_the_host_did(quick_config, records_dataset):
+  from pixel_vit.trainers import loop
+  config = stream_config(quick_config, records_dataset)
+  split = loop.load_splits(config)[0]
+  assert split.stream is not None and split.images.shape == (0, 8, 8, 3)
+  on_device = loop.device_augment(config, split)
+  assert (on_device.crop, on_device.flip) == (False, False)
+  assert config.augment.crop and config.augment.flip  # the run's config is unchanged
+  host = loop.host_crops(config)
+  assert host.random_crop and host.flip and host.scale == tuple(config.augment.crop_scale)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.loader": "stream", "data.source": "digits"}, "loader='stream' reads ArrayRecord"),
+    ({"data.loader": "memory"}, "loader='memory' cannot hold"),
+    ({"data.loader": "disk"}, "is not one of"),
+    ({"data.workers": -1}, "data.workers=-1"),
+    ({"data.crop_fraction": 1.5}, "crop_fraction=1.5"),
+    ({"data.image_size": None}, "holds images of many sizes: set config.data.image_size"),
+])
+def test_stream_config_errors_are_named_before_compiling(quick_config, records_dataset, no_jit,
+                                                        overrides, message):
+  from pixel_vit.trainers import classification, loop
+  config = stream_config(quick_config, records_dataset, **overrides)
+  with pytest.raises(ValueError, match=message):
+    classification.validate(config)
+    loop.load_splits(config)
+
+
+def test_the_input_clock_says_when_the_loop_waits_for_input():
+  import time
+  from pixel_vit.trainers import loop
+
+  def batches(delay):
+    while True:
+      time.sleep(delay)
+      yield {}
+
+  clock = loop.InputClock()
+  slow = batches(0.02)
+  for _ in range(5):
+    clock.next(slow)
+  assert clock.fraction() > 0.8  # all the loop did was wait
+  fast = batches(0.0)
+  for _ in range(5):
+    clock.next(fast)
+    time.sleep(0.02)  # the "step"
+  assert clock.fraction() < 0.2

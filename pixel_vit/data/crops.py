@@ -79,10 +79,15 @@ def train_crop(image: Image.Image, rng: np.random.Generator, image_size: int, *,
                                             ratio=ratio)
   # One resample from the box (PIL filters over the box, no second pass).
   crop = image.resize((image_size, image_size), RESAMPLE, box=(left, top, left + w, top + h))
-  pixels = np.asarray(crop, np.uint8)
+  return maybe_flip(_with_channels(np.asarray(crop, np.uint8)), rng, flip)
+
+
+def maybe_flip(pixels: np.ndarray, rng: np.random.Generator, flip: bool) -> np.ndarray:
+  """Left-right with probability 1/2 if `flip` (one draw from `rng` either way
+  of the coin, none when `flip` is off)."""
   if flip and rng.random() < 0.5:
-    pixels = pixels[:, ::-1]
-  return _with_channels(pixels)
+    return np.ascontiguousarray(pixels[:, ::-1])
+  return pixels
 
 
 def eval_crop(image: Image.Image, image_size: int, *, crop_fraction: float) -> np.ndarray:

@@ -25,8 +25,10 @@ import zlib
 import numpy as np
 
 from pixel_vit.config_checks import check_positive, named
+from pixel_vit.data import records
 
-SOURCE_FORMS = ("digits", "npz:PATH", "tfds:NAME")
+SOURCE_FORMS = ("digits", "npz:PATH", "tfds:NAME", "records:DIR")
+LOADERS = ("auto", "memory", "stream")
 
 # Fraction of a single-file source (digits, npz without `{split}`) that goes
 # to 'train'; the rest is 'test'.
@@ -56,6 +58,9 @@ class ImageSplit:
   # True when num_classes was inferred as the largest label + 1 (an npz file
   # without `class_names`) rather than stated by the dataset.
   num_classes_inferred: bool = False
+  # A streamed split (records:DIR): its shards, read by data/stream.py. Then
+  # `images` and `labels` hold no examples, only the training shape.
+  stream: records.RecordSplit | None = None
 
   @property
   def is_latent(self) -> bool:
@@ -216,6 +221,8 @@ def source_form(name: str) -> tuple[str, str]:
     return kind, arg
   if sep and kind == "tfds" and arg and not any(c.isspace() for c in arg):
     return kind, arg
+  if sep and kind == "records" and arg:
+    return kind, arg
   raise ValueError(f"data source {name!r} is not recognised; use one of {list(SOURCE_FORMS)}, "
                    "e.g. 'digits', 'npz:../shared/data/mnist_rasbt_{split}.npz' or "
                    "'tfds:cifar100'.")
@@ -231,6 +238,8 @@ def parse_source(name: str, *, data_dir: str | None = None, download: bool = Tru
     return DigitsSource()
   if kind == "npz":
     return NpzSource(arg)
+  if kind == "records":
+    return RecordsSource(arg)
   if data_dir and not download and "://" not in data_dir and not os.path.isdir(data_dir):
     raise ValueError(f"data_dir {data_dir!r} for {name!r} does not exist and download "
                      "is off; point --config.data.data_dir at a prepared TFDS directory.")
@@ -644,6 +653,53 @@ class TfdsSource(Source):
             np.concatenate([labels for _, labels in batches]))
 
 
+@dataclasses.dataclass(frozen=True)
+class RecordsSource(Source):
+  """'records:DIR': ArrayRecord shards of original images written by
+  `python -m pixel_vit.write_records`, streamed with grain (data/stream.py).
+  `load` reads the split's description only; crops to `image_size` happen
+  per example when streamed."""
+  directory: str
+
+  @property
+  def name(self) -> str:
+    return f"records:{self.directory}"
+
+  def load(self, split: str, *, process_index: int = 0, process_count: int = 1,
+           image_size: int | None = None) -> ImageSplit:
+    _check_process(process_index, process_count)
+    if image_size is None:
+      raise ValueError(f"{self.name} holds images of many sizes: set config.data.image_size "
+                       "(the side of the training crops).")
+    _check_image_size(image_size)
+    info = records.open_split(self.directory, split)
+    return ImageSplit(images=np.zeros((0, image_size, image_size, 3), np.uint8),
+                      labels=np.zeros((0,), np.int32), num_classes=info.num_classes,
+                      total_examples=info.num_examples, process_index=process_index,
+                      process_count=process_count,
+                      origin=f"records {self.directory} split {split!r}",
+                      class_counts=np.asarray(info.class_counts, np.int64), stream=info)
+
+
+def loader_for(data) -> str:
+  """'memory' or 'stream': what `config.data.loader` selects for its source."""
+  kind, _ = source_form(data.source)
+  loader = data.get("loader", "auto")
+  if loader not in LOADERS:
+    raise ValueError(f"config.data.loader={loader!r} is not one of {list(LOADERS)}.")
+  streams = kind == "records"
+  if loader == "auto":
+    return "stream" if streams else "memory"
+  if loader == "stream" and not streams:
+    raise ValueError(f"config.data.loader='stream' reads ArrayRecord shards written by "
+                     f"`python -m pixel_vit.write_records` (config.data.source='records:DIR'); "
+                     f"{data.source!r} is read into memory: use loader='memory' or 'auto'.")
+  if loader == "memory" and streams:
+    raise ValueError(f"config.data.loader='memory' cannot hold {data.source!r}: records are "
+                     "streamed; use loader='stream' or 'auto'.")
+  return loader
+
+
 def validate_config(data, *, files: bool = True) -> None:
   """`config.data` (the locality ablation's keys: `locality.validate_permute_config`);
   `files=False` checks the source's form only, not that its files exist."""
@@ -654,6 +710,13 @@ def validate_config(data, *, files: bool = True) -> None:
     named("data.source", source_form, data.source)
   if data.get("image_size") is not None:
     check_positive("data.image_size", data.image_size)
+  loader_for(data)
+  if data.get("workers", 0) < 0:
+    raise ValueError(f"config.data.workers={data.workers} must be 0 (decode in the training "
+                     "process) or more.")
+  if not 0 < data.get("crop_fraction", 0.875) <= 1:
+    raise ValueError(f"config.data.crop_fraction={data.crop_fraction} must be in (0, 1] "
+                     "(0.875: the standard centre crop).")
 
 
 # ---------------------------------------------------------------- without data

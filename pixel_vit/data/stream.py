@@ -33,6 +33,7 @@ class HostCrops:
   """What the host does to each example (data/crops.py)."""
   image_size: int
   channels: int = 3
+  random_crop: bool = True  # False: training takes the evaluation crop (then flips)
   scale: tuple[float, float] = (0.08, 1.0)
   ratio: tuple[float, float] = (3 / 4, 4 / 3)
   flip: bool = True
@@ -133,8 +134,13 @@ class _TrainExample:
     label, data = self.records[index]
     image = crops.decode(data, self.host.channels, where=f"record {index}")
     rng = np.random.default_rng([self.seed, step, slot])
-    pixels = crops.train_crop(image, rng, self.host.image_size, scale=self.host.scale,
-                              ratio=self.host.ratio, flip=self.host.flip)
+    if self.host.random_crop:
+      pixels = crops.train_crop(image, rng, self.host.image_size, scale=self.host.scale,
+                                ratio=self.host.ratio, flip=self.host.flip)
+    else:
+      pixels = crops.maybe_flip(crops.eval_crop(image, self.host.image_size,
+                                                crop_fraction=self.host.crop_fraction),
+                                rng, self.host.flip)
     return {"images": pixels, "labels": np.int32(label)}
 
 

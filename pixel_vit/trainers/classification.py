@@ -44,15 +44,18 @@ def make_model_fn(config, split: sources.ImageSplit):
                                       pixel_stats=(config.augment.mean, config.augment.std))
 
 
-def make_train_step(config, graphdef, tx, schedule, num_classes: int, permutation=None):
-  """`permutation` (data/locality.py) scrambles the augmented images' pixels."""
+def make_train_step(config, graphdef, tx, schedule, num_classes: int, permutation=None, *,
+                    augment_config=None):
+  """`permutation` (data/locality.py) scrambles the augmented images' pixels;
+  `augment_config` (default config.augment) is what runs on the device."""
   frozen = tuple(config.optimizer.get("freeze", ()) or ())
+  augment_config = augment_config or config.augment
 
   def train_step(state: state_lib.TrainState, batch: dict):
     step_key = jax.random.fold_in(state.rng, state.step)
     augment_key, drop_key = jax.random.split(step_key)
     images, targets = augment.augment_batch(augment_key, batch["images"], batch["labels"],
-                                            num_classes=num_classes, config=config.augment)
+                                            num_classes=num_classes, config=augment_config)
     images = locality.permute(permutation, images)
 
     def loss_fn(params):
@@ -92,7 +95,8 @@ def programs(layout: loop.Layout) -> dict[str, parallel.Program]:
   graphdef, num_classes = layout.described.graphdef, plan.train_split.num_classes
   return {
       "train_step": layout.train_program(make_train_step(
-          config, graphdef, plan.tx, plan.schedule, num_classes, plan.permutation)),
+          config, graphdef, plan.tx, plan.schedule, num_classes, plan.permutation,
+          augment_config=plan.device_augment)),
       "eval_step": parallel.Program(
           "eval_step", make_eval_sums(config, graphdef, num_classes, plan.permutation),
           args=(layout.described.abstract.params,

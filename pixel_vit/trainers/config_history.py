@@ -22,7 +22,7 @@ LATER = "configs"
 # run's order or meaning (exact resume is a function of these).
 DATA_ORDER_KEYS = ("seed", "batch_size", "data.")
 # Keys that say how a run is operated, not how it trains: never reported.
-OPERATIONAL_KEYS = ("take_over_lock", "resume_with_changes")
+OPERATIONAL_KEYS = ("take_over_lock", "resume_with_changes", "data.workers")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:

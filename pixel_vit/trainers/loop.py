@@ -7,8 +7,10 @@ trainer supplies its jitted step, its batches and its evaluation.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -22,7 +24,7 @@ from pixel_vit import hardware, parallel
 from pixel_vit import optimizer as optimizer_lib
 from pixel_vit import workdir as workdir_lib
 from pixel_vit.config_checks import check_choice, check_positive, require
-from pixel_vit.data import augment, locality, pipeline, sources
+from pixel_vit.data import augment, locality, pipeline, sources, stream
 from pixel_vit.models import attention, vit
 from pixel_vit.trainers import config_history, divergence, interrupts, reporting
 from pixel_vit.trainers import state as state_lib
@@ -58,6 +60,10 @@ def validate_common(config, target: hardware.Target | None = None, *,
   vit.validate_model_config(config.model)
   optimizer_lib.validate_config(config.optimizer)
   sources.validate_config(config.data, files=files)
+  require(not (config.task == "diffusion" and sources.loader_for(config.data) == "stream"),
+          f"config.data.source={config.data.source!r} streams images; the diffusion task "
+          "trains on VAE latents in memory (npz: files from `python -m "
+          "pixel_vit.encode_latents`).")
   if "permute_pixels" in config.data:
     locality.validate_permute_config(config.data.permute_pixels)
   augment.validate_augment_config(config.augment)
@@ -167,8 +173,14 @@ class Run(Layout):
 
   def eval_batches(self) -> Iterator[dict]:
     """The whole eval split once, as global batches (padded, with `mask`)."""
-    return map(self.to_global, pipeline.eval_batches(
-        self.plan.eval_split, local_batch_size=self.plan.local_eval_batch))
+    split = self.plan.eval_split
+    if split.stream is None:
+      local = pipeline.eval_batches(split, local_batch_size=self.plan.local_eval_batch)
+    else:
+      local = stream.eval_batches(split.stream, host_crops(self.config), stream.Layout(
+          self.config.eval_batch_size, jax.process_index(), jax.process_count()),
+          workers=self.config.data.workers)
+    return map(self.to_global, local)
 
 
 def load_splits(config) -> tuple[sources.ImageSplit, sources.ImageSplit]:
@@ -218,6 +230,9 @@ class Plan:
   # What the run can live with in its data (classes only eval has, unused
   # class ids), one paragraph each; `Run.announce` logs them.
   data_warnings: tuple[str, ...] = ()
+  # The augmentation the train step runs on the device: config.augment, less
+  # the crop and flip a streamed split's host does (data/stream.py).
+  device_augment: Any = None
 
 
 def plan(config, make_model_fn: Callable[[Any, sources.ImageSplit], Callable[[], nnx.Module]],
@@ -241,7 +256,41 @@ def plan(config, make_model_fn: Callable[[Any, sources.ImageSplit], Callable[[],
               config.eval_batch_size // jax.process_count(), steps_per_epoch, total_steps,
               schedule, tx, make_model, shapes,
               locality.permutation_for(config.data, *train_split.images.shape[1:3]),
-              tuple(data_warnings))
+              tuple(data_warnings), device_augment(config, train_split))
+
+
+def device_augment(config, train_split: sources.ImageSplit):
+  """config.augment, or for a streamed split a copy without the crop and flip
+  that its host already did to the original image."""
+  if train_split.stream is None:
+    return config.augment
+  on_device = copy.deepcopy(config.augment)
+  on_device.crop, on_device.crop_padding, on_device.flip = False, 0, False
+  return on_device
+
+
+def host_crops(config) -> stream.HostCrops:
+  """What a streamed split's host does per example, from config.augment
+  (crop, crop_scale, crop_ratio, flip) and config.data."""
+  augment_config = config.augment
+  return stream.HostCrops(
+      image_size=config.data.image_size, random_crop=bool(augment_config.crop),
+      scale=tuple(augment_config.crop_scale), ratio=tuple(augment_config.crop_ratio),
+      flip=bool(augment_config.flip), crop_fraction=config.data.crop_fraction)
+
+
+def train_batches(run: "Run", start_step: int) -> Iterator[dict]:
+  """This process's host batches for steps start_step + 1, ...: in memory
+  (data/pipeline.py) or streamed (data/stream.py)."""
+  config, split = run.config, run.plan.train_split
+  if split.stream is None:
+    return pipeline.train_batches(split, local_batch_size=run.plan.local_batch,
+                                  seed=config.seed, start_step=start_step)
+  return stream.train_batches(
+      split.stream, host_crops(config),
+      stream.Layout(config.batch_size, jax.process_index(), jax.process_count()),
+      seed=config.seed, start_step=start_step, total_steps=run.total_steps,
+      workers=config.data.workers)
 
 
 def start(config, workdir: str, plan: Plan, *,
@@ -325,9 +374,9 @@ def train(run: Run, *, train_step: Callable,
   a non-finite loss raises divergence.TrainingDivergedError (see there).
   """
   config, state, start_step = run.config, run.state, run.start_step
-  batches = pipeline.train_batches(run.plan.train_split, local_batch_size=run.plan.local_batch,
-                                   seed=config.seed, start_step=start_step)
+  batches = train_batches(run, start_step)
   guard = divergence.Guard(config)
+  input_clock = InputClock()
   fetched: list[dict] = []  # host metrics of the steps since the last log point
   results: dict = {}
   try:
@@ -340,7 +389,7 @@ def train(run: Run, *, train_step: Callable,
                          "state; exiting. Rerun the same command to resume from it.")
         return state, results
       for step in range(start_step + 1, run.total_steps + 1):
-        state, metrics = train_step(state, next(ahead))
+        state, metrics = train_step(state, input_clock.next(ahead))
         if jax.process_count() == 1 or step % config.log_every == 0:  # multi-process: agreed
           run.checkpointer.check_last_save(step)  # a failed async save stops the run now
         guard.observe(step, metrics)
@@ -350,7 +399,7 @@ def train(run: Run, *, train_step: Callable,
           try:
             guard.check(lambda: _last_checkpoint(run), fetched=fetched)
           finally:  # also when it stops the run: these metrics show the divergence
-            _log_train_means(run, guard, step, fetched)
+            _log_train_means(run, guard, step, fetched, input_clock)
         if step % config.eval_every == 0 or last:
           results = evaluate(step, state)
         stopping = stops.requested is not None and jax.process_count() == 1
@@ -379,7 +428,29 @@ def train(run: Run, *, train_step: Callable,
   return state, results
 
 
-def _log_train_means(run: Run, guard: divergence.Guard, step: int, fetched: list[dict]) -> None:
+class InputClock:
+  """How long the loop waited for its next batch: `fraction()` is the share
+  of the time since the last call spent waiting (reported as
+  train/input_wait_fraction; near 0 unless the input is the bottleneck)."""
+
+  def __init__(self):
+    self.waited, self.since = 0.0, time.perf_counter()
+
+  def next(self, batches: Iterator[dict]) -> dict:
+    start = time.perf_counter()
+    batch = next(batches)
+    self.waited += time.perf_counter() - start
+    return batch
+
+  def fraction(self) -> float:
+    now = time.perf_counter()
+    fraction = self.waited / max(now - self.since, 1e-9)
+    self.waited, self.since = 0.0, now
+    return fraction
+
+
+def _log_train_means(run: Run, guard: divergence.Guard, step: int, fetched: list[dict],
+                     input_clock: InputClock | None = None) -> None:
   """Writes the mean of the train metrics fetched since the last log point
   (and empties `fetched`)."""
   if not fetched:
@@ -387,6 +458,8 @@ def _log_train_means(run: Run, guard: divergence.Guard, step: int, fetched: list
   means = {k: np.mean([m[k] for m in fetched]) for k in fetched[0]}
   if guard.skipped_total:
     means["train/nonfinite_skipped"] = guard.skipped_total
+  if input_clock is not None:
+    means["train/input_wait_fraction"] = input_clock.fraction()
   run.reporter.scalars(step, means)
   fetched.clear()
 

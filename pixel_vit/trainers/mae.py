@@ -55,15 +55,18 @@ def _targets(config, images):
                            norm_pix_window=config.model.norm_pix_window)
 
 
-def make_train_step(config, graphdef, tx, schedule, num_classes: int, permutation=None):
+def make_train_step(config, graphdef, tx, schedule, num_classes: int, permutation=None, *,
+                    augment_config=None):
   """`permutation` (data/locality.py) scrambles the augmented images' pixels;
-  the targets are the scrambled pixels."""
+  the targets are the scrambled pixels. `augment_config` (default
+  config.augment) is what runs on the device."""
+  augment_config = augment_config or config.augment
 
   def train_step(state: state_lib.TrainState, batch: dict):
     step_key = jax.random.fold_in(state.rng, state.step)
     augment_key, mask_key, drop_key = jax.random.split(step_key, 3)
     images, _ = augment.augment_batch(augment_key, batch["images"], batch["labels"],
-                                      num_classes=num_classes, config=config.augment)
+                                      num_classes=num_classes, config=augment_config)
     images = locality.permute(permutation, images)
     targets = _targets(config, images)
 
@@ -139,7 +142,8 @@ def programs(layout: loop.Layout) -> dict[str, parallel.Program]:
   batch_index = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated)
   return {
       "train_step": layout.train_program(make_train_step(
-          config, graphdef, plan.tx, plan.schedule, num_classes, permutation)),
+          config, graphdef, plan.tx, plan.schedule, num_classes, permutation,
+          augment_config=plan.device_augment)),
       "eval_step": parallel.Program(
           "eval_step", make_eval_sums(config, graphdef, num_classes, permutation),
           args=(params, batch_index, eval_batch), out_shardings=layout.replicated),
