@@ -298,14 +298,17 @@ class Checkpointer:
   def should_save(self, step: int, *, force: bool = False) -> bool:
     return force or self.manager.should_save(step)
 
-  def save(self, step: int, state: Any, identity: RunIdentity, *, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, identity: RunIdentity, *, force: bool = False,
+           data_position: dict | None = None) -> bool:
     """Starts an (async) save when one is due; a failure, this one's or the
-    previous async one's, raises CheckpointSaveError."""
+    previous async one's, raises CheckpointSaveError. `data_position` (a
+    streamed input's, data/stream.py) is saved as its own JSON item, `data`."""
+    items = dict(state=ocp.args.StandardSave(state),
+                 metadata=ocp.args.JsonSave(identity.to_json()))
+    if data_position is not None:
+      items["data"] = ocp.args.JsonSave(data_position)
     try:
-      saved = self.manager.save(
-          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                        metadata=ocp.args.JsonSave(identity.to_json())),
-          force=force)
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as e:  # orbax raises whatever the filesystem raised
       self._save_failed(self._saving_step or step, e)
     if saved:
@@ -368,6 +371,14 @@ class Checkpointer:
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
+
+  def read_data_position(self, step: int) -> dict | None:
+    """The `data` item of a step (None: saved by an in-memory run, or before
+    the item existed)."""
+    if not epath.Path(self.directory, str(step), "data").exists():
+      return None
+    return self.manager.restore(
+        step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
 
   def read_metadata(self, step: int) -> dict:
     return self.manager.restore(

@@ -320,6 +320,29 @@ def test_training_on_a_stream_resumes_exactly(quick_config, records_dataset, mak
   assert_trees_equal(state_b.opt_state, state_a.opt_state, "opt_state")
 
 
+@pytest.mark.slow
+def test_a_resume_over_rewritten_records_is_refused(quick_config, records_dataset, tmp_path):
+  """The checkpoint's `data` item holds the stream's position and what fixes
+  its order; records rewritten under the same path (another count) would
+  make the resumed steps another run's: refused by name, nothing changed."""
+  from pixel_vit import checkpoint as checkpoint_lib
+  from pixel_vit.trainers import classification
+  records_dir, workdir = str(tmp_path / "records"), str(tmp_path / "run")
+  shutil.copytree(records_dataset, records_dir)
+  classification.train_and_evaluate(stream_config(quick_config, records_dir, total_steps=3),
+                                    workdir)
+  saved = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=5).read_data_position(3)
+  assert saved["step"] == 3 and saved["num_examples"] == 72 and saved["global_batch"] == 16
+  shutil.rmtree(records_dir)
+  write_records.write_split(images=make_image_folder(tmp_path / "other", per_class=30),
+                            out=records_dir, split="train")
+  shutil.copy(os.path.join(records_dataset, "test.json"), records_dir)
+  for name in records.open_split(records_dataset, "test").shards:
+    shutil.copy(os.path.join(records_dataset, name), records_dir)
+  with pytest.raises(ValueError, match=r"num_examples: checkpoint 72 vs now 90"):
+    classification.train_and_evaluate(stream_config(quick_config, records_dir), workdir)
+
+
 def test_the_device_does_not_crop_or_flip_what_the_host_did(quick_config, records_dataset):
   from pixel_vit.trainers import loop
   config = stream_config(quick_config, records_dataset)

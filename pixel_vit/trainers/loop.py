@@ -279,6 +279,32 @@ def host_crops(config) -> stream.HostCrops:
       flip=bool(augment_config.flip), crop_fraction=config.data.crop_fraction)
 
 
+def data_position(config, plan: Plan, step: int) -> dict | None:
+  """A streamed split's position at `step` (saved with the checkpoint); None in memory."""
+  split = plan.train_split.stream
+  if split is None:
+    return None
+  return stream.data_position(split, seed=config.seed, global_batch=config.batch_size,
+                              step=step)
+
+
+def check_data_position(config, plan: Plan, checkpointer, step: int) -> None:
+  """A resumed streamed run continues the order its checkpoint was saved in:
+  the same records (count, shards), seed and global batch. The process
+  count may differ: the order does not depend on it (data/stream.py)."""
+  expected = data_position(config, plan, step)
+  saved = None if expected is None else checkpointer.read_data_position(step)
+  if saved is None:  # in memory, or a checkpoint from before the item existed
+    return
+  differs = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+  if differs:
+    listed = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differs.items())
+    raise ValueError(
+        f"checkpoint step {step} in {checkpointer.directory} was saved streaming other data "
+        f"or in another order ({listed}), so the resumed steps would not continue its run. "
+        "Point config.data.source at the records it trained on, or use a fresh --workdir.")
+
+
 def train_batches(run: "Run", start_step: int) -> Iterator[dict]:
   """This process's host batches for steps start_step + 1, ...: in memory
   (data/pipeline.py) or streamed (data/stream.py)."""
@@ -339,6 +365,7 @@ def _start(config, workdir, plan, initial_params, devices, read_only, lock) -> R
   changed = {} if read_only else config_history.check_resume(workdir, config, latest or 0)
   if latest is not None:
     state = checkpointer.restore(described.abstract, identity)
+    check_data_position(config, plan, checkpointer, int(jax.device_get(state.step)))
   else:
     state = create_state()
     if initial_params is not None:
@@ -410,7 +437,8 @@ def train(run: Run, *, train_step: Callable,
           except divergence.TrainingDivergedError:  # not a log step: log what shows it
             _log_train_means(run, guard, step, fetched)
             raise
-          run.checkpointer.save(step, state, run.identity, force=last or stopping)
+          run.checkpointer.save(step, state, run.identity, force=last or stopping,
+                                data_position=data_position(run.config, run.plan, step))
         if stopping or run.checkpointer.reached_preemption(step):  # orbax saved this step
           run.checkpointer.wait()
           run.stopped_by = stops.requested or "preemption notice"
