@@ -391,3 +391,47 @@ def test_the_input_clock_says_when_the_loop_waits_for_input():
     clock.next(fast)
     time.sleep(0.02)  # the "step"
   assert clock.fraction() < 0.2
+
+
+STREAM_RSS_SCRIPT = """
+import resource, sys
+sys.path.insert(0, {tests!r})
+from pixel_vit.data import records, stream
+split = records.open_split({out!r}, "train")
+batches = stream.train_batches(split, stream.HostCrops(image_size=28), stream.Layout(50),
+                               seed=0, start_step=0, total_steps=split.num_examples // 50)
+next(batches)
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+count = 50 + sum(len(b["labels"]) for b in batches)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(count, baseline, peak)
+"""
+
+
+@pytest.mark.slow
+def test_streaming_a_split_larger_than_the_memory_bound_keeps_rss_bounded(tmp_path):
+  """1,000 JPEGs of 600x500 decode to ~860 MiB, far more than the 150 MiB
+  the reading process may grow by while it streams one whole epoch."""
+  import subprocess
+  import sys
+  rng = np.random.default_rng(0)
+  folder = tmp_path / "images" / "only_class"
+  folder.mkdir(parents=True)
+  for i in range(1000):
+    coarse = (rng.random((32, 38, 3)) * 255).astype(np.uint8)
+    Image.fromarray(coarse).resize((600, 500), Image.BICUBIC).save(folder / f"{i}.jpg",
+                                                                    quality=85)
+  out = str(tmp_path / "records")
+  split = write_records.write_split(images=str(tmp_path / "images"), out=out, split="train")
+  decoded_mib = split.num_examples * 600 * 500 * 3 / 2**20
+  bound_mib = 150
+  assert decoded_mib > 5 * bound_mib
+  script = STREAM_RSS_SCRIPT.format(tests=os.path.dirname(__file__), out=out)
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  count, baseline_kib, peak_kib = map(int, proc.stdout.split()[-3:])
+  assert count == 1000  # the whole epoch was read
+  grew_mib = (peak_kib - baseline_kib) / 1024
+  assert grew_mib < bound_mib, (f"RSS grew {grew_mib:.0f} MiB while streaming {decoded_mib:.0f} "
+                                f"MiB of decoded images (bound {bound_mib} MiB)")
