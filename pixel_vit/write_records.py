@@ -37,13 +37,6 @@ from pixel_vit.data import crops, records
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PROGRESS_EVERY_SECONDS = 10.0
 
-_IMAGES = flags.DEFINE_string("images", None, "Folder with one sub-folder of images per class.")
-_OUT = flags.DEFINE_string("out", None, "Output folder (created).")
-_SPLIT = flags.DEFINE_string("split", "train", "Split name: the files are <split>-*.")
-_EXAMPLES_PER_SHARD = flags.DEFINE_integer("examples_per_shard", 1024, "Records per shard.")
-_WORKERS = flags.DEFINE_integer("workers", 1, "Processes that decode and write shards.")
-_ON_BAD_IMAGE = flags.DEFINE_enum("on_bad_image", "skip", ["skip", "fail"],
-                                  "An image that does not decode: skip and list it, or stop.")
 
 
 def list_image_folder(images: str) -> tuple[list[str], list[tuple[str, int]]]:
@@ -198,15 +191,29 @@ class _Progress:
                  self.done, self.total, 100 * self.done / max(self.total, 1), rate, eta)
 
 
+def define_flags() -> None:
+  """The command's flags, defined when it runs (not at import: --out is also
+  another command's flag, and tests import both)."""
+  flags.DEFINE_string("images", None, "Folder with one sub-folder of images per class.")
+  flags.DEFINE_string("out", None, "Output folder (created).")
+  flags.DEFINE_string("split", "train", "Split name: the files are <split>-*.")
+  flags.DEFINE_integer("examples_per_shard", 1024, "Records per shard.")
+  flags.DEFINE_integer("workers", 1, "Processes that decode and write shards.")
+  flags.DEFINE_enum("on_bad_image", "skip", ["skip", "fail"],
+                    "An image that does not decode: skip and list it, or stop.")
+  flags.mark_flags_as_required(["images", "out"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; everything is a --flag.")
+  values = flags.FLAGS
   with command_line.stops_with_one_message():
-    write_split(images=_IMAGES.value, out=_OUT.value, split=_SPLIT.value,
-                examples_per_shard=_EXAMPLES_PER_SHARD.value, workers=_WORKERS.value,
-                on_bad_image=_ON_BAD_IMAGE.value)
+    write_split(images=values.images, out=values.out, split=values.split,
+                examples_per_shard=values.examples_per_shard, workers=values.workers,
+                on_bad_image=values.on_bad_image)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["images", "out"])
+  define_flags()
   app.run(main)

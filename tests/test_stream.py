@@ -435,3 +435,25 @@ def test_streaming_a_split_larger_than_the_memory_bound_keeps_rss_bounded(tmp_pa
   grew_mib = (peak_kib - baseline_kib) / 1024
   assert grew_mib < bound_mib, (f"RSS grew {grew_mib:.0f} MiB while streaming {decoded_mib:.0f} "
                                 f"MiB of decoded images (bound {bound_mib} MiB)")
+
+
+def test_write_records_command_line(tmp_path):
+  """As a user runs it: exit 0 and a complete split; a bad folder is one
+  message and exit 1, no traceback."""
+  import subprocess
+  import sys
+  from support import REPO_ROOT
+  images = make_image_folder(tmp_path / "images", classes=2, per_class=3)
+  command = [sys.executable, "-m", "pixel_vit.write_records", f"--images={images}",
+             f"--out={tmp_path / 'records'}", "--examples_per_shard=4"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert records.open_split(str(tmp_path / "records"), "train").num_examples == 6
+  os.makedirs(os.path.join(images, "class_empty"))
+  failed = subprocess.run(command[:4] + [f"--out={tmp_path / 'other'}"], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert failed.returncode == 1
+  assert "class_empty' holds no image files" in failed.stderr
+  assert "Traceback" not in failed.stderr
