@@ -832,7 +832,8 @@ def _plot_converged(curves: dict, per_epoch: int) -> None:
     steps = [s for s, *_ in mean]
     epochs = [s / per_epoch for s in steps]
     flops = [s * CONV_BATCH * _train_flops(patch) for s in steps]
-    label = f"/{patch} ({(CONV_SIZE // patch) ** 2} tokens, {len(runs)} seed{"s" if len(runs) != 1 else ""})"
+    seeds = f"{len(runs)} seed" + ("s" if len(runs) != 1 else "")
+    label = f"/{patch} ({(CONV_SIZE // patch) ** 2} tokens, {seeds})"
     for axis, xs in ((by_epoch, epochs), (by_flops, flops)):
       line, = axis.plot(xs, [100 * m for _, m, _, _ in mean], label=label)
       axis.fill_between(xs, [100 * lo for *_, lo, _ in mean], [100 * hi for *_, hi in mean],
