@@ -217,3 +217,21 @@ def damage_checkpoint(step_dir: str, how: str) -> None:
     shutil.rmtree(os.path.join(state, "ocdbt.process_0"))
   else:
     raise ValueError(how)
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def make_image_folder(root, *, classes=3, per_class=14, seed=0) -> str:
+  """JPEG and PNG files of varied sizes and aspect ratios, one folder per class."""
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  for c in range(classes):
+    folder = os.path.join(root, f"class_{c}")
+    os.makedirs(folder, exist_ok=True)
+    for i in range(per_class):
+      h, w = (int(v) for v in rng.integers(12, 48, 2))
+      pixels = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+      pixels[..., 0] = 40 * c  # the class shows in the red channel
+      Image.fromarray(pixels).save(os.path.join(folder, f"{i}.{'png' if i % 3 else 'jpg'}"))
+  return str(root)

@@ -182,18 +182,14 @@ def tail(path, chars: int = 4000) -> str:
     return f.read()[-chars:]
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-  """Trains MULTIHOST_RUN with 2 processes x 2 CPU devices; returns (workdir, logs)."""
+def run_two_processes(root, workdir: str, overrides: list[str]) -> list[str]:
+  """`python -m pixel_vit.main` on the quick config as 2 processes x 2 CPU
+  devices with `overrides`; fails the test unless both exit 0; their logs."""
   reason = gloo_unavailable_reason()
   if reason:
     pytest.skip(reason)
-  root = tmp_path_factory.mktemp("multihost")
-  workdir = str(root / "workdir")
   address = f"127.0.0.1:{free_port()}"
   env = {**_without_cluster_env(), "JAX_NUM_CPU_DEVICES": str(DEVICES_PER_PROCESS)}
-  overrides = [f"--config.{key}={value}"
-               for key, value in {**MULTIHOST_RUN, **DCN_SPLIT}.items()]
   logs, procs, handles = [], [], []
   try:
     for process_id in range(NUM_PROCESSES):
@@ -227,7 +223,17 @@ def two_process_run(tmp_path_factory):
       p.wait()
     for handle in handles:
       handle.close()
-  return workdir, logs
+  return logs
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  """Trains MULTIHOST_RUN with 2 processes x 2 CPU devices; returns (workdir, logs)."""
+  root = tmp_path_factory.mktemp("multihost")
+  workdir = str(root / "workdir")
+  overrides = [f"--config.{key}={value}"
+               for key, value in {**MULTIHOST_RUN, **DCN_SPLIT}.items()]
+  return workdir, run_two_processes(root, workdir, overrides)
 
 
 def multihost_config(cls_pixel, **mesh):
@@ -595,3 +601,46 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_and_the_rerun_resum
   evals = [r for r in read_metrics(workdir) if "eval/count" in r]
   assert [r["step"] for r in evals] == [PREEMPT_STEPS]
   assert evals[0]["eval/count"] == 360
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_streamed_run_on_two_processes_trains_like_one_process(tmp_path, cls_pixel):
+  """records:DIR: the training order and crops do not depend on the process
+  count, so 2 processes x 2 devices and 1 process x 4 devices train on the
+  same global batches from the same config (no batches built by hand), and
+  each evaluation reads every test record once."""
+  from support import make_image_folder
+  from pixel_vit import write_records
+  records_dir = str(tmp_path / "records")
+  write_records.write_split(images=make_image_folder(tmp_path / "train", per_class=16),
+                            out=records_dir, split="train")
+  write_records.write_split(images=make_image_folder(tmp_path / "test", per_class=5, seed=3),
+                            out=records_dir, split="test")
+  streamed = {"data.source": f"records:{records_dir}", "data.image_size": 8,
+              "augment.crop": True, "augment.flip": True, "eval_batch_size": 8}
+  two, one = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
+  run_two_processes(tmp_path, two, [f"--config.{key}={value}" for key, value in
+                                    {**MULTIHOST_RUN, **DCN_SPLIT, **streamed}.items()])
+  config = set_dotted(multihost_config(cls_pixel), streamed)
+  _, results = classification.train_and_evaluate(config, one, devices=jax.devices()[:4])
+  assert results["eval/count"] == 15
+  evals = [r for r in read_metrics(two) if "eval/count" in r]
+  assert [r["eval/count"] for r in evals] == [15]
+  steps = config.total_steps
+
+  layout, _ = loop.lay_out(config, loop.plan(config, classification.make_model_fn),
+                           jax.devices()[:4])
+
+  def final_params(workdir):
+    checkpointer = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=10)
+    try:
+      return checkpointer.restore(layout.described.abstract,
+                                  checkpointer.read_identity(steps)).params
+    finally:
+      checkpointer.close()
+
+  assert_close(final_params(two), final_params(one), "params")
+  logged_two, logged_one = train_losses(two), train_losses(one)
+  np.testing.assert_allclose([logged_two[s] for s in (2, 4)], [logged_one[s] for s in (2, 4)],
+                             rtol=1e-5)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from support import make_image_folder
 from pixel_vit import write_records
 from pixel_vit.data import crops, records, stream
 
@@ -103,20 +104,6 @@ def test_decode_converts_grey_and_cmyk_and_names_a_corrupt_file(tmp_path):
 
 
 # ---------------------------------------------------------------- the writer
-
-
-def make_image_folder(root, *, classes=3, per_class=14, seed=0) -> str:
-  """JPEG and PNG files of varied sizes and aspect ratios, one folder per class."""
-  rng = np.random.default_rng(seed)
-  for c in range(classes):
-    folder = os.path.join(root, f"class_{c}")
-    os.makedirs(folder, exist_ok=True)
-    for i in range(per_class):
-      h, w = (int(v) for v in rng.integers(12, 48, 2))
-      pixels = (rng.random((h, w, 3)) * 255).astype(np.uint8)
-      pixels[..., 0] = 40 * c  # the class shows in the red channel
-      Image.fromarray(pixels).save(os.path.join(folder, f"{i}.{'png' if i % 3 else 'jpg'}"))
-  return str(root)
 
 
 @pytest.fixture(scope="module")
