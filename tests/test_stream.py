@@ -444,3 +444,17 @@ def test_write_records_command_line(tmp_path):
   assert failed.returncode == 1
   assert "class_empty' holds no image files" in failed.stderr
   assert "Traceback" not in failed.stderr
+
+
+def test_a_split_too_big_for_host_memory_is_refused_before_decoding():
+  """ImageNet at 224 (1.28M images, ~193 GB decoded) on a 24 GiB host: the
+  in-memory path refuses it by name and points at the stream; at 28x28
+  (~3 GB) it is read."""
+  from pixel_vit.data import sources
+  with pytest.raises(ValueError, match=r"needs about 359\.\d GiB .* Stream it instead: .*"
+                                       r"write_records.*records:DIR"):
+    sources.check_fits_in_memory("tfds:imagenet2012 split 'train'", 1_281_167,
+                                 (224, 224, 3), 24 * 2**30)
+  sources.check_fits_in_memory("tfds:imagenet2012 split 'train'", 1_281_167, (28, 28, 3),
+                               24 * 2**30)
+  sources.check_fits_in_memory("x", 10**9, (224, 224, 3), None)  # no /proc/meminfo: no check

@@ -622,6 +622,8 @@ class TfdsSource(Source):
       raise ValueError(f"{self.name} images vary in size {image_shape}; set "
                        "--config.data.image_size to resize them to a square.")
     empty_shape = ((image_size, image_size) if image_size else image_shape[:2]) + image_shape[2:]
+    check_fits_in_memory(f"{self.name} split {split!r}", -(-total_examples // process_count),
+                         empty_shape, available_memory_bytes())
     images, labels = self._read(tf, builder, split, process_index, process_count,
                                 image_size, empty_shape)
     return ImageSplit(
@@ -698,6 +700,40 @@ def loader_for(data) -> str:
     raise ValueError(f"config.data.loader='memory' cannot hold {data.source!r}: records are "
                      "streamed; use loader='stream' or 'auto'.")
   return loader
+
+
+# The in-memory path holds a decoded shard and, while it is concatenated, a
+# second copy; it may take at most this share of the host's available memory.
+MEMORY_FRACTION = 0.5
+
+
+def available_memory_bytes() -> int | None:
+  """MemAvailable from /proc/meminfo (None where there is none)."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def check_fits_in_memory(what: str, examples: int, shape: tuple, available: int | None) -> None:
+  """Refuses, before decoding anything, a split whose decoded uint8 shard
+  (twice: it is concatenated) would not fit MEMORY_FRACTION of `available`;
+  the fix is the streaming path."""
+  if available is None or None in shape:
+    return
+  needed = 2 * examples * int(np.prod(shape))
+  if needed > MEMORY_FRACTION * available:
+    raise ValueError(
+        f"{what} decoded into memory needs about {needed / 2**30:.1f} GiB on this host "
+        f"({examples:,} images of {'x'.join(map(str, shape))} uint8, twice while they are "
+        f"joined), more than {MEMORY_FRACTION:.0%} of its {available / 2**30:.1f} GiB "
+        "available. Stream it instead: write its images with `python -m "
+        "pixel_vit.write_records` and use dataset=records:DIR (README: Streamed images), or "
+        "lower config.data.image_size.")
 
 
 def validate_config(data, *, files: bool = True) -> None:
