@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -29,7 +28,6 @@ import time
 
 import numpy as np
 from absl import app, flags, logging
-from PIL import Image
 
 from pixel_vit import command_line
 from pixel_vit.data import crops, records
@@ -81,7 +79,8 @@ def write_shard(images: str, path: str, files: list, on_bad_image: str) -> dict:
       with open(os.path.join(images, relative), "rb") as f:
         data = f.read()
       try:
-        mode = _decoded_mode(data, relative)
+        # A full decode proves the file readable; its mode says what is converted when read.
+        mode = crops.open_image(data, where=f"image {relative!r}").mode
       except crops.BadImageError as e:
         if on_bad_image == "fail":
           raise ValueError(f"{e} Remove or replace it, or pass --on_bad_image=skip to skip "
@@ -99,11 +98,6 @@ def write_shard(images: str, path: str, files: list, on_bad_image: str) -> dict:
   os.replace(temporary, path)
   os.replace(path + ".json.tmp", path + ".json")
   return summary
-
-
-def _decoded_mode(data: bytes, where: str) -> str:
-  crops.decode(data, 3, where=f"image {where!r}")  # a full decode: raises if it cannot
-  return Image.open(io.BytesIO(data)).mode
 
 
 def write_split(*, images: str, out: str, split: str, examples_per_shard: int = 1024,

@@ -28,18 +28,23 @@ class BadImageError(ValueError):
   """An image that cannot be decoded (corrupt or not an image)."""
 
 
-def decode(data: bytes, channels: int, *, where: str = "an image") -> Image.Image:
-  """Encoded bytes (JPEG, PNG, ...) as a PIL image with `channels` (1: 'L',
-  3: 'RGB'). Greyscale, palette, CMYK and alpha images are converted, as
-  ImageNet's few CMYK and greyscale JPEGs must be."""
-  if channels not in (1, 3):
-    raise ValueError(f"channels={channels} must be 1 or 3.")
+def open_image(data: bytes, *, where: str = "an image") -> Image.Image:
+  """Encoded bytes (JPEG, PNG, ...) fully decoded, in the file's own mode."""
   try:
     image = Image.open(io.BytesIO(data))
     image.load()
   except Exception as e:  # PIL raises OSError, SyntaxError, ... on bad data
     raise BadImageError(f"{where} cannot be decoded ({type(e).__name__}: {e}).") from e
-  return image.convert("L" if channels == 1 else "RGB")
+  return image
+
+
+def decode(data: bytes, channels: int, *, where: str = "an image") -> Image.Image:
+  """Encoded bytes as a PIL image with `channels` (1: 'L', 3: 'RGB').
+  Greyscale, palette, CMYK and alpha images are converted, as ImageNet's few
+  CMYK and greyscale JPEGs must be."""
+  if channels not in (1, 3):
+    raise ValueError(f"channels={channels} must be 1 or 3.")
+  return open_image(data, where=where).convert("L" if channels == 1 else "RGB")
 
 
 def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, *,
