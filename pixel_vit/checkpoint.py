@@ -184,10 +184,10 @@ def describe_damage(step_directory: str, error: BaseException) -> str:
   return line if len(line) <= 200 else line[:197] + "..."
 
 
-# asyncio's words for a task whose exception nobody awaited.
-_UNAWAITED_TASK_ECHOES = ("Task exception was never retrieved",
-                          "Future exception was never retrieved",
-                          "Task was destroyed but it is pending")
+# asyncio's words for a task or future (any class: Task, Future,
+# _GatheringFuture for orbax's gathered reads) whose exception nobody awaited.
+_UNAWAITED_TASK_ECHOES = re.compile(r"(\w+ exception was never retrieved|Task was destroyed "
+                                    r"but it is pending)(\n|$)")
 
 
 def _is_closed_loop_error(error: BaseException | None) -> bool:
@@ -216,7 +216,7 @@ def _drop_io_echo(record: pylogging.LogRecord) -> bool:
   """A logging filter: False for the echoes `quiet_failed_io_echoes` names."""
   error = record.exc_info[1] if record.exc_info else None
   return not (_is_closed_loop_error(error)
-              or str(record.msg).startswith(_UNAWAITED_TASK_ECHOES))
+              or _UNAWAITED_TASK_ECHOES.match(str(record.msg)) is not None)
 
 
 def _one_line_orbax_errors(record: pylogging.LogRecord) -> bool:

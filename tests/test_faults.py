@@ -180,10 +180,17 @@ def test_a_restore_drops_only_the_echoes_of_a_failed_read(saved, capsys):
   callback = futures_logger.makeRecord("concurrent.futures", logging.ERROR, __file__, 1,
                                        "exception calling callback for %r", ("f",),
                                        (RuntimeError, closed, None))
+  # After the fallback past a missing ocdbt directory, orbax's gathered
+  # reads echo as `_GatheringFuture exception was never retrieved`.
+  gathered = asyncio_logger.makeRecord(
+      "asyncio", logging.ERROR, __file__, 1,
+      "_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture>", (),
+      (Exception, Exception("Encountered error while reading array index"), None))
   other = asyncio_logger.makeRecord("asyncio", logging.ERROR, __file__, 1,
                                     "Exception in callback f()", (),
                                     (ValueError, ValueError("real"), None))
   assert not asyncio_logger.filter(echo) and not futures_logger.filter(callback)
+  assert not asyncio_logger.filter(gathered)
   assert asyncio_logger.filter(other)
   class Unraisable:  # what sys.unraisablehook receives
     def __init__(self, error):

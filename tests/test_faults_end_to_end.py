@@ -540,14 +540,7 @@ def assert_readable(log: str, message: str, longest: int, what: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", [
-    "truncate",
-    # Known, intermittent (1 of 3 full-suite runs): 2 orbax read tracebacks,
-    # _read_array_index_and_device_put, still print after this fallback; the
-    # printing path is not identified yet (issue 21 left open for it).
-    pytest.param("ocdbt", marks=pytest.mark.xfail(strict=False, reason="intermittent orbax "
-                                                  "read traceback after the fallback")),
-])
+@pytest.mark.parametrize("how", ["truncate", "ocdbt"])
 def test_command_line_falls_back_past_two_damaged_checkpoints_one_warning_each_clean_exit(
     clean_run, make_workdir, how):
   """Issue 21 item 5: after falling back past two damaged checkpoints the run
@@ -569,6 +562,9 @@ def test_command_line_falls_back_past_two_damaged_checkpoints_one_warning_each_c
     assert len(warnings) == 1, warnings
     assert_readable(log, warnings[0], LONGEST_MESSAGE, "the warning")
   assert "Exception ignored" not in log, log[log.index("Exception ignored"):][:1000]
+  # orbax's gathered reads of a damaged step, left unawaited, used to echo
+  # as `_GatheringFuture exception was never retrieved` (1 run in ~8).
+  assert "Traceback" not in log, log[log.index("Traceback"):][:1000]
   set_aside = sorted(int(n.split(".")[0])
                      for n in os.listdir(os.path.join(workdir, checkpoint_lib.DAMAGED)))
   assert set_aside == [3, 6]
