@@ -270,7 +270,7 @@ def test_epoch_run_states_its_step_count_first(tmp_path, quick_config, workdir, 
   first = next(line for line in lines if "->" in line or "classes occur" in line)
   match = re.match(r"steps 0 -> (\d+) \(from config\.total_epochs=0\.25 x (\d+) "
                    r"steps/epoch, since config\.total_steps=0\), 1\d{3} train / 397 eval "
-                   r"examples$", first)
+                   r"examples; input in memory$", first)
   assert match, lines
   assert int(match[1]) == round(0.25 * int(match[2])) > 0
   assert any("1 of the 10 classes occur in npz file" in line for line in lines), lines

@@ -5,6 +5,7 @@ resume, and with worker processes. Data is generated here (JPEG and PNG of
 varied sizes and aspect ratios in class folders); nothing is downloaded."""
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -444,15 +445,15 @@ def test_write_records_command_line(tmp_path):
   assert "Traceback" not in failed.stderr
 
 
-def test_a_split_too_big_for_host_memory_is_refused_before_decoding():
-  """ImageNet at 224 (1.28M images, ~193 GB decoded) on a 24 GiB host: the
-  in-memory path refuses it by name and points at the stream; at 28x28
-  (~3 GB) it is read."""
+def test_a_split_too_big_for_host_memory_is_named_with_its_sizes():
+  """ImageNet at 224 (1.28M images, ~193 GB decoded) on a 24 GiB host does
+  not fit the in-memory path (TfdsSource then streams or refuses); at 28x28
+  (~3 GB) it does."""
   from pixel_vit.data import sources
-  with pytest.raises(ValueError, match=r"needs about 359\.\d GiB .* Stream it instead: .*"
-                                       r"write_records.*records:DIR"):
-    sources.check_fits_in_memory("tfds:imagenet2012 split 'train'", 1_281_167,
-                                 (224, 224, 3), 24 * 2**30)
-  sources.check_fits_in_memory("tfds:imagenet2012 split 'train'", 1_281_167, (28, 28, 3),
-                               24 * 2**30)
-  sources.check_fits_in_memory("x", 10**9, (224, 224, 3), None)  # no /proc/meminfo: no check
+  reason = sources.memory_shortfall("tfds:imagenet2012 split 'train'", 1_281_167,
+                                    (224, 224, 3), 24 * 2**30)
+  assert re.search(r"needs about 359\.\d GiB .*1,281,167 images of 224x224x3 .* more than "
+                   r"50% of its 24\.0 GiB", reason), reason
+  assert sources.memory_shortfall("tfds:imagenet2012 split 'train'", 1_281_167, (28, 28, 3),
+                                  24 * 2**30) is None
+  assert sources.memory_shortfall("x", 10**9, (224, 224, 3), None) is None  # no /proc/meminfo

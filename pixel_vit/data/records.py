@@ -1,5 +1,8 @@
-"""Image datasets as ArrayRecord files: the layout `pixel_vit.write_records`
-writes from an image folder and the streaming loader reads with grain.
+"""Image datasets as ArrayRecord files, which the streaming loader
+(data/stream.py) reads with grain: the layout `pixel_vit.write_records`
+writes from an image folder (`RecordSplit`), and TFDS datasets prepared with
+`file_format=array_record` (`TfdsRecordSplit`). Both give, per index, the
+label and the image file's bytes, undecoded.
 
 A split is `<dir>/<split>-NNNNN-of-MMMMM.array_record` shards plus
 `<dir>/<split>.json`, written last, which says the split is complete: its
@@ -68,6 +71,52 @@ class RecordSplit:
     fields = dataclasses.asdict(self)
     fields.pop("directory")
     return {"format": FORMAT, **fields}
+
+  def open(self) -> "_RecordReader":
+    return _RecordReader(self.paths, self.directory)
+
+
+class _RecordReader:
+  """index -> (label, image file bytes) over a RecordSplit's shards."""
+
+  def __init__(self, paths: list[str], directory: str):
+    import grain  # only where records are read
+    self._source, self._directory = grain.sources.ArrayRecordDataSource(paths), directory
+
+  def __getitem__(self, index: int) -> tuple[int, bytes]:
+    return decode_record(self._source[int(index)],
+                         where=f"record {index} of {self._directory}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsRecordSplit:
+  """A split of a TFDS image classification dataset prepared as ArrayRecord
+  ('image', 'label' features), read through `tfds.data_source` with the
+  image left encoded, so that crops happen on the original as for records."""
+  dataset: str
+  data_dir: str | None
+  split: str  # sub-splits too ('train[:90%]')
+  directory: str  # the prepared dataset's folder, for messages
+  num_examples: int
+  num_classes: int
+  shards: tuple[str, ...]
+  class_counts: None = None  # TFDS does not record them
+
+  def open(self) -> "_TfdsReader":
+    return _TfdsReader(self)
+
+
+class _TfdsReader:
+
+  def __init__(self, split: TfdsRecordSplit):
+    import tensorflow_datasets as tfds
+    self._source = tfds.data_source(split.dataset, split=split.split, data_dir=split.data_dir,
+                                    download=False,
+                                    decoders={"image": tfds.decode.SkipDecoding()})
+
+  def __getitem__(self, index: int) -> tuple[int, bytes]:
+    example = self._source[int(index)]
+    return int(example["label"]), example["image"]
 
 
 def open_split(directory: str, split: str) -> RecordSplit:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 import os
 import socket
 import threading
@@ -23,9 +24,10 @@ from typing import NamedTuple
 import zlib
 
 import numpy as np
+from PIL import Image
 
 from pixel_vit.config_checks import check_positive, named
-from pixel_vit.data import records
+from pixel_vit.data import crops, records
 
 SOURCE_FORMS = ("digits", "npz:PATH", "tfds:NAME", "records:DIR")
 LOADERS = ("auto", "memory", "stream")
@@ -60,7 +62,10 @@ class ImageSplit:
   num_classes_inferred: bool = False
   # A streamed split (records:DIR): its shards, read by data/stream.py. Then
   # `images` and `labels` hold no examples, only the training shape.
-  stream: records.RecordSplit | None = None
+  stream: records.RecordSplit | records.TfdsRecordSplit | None = None
+  # How the split is read, for the run's first log line: 'in memory' or
+  # 'streamed from ArrayRecord' and, where `loader='auto'` chose, why.
+  reading: str = "in memory"
 
   @property
   def is_latent(self) -> bool:
@@ -228,10 +233,12 @@ def source_form(name: str) -> tuple[str, str]:
                    "'tfds:cifar100'.")
 
 
-def parse_source(name: str, *, data_dir: str | None = None, download: bool = True) -> Source:
-  """'digits' | 'npz:PATH' | 'tfds:NAME' -> Source. Reads no data.
+def parse_source(name: str, *, data_dir: str | None = None, download: bool = True,
+                 loader: str = "auto", crop_fraction: float = 0.875) -> Source:
+  """'digits' | 'npz:PATH' | 'tfds:NAME' | 'records:DIR' -> Source. Reads no data.
 
-  `data_dir` and `download` only apply to TFDS sources.
+  `data_dir`, `download`, `loader` and `crop_fraction` only apply to TFDS
+  sources (`TfdsSource`).
   """
   kind, arg = source_form(name)
   if kind == "digits":
@@ -243,7 +250,8 @@ def parse_source(name: str, *, data_dir: str | None = None, download: bool = Tru
   if data_dir and not download and "://" not in data_dir and not os.path.isdir(data_dir):
     raise ValueError(f"data_dir {data_dir!r} for {name!r} does not exist and download "
                      "is off; point --config.data.data_dir at a prepared TFDS directory.")
-  return TfdsSource(arg, data_dir=data_dir, download=download)
+  return TfdsSource(arg, data_dir=data_dir, download=download, loader=loader,
+                    crop_fraction=crop_fraction)
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -287,6 +295,20 @@ def _tf_resize(tf, images, image_size: int):
   resized = tf.image.resize(images, (image_size, image_size), method="bilinear",
                             antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+def _tf_centre_crop(tf, image, image_size: int, crop_fraction: float):
+  """crops.eval_crop in TF ops: the shorter side of an HWC uint8 image to
+  floor(image_size / crop_fraction), then the centre image_size square."""
+  shorter = math.floor(image_size / crop_fraction)
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  scale = shorter / tf.cast(tf.minimum(height, width), tf.float32)
+  size = tf.maximum(shorter, tf.cast(tf.round(tf.cast(tf.stack([height, width]), tf.float32)
+                                              * scale), tf.int32))
+  resized = tf.image.resize(image, size, method="bilinear", antialias=True)
+  top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+  cropped = resized[top:top + image_size, left:left + image_size]
+  return tf.cast(tf.clip_by_value(tf.round(cropped), 0, 255), tf.uint8)
 
 
 def _resize(images: np.ndarray, image_size: int | None) -> np.ndarray:
@@ -552,12 +574,23 @@ def _network_reachable(host: str = "storage.googleapis.com", port: int = 443,
 class TfdsSource(Source):
   """A TensorFlow Datasets image classification dataset ('image' and 'label' features).
 
-  With `image_size`, every image is resized (whole image, antialiased) to a
-  square; datasets whose images vary in size (e.g. imagenet2012) need it.
+  `loader` (config.data.loader): 'memory' decodes this process's shard into
+  host memory; 'stream' reads an ArrayRecord-prepared dataset with grain
+  (data/stream.py), the image cropped from the original as it is read;
+  'auto' streams when the dataset is prepared as ArrayRecord and either its
+  images vary in size (the crops need the original) or the decoded shard
+  would not fit MEMORY_FRACTION of the host's available memory.
+
+  In memory, `image_size` resizes every image: a whole-image resize for a
+  dataset of one image size; for images of many sizes the shorter side to
+  image_size / crop_fraction and the centre square (the evaluation crop:
+  no aspect distortion), which the device's random crop then works within.
   """
   dataset: str
   data_dir: str | None = None
   download: bool = True
+  loader: str = "auto"
+  crop_fraction: float = 0.875
 
   @property
   def name(self) -> str:
@@ -618,14 +651,42 @@ class TfdsSource(Source):
                        f"{sorted(builder.info.splits)} (sub-splits like 'train[:90%]' "
                        "work too).") from e
     image_shape = features["image"].shape
-    if image_size is None and None in image_shape[:2]:
+    varied = None in image_shape[:2]
+    if image_size is None and varied:
       raise ValueError(f"{self.name} images vary in size {image_shape}; set "
-                       "--config.data.image_size to resize them to a square.")
+                       "--config.data.image_size (the side of the square crops).")
     empty_shape = ((image_size, image_size) if image_size else image_shape[:2]) + image_shape[2:]
-    check_fits_in_memory(f"{self.name} split {split!r}", -(-total_examples // process_count),
-                         empty_shape, available_memory_bytes())
-    images, labels = self._read(tf, builder, split, process_index, process_count,
-                                image_size, empty_shape)
+    what = f"{self.name} split {split!r}"
+    shard_examples = -(-total_examples // process_count)
+    fits_reason = memory_shortfall(what, shard_examples, empty_shape, available_memory_bytes())
+    stream_split = self._as_stream(builder, split, total_examples)
+    if self.loader == "stream" or (self.loader == "auto" and stream_split is not None
+                                   and (varied or fits_reason)):
+      if stream_split is None:
+        raise ValueError(f"{what} is not prepared as ArrayRecord (it is "
+                         f"{builder.info.file_format.value}), which streaming reads. "
+                         + self._how_to_convert(builder) + " Or use config.data.loader='memory'.")
+      why = ("its images vary in size, so crops are taken from the originals" if varied
+             else "decoded it would not fit in memory")
+      if self.loader == "stream":
+        why = "config.data.loader='stream'"
+      return ImageSplit(images=np.zeros((0, *empty_shape), np.uint8),
+                        labels=np.zeros((0,), np.int32),
+                        num_classes=features["label"].num_classes,
+                        total_examples=total_examples, process_index=process_index,
+                        process_count=process_count, origin=what, stream=stream_split,
+                        reading=f"streamed from ArrayRecord ({why})")
+    if fits_reason:
+      raise ValueError(fits_reason + " Stream it instead: " + (
+          "it is prepared as ArrayRecord, so use config.data.loader='auto' or 'stream'."
+          if stream_split is not None else self._how_to_convert(builder)
+          + " Or write its images with `python -m pixel_vit.write_records` and use "
+          "dataset=records:DIR (README: Streamed images)."))
+    shard = tfds_even_split(split, process_index, process_count)
+    if self._has_tfrecord(builder):
+      images, labels = self._read(tf, builder, shard, image_size, empty_shape, varied)
+    else:
+      images, labels = self._read_array_record(shard, image_size, empty_shape, varied)
     return ImageSplit(
         images=images,
         labels=labels,
@@ -633,17 +694,48 @@ class TfdsSource(Source):
         total_examples=total_examples,
         process_index=process_index,
         process_count=process_count,
-        origin=f"{self.name} split {split!r}")
+        origin=what,
+        reading="in memory" + (
+            f" (images of many sizes: each stored as its centre crop, shorter side to "
+            f"{math.floor(image_size / self.crop_fraction)}; loader='stream' crops originals)"
+            if varied else ""))
 
-  def _read(self, tf, builder, split, process_index, process_count, image_size, empty_shape):
-    """Reads only this process's even split into numpy, in the dataset's fixed order."""
+  def _as_stream(self, builder, split: str, total_examples: int):
+    """The split as a TfdsRecordSplit when it is prepared as ArrayRecord, else None."""
+    from tensorflow_datasets.core import file_adapters
+    array_record = file_adapters.FileFormat.ARRAY_RECORD
+    formats = {builder.info.file_format, *builder.info.alternative_file_formats}
+    if array_record not in formats:
+      return None
+    base = split.split("[")[0]
+    return records.TfdsRecordSplit(
+        dataset=self.dataset, data_dir=self.data_dir, split=split,
+        directory=str(builder.data_dir), num_examples=total_examples,
+        num_classes=builder.info.features["label"].num_classes,
+        shards=tuple(builder.info.splits[base].filenames))
+
+  def _how_to_convert(self, builder) -> str:
+    return (f"Convert it once: `tfds convert_format --dataset_dir={builder.data_dir} "
+            "--out_file_format=array_record`, or prepare it again with `tfds build "
+            f"{self.dataset} --file_format=array_record`.")
+
+  @staticmethod
+  def _has_tfrecord(builder) -> bool:
+    from tensorflow_datasets.core import file_adapters
+    return file_adapters.FileFormat.TFRECORD in {builder.info.file_format,
+                                                 *builder.info.alternative_file_formats}
+
+  def _read(self, tf, builder, shard, image_size, empty_shape, varied):
+    """Reads this process's shard (TFRecord) into numpy with tf.data, in the
+    dataset's fixed order."""
     import tensorflow_datasets as tfds
-    shard = tfds.even_splits(split, n=process_count)[process_index]
     ds = builder.as_dataset(split=shard, shuffle_files=False)
 
     def to_pair(example):
       image = example["image"]
-      if image_size is not None:
+      if image_size is not None and varied:
+        image = _tf_centre_crop(tf, image, image_size, self.crop_fraction)
+      elif image_size is not None:
         image = _tf_resize(tf, image, image_size)
       return image, tf.cast(example["label"], tf.int32)
 
@@ -653,6 +745,32 @@ class TfdsSource(Source):
       return np.zeros((0, *empty_shape), np.uint8), np.zeros((0,), np.int32)
     return (np.concatenate([images for images, _ in batches]),
             np.concatenate([labels for _, labels in batches]))
+
+  def _read_array_record(self, shard, image_size, empty_shape, varied):
+    """Reads this process's shard of an ArrayRecord-only dataset (which
+    tf.data cannot read) into numpy through `tfds.data_source`."""
+    import tensorflow_datasets as tfds
+    examples = tfds.data_source(self.dataset, split=shard, data_dir=self.data_dir,
+                                download=False)
+    labels = np.array([examples[i]["label"] for i in range(len(examples))], np.int32)
+    if not varied:
+      images = np.stack([examples[i]["image"] for i in range(len(examples))]
+                        or [np.zeros(empty_shape, np.uint8)])[:len(examples)]
+      return _resize(images, image_size), labels
+    images = np.zeros((len(examples), *empty_shape), np.uint8)
+    for i in range(len(examples)):
+      pixels = examples[i]["image"]
+      images[i] = crops.eval_crop(Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1
+                                                  else pixels),
+                                  image_size, crop_fraction=self.crop_fraction)
+    return images, labels
+
+
+def tfds_even_split(split: str, process_index: int, process_count: int) -> str:
+  """This process's part of a TFDS split: 'train[0%:50%]'-style, as
+  `tfds.even_splits` cuts it."""
+  import tensorflow_datasets as tfds
+  return tfds.even_splits(split, n=process_count)[process_index]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -684,18 +802,22 @@ class RecordsSource(Source):
 
 
 def loader_for(data) -> str:
-  """'memory' or 'stream': what `config.data.loader` selects for its source."""
+  """What `config.data.loader` selects for its source: 'memory', 'stream',
+  or (TFDS with 'auto') 'auto', which TfdsSource.load decides."""
   kind, _ = source_form(data.source)
   loader = data.get("loader", "auto")
   if loader not in LOADERS:
     raise ValueError(f"config.data.loader={loader!r} is not one of {list(LOADERS)}.")
+  if kind == "tfds":
+    return loader
   streams = kind == "records"
   if loader == "auto":
     return "stream" if streams else "memory"
   if loader == "stream" and not streams:
-    raise ValueError(f"config.data.loader='stream' reads ArrayRecord shards written by "
-                     f"`python -m pixel_vit.write_records` (config.data.source='records:DIR'); "
-                     f"{data.source!r} is read into memory: use loader='memory' or 'auto'.")
+    raise ValueError(f"config.data.loader='stream' reads ArrayRecord: records written by "
+                     f"`python -m pixel_vit.write_records` (config.data.source='records:DIR') "
+                     f"or a TFDS dataset prepared as ArrayRecord; {data.source!r} is read into "
+                     "memory: use loader='memory' or 'auto'.")
   if loader == "memory" and streams:
     raise ValueError(f"config.data.loader='memory' cannot hold {data.source!r}: records are "
                      "streamed; use loader='stream' or 'auto'.")
@@ -719,21 +841,20 @@ def available_memory_bytes() -> int | None:
   return None
 
 
-def check_fits_in_memory(what: str, examples: int, shape: tuple, available: int | None) -> None:
-  """Refuses, before decoding anything, a split whose decoded uint8 shard
-  (twice: it is concatenated) would not fit MEMORY_FRACTION of `available`;
-  the fix is the streaming path."""
+def memory_shortfall(what: str, examples: int, shape: tuple,
+                     available: int | None) -> str | None:
+  """Why a split's decoded uint8 shard (twice: it is concatenated) would not
+  fit MEMORY_FRACTION of `available` bytes, or None when it fits (or
+  cannot be known)."""
   if available is None or None in shape:
-    return
+    return None
   needed = 2 * examples * int(np.prod(shape))
-  if needed > MEMORY_FRACTION * available:
-    raise ValueError(
-        f"{what} decoded into memory needs about {needed / 2**30:.1f} GiB on this host "
-        f"({examples:,} images of {'x'.join(map(str, shape))} uint8, twice while they are "
-        f"joined), more than {MEMORY_FRACTION:.0%} of its {available / 2**30:.1f} GiB "
-        "available. Stream it instead: write its images with `python -m "
-        "pixel_vit.write_records` and use dataset=records:DIR (README: Streamed images), or "
-        "lower config.data.image_size.")
+  if needed <= MEMORY_FRACTION * available:
+    return None
+  return (f"{what} decoded into memory needs about {needed / 2**30:.1f} GiB on this host "
+          f"({examples:,} images of {'x'.join(map(str, shape))} uint8, twice while they are "
+          f"joined), more than {MEMORY_FRACTION:.0%} of its {available / 2**30:.1f} GiB "
+          "available.")
 
 
 def validate_config(data, *, files: bool = True) -> None:

@@ -27,6 +27,11 @@ from absl import flags
 
 from pixel_vit.data import crops, records
 
+# What streams: records written by pixel_vit.write_records, or a TFDS
+# dataset prepared as ArrayRecord. Both: .split, .directory, .num_examples,
+# .shards, and .open() -> index -> (label, image bytes).
+StreamSplit = records.RecordSplit | records.TfdsRecordSplit
+
 
 @dataclasses.dataclass(frozen=True)
 class HostCrops:
@@ -60,7 +65,7 @@ class Layout:
     return self.global_batch // self.process_count
 
 
-def steps_per_epoch(split: records.RecordSplit, global_batch: int) -> int:
+def steps_per_epoch(split: StreamSplit, global_batch: int) -> int:
   steps = split.num_examples // global_batch
   if steps == 0:
     raise ValueError(f"the global batch {global_batch} is larger than {split.split!r} in "
@@ -68,7 +73,7 @@ def steps_per_epoch(split: records.RecordSplit, global_batch: int) -> int:
   return steps
 
 
-def data_position(split: records.RecordSplit, *, seed: int, global_batch: int,
+def data_position(split: StreamSplit, *, seed: int, global_batch: int,
                   step: int) -> dict:
   """What a checkpoint records of the input at `step`: enough to resume it
   and to refuse a resume over other data or another order."""
@@ -79,27 +84,26 @@ def data_position(split: records.RecordSplit, *, seed: int, global_batch: int,
 
 
 class _Records:
-  """Random access to a split's records, opened lazily in each worker."""
+  """Random access to a split's (label, image bytes), opened lazily in each worker."""
 
-  def __init__(self, split: records.RecordSplit):
+  def __init__(self, split: StreamSplit):
     self.split = split
-    self._source = None
+    self._reader = None
 
   def __getitem__(self, index: int) -> tuple[int, bytes]:
-    if self._source is None:
-      self._source = grain.sources.ArrayRecordDataSource(self.split.paths)
-    return records.decode_record(self._source[int(index)],
-                                 where=f"record {index} of {self.split.directory}")
+    if self._reader is None:
+      self._reader = self.split.open()
+    return self._reader[index]
 
   def __getstate__(self):  # a worker opens its own readers
-    return {"split": self.split, "_source": None}
+    return {"split": self.split, "_reader": None}
 
 
 class _TrainExample:
   """Local position -> {'images', 'labels'}: the record the global order puts
   there, decoded and randomly cropped."""
 
-  def __init__(self, split: records.RecordSplit, host: HostCrops, layout: Layout, seed: int):
+  def __init__(self, split: StreamSplit, host: HostCrops, layout: Layout, seed: int):
     self.records, self.host, self.layout, self.seed = _Records(split), host, layout, seed
     self.spe = steps_per_epoch(split, layout.global_batch)
     self._orders: dict[int, np.ndarray] = {}  # epoch -> permutation (the last two)
@@ -146,7 +150,7 @@ class _TrainExample:
 
 class _EvalExample:
 
-  def __init__(self, split: records.RecordSplit, host: HostCrops, first: int, count: int):
+  def __init__(self, split: StreamSplit, host: HostCrops, first: int, count: int):
     self.records, self.host, self.first, self.count = _Records(split), host, first, count
 
   def __call__(self, position: int) -> dict:
@@ -174,7 +178,7 @@ def _iterate(dataset: grain.MapDataset, batch: int, workers: int) -> Iterator[di
   return iter(batched)
 
 
-def train_batches(split: records.RecordSplit, host: HostCrops, layout: Layout, *, seed: int,
+def train_batches(split: StreamSplit, host: HostCrops, layout: Layout, *, seed: int,
                   start_step: int, total_steps: int, workers: int = 0) -> Iterator[dict]:
   """{'images': uint8 [local_batch, S, S, C], 'labels': int32} for steps
   start_step + 1 ... total_steps (the batch of step s is the s-th from 0)."""
@@ -185,12 +189,12 @@ def train_batches(split: records.RecordSplit, host: HostCrops, layout: Layout, *
   return _iterate(positions.map(_TrainExample(split, host, layout, seed)), local, workers)
 
 
-def num_eval_batches(split: records.RecordSplit, layout: Layout) -> int:
+def num_eval_batches(split: StreamSplit, layout: Layout) -> int:
   largest = -(-split.num_examples // layout.process_count)
   return -(-largest // layout.local_batch)
 
 
-def eval_batches(split: records.RecordSplit, host: HostCrops, layout: Layout, *,
+def eval_batches(split: StreamSplit, host: HostCrops, layout: Layout, *,
                  workers: int = 0) -> Iterator[dict]:
   bounds = np.linspace(0, split.num_examples, layout.process_count + 1).astype(int)
   first, count = bounds[layout.process_index], (bounds[layout.process_index + 1]

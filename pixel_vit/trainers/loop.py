@@ -164,7 +164,7 @@ class Run(Layout):
   def announce(self, first_line: str) -> None:
     """Logs the run's first line (its `length` and what the trainer adds),
     then what the data check warned about, so the length always leads."""
-    self.reporter.log(first_line)
+    self.reporter.log(f"{first_line}; input {self.plan.train_split.reading}")
     for warning in self.plan.data_warnings if self.reporter.is_main else ():
       logging.warning("%s", warning)
 
@@ -185,11 +185,17 @@ class Run(Layout):
 
 def load_splits(config) -> tuple[sources.ImageSplit, sources.ImageSplit]:
   source = sources.parse_source(config.data.source, data_dir=config.data.get("data_dir"),
-                                download=config.data.get("download", True))
+                                download=config.data.get("download", True),
+                                loader=config.data.get("loader", "auto"),
+                                crop_fraction=config.data.get("crop_fraction", 0.875))
   load = functools.partial(source.load, process_index=jax.process_index(),
                            process_count=jax.process_count(),
                            image_size=config.data.get("image_size"))
   train, test = load(config.data.train_split), load(config.data.eval_split)
+  if config.task == "diffusion" and train.stream is not None:
+    raise ValueError(f"{train.origin} would be {train.reading}; the diffusion task trains on "
+                     "images or VAE latents in memory: set config.data.loader='memory', or "
+                     "encode latents with `python -m pixel_vit.encode_latents`.")
   if train.is_latent and config.model.get("tokenizer") == "vocab":
     raise ValueError(f"config.model.tokenizer='vocab' embeds 8-bit pixel values, but "
                      f"{config.data.source} holds VAE latents (float); use "
