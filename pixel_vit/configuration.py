@@ -146,6 +146,9 @@ def dataset_config(dataset: str) -> ml_collections.ConfigDict:
       loader="auto",
       workers=0,  # grain worker processes that decode and crop (stream)
       crop_fraction=0.875,  # eval: shorter side to image_size / this, centre crop (stream)
+      # A streamed image that does not decode: 'fail' (the run stops, naming
+      # it) or 'skip' (train takes the next record; eval masks it; counted).
+      on_bad_example="fail",
       # The locality ablation: T swaps of pixel pairs within delta (data/locality.py).
       permute_pixels=permute_pixels_config()))
 

@@ -1,9 +1,7 @@
 """Data sources and batching: splits, sharding, padding, resume, bad inputs, TFDS offline."""
 import collections
-import itertools
 import math
 import socket
-import threading
 import time
 
 import numpy as np
@@ -452,39 +450,28 @@ def test_tfds_mock_data_mnist(tmp_path):
   assert split.num_classes == 10 and split.total_examples == 20
 
 
-def test_prefetch_keeps_order_and_runs_ahead_on_another_thread():
-  made_on, consumed = [], []
+def test_ahead_on_device_keeps_order_and_puts_depth_batches_ahead():
+  put = []
 
   def source():
-    for i in range(6):
-      made_on.append((i, threading.current_thread().name))
-      yield i
+    yield from range(6)
 
-  with pipeline.Prefetch(source(), depth=2) as ahead:
-    consumed.append(next(ahead))
-    # Item 0 is out, 1 and 2 wait in the queue, 3 waits for room: no further.
-    deadline = time.monotonic() + 5
-    while len(made_on) < 4 and time.monotonic() < deadline:
-      time.sleep(0.01)
-    time.sleep(0.2)
-    assert len(made_on) == 4, made_on
-    consumed += list(ahead)
-  assert consumed == list(range(6))
-  assert {name for _, name in made_on} == {"pixel_vit-prefetch"}
+  ahead = pipeline.ahead_on_device(source(), lambda b: put.append(b) or ("on device", b),
+                                   depth=2)
+  assert next(ahead) == ("on device", 0)
+  # Batch 0 is out, 1 and 2 are already on their way to the devices: no further.
+  assert put == [0, 1, 2]
+  assert list(ahead) == [("on device", i) for i in range(1, 6)]
 
 
-def test_prefetch_raises_the_source_error_in_order_and_close_stops_the_thread():
+def test_ahead_on_device_raises_the_source_error_after_the_batches_before_it():
   def failing():
-    yield 1
+    yield from (1, 2)
     raise ValueError("bad shard file")
 
-  ahead = pipeline.Prefetch(failing(), depth=2)
-  assert next(ahead) == 1
+  ahead = pipeline.ahead_on_device(failing(), lambda b: b, depth=3)
+  assert [next(ahead), next(ahead)] == [1, 2]
   with pytest.raises(ValueError, match="bad shard file"):
     next(ahead)
-  endless = pipeline.Prefetch(itertools.count(), depth=3)
-  assert next(endless) == 0
-  endless.close()
-  assert not endless._thread.is_alive()
   with pytest.raises(ValueError, match="depth=0"):
-    pipeline.Prefetch(iter(()), depth=0)
+    pipeline.ahead_on_device(iter(()), lambda b: b, depth=0)

@@ -247,6 +247,79 @@ def test_eval_reads_every_record_once_over_any_process_count(written):
     assert sorted(seen) == sorted(np.repeat(np.arange(3), 14).tolist()), processes
 
 
+def corrupt_record(records_dir: str, split: str, index: int) -> int:
+  """Rewrites the shard holding record `index` with that record's image bytes
+  cut to garbage (as a bad disk or a broken TFDS image would leave it);
+  returns its label."""
+  import grain
+  from array_record.python import array_record_module
+  info = records.open_split(records_dir, split)
+  first = 0
+  for name, size in zip(info.shards, info.shard_sizes):
+    if first <= index < first + size:
+      break
+    first += size
+  path = os.path.join(records_dir, name)
+  source = grain.sources.ArrayRecordDataSource([path])
+  stored = [source[i] for i in range(len(source))]
+  label, data = records.decode_record(stored[index - first])
+  stored[index - first] = records.encode_record(label, data[:40] + b"\x00" * 16)
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  for record in stored:
+    writer.write(record)
+  writer.close()
+  return label
+
+
+def test_a_corrupt_image_stops_the_stream_by_name_or_is_skipped_and_counted(written, tmp_path):
+  """on_bad_example='fail' names the record and the fix; 'skip' gives the
+  next record in its place in training (the same on every run) and a zero
+  mask in evaluation, and counts it either way."""
+  _, out, split = written
+  bad_dir = str(tmp_path / "bad")
+  shutil.copytree(out, bad_dir)
+  corrupt_record(bad_dir, "train", 13)
+  bad = records.open_split(bad_dir, "train")
+  host, layout = stream.HostCrops(8, random_crop=False, flip=False), stream.Layout(42)
+  with pytest.raises(crops.BadImageError, match=r"record 13 of .*bad split 'train' cannot be "
+                                                r"decoded .*on_bad_example='skip'"):
+    list(stream.eval_batches(bad, host, layout))
+  evaluated = next(stream.eval_batches(bad, host, layout, on_bad_example="skip"))
+  clean = next(stream.eval_batches(split, host, layout))
+  assert evaluated["skipped"].tolist() == [int(i == 13) for i in range(42)]
+  assert evaluated["mask"][13] == 0 and evaluated["mask"].sum() == 41
+  keep = np.arange(42) != 13
+  np.testing.assert_array_equal(evaluated["images"][keep], clean["images"][keep])
+  # Training: the slot of record 13 holds record 14 instead, on every run.
+  order = stream._TrainExample(bad, host, layout, seed=0).order(0)
+  slot = int(np.flatnonzero(order == 13)[0])
+  trained = [next(stream.train_batches(bad, host, layout, seed=0, start_step=0, total_steps=1,
+                                       on_bad_example="skip")) for _ in range(2)]
+  np.testing.assert_array_equal(trained[0]["images"], trained[1]["images"])
+  assert trained[0]["skipped"].tolist() == [int(i == slot) for i in range(42)]
+  np.testing.assert_array_equal(trained[0]["images"][slot], clean["images"][14])
+  with pytest.raises(ValueError, match="on_bad_example='maybe' is not one of"):
+    stream.train_batches(bad, host, layout, seed=0, start_step=0, total_steps=1,
+                         on_bad_example="maybe")
+
+
+@pytest.mark.slow
+def test_a_run_skipping_a_corrupt_image_reports_it(quick_config, records_dataset, tmp_path,
+                                                   make_workdir):
+  from pixel_vit.trainers import classification
+  bad_dir = str(tmp_path / "records")
+  shutil.copytree(records_dataset, bad_dir)
+  corrupt_record(bad_dir, "test", 5)
+  workdir = make_workdir("skip_bad")
+  _, results = classification.train_and_evaluate(
+      stream_config(quick_config, bad_dir, **{"data.on_bad_example": "skip", "total_steps": 2,
+                                              "log_every": 1}), workdir)
+  assert results["eval/count"] == 17  # 18 test records, one passed over
+  with pytest.raises(crops.BadImageError, match="record 5 of"):
+    classification.train_and_evaluate(stream_config(quick_config, bad_dir, total_steps=2),
+                                      make_workdir("fail_bad"))
+
+
 def test_data_position_records_the_epoch_and_what_would_change_the_order(written):
   _, _, split = written
   position = stream.data_position(split, seed=1, global_batch=8, step=12)

@@ -5,13 +5,12 @@ resumed at step s yields exactly the batches an uninterrupted run yields from
 step s on. Every process takes the same number of steps per epoch and of
 evaluation batches, so collective device ops never wait on a process that
 ran out of data. The trainer moves the numpy batches to devices, a few steps
-ahead of the one running (`Prefetch`).
+ahead of the one running (`ahead_on_device`).
 """
 from __future__ import annotations
 
-import queue
-import threading
-from typing import Any, Iterator
+import collections
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -98,74 +97,33 @@ def _eval_batches(split, batch, count):
     yield {"images": images, "labels": labels, "mask": mask}
 
 
-_END = object()
+def ahead_on_device(batches: Iterator[Any], put: Callable[[Any], Any], *,
+                    depth: int = 2) -> Iterator[Any]:
+  """Yields `put(batch)` for each batch with the next `depth` batches already
+  put. `jax.device_put` (and `make_array_from_process_local_data`) copy
+  asynchronously, and so does the dispatch of a jitted step: the copies of
+  the batches ahead overlap the step that runs, without a thread (as
+  flax.jax_utils.prefetch_to_device does). The host work of the next batch
+  is a numpy gather in memory; a stream's decoding runs in grain's threads
+  or worker processes (data/stream.py).
+
+  An error raised by `batches` comes out after the batches before it, as
+  it would without the look-ahead."""
+  if depth < 1:
+    raise ValueError(f"prefetch depth={depth} must be >= 1.")
+  return _ahead_on_device(batches, put, depth)
 
 
-class Prefetch:
-  """Runs `iterator` (e.g. host batches mapped to device arrays) `depth` items
-  ahead on a background thread, so reading a batch and copying it to the
-  devices overlap the step that runs instead of following it.
-
-  Items come out in the iterator's order; an exception in the iterator is
-  raised by the `next` that would have returned its item. Use as a context
-  manager (or call `close`): the thread stops and the items made ahead are
-  dropped, which is safe because a resumed run rebuilds its batches from its
-  step.
-  """
-
-  def __init__(self, iterator: Iterator[Any], depth: int = 2):
-    if depth < 1:
-      raise ValueError(f"prefetch depth={depth} must be >= 1.")
-    self._iterator = iterator
-    self._queue: queue.Queue = queue.Queue(maxsize=depth)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._fill, name="pixel_vit-prefetch", daemon=True)
-    self._thread.start()
-
-  def _put(self, item) -> bool:
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def _fill(self) -> None:
-    try:
-      for item in self._iterator:
-        if not self._put((item, None)):
-          return
-      self._put((_END, None))
-    except BaseException as error:  # noqa: BLE001 - handed to the consumer
-      self._put((None, error))
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self._stop.is_set():
-      raise StopIteration
-    item, error = self._queue.get()
-    if error is not None:
-      self.close()
-      raise error
-    if item is _END:
-      self.close()
-      raise StopIteration
-    return item
-
-  def close(self) -> None:
-    self._stop.set()
-    while True:  # unblock a producer waiting on a full queue
-      try:
-        self._queue.get_nowait()
-      except queue.Empty:
-        break
-    self._thread.join(timeout=10)
-
-  def __enter__(self) -> "Prefetch":
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self.close()
+def _ahead_on_device(batches, put, depth):
+  ahead: collections.deque = collections.deque()
+  try:
+    for batch in batches:
+      ahead.append(put(batch))
+      if len(ahead) > depth:
+        yield ahead.popleft()
+  except Exception:
+    while ahead:
+      yield ahead.popleft()
+    raise
+  while ahead:
+    yield ahead.popleft()

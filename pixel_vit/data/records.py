@@ -20,6 +20,10 @@ import os
 import struct
 
 FORMAT = "pixel_vit.records/1"
+
+# config.data.on_bad_example: what a reader does with an image that does not
+# decode: 'fail' stops, naming it; 'skip' passes over it and counts it.
+ON_BAD_EXAMPLE = ("fail", "skip")
 _MAGIC = b"PVR1"
 _HEADER = struct.Struct("<4sI")
 

@@ -871,6 +871,10 @@ def validate_config(data, *, files: bool = True) -> None:
   if data.get("workers", 0) < 0:
     raise ValueError(f"config.data.workers={data.workers} must be 0 (decode in the training "
                      "process) or more.")
+  if data.get("on_bad_example", "fail") not in records.ON_BAD_EXAMPLE:
+    raise ValueError(f"config.data.on_bad_example={data.on_bad_example!r} must be 'fail' "
+                     "(stop at an image that does not decode) or 'skip' (pass over it and "
+                     "count it).")
   if not 0 < data.get("crop_fraction", 0.875) <= 1:
     raise ValueError(f"config.data.crop_fraction={data.crop_fraction} must be in (0, 1] "
                      "(0.875: the standard centre crop).")

@@ -23,7 +23,8 @@ from typing import Iterator
 
 import grain
 import numpy as np
-from absl import flags
+from absl import flags, logging
+from PIL import Image
 
 from pixel_vit.data import crops, records
 
@@ -83,6 +84,11 @@ def data_position(split: StreamSplit, *, seed: int, global_batch: int,
           "step": step, "epoch": step // spe, "step_in_epoch": step % spe}
 
 
+# A skipped training image is replaced by the next record that decodes; this
+# many bad records in a row mean the data, not an image, is broken.
+MAX_BAD_IN_A_ROW = 16
+
+
 class _Records:
   """Random access to a split's (label, image bytes), opened lazily in each worker."""
 
@@ -95,16 +101,32 @@ class _Records:
       self._reader = self.split.open()
     return self._reader[index]
 
+  def decoded(self, index: int, channels: int) -> tuple[int, Image.Image]:
+    label, data = self[index]
+    return label, crops.decode(data, channels, where=f"record {index} of "
+                               f"{self.split.directory} split {self.split.split!r}")
+
   def __getstate__(self):  # a worker opens its own readers
     return {"split": self.split, "_reader": None}
+
+
+def _skipping(error: crops.BadImageError, on_bad_example: str) -> None:
+  """Raises `error` with the fix unless config.data.on_bad_example='skip'."""
+  if on_bad_example != "skip":
+    raise crops.BadImageError(f"{error} Set config.data.on_bad_example='skip' to skip such "
+                              "images (each is counted and logged), or rewrite the "
+                              "dataset without it.") from error
+  logging.warning("skipping %s", error)
 
 
 class _TrainExample:
   """Local position -> {'images', 'labels'}: the record the global order puts
   there, decoded and randomly cropped."""
 
-  def __init__(self, split: StreamSplit, host: HostCrops, layout: Layout, seed: int):
+  def __init__(self, split: StreamSplit, host: HostCrops, layout: Layout, seed: int,
+               on_bad_example: str = "fail"):
     self.records, self.host, self.layout, self.seed = _Records(split), host, layout, seed
+    self.on_bad_example = on_bad_example
     self.spe = steps_per_epoch(split, layout.global_batch)
     self._orders: dict[int, np.ndarray] = {}  # epoch -> permutation (the last two)
     self._lock = threading.Lock()  # grain reads with several threads
@@ -135,8 +157,7 @@ class _TrainExample:
     step, j = divmod(int(position), self.layout.local_batch)
     slot = self.layout.process_index * self.layout.local_batch + j
     index = self.record_index(step, slot)
-    label, data = self.records[index]
-    image = crops.decode(data, self.host.channels, where=f"record {index}")
+    label, image, skipped = self.decoded_or_next(index)
     rng = np.random.default_rng([self.seed, step, slot])
     if self.host.random_crop:
       pixels = crops.train_crop(image, rng, self.host.image_size, scale=self.host.scale,
@@ -145,25 +166,50 @@ class _TrainExample:
       pixels = crops.maybe_flip(crops.eval_crop(image, self.host.image_size,
                                                 crop_fraction=self.host.crop_fraction),
                                 rng, self.host.flip)
-    return {"images": pixels, "labels": np.int32(label)}
+    return {"images": pixels, "labels": np.int32(label), "skipped": np.int32(skipped)}
+
+  def decoded_or_next(self, index: int) -> tuple[int, Image.Image, int]:
+    """(label, image, records skipped): record `index`, or with
+    on_bad_example='skip' the first one after it that decodes (the same on
+    every run: the substitute depends on the index only)."""
+    n = self.records.split.num_examples
+    for skipped in range(MAX_BAD_IN_A_ROW):
+      try:
+        label, image = self.records.decoded((index + skipped) % n, self.host.channels)
+        return label, image, skipped
+      except crops.BadImageError as error:
+        _skipping(error, self.on_bad_example)
+    raise crops.BadImageError(
+        f"records {index} to {index + MAX_BAD_IN_A_ROW - 1} of {self.records.split.directory} "
+        f"split {self.records.split.split!r} all fail to decode: the dataset is damaged, not "
+        "one image; rewrite it.")
 
 
 class _EvalExample:
+  """Position -> the record there, centre-cropped; padding and (with
+  on_bad_example='skip') an image that does not decode have mask 0, so
+  every record is counted once or reported skipped."""
 
-  def __init__(self, split: StreamSplit, host: HostCrops, first: int, count: int):
+  def __init__(self, split: StreamSplit, host: HostCrops, first: int, count: int,
+               on_bad_example: str = "fail"):
     self.records, self.host, self.first, self.count = _Records(split), host, first, count
+    self.on_bad_example = on_bad_example
 
   def __call__(self, position: int) -> dict:
     position = int(position)
     shape = (self.host.image_size, self.host.image_size, self.host.channels)
+    empty = {"images": np.zeros(shape, np.uint8), "labels": np.int32(0),
+             "mask": np.float32(0), "skipped": np.int32(0)}
     if position >= self.count:  # padding: same batch count on every process
-      return {"images": np.zeros(shape, np.uint8), "labels": np.int32(0),
-              "mask": np.float32(0)}
-    label, data = self.records[self.first + position]
-    image = crops.decode(data, self.host.channels, where=f"record {self.first + position}")
+      return empty
+    try:
+      label, image = self.records.decoded(self.first + position, self.host.channels)
+    except crops.BadImageError as error:
+      _skipping(error, self.on_bad_example)
+      return {**empty, "skipped": np.int32(1)}
     return {"images": crops.eval_crop(image, self.host.image_size,
                                       crop_fraction=self.host.crop_fraction),
-            "labels": np.int32(label), "mask": np.float32(1)}
+            "labels": np.int32(label), "mask": np.float32(1), "skipped": np.int32(0)}
 
 
 def _iterate(dataset: grain.MapDataset, batch: int, workers: int) -> Iterator[dict]:
@@ -178,15 +224,25 @@ def _iterate(dataset: grain.MapDataset, batch: int, workers: int) -> Iterator[di
   return iter(batched)
 
 
+def _check_on_bad_example(on_bad_example: str) -> None:
+  if on_bad_example not in records.ON_BAD_EXAMPLE:
+    raise ValueError(f"config.data.on_bad_example={on_bad_example!r} is not one of "
+                     f"{list(records.ON_BAD_EXAMPLE)}.")
+
+
 def train_batches(split: StreamSplit, host: HostCrops, layout: Layout, *, seed: int,
-                  start_step: int, total_steps: int, workers: int = 0) -> Iterator[dict]:
-  """{'images': uint8 [local_batch, S, S, C], 'labels': int32} for steps
-  start_step + 1 ... total_steps (the batch of step s is the s-th from 0)."""
+                  start_step: int, total_steps: int, workers: int = 0,
+                  on_bad_example: str = "fail") -> Iterator[dict]:
+  """{'images': uint8 [local_batch, S, S, C], 'labels': int32, 'skipped':
+  int32 (bad records passed over for each example)} for steps start_step +
+  1 ... total_steps (the batch of step s is the s-th from 0)."""
   if not 0 <= start_step <= total_steps:
     raise ValueError(f"start_step={start_step} must be in [0, total_steps={total_steps}].")
+  _check_on_bad_example(on_bad_example)
   local = layout.local_batch
   positions = grain.MapDataset.range(start_step * local, total_steps * local)
-  return _iterate(positions.map(_TrainExample(split, host, layout, seed)), local, workers)
+  example = _TrainExample(split, host, layout, seed, on_bad_example)
+  return _iterate(positions.map(example), local, workers)
 
 
 def num_eval_batches(split: StreamSplit, layout: Layout) -> int:
@@ -195,10 +251,13 @@ def num_eval_batches(split: StreamSplit, layout: Layout) -> int:
 
 
 def eval_batches(split: StreamSplit, host: HostCrops, layout: Layout, *,
-                 workers: int = 0) -> Iterator[dict]:
+                 workers: int = 0, on_bad_example: str = "fail") -> Iterator[dict]:
+  """{'images', 'labels', 'mask', 'skipped'}: every record of this process's
+  part once."""
+  _check_on_bad_example(on_bad_example)
   bounds = np.linspace(0, split.num_examples, layout.process_count + 1).astype(int)
   first, count = bounds[layout.process_index], (bounds[layout.process_index + 1]
                                                 - bounds[layout.process_index])
   padded = num_eval_batches(split, layout) * layout.local_batch
-  example = _EvalExample(split, host, int(first), int(count))
+  example = _EvalExample(split, host, int(first), int(count), on_bad_example)
   return _iterate(grain.MapDataset.range(padded).map(example), layout.local_batch, workers)

@@ -7,6 +7,7 @@ trainer supplies its jitted step, its batches and its evaluation.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -177,9 +178,11 @@ class Run(Layout):
     if split.stream is None:
       local = pipeline.eval_batches(split, local_batch_size=self.plan.local_eval_batch)
     else:
-      local = stream.eval_batches(split.stream, host_crops(self.config), stream.Layout(
-          self.config.eval_batch_size, jax.process_index(), jax.process_count()),
-          workers=self.config.data.workers)
+      local = BadRecords("eval").passed_over(stream.eval_batches(
+          split.stream, host_crops(self.config), stream.Layout(
+              self.config.eval_batch_size, jax.process_index(), jax.process_count()),
+          workers=self.config.data.workers,
+          on_bad_example=self.config.data.get("on_bad_example", "fail")))
     return map(self.to_global, local)
 
 
@@ -322,7 +325,28 @@ def train_batches(run: "Run", start_step: int) -> Iterator[dict]:
       split.stream, host_crops(config),
       stream.Layout(config.batch_size, jax.process_index(), jax.process_count()),
       seed=config.seed, start_step=start_step, total_steps=run.total_steps,
-      workers=config.data.workers)
+      workers=config.data.workers, on_bad_example=config.data.get("on_bad_example", "fail"))
+
+
+class BadRecords:
+  """Streamed records that did not decode and were passed over
+  (config.data.on_bad_example='skip'): `passed_over` takes each batch's
+  'skipped' counts out (before the batch goes to the devices) and adds
+  them up; the evaluation's total is logged when it ends."""
+
+  def __init__(self, what: str):
+    self.what, self.total = what, 0
+
+  def passed_over(self, batches: Iterator[dict]) -> Iterator[dict]:
+    for batch in batches:
+      skipped = batch.pop("skipped", None)
+      if skipped is not None:
+        self.total += int(np.sum(skipped))
+      yield batch
+    if self.what == "eval" and self.total:
+      logging.warning("evaluation passed over %d records of this process that do not decode "
+                      "(config.data.on_bad_example='skip'); eval/count leaves them out.",
+                      self.total)
 
 
 def start(config, workdir: str, plan: Plan, *,
@@ -398,7 +422,7 @@ def train(run: Run, *, train_step: Callable,
   to `run.total_steps`.
 
   The train batches (a function of seed and step, see data/pipeline.py) are
-  made PREFETCH_DEPTH steps ahead on a thread and copied to the devices there;
+  copied to the devices PREFETCH_DEPTH steps ahead (`pipeline.ahead_on_device`);
   `evaluate(step, state)` reports and returns its metrics. Returns the final
   state and the last evaluation's metrics. SIGTERM / SIGINT end it early
   with a checkpoint of the current step (`run.stopped_by` names the signal;
@@ -407,14 +431,16 @@ def train(run: Run, *, train_step: Callable,
   a non-finite loss raises divergence.TrainingDivergedError (see there).
   """
   config, state, start_step = run.config, run.state, run.start_step
-  batches = train_batches(run, start_step)
+  bad_records = BadRecords("train")
+  batches = bad_records.passed_over(train_batches(run, start_step))
   guard = divergence.Guard(config)
-  input_clock = InputClock()
+  input_clock = InputClock(bad_records)
   fetched: list[dict] = []  # host metrics of the steps since the last log point
   results: dict = {}
   try:
     with interrupts.StopRequests() as stops, \
-        pipeline.Prefetch(map(run.to_global, batches), depth=PREFETCH_DEPTH) as ahead:
+        contextlib.closing(pipeline.ahead_on_device(batches, run.to_global,
+                                                    depth=PREFETCH_DEPTH)) as ahead:
       if _preempted_before_the_first_step(run, start_step):
         run.stopped_by = "preemption notice"
         run.reporter.log(f"preemption notice during startup: the checkpoint at step "
@@ -465,10 +491,12 @@ def train(run: Run, *, train_step: Callable,
 class InputClock:
   """How long the loop waited for its next batch: `fraction()` is the share
   of the time since the last call spent waiting (reported as
-  train/input_wait_fraction; near 0 unless the input is the bottleneck)."""
+  train/input_wait_fraction; near 0 unless the input is the bottleneck),
+  reported with the records passed over (`bad_records`)."""
 
-  def __init__(self):
+  def __init__(self, bad_records: BadRecords | None = None):
     self.waited, self.since = 0.0, time.perf_counter()
+    self.bad_records = bad_records
 
   def next(self, batches: Iterator[dict]) -> dict:
     start = time.perf_counter()
@@ -494,6 +522,9 @@ def _log_train_means(run: Run, guard: divergence.Guard, step: int, fetched: list
     means["train/nonfinite_skipped"] = guard.skipped_total
   if input_clock is not None:
     means["train/input_wait_fraction"] = input_clock.fraction()
+    if input_clock.bad_records is not None and input_clock.bad_records.total:
+      # This process's count, from the start of this invocation.
+      means["train/bad_records_skipped"] = input_clock.bad_records.total
   run.reporter.scalars(step, means)
   fetched.clear()
 
