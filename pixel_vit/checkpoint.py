@@ -156,13 +156,21 @@ def describe_damage(step_directory: str, error: BaseException) -> str:
   """One line: which file or array of a checkpoint step failed to read, and
   how (missing, truncated, not JSON), from the step's files and the error;
   tensorstore's spec and reprs left out."""
-  text = str(error)
+  causes, cause = [], error
+  while cause is not None and len(causes) < 5:  # orbax wraps tensorstore's error
+    causes.append(str(cause))
+    cause = cause.__cause__
+  text = "\n".join(causes)
   for part in ("state/_METADATA", "metadata/metadata"):
     if not os.path.exists(os.path.join(step_directory, part)):
       return f"{part} is missing"
   process = re.search(r"(ocdbt\.process_\d+)", text)
   if process and not os.path.exists(os.path.join(step_directory, "state", process.group(1))):
     return f"state/{process.group(1)}/ is missing"
+  state = os.path.join(step_directory, "state")
+  if (os.path.exists(os.path.join(state, "manifest.ocdbt"))
+      and not any(n.startswith("ocdbt.process_") for n in os.listdir(state))):
+    return "state/ocdbt.process_*/ (the arrays' data) is missing"
   if isinstance(error, DamagedCheckpointError):
     return str(error)
   if isinstance(error, json.JSONDecodeError):
@@ -179,6 +187,7 @@ def describe_damage(step_directory: str, error: BaseException) -> str:
     return f"{where or 'a data file'} is truncated ({size.group(2)} bytes, {size.group(1)} read)"
   line = re.sub(r"\s*\[tensorstore_spec=.*", "", text.strip().splitlines()[0] if text.strip()
                 else "")
+  line = re.sub(r"\s*See full TensorStore details:.*", "", line)
   line = re.sub(r"<bound method [^>]*>|<[^<>]* object at 0x[0-9a-f]+>", "<...>", line)
   line = f"{type(error).__name__}: {line}" + (f" [{where}]" if where else "")
   return line if len(line) <= 200 else line[:197] + "..."

@@ -222,16 +222,19 @@ def damage_checkpoint(step_dir: str, how: str) -> None:
 # ---------------------------------------------------------------- image folders
 
 
-def make_image_folder(root, *, classes=3, per_class=14, seed=0) -> str:
-  """JPEG and PNG files of varied sizes and aspect ratios, one folder per class."""
+def make_image_folder(root, *, classes=3, per_class=14, seed=0, sizes=(12, 48),
+                      png_every=3) -> str:
+  """JPEG and PNG files (every `png_every`-th a PNG; 0: none) of varied sizes
+  (each side drawn from `sizes`) and aspect ratios, one folder per class."""
   from PIL import Image
   rng = np.random.default_rng(seed)
   for c in range(classes):
     folder = os.path.join(root, f"class_{c}")
     os.makedirs(folder, exist_ok=True)
     for i in range(per_class):
-      h, w = (int(v) for v in rng.integers(12, 48, 2))
+      h, w = (int(v) for v in rng.integers(sizes[0], sizes[1], 2))
       pixels = (rng.random((h, w, 3)) * 255).astype(np.uint8)
-      pixels[..., 0] = 40 * c  # the class shows in the red channel
-      Image.fromarray(pixels).save(os.path.join(folder, f"{i}.{'png' if i % 3 else 'jpg'}"))
+      pixels[..., 0] = 255 * c // max(1, classes - 1)  # the class shows in the red channel
+      png = png_every and i % png_every
+      Image.fromarray(pixels).save(os.path.join(folder, f"{i}.{'png' if png else 'jpg'}"))
   return str(root)

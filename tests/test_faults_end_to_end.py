@@ -561,6 +561,10 @@ def test_command_line_falls_back_past_two_damaged_checkpoints_one_warning_each_c
                 if f"checkpoint step {step} " in line and line.startswith("W")]
     assert len(warnings) == 1, warnings
     assert_readable(log, warnings[0], LONGEST_MESSAGE, "the warning")
+    # The kind of damage, named by file, with no tensorstore repr (issue 21 item 9).
+    assert "<bound" not in warnings[0] and "TensorStore" not in warnings[0], warnings[0]
+    assert ("state/ocdbt.process_" if how == "ocdbt" else "is truncated") in warnings[0], \
+        warnings[0]
   assert "Exception ignored" not in log, log[log.index("Exception ignored"):][:1000]
   # orbax's gathered reads of a damaged step, left unawaited, used to echo
   # as `_GatheringFuture exception was never retrieved` (1 run in ~8).

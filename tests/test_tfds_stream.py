@@ -126,7 +126,7 @@ def test_array_record_train_batches_are_random_crops_of_the_originals(tfds_dirs)
 
 def test_a_tfrecord_dataset_is_refused_for_the_stream_with_the_conversion_command(tfds_dirs):
   with pytest.raises(ValueError, match=r"not prepared as ArrayRecord .*tfds convert_format "
-                                       r".*--out_file_format=array_record"):
+                                       r"--dataset_version_dir=.*--out_file_format=array_record"):
     load(tfds_dirs, "tfrecord", loader="stream")
 
 

@@ -715,9 +715,9 @@ class TfdsSource(Source):
         shards=tuple(builder.info.splits[base].filenames))
 
   def _how_to_convert(self, builder) -> str:
-    return (f"Convert it once: `tfds convert_format --dataset_dir={builder.data_dir} "
-            "--out_file_format=array_record`, or prepare it again with `tfds build "
-            f"{self.dataset} --file_format=array_record`.")
+    return (f"Convert it once: `tfds convert_format --dataset_version_dir={builder.data_dir} "
+            "--out_file_format=array_record` (it needs `pip install apache-beam`), or prepare "
+            f"it again with `tfds build {self.dataset} --file_format=array_record`.")
 
   @staticmethod
   def _has_tfrecord(builder) -> bool:
@@ -798,7 +798,8 @@ class RecordsSource(Source):
                       total_examples=info.num_examples, process_index=process_index,
                       process_count=process_count,
                       origin=f"records {self.directory} split {split!r}",
-                      class_counts=np.asarray(info.class_counts, np.int64), stream=info)
+                      class_counts=np.asarray(info.class_counts, np.int64), stream=info,
+                      reading="streamed from ArrayRecord")
 
 
 def loader_for(data) -> str:
