@@ -4,6 +4,8 @@ images; `loader='auto'` picks the stream for images of many sizes or a split
 too big for memory, and says why; the in-memory path keeps the aspect ratio
 of images of many sizes. The datasets are built here by a small TFDS builder
 (PNG, so pixels compare exactly): nothing is downloaded."""
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -178,3 +180,15 @@ def test_a_run_on_a_tfds_array_record_dataset_streams_and_says_so(quick_config, 
   assert results["eval/count"] == 9
   first = [r.getMessage() for r in caplog.records if "input " in r.getMessage()]
   assert first and "streamed from ArrayRecord (its images vary in size" in first[0], first
+
+
+def test_a_missing_array_record_shard_is_named_with_the_fix(tfds_dirs, tmp_path):
+  import shutil
+  data_dir = str(tmp_path / "copy")
+  shutil.copytree(tfds_dirs["array_record"], data_dir)
+  folder = os.path.join(data_dir, "pv_tiny_images", "1.0.0")
+  shard = next(n for n in os.listdir(folder) if n.startswith("pv_tiny_images-train.array_record"))
+  os.remove(os.path.join(folder, shard))
+  with pytest.raises(ValueError, match=rf"1 of 1 ArrayRecord shards of tfds:pv_tiny_images split "
+                                       rf"'train' .* missing, e.g. {shard}: .*tfds build"):
+    load({"copy": data_dir}, "copy")

@@ -708,11 +708,18 @@ class TfdsSource(Source):
     if array_record not in formats:
       return None
     base = split.split("[")[0]
+    shards = tuple(builder.info.splits[base].filenames)
+    missing = [name for name in shards if not os.path.exists(os.path.join(builder.data_dir, name))]
+    if missing:
+      raise ValueError(f"{len(missing)} of {len(shards)} ArrayRecord shards of {self.name} split "
+                       f"{base!r} in {builder.data_dir} are missing, e.g. {missing[0]}: restore "
+                       f"them, or prepare the dataset again (`tfds build {self.dataset} "
+                       "--file_format=array_record`).")
     return records.TfdsRecordSplit(
         dataset=self.dataset, data_dir=self.data_dir, split=split,
         directory=str(builder.data_dir), num_examples=total_examples,
         num_classes=builder.info.features["label"].num_classes,
-        shards=tuple(builder.info.splits[base].filenames))
+        shards=shards)
 
   def _how_to_convert(self, builder) -> str:
     return (f"Convert it once: `tfds convert_format --dataset_version_dir={builder.data_dir} "
