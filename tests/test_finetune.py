@@ -138,8 +138,8 @@ def test_loading_puts_the_encoder_exactly_into_the_classifier(mae_run, finetune_
   classification.validate(config)
   described, state, abstract, train_split = classifier_state(config)
   source = pretrained.open_checkpoint(workdir)
-  dropped = source.check(config, train_split.images.shape[1:], abstract)
-  assert dropped == ([] if pool == "cls" else ["cls"])
+  changes = source.check(config, train_split.images.shape[1:], abstract)
+  assert changes == ([] if pool == "cls" else ["dropped cls"])
 
   loaded = source.load_encoder(state.params)
 
@@ -195,15 +195,60 @@ def test_mismatched_model_fails_in_validate(mae_run, finetune_config, workdir, o
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
 
-def test_mismatched_image_size_fails_before_compiling(mae_run_16px, finetune_config, workdir,
-                                                      no_jit):
-  config = finetune_config(f"init_from={mae_run_16px}")
-  classification.validate(config)  # the data's size is only known once it is read
-  with pytest.raises(ValueError, match=(
-      re.escape(f"config.init_from='{mae_run_16px}' ") + r".*image height/width differ: checkpoint 16x16 "
-      r"vs 8x8 in the data.*--config\.data\.image_size=16")):
-    classification.train_and_evaluate(config, workdir)
-  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+def bilinear_halving_reference(table: np.ndarray) -> np.ndarray:
+  """[2n, 2n, w] -> [n, n, w] away from the border, written out: shrinking by
+  2 with a bilinear (triangle) kernel stretched to the input's scale, which
+  is what antialiasing does, averages 4 inputs per axis with weights
+  1, 3, 3, 1 (/ 8), centred between input pixels 2i and 2i + 1."""
+  weights = np.array([1, 3, 3, 1]) / 8
+  n = table.shape[0] // 2
+  out = np.zeros((n - 2, n - 2, table.shape[-1]))
+  for i in range(1, n - 1):
+    for j in range(1, n - 1):
+      window = table[2 * i - 1:2 * i + 3, 2 * j - 1:2 * j + 3]
+      out[i - 1, j - 1] = np.einsum("a,b,abw->w", weights, weights, window)
+  return out
+
+
+def test_another_image_size_resamples_the_position_embedding(mae_run_16px, finetune_config,
+                                                             workdir, caplog):
+  """A checkpoint pre-trained at 16x16 (a 16x16 grid of positions) fine-tunes
+  at 8x8: its learned position embedding is resampled bilinearly to 8x8 (as
+  big_vision does); everything else loads as saved, and the log says so."""
+  config = finetune_config(f"init_from={mae_run_16px}", {"model.pool": "cls"})
+  classification.validate(config)
+  described, state, abstract, train_split = classifier_state(config)
+  source = pretrained.open_checkpoint(mae_run_16px)
+  assert source.encoder_shapes["posemb"] == (1, 256, 64)
+  changes = source.check(config, train_split.images.shape[1:], abstract)
+  assert changes == ["resampled posemb 16x16 -> 8x8 (bilinear)"]
+  loaded = source.load_encoder(state.params)["encoder"]
+  saved = source.saved.restore({"params": {"encoder": jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params["encoder"]) | {
+          "posemb": jax.ShapeDtypeStruct((1, 256, 64), jnp.float32)}}})["params"]["encoder"]
+  posemb = np.asarray(loaded["posemb"]).reshape(8, 8, 64)
+  np.testing.assert_allclose(posemb[1:-1, 1:-1],
+                             bilinear_halving_reference(np.asarray(saved["posemb"]).reshape(
+                                 16, 16, 64)), rtol=1e-5, atol=1e-6)
+  assert loaded["posemb"].sharding == state.params["encoder"]["posemb"].sharding
+  for name in ("cls", "tokenizer_kernel"):
+    np.testing.assert_array_equal(loaded[name], saved[name])
+  # End to end: the run trains from it and says what it changed.
+  caplog.set_level("INFO")
+  classification.train_and_evaluate(set_dotted(config, {"total_steps": 2}), workdir)
+  assert "resampled posemb 16x16 -> 8x8 (bilinear)" in caplog.text
+
+
+def test_resample_posemb_keeps_a_grid_of_the_same_size_and_refuses_a_non_square_one():
+  table = jnp.arange(2 * 16 * 3, dtype=jnp.float32).reshape(1, 16, 6)
+  assert vit.resample_posemb(table, 4) is table
+  up = vit.resample_posemb(table, 8)
+  assert up.shape == (1, 64, 6)
+  # Upsampling a constant grid keeps it constant.
+  np.testing.assert_allclose(vit.resample_posemb(jnp.ones((1, 9, 2)), 6), np.ones((1, 36, 2)),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="12 tokens is not a square grid"):
+    vit.resample_posemb(jnp.ones((1, 12, 2)), 4)
 
 
 def test_missing_init_from_fails_before_compiling(finetune_config, tmp_path, workdir, no_jit):
@@ -229,8 +274,8 @@ def test_other_mismatches_are_named(mae_run):
   dataclasses.replace(source, identity=dataclasses.replace(source.identity, task="classification")
                       ).check_model(model)  # a classifier's encoder is fine too
   with pytest.raises(ValueError, match=r"image channels differ: checkpoint 1 vs 3"):
-    source.check_image_shape((8, 8, 3), "learn")
-  source.check_image_shape((16, 16, 1), "sincos2d")  # no per-position parameters
+    source.check_image_shape((8, 8, 3))
+  source.check_image_shape((16, 16, 1))  # another size: the position embedding is resampled
   # Leaf by leaf: a missing [CLS] (with the fix) and a wrong shape, each named.
   shapes = dict(source.encoder_shapes)
   del shapes["cls"]

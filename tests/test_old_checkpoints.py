@@ -71,7 +71,7 @@ def test_an_old_mae_checkpoint_initialises_a_classifier(tmp_path, quick_config):
   config = quick_config()
   plan = loop.plan(config, classification.make_model_fn)
   # pool=gap builds no [CLS]: the checkpoint's is dropped, every other encoder weight loads.
-  assert source.check(config, plan.train_split.images.shape[1:], plan.shapes.params) == ["cls"]
+  assert source.check(config, plan.train_split.images.shape[1:], plan.shapes.params) == ["dropped cls"]
   run = loop.start(config, str(tmp_path / "ft"), plan, initial_params=source.load_encoder,
                    read_only=True)
   close(run)

@@ -11,6 +11,7 @@ heads, kv, vocab, layers) and activations are constrained by logical names;
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Literal
 
 import jax
@@ -182,6 +183,22 @@ def learned_posemb(kind: str, num_tokens: int, width: int, rngs: nnx.Rngs,
   if kind != "learn":
     return None
   return param(jax.nn.initializers.normal(0.02), rngs, (1, num_tokens, width), logical_axes)
+
+
+def resample_posemb(posemb: jax.Array, grid: int) -> jax.Array:
+  """A learned [1, g*g, width] position embedding resampled to [1, grid*grid,
+  width] over its 2-D grid, bilinearly (as big_vision's `resample_posemb`,
+  which zooms with scipy; here jax.image.resize: half-pixel centres, and
+  antialiased when shrinking), to fine-tune at another image or patch size."""
+  old_grid = math.isqrt(posemb.shape[1])
+  if old_grid * old_grid != posemb.shape[1]:
+    raise ValueError(f"a position embedding of {posemb.shape[1]} tokens is not a square grid.")
+  if old_grid == grid:
+    return posemb
+  table = posemb.reshape(old_grid, old_grid, posemb.shape[-1])
+  resized = jax.image.resize(table.astype(jnp.float32), (grid, grid, posemb.shape[-1]),
+                             method="bilinear")
+  return resized.reshape(1, grid * grid, posemb.shape[-1]).astype(posemb.dtype)
 
 
 def position_embedding(kind: str, learned: nnx.Param | None, grid: int,

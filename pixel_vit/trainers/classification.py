@@ -114,14 +114,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   plan = loop.plan(config, make_model_fn)
   train_split, eval_split = plan.train_split, plan.eval_split
   if source is not None:  # every check before anything compiles
-    dropped = source.check(config, train_split.images.shape[1:], plan.shapes.params)
+    changes = source.check(config, train_split.images.shape[1:], plan.shapes.params)
   run = loop.start(config, workdir, plan,
                    initial_params=None if source is None else source.load_encoder,
                    devices=devices)
   run.announce(f"{run.length}, {train_split.total_examples} train / "
                f"{eval_split.total_examples} eval examples")
   if source is not None:
-    run.reporter.log(pretrained.describe(source, dropped))
+    run.reporter.log(pretrained.describe(source, changes))
   elif config.get("init_from"):
     run.reporter.log(f"resumed from {workdir}: config.init_from is not loaded again")
 

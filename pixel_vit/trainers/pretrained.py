@@ -17,12 +17,13 @@ naming the checkpoint, the field, both values and the fix:
   * the model SIZE and PATCH of `config.model.variant`,
   * `config.model.posemb` (a learned embedding loads into a learned one;
     `sincos2d` / `none` have no parameters but change what the weights mean),
-  * the image channels (the tokenizer kernel is per channel) and, with a
-    learned position embedding, the image height and width (one embedding
-    per position),
+  * the image channels (the tokenizer kernel is per channel),
   * every encoder parameter's shape; a classifier parameter the checkpoint
     lacks is an error. The checkpoint's [CLS] token is dropped when the
-    classifier pools by global average (`pool='gap'` builds no [CLS]).
+    classifier pools by global average (`pool='gap'` builds no [CLS]). A
+    learned position embedding of another grid (another image size) is
+    resampled bilinearly to the classifier's (`vit.resample_posemb`), as
+    big_vision does.
 
 Only the encoder parameters are read from disk (`checkpoint.SavedRun.restore`,
 a partial restore onto the classifier's own shardings); the optimizer state, EMA and decoder are not.
@@ -35,6 +36,7 @@ nor needs `init_from` any more.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 from etils import epath
@@ -44,6 +46,7 @@ from pixel_vit.models import vit
 
 TASKS = ("mae", "classification")
 CLS = "cls"  # the encoder's [CLS] token parameter
+POSEMB = "posemb"  # the encoder's learned position embedding, [1, grid*grid, width]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,21 +101,27 @@ class Pretrained:
           f"config.model.posemb={model_config.posemb!r}. Set "
           f"--config.model.posemb={posemb} (what the encoder was trained with).")
 
-  def check_image_shape(self, image_shape, posemb: str) -> None:
-    """The data's [H, W, C] against the checkpoint's."""
+  def check_image_shape(self, image_shape) -> None:
+    """The data's channels against the checkpoint's."""
     saved = [int(x) for x in self.identity.image_shape]
-    height, width, channels = (int(x) for x in image_shape)
+    channels = int(image_shape[2])
     if saved[2] != channels:
       raise ValueError(
           f"{self.where}: image channels differ: checkpoint {saved[2]} vs {channels} in "
           f"the data (the tokenizer kernel has one row per channel). Fine-tune on data "
           f"with {saved[2]} channel(s) or pre-train on data like yours.")
-    if posemb == "learn" and saved[:2] != [height, width]:
-      raise ValueError(
-          f"{self.where}: image height/width differ: checkpoint {saved[0]}x{saved[1]} vs "
-          f"{height}x{width} in the data; a learned position embedding has one vector per "
-          f"position. Set --config.data.image_size={saved[0]} or pre-train at "
-          f"{height}x{width}.")
+
+  def resampled_posemb(self, wanted: dict) -> tuple[int, int] | None:
+    """(checkpoint grid, classifier grid) when the learned position
+    embeddings differ only in their number of (square-grid) positions."""
+    saved, want = self.encoder_shapes.get(POSEMB), wanted.get(POSEMB)
+    if saved is None or want is None or tuple(saved) == tuple(want):
+      return None
+    grids = [math.isqrt(shape[1]) for shape in (saved, want)]
+    same_layout = len(saved) == len(want) == 3 and saved[::2] == want[::2]
+    if not same_layout or any(g * g != shape[1] for g, shape in zip(grids, (saved, want))):
+      return None
+    return grids[0], grids[1]
 
   def encoder_plan(self, encoder_abstract) -> tuple[list[str], list[str]]:
     """Compares the classifier's encoder parameters (a pure dict of shapes)
@@ -120,8 +129,10 @@ class Pretrained:
     naming every missing or mismatched one."""
     wanted = checkpoint_lib.flat_shapes(encoder_abstract)
     missing = sorted(set(wanted) - set(self.encoder_shapes))
+    resampled = self.resampled_posemb(wanted) is not None
     mismatched = sorted(k for k in set(wanted) & set(self.encoder_shapes)
-                        if tuple(wanted[k]) != tuple(self.encoder_shapes[k]))
+                        if tuple(wanted[k]) != tuple(self.encoder_shapes[k])
+                        and not (k == POSEMB and resampled))
     extra = sorted(set(self.encoder_shapes) - set(wanted))
     problems = [f"encoder/{k}: checkpoint {tuple(self.encoder_shapes[k])} vs classifier "
                 f"{tuple(wanted[k])}" for k in mismatched]
@@ -136,11 +147,17 @@ class Pretrained:
     return sorted(wanted), [k for k in extra if k == CLS]
 
   def check(self, config, image_shape, abstract_params) -> list[str]:
-    """Every check against the model about to be built; returns what is dropped."""
+    """Every check against the model about to be built; returns what loading
+    changes, for the log ('dropped cls', 'resampled posemb 4x4 -> 8x8')."""
     self.check_model(config.model)
-    self.check_image_shape(image_shape, config.model.posemb)
+    self.check_image_shape(image_shape)
     _, dropped = self.encoder_plan(abstract_params["encoder"])
-    return dropped
+    changes = [f"dropped {name}" for name in dropped]
+    grids = self.resampled_posemb(checkpoint_lib.flat_shapes(abstract_params["encoder"]))
+    if grids:
+      changes.append(f"resampled {POSEMB} {grids[0]}x{grids[0]} -> {grids[1]}x{grids[1]} "
+                     "(bilinear)")
+    return changes
 
   # ---------------------------------------------------------------- loading
 
@@ -149,11 +166,19 @@ class Pretrained:
     restored straight onto each classifier array's sharding. For
     `loop.start(initial_params=...)`."""
     self.encoder_plan(params["encoder"])
+    grids = self.resampled_posemb(checkpoint_lib.flat_shapes(params["encoder"]))
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         params["encoder"])
-    restored = self.saved.restore({"params": {"encoder": target}})
-    return {**params, "encoder": restored["params"]["encoder"]}
+    if grids:  # read at the saved size (its token axis is not sharded), then resample
+      wanted = target[POSEMB]
+      target = {**target, POSEMB: jax.ShapeDtypeStruct(
+          tuple(self.encoder_shapes[POSEMB]), wanted.dtype, sharding=wanted.sharding)}
+    encoder = self.saved.restore({"params": {"encoder": target}})["params"]["encoder"]
+    if grids:
+      encoder = {**encoder, POSEMB: jax.device_put(
+          vit.resample_posemb(encoder[POSEMB], grids[1]), params["encoder"][POSEMB].sharding)}
+    return {**params, "encoder": encoder}
 
 
 def open_checkpoint(init_from: str) -> Pretrained:
@@ -207,8 +232,8 @@ def for_new_run(config, workdir: str) -> Pretrained | None:
   return pretrained
 
 
-def describe(pretrained: Pretrained, dropped: list[str]) -> str:
+def describe(pretrained: Pretrained, changes: list[str]) -> str:
   identity = pretrained.identity
   text = (f"encoder initialised from {pretrained.saved.path} "
           f"(task {identity.task}, {identity.variant}, posemb {identity.posemb})")
-  return text + (f"; dropped {', '.join(dropped)}" if dropped else "")
+  return text + "".join(f"; {change}" for change in changes)
