@@ -39,6 +39,7 @@ in bfloat16.
   python -m benchmarks.estimates                      # GPU roofline + TPU compiles (~15 min)
   python -m benchmarks.estimates --tpus=               # the GPU roofline only (seconds)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,8 @@ class Accelerator:
 # Published dense bf16 peaks and HBM bandwidths of the GPUs (the TPUs' are
 # pixel_vit.hardware.CHIPS).
 ACCELERATORS = (
-    Accelerator("A100 SXM", "gpu", 312.0, 2.04),
-    Accelerator("H100 SXM", "gpu", 989.0, 3.35),
+  Accelerator("A100 SXM", "gpu", 312.0, 2.04),
+  Accelerator("H100 SXM", "gpu", 989.0, 3.35),
 )
 # The TPU slices the compiled rows are compiled for (4 chips each).
 TPU_SLICES = ("v4:2x2x1", "v5e:2x2", "v5p:2x2x1")
@@ -78,14 +79,16 @@ class Workload:
 
 # The paper's shapes.
 WORKLOADS = (
-    Workload("CIFAR-100 ViT-Ti/2", "Ti/2", 32, 3, True, "cls_pixel.py:variant=Ti/2"),
-    Workload("CIFAR-100 PiT-Ti/1", "Ti/1", 32, 3, True, "cls_pixel.py:variant=Ti/1"),
-    Workload("CIFAR-100 PiT-S/1", "S/1", 32, 3, True, "cls_pixel.py:variant=S/1"),
-    Workload("ImageNet 28x28 PiT-B/1", "B/1", 28, 3, True,
-             "cls_pixel.py:variant=B/1,dataset=imagenet28"),
-    Workload("ImageNet 28x28 PiT-L/1", "L/1", 28, 3, True,
-             "cls_pixel.py:variant=L/1,dataset=imagenet28"),
-    Workload("DiT latents 32x32x4 PiT-L/1", "L/1", 32, 4, False, "dit_pixel.py:variant=L/1"),
+  Workload("CIFAR-100 ViT-Ti/2", "Ti/2", 32, 3, True, "cls_pixel.py:variant=Ti/2"),
+  Workload("CIFAR-100 PiT-Ti/1", "Ti/1", 32, 3, True, "cls_pixel.py:variant=Ti/1"),
+  Workload("CIFAR-100 PiT-S/1", "S/1", 32, 3, True, "cls_pixel.py:variant=S/1"),
+  Workload(
+    "ImageNet 28x28 PiT-B/1", "B/1", 28, 3, True, "cls_pixel.py:variant=B/1,dataset=imagenet28"
+  ),
+  Workload(
+    "ImageNet 28x28 PiT-L/1", "L/1", 28, 3, True, "cls_pixel.py:variant=L/1,dataset=imagenet28"
+  ),
+  Workload("DiT latents 32x32x4 PiT-L/1", "L/1", 32, 4, False, "dit_pixel.py:variant=L/1"),
 )
 BACKENDS = ("xla", "chunked", "dot_product")
 
@@ -105,8 +108,11 @@ def per_layer(size: vit.EncoderSize, tokens: int, backend: str) -> tuple[float, 
   """(executed matmul FLOPs, HBM bytes) of one layer, forward + backward, one example."""
   forward = throughput.block_flops(size, tokens)
   scores = size.heads * tokens * tokens
-  activation_bytes = BF16 * tokens * (ACTIVATION_PASSES["width"] * size.width
-                                      + ACTIVATION_PASSES["mlp"] * size.mlp_dim)
+  activation_bytes = (
+    BF16
+    * tokens
+    * (ACTIVATION_PASSES["width"] * size.width + ACTIVATION_PASSES["mlp"] * size.mlp_dim)
+  )
   if backend in ("xla", "chunked"):
     score_bytes = SCORE_BYTES * scores
     recompute = forward["attn_scores"] if backend == "chunked" else 0  # QK^T again
@@ -117,18 +123,27 @@ def per_layer(size: vit.EncoderSize, tokens: int, backend: str) -> tuple[float, 
   return 3 * sum(forward.values()) + recompute, activation_bytes + score_bytes
 
 
-def estimate(accelerator: Accelerator, variant: str, image_size: int, channels: int,
-             cls_token: bool, backend: str) -> dict:
+def estimate(
+  accelerator: Accelerator,
+  variant: str,
+  image_size: int,
+  channels: int,
+  cls_token: bool,
+  backend: str,
+) -> dict:
   size, _ = vit.parse_variant(variant)
-  flops = throughput.analytic_flops(variant, image_size, channels, num_classes=1000,
-                                    cls_token=cls_token)
+  flops = throughput.analytic_flops(
+    variant, image_size, channels, num_classes=1000, cls_token=cls_token
+  )
   executed, moved = per_layer(size, flops["tokens"], backend)
   executed, moved = executed * size.depth, moved * size.depth
   compute_s = executed / (accelerator.bf16_tflops * 1e12)
   memory_s = moved / (accelerator.hbm_tb_s * 1e12)
   step_s = max(compute_s, memory_s)
-  return dict(mfu=flops["train"] / step_s / (accelerator.bf16_tflops * 1e12),
-              bound="memory" if memory_s > compute_s else "compute")
+  return dict(
+    mfu=flops["train"] / step_s / (accelerator.bf16_tflops * 1e12),
+    bound="memory" if memory_s > compute_s else "compute",
+  )
 
 
 def tokens_of(workload: Workload) -> int:
@@ -138,81 +153,107 @@ def tokens_of(workload: Workload) -> int:
 
 def table() -> str:
   """The GPU rows: a hand roofline per backend."""
-  lines = ["| accelerator | workload | tokens | auto picks | "
-           + " | ".join(f"{b} MFU bound" for b in BACKENDS) + " |",
-           "|---|---|---|---|" + "---|" * len(BACKENDS)]
+  lines = [
+    "| accelerator | workload | tokens | auto picks | "
+    + " | ".join(f"{b} MFU bound" for b in BACKENDS)
+    + " |",
+    "|---|---|---|---|" + "---|" * len(BACKENDS),
+  ]
   for acc in ACCELERATORS:
     for w in WORKLOADS:
       tokens = tokens_of(w)
-      picked = attention.choose_backend(platform=acc.platform, length=tokens,
-                                        dtype="bfloat16")
+      picked = attention.choose_backend(platform=acc.platform, length=tokens, dtype="bfloat16")
       cells = []
       for backend in BACKENDS:
         e = estimate(acc, w.variant, w.image_size, w.channels, w.cls_token, backend)
         mark = "**" if backend == picked else ""
         cells.append(f"{mark}{100 * e['mfu']:.0f}%{mark} ({e['bound'][0]})")
-      lines.append(f"| {acc.name} | {w.label} | {tokens} | {picked} | " + " | ".join(cells)
-                   + " |")
+      lines.append(f"| {acc.name} | {w.label} | {tokens} | {picked} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def compiled_bound(workload: Workload, train_cost, chip, per_chip_batch: int) -> dict:
   """The MFU bound of a compiled train step (program_costs.ProgramCost, per
   chip): model FLOPs (3 x forward) over the step's time bound."""
-  model = throughput.analytic_flops(workload.variant, workload.image_size, workload.channels,
-                                    num_classes=1000, cls_token=workload.cls_token)
+  model = throughput.analytic_flops(
+    workload.variant,
+    workload.image_size,
+    workload.channels,
+    num_classes=1000,
+    cls_token=workload.cls_token,
+  )
   compute_s = train_cost.flops / chip.bf16_flops
   memory_s = train_cost.hbm_traffic_bytes / chip.hbm_bytes_per_s
   step_s = max(compute_s, memory_s)
-  return dict(mfu=per_chip_batch * model["train"] / step_s / chip.bf16_flops,
-              bound="memory" if memory_s > compute_s else "compute", step_s=step_s)
+  return dict(
+    mfu=per_chip_batch * model["train"] / step_s / chip.bf16_flops,
+    bound="memory" if memory_s > compute_s else "compute",
+    step_s=step_s,
+  )
 
 
 def compiled_table(slices, per_chip_batch: int) -> str:
   """The TPU rows: each workload's real train step compiled for each slice."""
   import jax
-  from pixel_vit import compile as compile_lib
+
   from pixel_vit import command_line, hardware
+  from pixel_vit import compile as compile_lib
+
   jax.config.update("jax_platforms", "cpu")  # compile-only devices; this host's CPU runs nothing
-  lines = ["| TPU (compiled) | workload | tokens | auto: remat, attention | MFU bound | "
-           "step bound | peak GiB / chip |", "|---|---|---|---|---|---|---|"]
+  lines = [
+    "| TPU (compiled) | workload | tokens | auto: remat, attention | MFU bound | "
+    "step bound | peak GiB / chip |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for topology in slices:
     devices = hardware.tpu_devices(topology)
     for w in WORKLOADS:
       config = command_line.load_config(f"{throughput.REPO_ROOT}/configs/{w.config}")
       config.model.dtype = "bfloat16"
       config.batch_size = per_chip_batch * len(devices)
-      report = compile_lib.compile_run(config, devices, topology=topology,
-                                       programs=["train_step"])
+      report = compile_lib.compile_run(config, devices, topology=topology, programs=["train_step"])
       chosen = ", ".join(c.chose for _, c in report.choices)
       if not report.costs:
-        lines.append(f"| {report.chip.name} | {w.label} | {tokens_of(w)} | {chosen} | refused: "
-                     f"{report.refusals[0].compiler_says} | | |")
+        lines.append(
+          f"| {report.chip.name} | {w.label} | {tokens_of(w)} | {chosen} | refused: "
+          f"{report.refusals[0].compiler_says} | | |"
+        )
         continue
       cost = report.costs[0]
       e = compiled_bound(w, cost, report.chip, per_chip_batch)
-      lines.append(f"| {report.chip.name} | {w.label} | {tokens_of(w)} | {chosen} | "
-                   f"{100 * e['mfu']:.0f}% ({e['bound'][0]}) | {e['step_s'] * 1e3:.3g} ms | "
-                   f"{cost.peak_bytes / hardware.GIB:.2f} |")
+      lines.append(
+        f"| {report.chip.name} | {w.label} | {tokens_of(w)} | {chosen} | "
+        f"{100 * e['mfu']:.0f}% ({e['bound'][0]}) | {e['step_s'] * 1e3:.3g} ms | "
+        f"{cost.peak_bytes / hardware.GIB:.2f} |"
+      )
   return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.estimates",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--tpus", default=",".join(TPU_SLICES),
-                      help="TPU slices to compile for ('' for none; needs the [tpu] extra)")
-  parser.add_argument("--per_chip_batch", type=int, default=32,
-                      help="examples per chip of the compiled train steps")
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.estimates", description=__doc__.split("\n")[0]
+  )
+  parser.add_argument(
+    "--tpus",
+    default=",".join(TPU_SLICES),
+    help="TPU slices to compile for ('' for none; needs the [tpu] extra)",
+  )
+  parser.add_argument(
+    "--per_chip_batch", type=int, default=32, help="examples per chip of the compiled train steps"
+  )
   args = parser.parse_args(argv)
   print("GPU, a hand roofline (no GPU compiler here):\n")
   print(table())
-  print("\nMFU upper bound = model FLOPs / max(executed FLOPs / peak, HBM bytes / bandwidth);"
-        " (c) compute-bound, (m) memory-bound; bold = what `auto` runs (bfloat16).")
+  print(
+    "\nMFU upper bound = model FLOPs / max(executed FLOPs / peak, HBM bytes / bandwidth);"
+    " (c) compute-bound, (m) memory-bound; bold = what `auto` runs (bfloat16)."
+  )
   slices = [s for s in args.tpus.split(",") if s]
   if slices:
-    print(f"\nTPU, from the compiled train step (bfloat16, {args.per_chip_batch} examples per "
-          "chip; an estimate: no TPU ran it):\n")
+    print(
+      f"\nTPU, from the compiled train step (bfloat16, {args.per_chip_batch} examples per "
+      "chip; an estimate: no TPU ran it):\n"
+    )
     print(compiled_table(slices, args.per_chip_batch))
   return 0
 

@@ -12,6 +12,7 @@ Printed per configuration: images/s, and images/s per worker (per process
 for 0 workers), with the machine's core count: on 2 cores, more than 2
 workers only shows contention.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,12 @@ def make_jpegs(root: str, count: int, classes: int = 10, seed: int = 0) -> str:
 
 def time_stream(split, image_size: int, workers: int, batch: int, steps: int) -> float:
   from pixel_vit.data import stream
+
   host = stream.HostCrops(image_size=image_size)
   layout = stream.Layout(batch)
-  batches = stream.train_batches(split, host, layout, seed=0, start_step=0,
-                                 total_steps=steps + 1, workers=workers)
+  batches = stream.train_batches(
+    split, host, layout, seed=0, start_step=0, total_steps=steps + 1, workers=workers
+  )
   next(batches)  # workers started, first batch made
   # Skip what was made ahead while the first batch waited (reader threads'
   # and workers' buffers), then time a steady stretch.
@@ -64,20 +67,22 @@ def main():
   args = parser.parse_args()
   from pixel_vit import write_records
   from pixel_vit.data import records
+
   with tempfile.TemporaryDirectory() as tmp:
     images = make_jpegs(os.path.join(tmp, "images"), args.images)
-    mean_bytes = np.mean([os.path.getsize(os.path.join(d, f))
-                          for d, _, files in os.walk(images) for f in files])
+    mean_bytes = np.mean(
+      [os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(images) for f in files]
+    )
     write_records.write_split(images=images, out=os.path.join(tmp, "records"), split="train")
     split = records.open_split(os.path.join(tmp, "records"), "train")
-    print(f"{args.images} JPEGs, ~400x350, {mean_bytes / 1024:.0f} KiB each; "
-          f"{os.cpu_count()} cores")
+    print(
+      f"{args.images} JPEGs, ~400x350, {mean_bytes / 1024:.0f} KiB each; {os.cpu_count()} cores"
+    )
     print(f"{'size':>5} {'workers':>8} {'images/s':>9} {'per worker':>11}")
     for size in (int(s) for s in args.sizes.split(",")):
       for workers in (int(w) for w in args.workers.split(",")):
         rate = time_stream(split, size, workers, args.batch, args.steps)
-        print(f"{size:>5} {workers:>8} {rate:>9.0f} {rate / max(workers, 1):>11.0f}",
-              flush=True)
+        print(f"{size:>5} {workers:>8} {rate:>9.0f} {rate / max(workers, 1):>11.0f}", flush=True)
 
 
 if __name__ == "__main__":

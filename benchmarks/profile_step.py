@@ -30,6 +30,7 @@ the child runs with `--xla_cpu_enable_xprof_traceme=true`.
       --channels=1 --num_classes=10
   python -m benchmarks.profile_step --variant=Ti/1 --steps=1 [--remat=dots] [--augment=none]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,11 +48,29 @@ from benchmarks import peer, throughput
 from pixel_vit.models import vit
 
 RESULT_MARK = "PROFILE_RESULT "
-CATEGORIES = ("attention matmuls", "attention softmax & other", "projection + MLP matmuls",
-              "LayerNorm & residual", "GELU & biases", "drop-path", "augmentation",
-              "optimizer", "scan & layout", "loss, metrics & other")
-_LAYOUT_OPS = {"copy", "transpose", "slice", "dynamic-slice", "dynamic-update-slice",
-               "concatenate", "bitcast", "pad", "reshape"}
+CATEGORIES = (
+  "attention matmuls",
+  "attention softmax & other",
+  "projection + MLP matmuls",
+  "LayerNorm & residual",
+  "GELU & biases",
+  "drop-path",
+  "augmentation",
+  "optimizer",
+  "scan & layout",
+  "loss, metrics & other",
+)
+_LAYOUT_OPS = {
+  "copy",
+  "transpose",
+  "slice",
+  "dynamic-slice",
+  "dynamic-update-slice",
+  "concatenate",
+  "bitcast",
+  "pad",
+  "reshape",
+}
 _CONTAINERS = {"while", "conditional", "call"}
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?\s([a-z][a-z0-9\-_]*)\(")
 _FRAME = re.compile(r"stack_frame_id=(\d+)")
@@ -81,8 +100,10 @@ def _source_tables(lines: list[str]) -> dict[int, tuple[str, str]]:
   frames = {}
   for frame_id, frame in tables["StackFrames"].items():
     location = tables["FileLocations"].get(frame.get("file_location_id"), {})
-    frames[frame_id] = (tables["FileNames"].get(location.get("file_name_id"), ""),
-                        tables["FunctionNames"].get(location.get("function_name_id"), ""))
+    frames[frame_id] = (
+      tables["FileNames"].get(location.get("file_name_id"), ""),
+      tables["FunctionNames"].get(location.get("function_name_id"), ""),
+    )
   return frames
 
 
@@ -110,15 +131,20 @@ def parse_hlo(text: str) -> dict[str, dict]:
     source, function = frames.get(int(frame.group(1)), ("", "")) if frame else ("", "")
     calls = _CALLS.search(line)
     instructions[match.group(1)] = dict(
-        opcode=match.group(2), source=source, function=function, computation=computation,
-        calls=calls.group(1) if calls else None)
+      opcode=match.group(2),
+      source=source,
+      function=function,
+      computation=computation,
+      calls=calls.group(1) if calls else None,
+    )
   return instructions
 
 
 def _has_dot(computation: str | None, by_computation: dict) -> bool:
   return computation is not None and any(
-      i["opcode"] in ("dot", "convolution") or _has_dot(i["calls"], by_computation)
-      for i in by_computation.get(computation, ()))
+    i["opcode"] in ("dot", "convolution") or _has_dot(i["calls"], by_computation)
+    for i in by_computation.get(computation, ())
+  )
 
 
 # The modules of models/attention/ whose ops count as attention. ring.py and
@@ -170,6 +196,7 @@ def breakdown(trace_dir: str, hlo_text: str) -> dict:
   `hlo_text` compiles, from the trace in `trace_dir` (any `jax.profiler`
   trace, config.profile's too: other modules' events are left out)."""
   from jax._src.profiler import ProfileData
+
   instructions = parse_hlo(hlo_text)
   module = module_name(hlo_text)
   by_computation = group_by_computation(instructions)
@@ -197,9 +224,17 @@ def breakdown(trace_dir: str, hlo_text: str) -> dict:
 
 def child(args: argparse.Namespace) -> None:
   import jax
-  w = dict(peer.DEFAULTS, task=args.task, variant=args.variant, image_size=args.image_size,
-           batch=args.batch, channels=args.channels, num_classes=args.num_classes,
-           dtype="float32")
+
+  w = dict(
+    peer.DEFAULTS,
+    task=args.task,
+    variant=args.variant,
+    image_size=args.image_size,
+    batch=args.batch,
+    channels=args.channels,
+    num_classes=args.num_classes,
+    dtype="float32",
+  )
   side = peer.jax_side(args.task, w, args)
   for _ in range(args.warmup):
     side.step()
@@ -211,8 +246,14 @@ def child(args: argparse.Namespace) -> None:
   jax.profiler.stop_trace()
   step_s = (time.perf_counter() - start) / args.steps
   result = breakdown(trace_dir, side.hlo_text())
-  result.update(step_s=step_s, setting=side.setting, tokens=side.tokens, workload=w,
-                steps=args.steps, trace_dir=trace_dir)
+  result.update(
+    step_s=step_s,
+    setting=side.setting,
+    tokens=side.tokens,
+    workload=w,
+    steps=args.steps,
+    trace_dir=trace_dir,
+  )
   print(RESULT_MARK + json.dumps(result), flush=True)
 
 
@@ -223,14 +264,17 @@ def table(result: dict) -> str:
   for name in CATEGORIES:
     seconds = result["categories"].get(name, 0.0)
     lines.append(f"| {name} | {1000 * seconds / steps:.0f} | {100 * seconds / total:.1f}% |")
-  lines.append(f"| **summed thunk time** | {1000 * total / steps:.0f} | "
-               f"(step wall time {1000 * result['step_s']:.0f} ms) |")
+  lines.append(
+    f"| **summed thunk time** | {1000 * total / steps:.0f} | "
+    f"(step wall time {1000 * result['step_s']:.0f} ms) |"
+  )
   return "\n".join(lines)
 
 
 def parse_flags(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step",
-                              description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.profile_step", description=__doc__.split("\n")[0]
+  )
   p.add_argument("--task", default="classification", choices=tuple(peer.CONFIG_FILES))
   p.add_argument("--variant", default="Ti/1")
   p.add_argument("--image_size", type=int, default=32)
@@ -256,20 +300,31 @@ def main(argv=None) -> int:
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
   argv = [sys.executable, "-m", "benchmarks.profile_step", "--_child"] + list(
-      argv if argv is not None else sys.argv[1:])
+    argv if argv is not None else sys.argv[1:]
+  )
   proc = subprocess.run(argv, cwd=peer.REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True)
-  result = next((json.loads(line[len(RESULT_MARK):]) for line in proc.stdout.splitlines()
-                 if line.startswith(RESULT_MARK)), None)
+  result = next(
+    (
+      json.loads(line[len(RESULT_MARK) :])
+      for line in proc.stdout.splitlines()
+      if line.startswith(RESULT_MARK)
+    ),
+    None,
+  )
   if result is None:
     print(f"the profiled child failed (exit {proc.returncode}); see its output above")
     return 1
   w = result["workload"]
-  print(f"{w['task']} {w['variant']} {w['image_size']}x{w['image_size']}x{w['channels']} "
-        f"batch {w['batch']}, {result['tokens']} tokens, {result['setting']}; "
-        f"{result['steps']} traced step(s); trace in {result['trace_dir']}\n")
+  print(
+    f"{w['task']} {w['variant']} {w['image_size']}x{w['image_size']}x{w['channels']} "
+    f"batch {w['batch']}, {result['tokens']} tokens, {result['setting']}; "
+    f"{result['steps']} traced step(s); trace in {result['trace_dir']}\n"
+  )
   print(table(result))
-  print("\nlongest ops (ms / step): " + ", ".join(
-      f"{name} {1000 * s / result['steps']:.0f}" for name, s in result["top_ops"][:8]))
+  print(
+    "\nlongest ops (ms / step): "
+    + ", ".join(f"{name} {1000 * s / result['steps']:.0f}" for name, s in result["top_ops"][:8])
+  )
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(result, f, indent=1)

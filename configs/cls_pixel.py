@@ -18,18 +18,30 @@ pixel a token). Arguments (comma-separated after the colon):
 
 Any key can be overridden: `--config.optimizer.lr=1e-3`.
 """
+
 import ml_collections
 
 from pixel_vit import configuration
 
 
 def get_config(arg=None):
-  args = configuration.parse_arg(arg, variant="Ti/1", dataset="cifar100", quick=False,
-                                 **configuration.LOCALITY_ARGS)
+  args = configuration.parse_arg(
+    arg, variant="Ti/1", dataset="cifar100", quick=False, **configuration.LOCALITY_ARGS
+  )
   config = configuration.base_config("classification", args.dataset, quick=args.quick)
-  config.model = ml_collections.ConfigDict(dict(
-      variant=args.variant, posemb="learn", tokenizer="linear", pool="cls", dtype="float32",
-      attention="auto", scan=True, remat="auto", drop_path=0.1))
+  config.model = ml_collections.ConfigDict(
+    dict(
+      variant=args.variant,
+      posemb="learn",
+      tokenizer="linear",
+      pool="cls",
+      dtype="float32",
+      attention="auto",
+      scan=True,
+      remat="auto",
+      drop_path=0.1,
+    )
+  )
 
   # DeiT-style recipe for training a ViT from scratch on CIFAR-100, as the
   # paper does; the paper's exact epoch count is long (thousands of epochs).
@@ -37,9 +49,19 @@ def get_config(arg=None):
   config.eval_batch_size = 1024
   config.total_steps = 0  # 0 = use total_epochs
   config.total_epochs = 2400.0
-  config.optimizer = ml_collections.ConfigDict(dict(
-      lr=2e-3, end_lr=1e-6, b1=0.9, b2=0.999, weight_decay=0.05, grad_clip=1.0,
-      warmup_steps=0, warmup_epochs=20.0, ema_decay=0.0))
+  config.optimizer = ml_collections.ConfigDict(
+    dict(
+      lr=2e-3,
+      end_lr=1e-6,
+      b1=0.9,
+      b2=0.999,
+      weight_decay=0.05,
+      grad_clip=1.0,
+      warmup_steps=0,
+      warmup_epochs=20.0,
+      ema_decay=0.0,
+    )
+  )
   config.augment = configuration.default_augment_config()
   # DeiT's RandAugment (rand-m9-mstd0.5-inc1) and random erasing (p 0.25).
   config.augment.randaugment_ops = 2

@@ -22,39 +22,77 @@ Arguments (comma-separated after the colon):
 Latent data: python -m pixel_vit.encode_latents (see README); decoded
 pictures need --config.vae.weights=PATH/diffusion_pytorch_model.safetensors.
 """
+
 import ml_collections
 
 from pixel_vit import configuration
 
 
 def get_config(arg=None):
-  args = configuration.parse_arg(arg, variant="L/1", dataset="imagenet256_latents",
-                                 classifier="", quick=False, **configuration.LOCALITY_ARGS)
+  args = configuration.parse_arg(
+    arg,
+    variant="L/1",
+    dataset="imagenet256_latents",
+    classifier="",
+    quick=False,
+    **configuration.LOCALITY_ARGS,
+  )
   dataset = "digits" if args.quick and args.dataset == "imagenet256_latents" else args.dataset
   config = configuration.base_config("diffusion", dataset, quick=False)
 
-  config.model = ml_collections.ConfigDict(dict(
-      variant=args.variant, posemb="sincos2d", learn_sigma=True, class_dropout=0.1,
-      dtype="float32", attention="auto", scan=True, remat="auto"))
+  config.model = ml_collections.ConfigDict(
+    dict(
+      variant=args.variant,
+      posemb="sincos2d",
+      learn_sigma=True,
+      class_dropout=0.1,
+      dtype="float32",
+      attention="auto",
+      scan=True,
+      remat="auto",
+    )
+  )
   config.diffusion = ml_collections.ConfigDict(dict(schedule="linear", num_timesteps=1000))
-  config.sample = ml_collections.ConfigDict(dict(
-      sampler="ddpm", steps="250", eta=0.0,
+  config.sample = ml_collections.ConfigDict(
+    dict(
+      sampler="ddpm",
+      steps="250",
+      eta=0.0,
       cfg_scale=1.5,  # DiT's FID setting
       grid_cfg_scale=4.0,  # DiT's setting for pictures
       # DiT's sample.py classes; rows of the grid, the same noise every eval.
-      grid_labels=(207, 360, 387, 974, 88, 979, 417, 279), grid_columns=8, seed=0))
-  config.fid = ml_collections.ConfigDict(dict(
+      grid_labels=(207, 360, 387, 974, 88, 979, 417, 279),
+      grid_columns=8,
+      seed=0,
+    )
+  )
+  config.fid = ml_collections.ConfigDict(
+    dict(
       num_samples=0,  # per evaluation during training; pixel_vit.sample for the 50K
-      features="", reference="", reference_examples=50_000, batch_size=256))
+      features="",
+      reference="",
+      reference_examples=50_000,
+      batch_size=256,
+    )
+  )
   config.vae = ml_collections.ConfigDict(dict(weights=""))
 
   config.batch_size = 256
   config.eval_batch_size = 256
   config.total_steps = 400_000
   config.total_epochs = 0.0
-  config.optimizer = ml_collections.ConfigDict(dict(
-      lr=1e-4, end_lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0,
-      warmup_steps=0, ema_decay=0.9999))
+  config.optimizer = ml_collections.ConfigDict(
+    dict(
+      lr=1e-4,
+      end_lr=1e-4,
+      b1=0.9,
+      b2=0.999,
+      weight_decay=0.0,
+      grad_clip=0.0,
+      warmup_steps=0,
+      ema_decay=0.9999,
+    )
+  )
   # Pixel data: [0, 255] -> [-1, 1] and horizontal flips; latents pass unchanged.
   config.augment = configuration.default_augment_config()
   config.augment.crop = False

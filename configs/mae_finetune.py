@@ -51,6 +51,7 @@ same variant / dataset / quick arguments, and must match the checkpoint; a
 mismatch stops the run before it compiles, naming the field and the fix.
 Any key can be overridden: `--config.optimizer.layer_decay=0.65`.
 """
+
 import importlib.util
 import os
 
@@ -69,15 +70,27 @@ def _sibling_config(name: str):
 
 
 def get_config(arg=None):
-  args = configuration.parse_arg(arg, mode="finetune", init_from="", variant="Ti/1",
-                                 dataset="cifar100", quick=False,
-                                 **configuration.LOCALITY_ARGS)
+  args = configuration.parse_arg(
+    arg,
+    mode="finetune",
+    init_from="",
+    variant="Ti/1",
+    dataset="cifar100",
+    quick=False,
+    **configuration.LOCALITY_ARGS,
+  )
   if args.mode not in MODES:
-    raise ValueError(f"config argument mode={args.mode!r} is not allowed; choose one of "
-                     f"{list(MODES)}.")
-  shared = ",".join([f"variant={args.variant}", f"dataset={args.dataset}",
-                     *(f"{key}={args[key]}" for key in configuration.LOCALITY_ARGS)]
-                    + (["quick"] if args.quick else []))
+    raise ValueError(
+      f"config argument mode={args.mode!r} is not allowed; choose one of {list(MODES)}."
+    )
+  shared = ",".join(
+    [
+      f"variant={args.variant}",
+      f"dataset={args.dataset}",
+      *(f"{key}={args[key]}" for key in configuration.LOCALITY_ARGS),
+    ]
+    + (["quick"] if args.quick else [])
+  )
   config = _sibling_config("cls_pixel").get_config(shared)
   config.init_from = args.init_from
   # The encoder configs/mae_pixel.py pre-trains with the same arguments (its

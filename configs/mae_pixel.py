@@ -16,39 +16,59 @@ Defaults: the paper's CIFAR-100 PiT MAE setting (Ti/1: every pixel a token,
 Then fine-tune or probe the encoder with configs/mae_finetune.py
 (`init_from=DIR`). Any key can be overridden: `--config.mask_ratio=0.9`.
 """
+
 import ml_collections
 
 from pixel_vit import configuration
 
 
 def get_config(arg=None):
-  args = configuration.parse_arg(arg, variant="Ti/1", dataset="cifar100", quick=False,
-                                 **configuration.LOCALITY_ARGS)
+  args = configuration.parse_arg(
+    arg, variant="Ti/1", dataset="cifar100", quick=False, **configuration.LOCALITY_ARGS
+  )
   config = configuration.base_config("mae", args.dataset, quick=args.quick)
 
   config.mask_ratio = 0.75
-  config.model = ml_collections.ConfigDict(dict(
-      variant=args.variant, posemb="learn", tokenizer="linear", dtype="float32",
+  config.model = ml_collections.ConfigDict(
+    dict(
+      variant=args.variant,
+      posemb="learn",
+      tokenizer="linear",
+      dtype="float32",
       attention="auto",
-      scan=True, remat="auto", drop_path=0.0,
+      scan=True,
+      remat="auto",
+      drop_path=0.0,
       # MAE's lighter decoder (512 wide, 8 deep), sized down for 32x32 inputs
       # whose decoder sees every pixel token.
       decoder=dict(width=256, depth=4, heads=8, mlp_dim=1024, posemb="learn"),
       # Targets normalised over 2x2 windows: the same targets for PiT/1 and
       # ViT/2 (MAE's per-patch rule for /2), see models/mae.py.
-      norm_pix_loss=True, norm_pix_window=2))
+      norm_pix_loss=True,
+      norm_pix_window=2,
+    )
+  )
 
   config.batch_size = 1024
   config.eval_batch_size = 1024
   config.total_steps = 0  # 0 = use total_epochs
   config.total_epochs = 1600.0
-  config.optimizer = ml_collections.ConfigDict(dict(
-      base_lr=1.5e-4, end_lr=0.0, b1=0.9, b2=0.95, weight_decay=0.05, grad_clip=0.0,
-      warmup_steps=0, warmup_epochs=40.0, ema_decay=0.0))
+  config.optimizer = ml_collections.ConfigDict(
+    dict(
+      base_lr=1.5e-4,
+      end_lr=0.0,
+      b1=0.9,
+      b2=0.95,
+      weight_decay=0.05,
+      grad_clip=0.0,
+      warmup_steps=0,
+      warmup_epochs=40.0,
+      ema_decay=0.0,
+    )
+  )
   # MAE's rule: lr = base_lr * batch_size / 256 (follows --config.batch_size).
   # base_lr first: the reference takes the first operand's type (float).
-  config.optimizer.lr = (config.optimizer.get_ref("base_lr") * config.get_ref("batch_size")
-                         / 256)
+  config.optimizer.lr = config.optimizer.get_ref("base_lr") * config.get_ref("batch_size") / 256
 
   # MAE pre-training augmentation: random resized crop + flip only.
   config.augment = configuration.default_augment_config()

@@ -49,6 +49,7 @@ A finished run (its study.json records the same command) is not run again,
 so an interrupted study continues where it stopped; an unfinished one
 resumes from its checkpoint (exact resume).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(REPO, "docs")
 DATASETS = {  # relative to the repo root, as the printed commands use them
-    "fashion_mnist": "../shared/data/fashion_mnist_debian_{split}.npz",
-    "mnist": "../shared/data/mnist_rasbt_{split}.npz",
+  "fashion_mnist": "../shared/data/fashion_mnist_debian_{split}.npz",
+  "mnist": "../shared/data/mnist_rasbt_{split}.npz",
 }
 DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST"}
 IMAGE_SIZE = 16
@@ -130,16 +131,23 @@ class Job:
 
 def _cls_argv(dataset: str, patch: int, seed: int, steps: int, **args) -> tuple[str, ...]:
   args = {"posemb": "learn", **args}
-  arg = ",".join([f"quick,variant=mu/{patch},dataset=npz:{DATASETS[dataset]}"]
-                 + [f"{k}={v}" for k, v in args.items()])
+  arg = ",".join(
+    [f"quick,variant=mu/{patch},dataset=npz:{DATASETS[dataset]}"]
+    + [f"{k}={v}" for k, v in args.items()]
+  )
   return ("pixel_vit.main", f"--config=configs/cls_pixel.py:{arg}", *_common(steps, seed))
 
 
 def _common(steps: int, seed: int, warmup: int = 50) -> tuple[str, ...]:
-  return (f"--config.data.image_size={IMAGE_SIZE}", f"--config.total_steps={steps}",
-          f"--config.optimizer.warmup_steps={warmup}", "--config.eval_batch_size=1000",
-          f"--config.eval_every={steps}", f"--config.checkpoint_every={steps}",
-          f"--config.seed={seed}")
+  return (
+    f"--config.data.image_size={IMAGE_SIZE}",
+    f"--config.total_steps={steps}",
+    f"--config.optimizer.warmup_steps={warmup}",
+    "--config.eval_batch_size=1000",
+    f"--config.eval_every={steps}",
+    f"--config.checkpoint_every={steps}",
+    f"--config.seed={seed}",
+  )
 
 
 def jobs_for(args) -> list[Job]:
@@ -150,58 +158,113 @@ def jobs_for(args) -> list[Job]:
   for seed in seeds:
     for dataset in DATASETS:
       for patch in PATCHES:
-        jobs.append(Job(f"cls_{dataset}_p{patch}_seed{seed}", "patch",
-                        _cls_argv(dataset, patch, seed, steps),
-                        labels=(("dataset", dataset), ("patch", patch), ("seed", seed))))
+        jobs.append(
+          Job(
+            f"cls_{dataset}_p{patch}_seed{seed}",
+            "patch",
+            _cls_argv(dataset, patch, seed, steps),
+            labels=(("dataset", dataset), ("patch", patch), ("seed", seed)),
+          )
+        )
   for seed in seeds:
     for posemb in ("sincos2d", "none"):
-      jobs.append(Job(f"cls_fashion_mnist_p1_{posemb}_seed{seed}", "posemb",
-                      _cls_argv("fashion_mnist", 1, seed, steps, posemb=posemb),
-                      labels=(("posemb", posemb), ("seed", seed))))
+      jobs.append(
+        Job(
+          f"cls_fashion_mnist_p1_{posemb}_seed{seed}",
+          "posemb",
+          _cls_argv("fashion_mnist", 1, seed, steps, posemb=posemb),
+          labels=(("posemb", posemb), ("seed", seed)),
+        )
+      )
   for patch, grid in ((2, PERMUTE_GRID), (1, PERMUTE_GRID_P1)):
     for swaps, delta in grid:
-      jobs.append(Job(f"cls_fashion_mnist_p{patch}_swaps{swaps}_d{delta}", "permute",
-                      _cls_argv("fashion_mnist", patch, 0, steps, swaps=swaps,
-                                swap_distance=delta),
-                      labels=(("patch", patch), ("swaps", swaps), ("delta", delta))))
+      jobs.append(
+        Job(
+          f"cls_fashion_mnist_p{patch}_swaps{swaps}_d{delta}",
+          "permute",
+          _cls_argv("fashion_mnist", patch, 0, steps, swaps=swaps, swap_distance=delta),
+          labels=(("patch", patch), ("swaps", swaps), ("delta", delta)),
+        )
+      )
   jobs += _mae_jobs(args)
   jobs += _dit_jobs(args)
   jobs += _conv_jobs(args)
   for patch in PATCHES:
-    jobs.append(Job(f"speed_p{patch}", "speed", (
-        "benchmarks.throughput", "--config=configs/cls_pixel.py:quick,posemb=learn",
-        f"--variant=mu/{patch}", f"--image_size={IMAGE_SIZE}", "--batch=128", "--channels=1",
-        "--num_classes=10", "--steps=10", "--min_steps=5", "--max_timing_s=60"),
-        workdir_flag=False, labels=(("patch", patch),)))
+    jobs.append(
+      Job(
+        f"speed_p{patch}",
+        "speed",
+        (
+          "benchmarks.throughput",
+          "--config=configs/cls_pixel.py:quick,posemb=learn",
+          f"--variant=mu/{patch}",
+          f"--image_size={IMAGE_SIZE}",
+          "--batch=128",
+          "--channels=1",
+          "--num_classes=10",
+          "--steps=10",
+          "--min_steps=5",
+          "--max_timing_s=60",
+        ),
+        workdir_flag=False,
+        labels=(("patch", patch),),
+      )
+    )
   return [j for j in jobs if j.group in args.only and args.match in j.name]
 
 
-def _conv_argv(patch: int, seed: int, lr: float, *, epochs: int = CONV_EPOCHS,
-               data: str = DATASETS["fashion_mnist"], train_examples: int = FASHION_TRAIN,
-               **args) -> tuple[str, ...]:
+def _conv_argv(
+  patch: int,
+  seed: int,
+  lr: float,
+  *,
+  epochs: int = CONV_EPOCHS,
+  data: str = DATASETS["fashion_mnist"],
+  train_examples: int = FASHION_TRAIN,
+  **args,
+) -> tuple[str, ...]:
   """The converged recipe: AdamW, one warmup epoch, cosine decay to ~0 over
   the whole run, weight decay 0.05, padded crop (1 pixel) and flip; the test
   split evaluated after every epoch, a checkpoint every epoch."""
   args = {"posemb": "learn", **args}
-  arg = ",".join([f"quick,variant=mu/{patch},dataset=npz:{data}"]
-                 + [f"{k}={v}" for k, v in args.items()])
+  arg = ",".join(
+    [f"quick,variant=mu/{patch},dataset=npz:{data}"] + [f"{k}={v}" for k, v in args.items()]
+  )
   per_epoch = train_examples // CONV_BATCH  # the pipeline drops the last partial batch
-  return ("pixel_vit.main", f"--config=configs/cls_pixel.py:{arg}",
-          f"--config.data.image_size={CONV_SIZE}", f"--config.batch_size={CONV_BATCH}",
-          f"--config.total_steps={epochs * per_epoch}",
-          f"--config.optimizer.warmup_steps={per_epoch}", f"--config.optimizer.lr={lr:g}",
-          "--config.optimizer.weight_decay=0.05", "--config.augment.crop=True",
-          "--config.augment.crop_padding=1", "--config.augment.flip=True",
-          "--config.eval_batch_size=1000", f"--config.eval_every={per_epoch}",
-          f"--config.checkpoint_every={per_epoch}", f"--config.log_every={per_epoch}",
-          f"--config.seed={seed}")
+  return (
+    "pixel_vit.main",
+    f"--config=configs/cls_pixel.py:{arg}",
+    f"--config.data.image_size={CONV_SIZE}",
+    f"--config.batch_size={CONV_BATCH}",
+    f"--config.total_steps={epochs * per_epoch}",
+    f"--config.optimizer.warmup_steps={per_epoch}",
+    f"--config.optimizer.lr={lr:g}",
+    "--config.optimizer.weight_decay=0.05",
+    "--config.augment.crop=True",
+    "--config.augment.crop_padding=1",
+    "--config.augment.flip=True",
+    "--config.eval_batch_size=1000",
+    f"--config.eval_every={per_epoch}",
+    f"--config.checkpoint_every={per_epoch}",
+    f"--config.log_every={per_epoch}",
+    f"--config.seed={seed}",
+  )
 
 
 def _conv_tune_job(patch: int, lr: float) -> Job:
-  return Job(f"conv8_tune_p{patch}_lr{lr:g}", "conv_tune",
-             _conv_argv(patch, 0, lr, epochs=CONV_TUNE_EPOCHS, data=CONV_TUNE_DATA,
-                        train_examples=FASHION_TRAIN * 4 // 5),
-             labels=(("patch", patch), ("lr", lr)))
+  return Job(
+    f"conv8_tune_p{patch}_lr{lr:g}",
+    "conv_tune",
+    _conv_argv(
+      patch,
+      0,
+      lr,
+      epochs=CONV_TUNE_EPOCHS,
+      data=CONV_TUNE_DATA,
+      train_examples=FASHION_TRAIN * 4 // 5,
+    ),
+    labels=(("patch", patch), ("lr", lr)),
+  )
 
 
 def conv_tuned_lr(root: str, patch: int) -> float | None:
@@ -221,17 +284,25 @@ def _conv_jobs(args) -> list[Job]:
   """Tuning first (cheap patch sizes first), then the cells of every patch
   size whose tuning has finished (see conv_waiting)."""
   lrs = {patch: conv_tuned_lr(args.root, patch) for patch in PATCHES}
-  return ([_conv_tune_job(patch, lr) for patch in (4, 2, 1) for lr in CONV_TUNE_LRS]
-          + _conv_cells(args.seeds, {p: lr for p, lr in lrs.items() if lr}))
+  return [_conv_tune_job(patch, lr) for patch in (4, 2, 1) for lr in CONV_TUNE_LRS] + _conv_cells(
+    args.seeds, {p: lr for p, lr in lrs.items() if lr}
+  )
 
 
 def _conv_cells(seeds: int, lrs: dict[int, float]) -> list[Job]:
   """The converged cells of the patch sizes in `lrs`, at their rates, seed-major."""
   jobs = []
   for seed in range(seeds):
-    jobs += [Job(f"conv8_p{patch}_seed{seed}", "conv_patch", _conv_argv(patch, seed, lrs[patch]),
-                 labels=(("patch", patch), ("seed", seed)))
-             for patch in (4, 2, 1) if patch in lrs]
+    jobs += [
+      Job(
+        f"conv8_p{patch}_seed{seed}",
+        "conv_patch",
+        _conv_argv(patch, seed, lrs[patch]),
+        labels=(("patch", patch), ("seed", seed)),
+      )
+      for patch in (4, 2, 1)
+      if patch in lrs
+    ]
   # The ablations, seed-major, the paper's sharpest predictions first: no
   # position embedding and the global permutation, then sincos2d and the
   # local permutation.
@@ -241,14 +312,23 @@ def _conv_cells(seeds: int, lrs: dict[int, float]) -> list[Job]:
         if patch not in lrs:
           continue
         if posemb:
-          jobs.append(Job(f"conv8_p{patch}_{posemb}_seed{seed}", "conv_posemb",
-                          _conv_argv(patch, seed, lrs[patch], posemb=posemb),
-                          labels=(("patch", patch), ("posemb", posemb), ("seed", seed))))
+          jobs.append(
+            Job(
+              f"conv8_p{patch}_{posemb}_seed{seed}",
+              "conv_posemb",
+              _conv_argv(patch, seed, lrs[patch], posemb=posemb),
+              labels=(("patch", patch), ("posemb", posemb), ("seed", seed)),
+            )
+          )
         else:
-          jobs.append(Job(f"conv8_p{patch}_swaps{CONV_SWAPS}_d{delta}_seed{seed}",
-                          "conv_permute", _conv_argv(patch, seed, lrs[patch], swaps=CONV_SWAPS,
-                                                     swap_distance=delta),
-                          labels=(("patch", patch), ("delta", delta), ("seed", seed))))
+          jobs.append(
+            Job(
+              f"conv8_p{patch}_swaps{CONV_SWAPS}_d{delta}_seed{seed}",
+              "conv_permute",
+              _conv_argv(patch, seed, lrs[patch], swaps=CONV_SWAPS, swap_distance=delta),
+              labels=(("patch", patch), ("delta", delta), ("seed", seed)),
+            )
+          )
   return jobs
 
 
@@ -264,41 +344,86 @@ def _mae_jobs(args) -> list[Job]:
   for patch in (1, 2):
     model = f"variant=mu/{patch},{data},posemb=learn"
     pretrain = f"mae_fashion_mnist_p{patch}_pretrain"
-    jobs.append(Job(pretrain, "mae", (
-        "pixel_vit.main", f"--config=configs/mae_pixel.py:quick,{model}",
-        *_common(args.mae_steps, 0), "--config.mask_ratio=0.75",
-        "--config.model.norm_pix_loss=True", "--config.model.norm_pix_window=2",
-        "--config.optimizer.base_lr=1.5e-3"),
-        labels=(("patch", patch), ("stage", "pretrain"))))
+    jobs.append(
+      Job(
+        pretrain,
+        "mae",
+        (
+          "pixel_vit.main",
+          f"--config=configs/mae_pixel.py:quick,{model}",
+          *_common(args.mae_steps, 0),
+          "--config.mask_ratio=0.75",
+          "--config.model.norm_pix_loss=True",
+          "--config.model.norm_pix_window=2",
+          "--config.optimizer.base_lr=1.5e-3",
+        ),
+        labels=(("patch", patch), ("stage", "pretrain")),
+      )
+    )
     init = f"{ROOT}/{pretrain}"
-    for stage, mode, init_from, base_lr in (("finetune", "finetune", init, 4e-3),
-                                            ("scratch", "finetune", "", 4e-3),
-                                            ("probe", "probe", init, 2e-2)):
-      config = (f"configs/mae_finetune.py:quick,mode={mode},{model}"
-                + (f",init_from={init_from}" if init_from else ""))
-      jobs.append(Job(f"mae_fashion_mnist_p{patch}_{stage}", "mae", (
-          "pixel_vit.main", f"--config={config}", *_common(args.finetune_steps, 0, warmup=50),
-          f"--config.optimizer.base_lr={base_lr}"),
-          labels=(("patch", patch), ("stage", stage)), needs=(pretrain,) if init_from else ()))
+    for stage, mode, init_from, base_lr in (
+      ("finetune", "finetune", init, 4e-3),
+      ("scratch", "finetune", "", 4e-3),
+      ("probe", "probe", init, 2e-2),
+    ):
+      config = f"configs/mae_finetune.py:quick,mode={mode},{model}" + (
+        f",init_from={init_from}" if init_from else ""
+      )
+      jobs.append(
+        Job(
+          f"mae_fashion_mnist_p{patch}_{stage}",
+          "mae",
+          (
+            "pixel_vit.main",
+            f"--config={config}",
+            *_common(args.finetune_steps, 0, warmup=50),
+            f"--config.optimizer.base_lr={base_lr}",
+          ),
+          labels=(("patch", patch), ("stage", stage)),
+          needs=(pretrain,) if init_from else (),
+        )
+      )
   return jobs
 
 
 def _dit_jobs(args) -> list[Job]:
   classifier = f"{ROOT}/dit_digits_classifier"
-  jobs = [Job("dit_digits_classifier", "dit", (
-      "pixel_vit.main", "--config=configs/cls_pixel.py:quick"), labels=(("stage", "classifier"),))]
+  jobs = [
+    Job(
+      "dit_digits_classifier",
+      "dit",
+      ("pixel_vit.main", "--config=configs/cls_pixel.py:quick"),
+      labels=(("stage", "classifier"),),
+    )
+  ]
   for patch in (1, 2):
     config = f"--config=configs/dit_pixel.py:quick,variant=mu/{patch},classifier={classifier}"
-    jobs.append(Job(f"dit_digits_p{patch}", "dit", ("pixel_vit.main", config),
-                    labels=(("patch", patch), ("stage", "train")),
-                    needs=("dit_digits_classifier",)))
+    jobs.append(
+      Job(
+        f"dit_digits_p{patch}",
+        "dit",
+        ("pixel_vit.main", config),
+        labels=(("patch", patch), ("stage", "train")),
+        needs=("dit_digits_classifier",),
+      )
+    )
     # The trained run's workdir; the samples go to this job's own directory.
-    jobs.append(Job(f"dit_digits_p{patch}_samples", "dit", (
-        "pixel_vit.sample", config, f"--num_samples={args.dit_samples}",
-        f"--workdir={ROOT}/dit_digits_p{patch}",
-        f"--out={ROOT}/dit_digits_p{patch}_samples/samples"),
-        workdir_flag=False, labels=(("patch", patch), ("stage", "samples")),
-        needs=(f"dit_digits_p{patch}",)))
+    jobs.append(
+      Job(
+        f"dit_digits_p{patch}_samples",
+        "dit",
+        (
+          "pixel_vit.sample",
+          config,
+          f"--num_samples={args.dit_samples}",
+          f"--workdir={ROOT}/dit_digits_p{patch}",
+          f"--out={ROOT}/dit_digits_p{patch}_samples/samples",
+        ),
+        workdir_flag=False,
+        labels=(("patch", patch), ("stage", "samples")),
+        needs=(f"dit_digits_p{patch}",),
+      )
+    )
   return jobs
 
 
@@ -335,19 +460,26 @@ def run(root: str, job: Job, core: int | None = None) -> dict:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     pin = functools.partial(os.sched_setaffinity, 0, {core})
   with open(os.path.join(workdir, "log.txt"), "a") as log:
-    result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=pin)
+    result = subprocess.run(
+      command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin
+    )
   wall = time.time() - start
   if result.returncode:
-    raise SystemExit(f"[study] {job.name} failed (exit {result.returncode}); see "
-                     f"{workdir}/log.txt")
+    raise SystemExit(f"[study] {job.name} failed (exit {result.returncode}); see {workdir}/log.txt")
   reached, total = _last_step(workdir), _total_steps(job)
   if total is not None and reached != total:  # a SIGTERM saves, then exits 0
-    raise SystemExit(f"[study] {job.name} stopped at step {reached} of {total} (stopped from "
-                     "outside?); run the study again to resume it from its checkpoint")
-  record = {"argv": list(job.argv), "wall_s": wall, "finished": time.time(),
-            "load_average": os.getloadavg()[0], "machine": machine(),
-            "cores": 1 if core is not None else os.cpu_count()}
+    raise SystemExit(
+      f"[study] {job.name} stopped at step {reached} of {total} (stopped from "
+      "outside?); run the study again to resume it from its checkpoint"
+    )
+  record = {
+    "argv": list(job.argv),
+    "wall_s": wall,
+    "finished": time.time(),
+    "load_average": os.getloadavg()[0],
+    "machine": machine(),
+    "cores": 1 if core is not None else os.cpu_count(),
+  }
   with open(_record_path(root, job), "w") as f:
     json.dump(record, f, indent=2)
   print(f"[study] {job.name}: done in {wall / 60:.1f} min", flush=True)
@@ -435,8 +567,11 @@ class Results:
         self.records[job.name] = (job, record)
 
   def select(self, group: str, **labels) -> list[tuple[Job, dict]]:
-    return [(job, record) for job, record in self.records.values()
-            if job.group == group and all(job.label(k) == v for k, v in labels.items())]
+    return [
+      (job, record)
+      for job, record in self.records.values()
+      if job.group == group and all(job.label(k) == v for k, v in labels.items())
+    ]
 
   def metric(self, job: Job, key: str):
     if job.name not in self._metrics:  # every section reads the same files
@@ -477,9 +612,12 @@ def machine() -> str:
   except OSError:
     isa = "?"
   import jax  # noqa: PLC0415  (only for its version; no backend is started)
-  return (f"{model} ({isa}), {os.cpu_count()} cores, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
-          f"Python {platform.python_version()}, jax {jax.__version__}")
+
+  return (
+    f"{model} ({isa}), {os.cpu_count()} cores, "
+    f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
+    f"Python {platform.python_version()}, jax {jax.__version__}"
+  )
 
 
 def write_report(args, jobs: list[Job]) -> str:
@@ -487,28 +625,35 @@ def write_report(args, jobs: list[Job]) -> str:
   results = Results(args.root, jobs)
   waiting = conv_waiting(args)
   lines = [
-      "# Measured study: pixels vs patches on real data, 2 CPU cores",
-      "",
-      "Written by `python -m experiments.paper_study` from the runs' records "
-      f"({_provenance(results)}). Every number below is read from the runs' `metrics.jsonl`; "
-      "`python -m experiments.paper_study --report_only --root=DIR` rewrites this file and "
-      "its plots from any copy of [study_runs/](study_runs/). The paper's own numbers "
-      "(ImageNet, CIFAR-100, GPUs) are in the README; this is a small-scale check of the "
-      "same comparisons, not a reproduction of them.",
-      "",
-      f"**Runs.** {len(results.records)} of {len(jobs) + waiting} finished"
-      + (f" ({waiting} converged cells wait for their patch size's tuning)" if waiting else "")
-      + "; a cell marked — was not run yet (`python -m experiments.paper_study` runs only "
-      "what is missing).",
-      "",
+    "# Measured study: pixels vs patches on real data, 2 CPU cores",
+    "",
+    "Written by `python -m experiments.paper_study` from the runs' records "
+    f"({_provenance(results)}). Every number below is read from the runs' `metrics.jsonl`; "
+    "`python -m experiments.paper_study --report_only --root=DIR` rewrites this file and "
+    "its plots from any copy of [study_runs/](study_runs/). The paper's own numbers "
+    "(ImageNet, CIFAR-100, GPUs) are in the README; this is a small-scale check of the "
+    "same comparisons, not a reproduction of them.",
+    "",
+    f"**Runs.** {len(results.records)} of {len(jobs) + waiting} finished"
+    + (f" ({waiting} converged cells wait for their patch size's tuning)" if waiting else "")
+    + "; a cell marked — was not run yet (`python -m experiments.paper_study` runs only "
+    "what is missing).",
+    "",
   ]
   lines += _converged_sections(args, results)
-  lines += ['<a id="early"></a>', "", "# Early learning: 0.4 epochs at 16x16", "",
-            "The first study, kept as it was: every run stops after 200 steps, far from "
-            "convergence, so it measures how fast each tokenisation learns, not the paper's "
-            "converged claim (the sections above). How the order changes with the budget is "
-            "said there.", "",
-            "**Recipe (all classification runs of this part).** " + RECIPE, ""]
+  lines += [
+    '<a id="early"></a>',
+    "",
+    "# Early learning: 0.4 epochs at 16x16",
+    "",
+    "The first study, kept as it was: every run stops after 200 steps, far from "
+    "convergence, so it measures how fast each tokenisation learns, not the paper's "
+    "converged claim (the sections above). How the order changes with the budget is "
+    "said there.",
+    "",
+    "**Recipe (all classification runs of this part).** " + RECIPE,
+    "",
+  ]
   lines += _patch_section(args, results)
   lines += _posemb_section(args, results)
   lines += _permute_section(args, results)
@@ -522,13 +667,14 @@ def write_report(args, jobs: list[Job]) -> str:
 
 
 RECIPE = (
-    "the `mu` model (width 64, 4 blocks, 4 heads, MLP 256; ~0.2M parameters) from "
-    "`configs/cls_pixel.py:quick`, learned position embeddings from random init (the "
-    "paper's choice), global average pooling; 28x28 images resized to 16x16 (256 pixel "
-    "tokens at /1, 64 at /2, 16 at /4) because a 784-token PiT step here was ~5x dearer "
-    "and the study would not fit; batch 128, AdamW lr 1e-3, 50 warmup steps, cosine "
-    "decay, weight decay 0.05, no augmentation, test accuracy on the whole 10,000-image "
-    "test split.")
+  "the `mu` model (width 64, 4 blocks, 4 heads, MLP 256; ~0.2M parameters) from "
+  "`configs/cls_pixel.py:quick`, learned position embeddings from random init (the "
+  "paper's choice), global average pooling; 28x28 images resized to 16x16 (256 pixel "
+  "tokens at /1, 64 at /2, 16 at /4) because a 784-token PiT step here was ~5x dearer "
+  "and the study would not fit; batch 128, AdamW lr 1e-3, 50 warmup steps, cosine "
+  "decay, weight decay 0.05, no augmentation, test accuracy on the whole 10,000-image "
+  "test split."
+)
 
 
 def _provenance(results: "Results") -> str:
@@ -536,8 +682,11 @@ def _provenance(results: "Results") -> str:
   records = [record for _, record in results.records.values()]
   if not records:
     return "no run finished yet"
-  days = sorted(datetime.datetime.fromtimestamp(r["finished"], datetime.timezone.utc)
-                .date().isoformat() for r in records if "finished" in r)
+  days = sorted(
+    datetime.datetime.fromtimestamp(r["finished"], datetime.timezone.utc).date().isoformat()
+    for r in records
+    if "finished" in r
+  )
   machines = sorted({r["machine"] for r in records if "machine" in r})
   unrecorded = sum("machine" not in r for r in records)
   said = f"runs finished {days[0]} to {days[-1]}" if days else "run dates not recorded"
@@ -549,21 +698,23 @@ def _provenance(results: "Results") -> str:
 
 
 CONV_RECIPE = (
-    "The `mu` model (width 64, 4 blocks, 4 heads, MLP 256; ~0.2M parameters) with learned "
-    "position embeddings from random init (the paper's choice) and global average pooling; "
-    "Fashion-MNIST's 28x28 images resized to 8x8 (antialiased), so /1 has 64 pixel tokens, "
-    "/2 16 and /4 4; batch 128; AdamW (b2 0.999, weight decay 0.05, gradient clip 1), one "
-    "warmup epoch, then cosine decay to ~0 over the whole run, so each run ends at a small "
-    f"learning rate instead of being cut mid-schedule; {CONV_EPOCHS} epochs; light "
-    "augmentation: the CIFAR recipe's padded crop (1 pixel of black padding at 8x8, the "
-    "same 1/8 of the side as 4 pixels at 32x32) and horizontal flips (clothes are "
-    "mirror-symmetric), no mixup, RandAugment, erasing or label smoothing, which a 0.2M "
-    "model on 60,000 images does not need to stay off the train set; no dropout or drop "
-    "path. The whole 10,000-image test split is evaluated after every epoch. *Tuning*, the "
-    f"same for every patch size: the peak learning rate of {{{', '.join(f'{v:g}' for v in CONV_TUNE_LRS)}}} "
-    f"that scores best after {CONV_TUNE_EPOCHS} epochs of the same recipe on a held-out "
-    "fifth of the train file (48,000 train / 12,000 held out; seed 0), never the test split. "
-    "The ablations use their patch size's tuned rate.")
+  "The `mu` model (width 64, 4 blocks, 4 heads, MLP 256; ~0.2M parameters) with learned "
+  "position embeddings from random init (the paper's choice) and global average pooling; "
+  "Fashion-MNIST's 28x28 images resized to 8x8 (antialiased), so /1 has 64 pixel tokens, "
+  "/2 16 and /4 4; batch 128; AdamW (b2 0.999, weight decay 0.05, gradient clip 1), one "
+  "warmup epoch, then cosine decay to ~0 over the whole run, so each run ends at a small "
+  f"learning rate instead of being cut mid-schedule; {CONV_EPOCHS} epochs; light "
+  "augmentation: the CIFAR recipe's padded crop (1 pixel of black padding at 8x8, the "
+  "same 1/8 of the side as 4 pixels at 32x32) and horizontal flips (clothes are "
+  "mirror-symmetric), no mixup, RandAugment, erasing or label smoothing, which a 0.2M "
+  "model on 60,000 images does not need to stay off the train set; no dropout or drop "
+  "path. The whole 10,000-image test split is evaluated after every epoch. *Tuning*, the "
+  "same for every patch size: the peak learning rate of "
+  f"{{{', '.join(f'{v:g}' for v in CONV_TUNE_LRS)}}} "
+  f"that scores best after {CONV_TUNE_EPOCHS} epochs of the same recipe on a held-out "
+  "fifth of the train file (48,000 train / 12,000 held out; seed 0), never the test split. "
+  "The ablations use their patch size's tuned rate."
+)
 
 
 def eval_curve(workdir: str) -> list[tuple[int, float]]:
@@ -578,8 +729,9 @@ def eval_curve(workdir: str) -> list[tuple[int, float]]:
 
 
 def _conv_curves(results: "Results", group: str, **labels) -> list[list[tuple[int, float]]]:
-  return [eval_curve(os.path.join(results.root, job.name))
-          for job, _ in results.select(group, **labels)]
+  return [
+    eval_curve(os.path.join(results.root, job.name)) for job, _ in results.select(group, **labels)
+  ]
 
 
 def _plateau(curve: list[tuple[int, float]]) -> float | None:
@@ -615,14 +767,22 @@ def _crossings(a: list, b: list, per_epoch: int) -> list[str]:
 
 def _converged_sections(args, results: "Results") -> list[str]:
   per_epoch = FASHION_TRAIN // CONV_BATCH
-  lines = ['<a id="converged"></a>', "",
-           "# Pixels vs patches at convergence (8x8 Fashion-MNIST)", "",
-           "**Recipe.** " + CONV_RECIPE, ""]
+  lines = [
+    '<a id="converged"></a>',
+    "",
+    "# Pixels vs patches at convergence (8x8 Fashion-MNIST)",
+    "",
+    "**Recipe.** " + CONV_RECIPE,
+    "",
+  ]
   # tuning
-  lines += ["**Tuning** (held-out top-1 % after "
-            f"{CONV_TUNE_EPOCHS} epochs; bold: the rate each patch size then trains with):", "",
-            "| patch | " + " | ".join(f"lr {v:g}" for v in CONV_TUNE_LRS) + " |",
-            "|---|" + "---|" * len(CONV_TUNE_LRS)]
+  lines += [
+    "**Tuning** (held-out top-1 % after "
+    f"{CONV_TUNE_EPOCHS} epochs; bold: the rate each patch size then trains with):",
+    "",
+    "| patch | " + " | ".join(f"lr {v:g}" for v in CONV_TUNE_LRS) + " |",
+    "|---|" + "---|" * len(CONV_TUNE_LRS),
+  ]
   lrs = {}
   for patch in PATCHES:
     chosen = conv_tuned_lr(args.root, patch)
@@ -635,18 +795,28 @@ def _converged_sections(args, results: "Results") -> list[str]:
     lines.append(f"| /{patch} | " + " | ".join(cells) + " |")
   edge = [f"/{p}" for p, lr in lrs.items() if lr in (CONV_TUNE_LRS[0], CONV_TUNE_LRS[-1])]
   if edge:
-    lines += ["", f"The best rate of {', '.join(edge)} is at the edge of the grid: a wider grid "
-              "might find a better one."]
+    lines += [
+      "",
+      f"The best rate of {', '.join(edge)} is at the edge of the grid: a wider grid "
+      "might find a better one.",
+    ]
   # the patch table
-  lines += ["", '<a id="converged-patch"></a>', "",
-            f"## Patch size at convergence: /1 vs /2 vs /4 ({args.seeds} seeds)", "",
-            "Final test top-1 after the last epoch, mean ± std over seeds (model init, data "
-            "order and augmentation); *plateau*: the largest spread of a run's last 5 epochs "
-            "(the issue's test: under 0.3 points); *train FLOPs*: model FLOPs of one run "
-            "(3 x forward, `benchmarks.throughput.analytic_flops`); *wall*: minutes per run "
-            "on the 2 shared cores.", "",
-            "| patch | tokens | lr | test top-1 % | best epoch's top-1 % | plateau (points) "
-            "| train PFLOP | wall min / run |", "|---|---|---|---|---|---|---|---|"]
+  lines += [
+    "",
+    '<a id="converged-patch"></a>',
+    "",
+    f"## Patch size at convergence: /1 vs /2 vs /4 ({args.seeds} seeds)",
+    "",
+    "Final test top-1 after the last epoch, mean ± std over seeds (model init, data "
+    "order and augmentation); *plateau*: the largest spread of a run's last 5 epochs "
+    "(the issue's test: under 0.3 points); *train FLOPs*: model FLOPs of one run "
+    "(3 x forward, `benchmarks.throughput.analytic_flops`); *wall*: minutes per run "
+    "on the 2 shared cores.",
+    "",
+    "| patch | tokens | lr | test top-1 % | best epoch's top-1 % | plateau (points) "
+    "| train PFLOP | wall min / run |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   curves = {}
   for patch in PATCHES:
     runs = _conv_curves(results, "conv_patch", patch=patch)
@@ -657,20 +827,42 @@ def _converged_sections(args, results: "Results") -> list[str]:
     walls = [r["wall_s"] for _, r in results.select("conv_patch", patch=patch)]
     flops = _train_flops(patch) * CONV_EPOCHS * per_epoch * CONV_BATCH
     lines.append(
-        f"| /{patch} | {(CONV_SIZE // patch) ** 2} | {lrs[patch]:g} | " if lrs[patch] else
-        f"| /{patch} | {(CONV_SIZE // patch) ** 2} | — | ")
-    lines[-1] += " | ".join([fmt_pct(final), fmt_pct(best),
-                             f"{max(plateaus):.2f}" if plateaus else "—", f"{flops / 1e15:.2f}",
-                             f"{statistics.mean(walls) / 60:.0f}" if walls else "—"]) + " |"
+      f"| /{patch} | {(CONV_SIZE // patch) ** 2} | {lrs[patch]:g} | "
+      if lrs[patch]
+      else f"| /{patch} | {(CONV_SIZE // patch) ** 2} | — | "
+    )
+    lines[-1] += (
+      " | ".join(
+        [
+          fmt_pct(final),
+          fmt_pct(best),
+          f"{max(plateaus):.2f}" if plateaus else "—",
+          f"{flops / 1e15:.2f}",
+          f"{statistics.mean(walls) / 60:.0f}" if walls else "—",
+        ]
+      )
+      + " |"
+    )
   lines.append("")
   p1, p2, p4 = (results.top1("conv_patch", patch=p) for p in PATCHES)
-  said = [s for s in (compare(p1, p2, "/1", "/2"), compare(p2, p4, "/2", "/4"),
-                      compare(p1, p4, "/1", "/4")) if s]
+  said = [
+    s
+    for s in (compare(p1, p2, "/1", "/2"), compare(p2, p4, "/2", "/4"), compare(p1, p4, "/1", "/4"))
+    if s
+  ]
   lines += [f"* {s}." for s in said]
   lines += ["", _converged_verdict(results, p1, p2, p4, curves, per_epoch)]
-  lines += ["", "![test accuracy against epochs and training FLOPs](results_converged_curves.png)",
-            "", "Command of one cell (the others change `variant`, `seed` and the tuned lr):", "",
-            "```", _example(jobs_for_report(args), "conv_patch", fallback="conv_tune"), "```", ""]
+  lines += [
+    "",
+    "![test accuracy against epochs and training FLOPs](results_converged_curves.png)",
+    "",
+    "Command of one cell (the others change `variant`, `seed` and the tuned lr):",
+    "",
+    "```",
+    _example(jobs_for_report(args), "conv_patch", fallback="conv_tune"),
+    "```",
+    "",
+  ]
   _plot_converged(curves, per_epoch)
   lines += _converged_locality(args, results)
   lines += _converged_budget(args, results)
@@ -685,19 +877,24 @@ _TUNE_SHARE = CONV_EPOCHS * 5 / (CONV_TUNE_EPOCHS * 4)
 def _converged_budget(args, results: "Results") -> list[str]:
   """The plan from measured costs: minutes per cell of each patch size (its
   finished cells, else its tuning runs scaled by the images they saw)."""
-  lines = ['<a id="converged-budget"></a>', "", "## Budget of the converged study", "",
-           "Cost per run as measured here (wall minutes of the finished runs, which ran two at "
-           "a time, each on one core; a patch size with no finished cell yet is estimated from "
-           f"its tuning runs x {_TUNE_SHARE:.2f}, the ratio of images seen), and the plan it "
-           "gives for every cell of the study:", "",
-           "| patch | min / cell | how measured | cells (finished / all) | tuning min | "
-           "est. total h |", "|---|---|---|---|---|---|"]
+  lines = [
+    '<a id="converged-budget"></a>',
+    "",
+    "## Budget of the converged study",
+    "",
+    "Cost per run as measured here (wall minutes of the finished runs, which ran two at "
+    "a time, each on one core; a patch size with no finished cell yet is estimated from "
+    f"its tuning runs x {_TUNE_SHARE:.2f}, the ratio of images seen), and the plan it "
+    "gives for every cell of the study:",
+    "",
+    "| patch | min / cell | how measured | cells (finished / all) | tuning min | est. total h |",
+    "|---|---|---|---|---|---|",
+  ]
   all_cells = _conv_cells(args.seeds, dict.fromkeys(PATCHES, 1.0))
   total, unmeasured = 0.0, []
   for patch in PATCHES:
     cells = [job for job in all_cells if job.label("patch") == patch]
-    done = [results.records[job.name][1]["wall_s"] for job in cells
-            if job.name in results.records]
+    done = [results.records[job.name][1]["wall_s"] for job in cells if job.name in results.records]
     tuning = [record["wall_s"] for _, record in results.select("conv_tune", patch=patch)]
     if done:
       per_cell, how = statistics.mean(done) / 60, f"{len(done)} finished cell(s)"
@@ -710,14 +907,20 @@ def _converged_budget(args, results: "Results") -> list[str]:
     tune_min = sum(tuning) / 60 + (len(CONV_TUNE_LRS) - len(tuning)) * per_cell / _TUNE_SHARE
     hours = (len(cells) * per_cell + tune_min) / 60
     total += hours
-    lines.append(f"| /{patch} | {per_cell:.0f} | {how} | {len(done)} / {len(cells)} | "
-                 f"{tune_min:.0f} | {hours:.1f} |")
-  lines += ["", f"Summed compute for the plan: about {total:.1f} hours of runs"
-            + (f" without {' and '.join(unmeasured)}, not measured yet" if unmeasured else "")
-            + " (two run at once on the 2 cores, so the wall time is about half). Cut first "
-            "if it must be: "
-            "16x16 and MAE at convergence were not started; the seeds and epochs are "
-            "not cut.", ""]
+    lines.append(
+      f"| /{patch} | {per_cell:.0f} | {how} | {len(done)} / {len(cells)} | "
+      f"{tune_min:.0f} | {hours:.1f} |"
+    )
+  lines += [
+    "",
+    f"Summed compute for the plan: about {total:.1f} hours of runs"
+    + (f" without {' and '.join(unmeasured)}, not measured yet" if unmeasured else "")
+    + " (two run at once on the 2 cores, so the wall time is about half). Cut first "
+    "if it must be: "
+    "16x16 and MAE at convergence were not started; the seeds and epochs are "
+    "not cut.",
+    "",
+  ]
   return lines
 
 
@@ -725,6 +928,7 @@ def _converged_budget(args, results: "Results") -> list[str]:
 def _train_flops(patch: int) -> float:
   """Model FLOPs of one training image (3 x forward) of mu/patch at CONV_SIZE."""
   from benchmarks import throughput  # noqa: PLC0415  (imports the model: only for reports)
+
   return throughput.analytic_flops(f"mu/{patch}", CONV_SIZE, 1, 10, cls_token=False)["train"]
 
 
@@ -740,34 +944,52 @@ def _converged_verdict(results: "Results", p1, p2, p4, curves: dict, per_epoch: 
   elif gap < -noise:
     verdict = "disagrees with the paper: 2x2 patches beat pixels at equal model and recipe"
   else:
-    verdict = ("neither agrees nor disagrees: /1 and /2 are within twice their seed std, "
-               "which the paper's claim (/1 matches or beats /2) allows")
+    verdict = (
+      "neither agrees nor disagrees: /1 and /2 are within twice their seed std, "
+      "which the paper's claim (/1 matches or beats /2) allows"
+    )
   mean_curves = {p: _mean_curve(c) for p, c in curves.items() if c}
   cross = []
   for a, b in ((1, 2), (2, 4), (1, 4)):
     if a in mean_curves and b in mean_curves:
       epochs = _crossings(mean_curves[a], mean_curves[b], per_epoch)
-      cross.append(f"/{a} and /{b} " + (f"cross at epoch {', '.join(epochs)}" if epochs
-                                        else "never cross"))
+      cross.append(
+        f"/{a} and /{b} " + (f"cross at epoch {', '.join(epochs)}" if epochs else "never cross")
+      )
   early = _early_order(results, "fashion_mnist")
-  return ("**Against the paper.** At convergence the order is "
-          + " > ".join(f"/{p}" for p in order) + f", and /1 − /2 = {gap:+.2f} points: this "
-          + verdict + ". Mean curves: " + "; ".join(cross) + "."
-          + (" After 0.4 epochs at 16x16 (the early-learning section below) the order on "
-             "Fashion-MNIST was " + " > ".join(f"/{p}" for p in early) + "." if early else ""))
+  return (
+    "**Against the paper.** At convergence the order is "
+    + " > ".join(f"/{p}" for p in order)
+    + f", and /1 − /2 = {gap:+.2f} points: this "
+    + verdict
+    + ". Mean curves: "
+    + "; ".join(cross)
+    + "."
+    + (
+      " After 0.4 epochs at 16x16 (the early-learning section below) the order on "
+      "Fashion-MNIST was " + " > ".join(f"/{p}" for p in early) + "."
+      if early
+      else ""
+    )
+  )
 
 
 def _converged_locality(args, results: "Results") -> list[str]:
-  lines = ['<a id="converged-locality"></a>', "",
-           f"## Locality at convergence: position embedding and pixel permutation ({args.seeds} "
-           "seeds)", "",
-           "The same recipe and tuned rate per patch size; `learn` and *unpermuted* are the "
-           f"patch table's runs. Permutation: one fixed permutation (T = {CONV_SWAPS} swaps of "
-           "pixel pairs, one per pixel on average) of every image, applied after augmentation "
-           f"and before tokenisation, within δ = {CONV_DELTAS[0]} (neighbours: local) or δ = "
-           f"{CONV_DELTAS[1]} (anywhere in the {CONV_SIZE}x{CONV_SIZE} image: global). Final "
-           "test top-1 %, mean ± std.", "",
-           "| cell | /1 | /2 | /2 − /1 |", "|---|---|---|---|"]
+  lines = [
+    '<a id="converged-locality"></a>',
+    "",
+    f"## Locality at convergence: position embedding and pixel permutation ({args.seeds} seeds)",
+    "",
+    "The same recipe and tuned rate per patch size; `learn` and *unpermuted* are the "
+    f"patch table's runs. Permutation: one fixed permutation (T = {CONV_SWAPS} swaps of "
+    "pixel pairs, one per pixel on average) of every image, applied after augmentation "
+    f"and before tokenisation, within δ = {CONV_DELTAS[0]} (neighbours: local) or δ = "
+    f"{CONV_DELTAS[1]} (anywhere in the {CONV_SIZE}x{CONV_SIZE} image: global). Final "
+    "test top-1 %, mean ± std.",
+    "",
+    "| cell | /1 | /2 | /2 − /1 |",
+    "|---|---|---|---|",
+  ]
   rows = [("learn (unpermuted)", "conv_patch", {})]
   rows += [(f"posemb {k}", "conv_posemb", {"posemb": k}) for k in ("sincos2d", "none")]
   rows += [(f"permuted, δ = {d}", "conv_permute", {"delta": d}) for d in CONV_DELTAS]
@@ -775,7 +997,7 @@ def _converged_locality(args, results: "Results") -> list[str]:
   for name, group, labels in rows:
     a, b = (results.top1(group, patch=p, **labels) for p in (1, 2))
     cells[name] = (a, b)
-    diff = (f"{100 * (statistics.mean(b) - statistics.mean(a)):+.2f}" if a and b else "—")
+    diff = f"{100 * (statistics.mean(b) - statistics.mean(a)):+.2f}" if a and b else "—"
     lines.append(f"| {name} | {fmt_pct(a)} | {fmt_pct(b)} | {diff} |")
   lines.append("")
   base1, base2 = cells["learn (unpermuted)"]
@@ -786,8 +1008,15 @@ def _converged_locality(args, results: "Results") -> list[str]:
       sentence = compare(values, base, f"{name} at /{patch}", "learn/unpermuted")
       if sentence:
         lines.append(f"* {sentence}.")
-  lines += ["", _locality_verdict(cells), "",
-            "```", _example(jobs_for_report(args), "conv_permute", fallback="conv_tune"), "```", ""]
+  lines += [
+    "",
+    _locality_verdict(cells),
+    "",
+    "```",
+    _example(jobs_for_report(args), "conv_permute", fallback="conv_tune"),
+    "```",
+    "",
+  ]
   return lines
 
 
@@ -801,23 +1030,34 @@ def _locality_verdict(cells: dict) -> str:
       drop1 = 100 * (statistics.mean(base1) - statistics.mean(a))
       drop2 = 100 * (statistics.mean(base2) - statistics.mean(b))
       noise = 200 * max(mean_std(v)[1] for v in (a, b, base1, base2))
-      more = ("hurts /2 more than /1, as the paper predicts" if drop2 - drop1 > noise else
-              "hurts /1 more than /2, against the paper" if drop1 - drop2 > noise else
-              "hurts /1 and /2 alike (the difference of the drops is within twice the "
-              "largest seed std)")
-      said.append(f"δ = {delta}: the drop is {drop1:+.2f} points at /1 and {drop2:+.2f} at "
-                  f"/2, so permutation {more}")
+      more = (
+        "hurts /2 more than /1, as the paper predicts"
+        if drop2 - drop1 > noise
+        else "hurts /1 more than /2, against the paper"
+        if drop1 - drop2 > noise
+        else "hurts /1 and /2 alike (the difference of the drops is within twice the "
+        "largest seed std)"
+      )
+      said.append(
+        f"δ = {delta}: the drop is {drop1:+.2f} points at /1 and {drop2:+.2f} at "
+        f"/2, so permutation {more}"
+      )
   for kind in ("sincos2d", "none"):
     a, b = cells[f"posemb {kind}"]
     if a and base1 and b and base2:
-      said.append(f"posemb {kind} moves /1 by {100 * (statistics.mean(a) - statistics.mean(base1)):+.2f} "
-                  f"and /2 by {100 * (statistics.mean(b) - statistics.mean(base2)):+.2f} points "
-                  "against learned")
+      said.append(
+        f"posemb {kind} moves /1 by {100 * (statistics.mean(a) - statistics.mean(base1)):+.2f} "
+        f"and /2 by {100 * (statistics.mean(b) - statistics.mean(base2)):+.2f} points "
+        "against learned"
+      )
   if not said:
     return ""
-  return ("**Against the paper.** It predicts that a fixed permutation hurts a ViT/2 more "
-          "than a PiT/1 and that removing the position embedding costs little. Here: "
-          + "; ".join(said) + ".")
+  return (
+    "**Against the paper.** It predicts that a fixed permutation hurts a ViT/2 more "
+    "than a PiT/1 and that removing the position embedding costs little. Here: "
+    + "; ".join(said)
+    + "."
+  )
 
 
 def _plot_converged(curves: dict, per_epoch: int) -> None:
@@ -835,9 +1075,14 @@ def _plot_converged(curves: dict, per_epoch: int) -> None:
     seeds = f"{len(runs)} seed" + ("s" if len(runs) != 1 else "")
     label = f"/{patch} ({(CONV_SIZE // patch) ** 2} tokens, {seeds})"
     for axis, xs in ((by_epoch, epochs), (by_flops, flops)):
-      line, = axis.plot(xs, [100 * m for _, m, _, _ in mean], label=label)
-      axis.fill_between(xs, [100 * lo for *_, lo, _ in mean], [100 * hi for *_, hi in mean],
-                        alpha=0.25, color=line.get_color())
+      (line,) = axis.plot(xs, [100 * m for _, m, _, _ in mean], label=label)
+      axis.fill_between(
+        xs,
+        [100 * lo for *_, lo, _ in mean],
+        [100 * hi for *_, hi in mean],
+        alpha=0.25,
+        color=line.get_color(),
+      )
   by_epoch.set_xlabel("epoch")
   by_flops.set_xlabel("training FLOPs (model FLOPs, 3 x forward)")
   by_flops.set_xscale("log")
@@ -859,14 +1104,21 @@ def _example(jobs, group, fallback: str | None = None):
 
 
 def _patch_section(args, results: Results) -> list[str]:
-  lines = ['<a id="patch"></a>', "", "## Patch size: 1 (PiT) vs 2 vs 4 (ViT)", "",
-           f"Equal model, recipe and steps ({args.steps} steps of batch 128 ≈ "
-           f"{args.steps * 128 / 60000:.1f} epochs); mean ± std over seeds (model init and "
-           "data order). Train images/s: the real train step in a fresh process, one "
-           "benchmark run of each (the `speed` group).", "",
-           "| patch | tokens | " + " | ".join(DATASET_NAMES[d] + " top-1 %" for d in DATASETS)
-           + " | train img/s | MFU |",
-           "|---|---|" + "---|" * len(DATASETS) + "---|---|"]
+  lines = [
+    '<a id="patch"></a>',
+    "",
+    "## Patch size: 1 (PiT) vs 2 vs 4 (ViT)",
+    "",
+    f"Equal model, recipe and steps ({args.steps} steps of batch 128 ≈ "
+    f"{args.steps * 128 / 60000:.1f} epochs); mean ± std over seeds (model init and "
+    "data order). Train images/s: the real train step in a fresh process, one "
+    "benchmark run of each (the `speed` group).",
+    "",
+    "| patch | tokens | "
+    + " | ".join(DATASET_NAMES[d] + " top-1 %" for d in DATASETS)
+    + " | train img/s | MFU |",
+    "|---|---|" + "---|" * len(DATASETS) + "---|---|",
+  ]
   plot = {}
   for patch in PATCHES:
     row = [f"/{patch}", str((IMAGE_SIZE // patch) ** 2)]
@@ -875,11 +1127,14 @@ def _patch_section(args, results: Results) -> list[str]:
       row.append(fmt_pct(values))
       plot.setdefault(dataset, []).append((patch, values))
     speed = results.select("speed", patch=patch)
-    bench = (_read_json(os.path.join(args.root, speed[0][0].name, "throughput.json"))
-             if speed else None)
+    bench = (
+      _read_json(os.path.join(args.root, speed[0][0].name, "throughput.json")) if speed else None
+    )
     bench = bench[0] if bench and "error" not in bench[0] else None
-    row += [f"{bench['images_per_s']:.0f}" if bench else "—",
-            f"{100 * bench['mfu']:.1f}%" if bench else "—"]
+    row += [
+      f"{bench['images_per_s']:.0f}" if bench else "—",
+      f"{100 * bench['mfu']:.1f}%" if bench else "—",
+    ]
     lines.append("| " + " | ".join(row) + " |")
   lines.append("")
   for dataset in DATASETS:
@@ -888,9 +1143,17 @@ def _patch_section(args, results: Results) -> list[str]:
     if sentences:
       lines.append(f"* {DATASET_NAMES[dataset]}: " + "; ".join(sentences) + ".")
   lines += ["", _paper_direction(args, results)]
-  lines += ["", "![accuracy against patch size](results_patch_size.png)", "",
-            "Command of one cell (the others change `variant`, `dataset`, `seed`):", "",
-            "```", _example(jobs_for_report(args), "patch"), "```", ""]
+  lines += [
+    "",
+    "![accuracy against patch size](results_patch_size.png)",
+    "",
+    "Command of one cell (the others change `variant`, `dataset`, `seed`):",
+    "",
+    "```",
+    _example(jobs_for_report(args), "patch"),
+    "```",
+    "",
+  ]
   _plot_patch(plot)
   return lines
 
@@ -898,28 +1161,35 @@ def _patch_section(args, results: Results) -> list[str]:
 def _early_order(results: "Results", dataset: str) -> list[int] | None:
   """The early study's patch sizes on `dataset`, best mean first (None until
   every size has a finished run)."""
-  means = {p: statistics.mean(v) for p in PATCHES
-           if (v := results.top1("patch", dataset=dataset, patch=p))}
+  means = {
+    p: statistics.mean(v) for p in PATCHES if (v := results.top1("patch", dataset=dataset, patch=p))
+  }
   return sorted(PATCHES, key=lambda p: -means[p]) if len(means) == len(PATCHES) else None
 
 
 def _paper_direction(args, results: Results) -> str:
   """Whether the smaller patch won here, as the paper finds on CIFAR and ImageNet."""
-  orders = {dataset: order for dataset in DATASETS
-            if (order := _early_order(results, dataset))}
+  orders = {dataset: order for dataset in DATASETS if (order := _early_order(results, dataset))}
   if not orders:
     return ""
-  verdicts = [f"{DATASET_NAMES[d]} ranks " + " > ".join(f"/{p}" for p in order)
-              for d, order in orders.items()]
+  verdicts = [
+    f"{DATASET_NAMES[d]} ranks " + " > ".join(f"/{p}" for p in order) for d, order in orders.items()
+  ]
   agree = all(order[0] == 1 for order in orders.values())
-  return ("**Against the paper.** The paper finds smaller patches better (/1 ≥ /2 at "
-          "convergence, after hundreds of epochs). Here " + "; ".join(verdicts) + f", after "
-          f"{args.steps * 128 / 60000:.1f} epochs, far from convergence: this measures how "
-          "fast each tokenisation learns at a fixed small budget, not the paper's converged "
-          "claim. " + ("At this budget the order is the paper's." if agree else
-                       "At this budget the order is not the paper's: fewer, richer tokens "
-                       "learn faster (and /1 must learn 4x as many position embeddings from "
-                       "random init)."))
+  return (
+    "**Against the paper.** The paper finds smaller patches better (/1 ≥ /2 at "
+    "convergence, after hundreds of epochs). Here " + "; ".join(verdicts) + f", after "
+    f"{args.steps * 128 / 60000:.1f} epochs, far from convergence: this measures how "
+    "fast each tokenisation learns at a fixed small budget, not the paper's converged "
+    "claim. "
+    + (
+      "At this budget the order is the paper's."
+      if agree
+      else "At this budget the order is not the paper's: fewer, richer tokens "
+      "learn faster (and /1 must learn 4x as many position embeddings from "
+      "random init)."
+    )
+  )
 
 
 def jobs_for_report(args):
@@ -930,25 +1200,49 @@ def _posemb_section(args, results: Results) -> list[str]:
   learned = results.top1("patch", dataset="fashion_mnist", patch=1)
   rows = [("learn (random init)", learned)]
   rows += [(kind, results.top1("posemb", posemb=kind)) for kind in ("sincos2d", "none")]
-  lines = ['<a id="posemb"></a>', "", "## Position embedding at /1 (Fashion-MNIST)", "",
-           "Same recipe as above; `learn` is the patch table's /1 row.", "",
-           "| position embedding | top-1 % |", "|---|---|"]
+  lines = [
+    '<a id="posemb"></a>',
+    "",
+    "## Position embedding at /1 (Fashion-MNIST)",
+    "",
+    "Same recipe as above; `learn` is the patch table's /1 row.",
+    "",
+    "| position embedding | top-1 % |",
+    "|---|---|",
+  ]
   lines += [f"| {name} | {fmt_pct(values)} |" for name, values in rows]
-  lines += [""] + [f"* {s}." for s in (compare(rows[1][1], learned, "sincos2d", "learn"),
-                                       compare(rows[2][1], learned, "none", "learn")) if s]
-  lines += ["", "```", "python -m " + " ".join(_cls_argv("fashion_mnist", 1, 0, args.steps,
-                                                         posemb="none")), "```", ""]
+  lines += [""] + [
+    f"* {s}."
+    for s in (
+      compare(rows[1][1], learned, "sincos2d", "learn"),
+      compare(rows[2][1], learned, "none", "learn"),
+    )
+    if s
+  ]
+  lines += [
+    "",
+    "```",
+    "python -m " + " ".join(_cls_argv("fashion_mnist", 1, 0, args.steps, posemb="none")),
+    "```",
+    "",
+  ]
   return lines
 
 
 def _permute_section(args, results: Results) -> list[str]:
-  lines = ['<a id="permute"></a>', "", "## Pixel permutation (Fashion-MNIST)", "",
-           "T swaps of pixel pairs at most δ apart (Chebyshev distance; δ = 16 is anywhere "
-           "in the 16x16 image), one fixed permutation (seed 0) for every image, applied "
-           "after augmentation and before tokenisation, so /1 and /2 see the same scrambled "
-           "pixels. One seed per cell; T = 0 is the patch table's mean over seeds.", "",
-           "| δ \\ T | " + " | ".join(f"{t}" for t in sorted({t for t, _ in PERMUTE_GRID}))
-           + " |", "|---|" + "---|" * len({t for t, _ in PERMUTE_GRID})]
+  lines = [
+    '<a id="permute"></a>',
+    "",
+    "## Pixel permutation (Fashion-MNIST)",
+    "",
+    "T swaps of pixel pairs at most δ apart (Chebyshev distance; δ = 16 is anywhere "
+    "in the 16x16 image), one fixed permutation (seed 0) for every image, applied "
+    "after augmentation and before tokenisation, so /1 and /2 see the same scrambled "
+    "pixels. One seed per cell; T = 0 is the patch table's mean over seeds.",
+    "",
+    "| δ \\ T | " + " | ".join(f"{t}" for t in sorted({t for t, _ in PERMUTE_GRID})) + " |",
+    "|---|" + "---|" * len({t for t, _ in PERMUTE_GRID}),
+  ]
   plot = {}
   for patch in (2, 1):
     base = results.top1("patch", dataset="fashion_mnist", patch=patch)
@@ -962,12 +1256,20 @@ def _permute_section(args, results: Results) -> list[str]:
       lines.append(f"| /{patch}, δ={delta} | " + " | ".join(cells) + " |")
       plot[(patch, delta)] = points
     if base:
-      lines.append(f"| /{patch}, T=0 | {fmt_pct(base)} |" + " |" * (
-          len({t for t, _ in PERMUTE_GRID}) - 1))
+      lines.append(
+        f"| /{patch}, T=0 | {fmt_pct(base)} |" + " |" * (len({t for t, _ in PERMUTE_GRID}) - 1)
+      )
   lines += ["", _permutation_verdict(plot, results)]
-  lines += ["", "![accuracy against permutation strength](results_permutation.png)", "",
-            "```", "python -m " + " ".join(_cls_argv("fashion_mnist", 2, 0, args.steps,
-                                                     swaps=512, swap_distance=4)), "```", ""]
+  lines += [
+    "",
+    "![accuracy against permutation strength](results_permutation.png)",
+    "",
+    "```",
+    "python -m "
+    + " ".join(_cls_argv("fashion_mnist", 2, 0, args.steps, swaps=512, swap_distance=4)),
+    "```",
+    "",
+  ]
   _plot_permutation(plot)
   return lines
 
@@ -986,16 +1288,26 @@ def _permutation_verdict(plot: dict, results: Results) -> str:
     lower = sum(v < mean - noise for v in cells)
     higher = sum(v > mean + noise for v in cells)
     lowered, raised = lowered + lower, raised + higher
-    parts.append(f"/{patch}: {lower} of {len(cells)} permuted cells below the unpermuted "
-                 f"mean ({100 * mean:.2f}) by more than twice its seed std, {higher} above it, "
-                 f"{len(cells) - lower - higher} within")
+    parts.append(
+      f"/{patch}: {lower} of {len(cells)} permuted cells below the unpermuted "
+      f"mean ({100 * mean:.2f}) by more than twice its seed std, {higher} above it, "
+      f"{len(cells) - lower - higher} within"
+    )
   if not parts:
     return ""
-  return ("**Against the paper.** The paper finds that scrambling pixel locality costs a "
-          "ViT/2 more than a PiT/1, which is close to permutation-invariant. Here, after 0.4 "
-          "epochs and one seed per cell: " + "; ".join(parts) + ". At this budget a fixed "
-          f"permutation {'mostly raised accuracy instead of lowering it' if raised > lowered else 'mostly lowered accuracy' if lowered > raised else 'moved accuracy both ways'}"
-          " (one seed per cell, against the seed spread of the unpermuted runs).")
+  if raised > lowered:
+    effect = "mostly raised accuracy instead of lowering it"
+  elif lowered > raised:
+    effect = "mostly lowered accuracy"
+  else:
+    effect = "moved accuracy both ways"
+  return (
+    "**Against the paper.** The paper finds that scrambling pixel locality costs a "
+    "ViT/2 more than a PiT/1, which is close to permutation-invariant. Here, after 0.4 "
+    "epochs and one seed per cell: " + "; ".join(parts) + ". At this budget a fixed "
+    f"permutation {effect}"
+    " (one seed per cell, against the seed spread of the unpermuted runs)."
+  )
 
 
 def _mae_verdict(rows: dict) -> str:
@@ -1004,33 +1316,51 @@ def _mae_verdict(rows: dict) -> str:
   for patch, row in sorted(rows.items()):
     if row.get("finetune") is not None and row.get("scratch") is not None:
       gain = 100 * (row["finetune"] - row["scratch"])
-      said.append(f"at /{patch} fine-tuning from MAE {'beats' if gain > 0 else 'trails'} "
-                  f"the same recipe from scratch by {abs(gain):.1f} points")
+      said.append(
+        f"at /{patch} fine-tuning from MAE {'beats' if gain > 0 else 'trails'} "
+        f"the same recipe from scratch by {abs(gain):.1f} points"
+      )
   if all(rows.get(p, {}).get("finetune") is not None for p in (1, 2)):
     diff = 100 * (rows[1]["finetune"] - rows[2]["finetune"])
-    said.append(f"/1 fine-tuned is {abs(diff):.1f} points {'above' if diff > 0 else 'below'} "
-                "/2 fine-tuned")
+    said.append(
+      f"/1 fine-tuned is {abs(diff):.1f} points {'above' if diff > 0 else 'below'} /2 fine-tuned"
+    )
   if not said:
     return ""
-  gains = [r["finetune"] > r["scratch"] for r in rows.values()
-           if r.get("finetune") is not None and r.get("scratch") is not None]
+  gains = [
+    r["finetune"] > r["scratch"]
+    for r in rows.values()
+    if r.get("finetune") is not None and r.get("scratch") is not None
+  ]
   pit_ahead = (rows.get(1, {}).get("finetune") or 0) >= (rows.get(2, {}).get("finetune") or 1)
-  return ("**Against the paper.** The paper finds MAE pre-training helps and PiT/1 slightly "
-          "ahead of ViT/2 after fine-tuning (CIFAR-100, 86.0 vs 85.7 for Tiny). Here (one seed, "
-          "400 + 200 steps): " + "; ".join(said) + ". The pre-training gain "
-          f"{'agrees with the paper' if gains and all(gains) else 'does not hold everywhere'}; "
-          f"the /1 vs /2 order {'agrees too' if pit_ahead else 'does not (it is the fixed-budget order of the patch table)'}.")
+  return (
+    "**Against the paper.** The paper finds MAE pre-training helps and PiT/1 slightly "
+    "ahead of ViT/2 after fine-tuning (CIFAR-100, 86.0 vs 85.7 for Tiny). Here (one seed, "
+    "400 + 200 steps): " + "; ".join(said) + ". The pre-training gain "
+    f"{'agrees with the paper' if gains and all(gains) else 'does not hold everywhere'}; "
+    "the /1 vs /2 order "
+    + (
+      "agrees too." if pit_ahead else "does not (it is the fixed-budget order of the patch table)."
+    )
+  )
 
 
 def _mae_section(args, results: Results) -> list[str]:
-  lines = ['<a id="mae"></a>', "", "## MAE pre-training (Fashion-MNIST, 16x16)", "",
-           f"MAE pre-training for {args.mae_steps} steps (75% of the tokens masked, targets "
-           "normalised over 2x2 windows so /1 and /2 learn the same targets, decoder 64 wide "
-           f"and 2 deep), then {args.finetune_steps} steps of each of: fine-tuning the "
-           "pre-trained encoder, the same fine-tune recipe from random init, and a linear "
-           "probe of the frozen encoder (configs/mae_finetune.py:quick's recipes). One seed.",
-           "", "| patch | MAE eval masked MSE | fine-tuned from MAE | same recipe from scratch "
-           "| linear probe |", "|---|---|---|---|---|"]
+  lines = [
+    '<a id="mae"></a>',
+    "",
+    "## MAE pre-training (Fashion-MNIST, 16x16)",
+    "",
+    f"MAE pre-training for {args.mae_steps} steps (75% of the tokens masked, targets "
+    "normalised over 2x2 windows so /1 and /2 learn the same targets, decoder 64 wide "
+    f"and 2 deep), then {args.finetune_steps} steps of each of: fine-tuning the "
+    "pre-trained encoder, the same fine-tune recipe from random init, and a linear "
+    "probe of the frozen encoder (configs/mae_finetune.py:quick's recipes). One seed.",
+    "",
+    "| patch | MAE eval masked MSE | fine-tuned from MAE | same recipe from scratch "
+    "| linear probe |",
+    "|---|---|---|---|---|",
+  ]
   rows = {}
   for patch in (1, 2):
     pre = results.select("mae", patch=patch, stage="pretrain")
@@ -1038,48 +1368,70 @@ def _mae_section(args, results: Results) -> list[str]:
     cells = [f"{mse:.4f}" if mse is not None else "—"]
     rows[patch] = {}
     for stage in ("finetune", "scratch", "probe"):
-      top1 = [results.metric(job, "eval/top1") for job, _ in
-              results.select("mae", patch=patch, stage=stage)]
+      top1 = [
+        results.metric(job, "eval/top1")
+        for job, _ in results.select("mae", patch=patch, stage=stage)
+      ]
       cells.append(fmt_pct(top1))
       rows[patch][stage] = top1[0] if top1 and top1[0] is not None else None
     lines.append(f"| /{patch} | " + " | ".join(cells) + " |")
   lines += ["", _mae_verdict(rows)]
   pictures = []
   for patch in (1, 2):
-    source = _newest_picture(os.path.join(args.root, f"mae_fashion_mnist_p{patch}_pretrain"),
-                             "reconstructions_")
+    source = _newest_picture(
+      os.path.join(args.root, f"mae_fashion_mnist_p{patch}_pretrain"), "reconstructions_"
+    )
     if source:
       target = f"results_mae_reconstructions_p{patch}.png"
       shutil.copyfile(source, os.path.join(DOCS, target))
       pictures.append(f"![MAE /{patch} reconstructions]({target})")
-  lines += ["", "Reconstructions at the end of pre-training (columns: original, masked input, "
-            "reconstruction, reconstruction with the visible tokens pasted back; /1 left, /2 "
-            "right):", "", " ".join(pictures), "", "```",
-            _example(jobs_for_report(args), "mae"), "```", ""]
+  lines += [
+    "",
+    "Reconstructions at the end of pre-training (columns: original, masked input, "
+    "reconstruction, reconstruction with the visible tokens pasted back; /1 left, /2 "
+    "right):",
+    "",
+    " ".join(pictures),
+    "",
+    "```",
+    _example(jobs_for_report(args), "mae"),
+    "```",
+    "",
+  ]
   return lines
 
 
 def _dit_section(args, results: Results) -> list[str]:
-  lines = ['<a id="dit"></a>', "", "## DiT: /1 vs /2 (8x8 digits)", "",
-           "`configs/dit_pixel.py:quick` (3,000 steps, EMA 0.995) with `variant=mu/1` (64 "
-           "pixel tokens) and `mu/2` (16 tokens of 2x2), then "
-           f"`pixel_vit.sample` of {args.dit_samples} class-balanced samples (50 DDPM steps, "
-           "guidance 1.5). Features for FID / precision / recall and the accuracy of the "
-           "samples' labels come from the project's own digits classifier "
-           "(`cls_pixel.py:quick`, trained by this group); the reference is its features of "
-           "the 1,437 train digits. The digits are 8x8 because a DiT step on 16x16 MNIST was "
-           "too slow for this machine (the sampler runs the model 100 times per sample).", "",
-           "| patch | tokens | FID | accuracy on samples | IS | precision / recall |",
-           "|---|---|---|---|---|---|"]
+  lines = [
+    '<a id="dit"></a>',
+    "",
+    "## DiT: /1 vs /2 (8x8 digits)",
+    "",
+    "`configs/dit_pixel.py:quick` (3,000 steps, EMA 0.995) with `variant=mu/1` (64 "
+    "pixel tokens) and `mu/2` (16 tokens of 2x2), then "
+    f"`pixel_vit.sample` of {args.dit_samples} class-balanced samples (50 DDPM steps, "
+    "guidance 1.5). Features for FID / precision / recall and the accuracy of the "
+    "samples' labels come from the project's own digits classifier "
+    "(`cls_pixel.py:quick`, trained by this group); the reference is its features of "
+    "the 1,437 train digits. The digits are 8x8 because a DiT step on 16x16 MNIST was "
+    "too slow for this machine (the sampler runs the model 100 times per sample).",
+    "",
+    "| patch | tokens | FID | accuracy on samples | IS | precision / recall |",
+    "|---|---|---|---|---|---|",
+  ]
   pictures = []
   for patch in (1, 2):
-    metrics = _read_json(os.path.join(args.root, f"dit_digits_p{patch}_samples",
-                                      "samples.json")) if results.select(
-        "dit", patch=patch, stage="samples") else None
+    metrics = (
+      _read_json(os.path.join(args.root, f"dit_digits_p{patch}_samples", "samples.json"))
+      if results.select("dit", patch=patch, stage="samples")
+      else None
+    )
     if metrics:
-      lines.append(f"| /{patch} | {(8 // patch) ** 2} | {metrics['fid']:.2f} | "
-                   f"{100 * metrics['accuracy']:.1f}% | {metrics['inception_score']:.2f} | "
-                   f"{metrics['precision']:.2f} / {metrics['recall']:.2f} |")
+      lines.append(
+        f"| /{patch} | {(8 // patch) ** 2} | {metrics['fid']:.2f} | "
+        f"{100 * metrics['accuracy']:.1f}% | {metrics['inception_score']:.2f} | "
+        f"{metrics['precision']:.2f} / {metrics['recall']:.2f} |"
+      )
       source = os.path.join(args.root, f"dit_digits_p{patch}_samples", "samples.png")
       target = f"results_dit_samples_p{patch}.png"
       if os.path.exists(source):
@@ -1087,15 +1439,33 @@ def _dit_section(args, results: Results) -> list[str]:
         pictures.append(f"![DiT /{patch} samples]({target})")
     else:
       lines.append(f"| /{patch} | {(8 // patch) ** 2} | — | — | — | — |")
-  lines += ["", "Samples (rows: classes 0-9; /1 left, /2 right):", "", " ".join(pictures), "",
-            "```", *("python -m " + " ".join(j.argv) for j in jobs_for_report(args)
-                     if j.group == "dit" and j.label("patch") == 1), "```", ""]
+  lines += [
+    "",
+    "Samples (rows: classes 0-9; /1 left, /2 right):",
+    "",
+    " ".join(pictures),
+    "",
+    "```",
+    *(
+      "python -m " + " ".join(j.argv)
+      for j in jobs_for_report(args)
+      if j.group == "dit" and j.label("patch") == 1
+    ),
+    "```",
+    "",
+  ]
   return lines
 
 
 def _wall_section(results: Results) -> list[str]:
-  lines = ['<a id="wall"></a>', "", "## Wall time", "", "| group | runs | wall time (min) |",
-           "|---|---|---|"]
+  lines = [
+    '<a id="wall"></a>',
+    "",
+    "## Wall time",
+    "",
+    "| group | runs | wall time (min) |",
+    "|---|---|---|",
+  ]
   total = 0.0
   for group in GROUPS:
     runs = results.select(group)
@@ -1104,12 +1474,16 @@ def _wall_section(results: Results) -> list[str]:
       total += wall
       lines.append(f"| {group} | {len(runs)} | {wall / 60:.0f} |")
   lines += [f"| all | {len(results.records)} | {total / 60:.0f} |", ""]
-  loads = [record["load_average"] for _, record in results.records.values()
-           if "load_average" in record]
+  loads = [
+    record["load_average"] for _, record in results.records.values() if "load_average" in record
+  ]
   if loads:
-    lines += [f"The 1-minute load average at the end of the runs ranged {min(loads):.1f}-"
-              f"{max(loads):.1f} on {os.cpu_count()} cores: above the core count, runs shared "
-              "the machine and their wall times are longer than alone.", ""]
+    lines += [
+      f"The 1-minute load average at the end of the runs ranged {min(loads):.1f}-"
+      f"{max(loads):.1f} on {os.cpu_count()} cores: above the core count, runs shared "
+      "the machine and their wall times are longer than alone.",
+      "",
+    ]
   return lines
 
 
@@ -1129,6 +1503,7 @@ def _pyplot():
     return None
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
+
   return plt
 
 
@@ -1141,8 +1516,14 @@ def _plot_patch(plot: dict) -> None:
     points = [(p, v) for p, v in points if v]
     if points:
       stats = [mean_std([100 * x for x in v]) for _, v in points]
-      axis.errorbar([p for p, _ in points], [m for m, _ in stats], yerr=[s for _, s in stats],
-                    marker="o", capsize=4, label=DATASET_NAMES[dataset])
+      axis.errorbar(
+        [p for p, _ in points],
+        [m for m, _ in stats],
+        yerr=[s for _, s in stats],
+        marker="o",
+        capsize=4,
+        label=DATASET_NAMES[dataset],
+      )
   axis.set_xscale("log", base=2)
   axis.set_xticks(PATCHES, [f"/{p}" for p in PATCHES])
   axis.set_xlabel("patch size (tokens: 256, 64, 16)")
@@ -1162,9 +1543,13 @@ def _plot_permutation(plot: dict) -> None:
   figure, axis = plt.subplots(figsize=(5.5, 3.5))
   for (patch, delta), points in sorted(plot.items()):
     if len(points) > 1:
-      axis.plot([max(t, 8) for t, _ in points], [100 * v for _, v in points],
-                marker="o" if patch == 1 else "s", linestyle="-" if patch == 2 else "--",
-                label=f"/{patch}, δ={delta}")
+      axis.plot(
+        [max(t, 8) for t, _ in points],
+        [100 * v for _, v in points],
+        marker="o" if patch == 1 else "s",
+        linestyle="-" if patch == 2 else "--",
+        label=f"/{patch}, δ={delta}",
+      )
   axis.set_xscale("log", base=2)
   axis.set_xlabel("T swaps (leftmost point: T = 0)")
   axis.set_ylabel("test top-1 %")
@@ -1182,21 +1567,31 @@ def _plot_permutation(plot: dict) -> None:
 def parse_flags(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--root", default="/tmp/pixel_vit_study", help="where the workdirs go")
-  p.add_argument("--only", default=",".join(GROUPS),
-                 help=f"comma-separated groups of {list(GROUPS)}")
-  p.add_argument("--match", default="",
-                 help="only the runs whose name contains this (e.g. _p2_), to split a group "
-                      "between processes")
+  p.add_argument(
+    "--only", default=",".join(GROUPS), help=f"comma-separated groups of {list(GROUPS)}"
+  )
+  p.add_argument(
+    "--match",
+    default="",
+    help="only the runs whose name contains this (e.g. _p2_), to split a group between processes",
+  )
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--steps", type=int, default=200, help="classification steps per run")
   p.add_argument("--mae_steps", type=int, default=400)
   p.add_argument("--finetune_steps", type=int, default=200)
   p.add_argument("--dit_samples", type=int, default=1000)
-  p.add_argument("--parallel", type=int, default=1,
-                 help="runs at a time, each pinned to one core with one XLA thread (2 on 2 "
-                      "cores: 1.19x the images/s of one run on both, for mu/1 at 8x8)")
-  p.add_argument("--records", default=os.path.join(DOCS, "study_runs"),
-                 help="copy each finished run's records here (empty: nowhere)")
+  p.add_argument(
+    "--parallel",
+    type=int,
+    default=1,
+    help="runs at a time, each pinned to one core with one XLA thread (2 on 2 "
+    "cores: 1.19x the images/s of one run on both, for mu/1 at 8x8)",
+  )
+  p.add_argument(
+    "--records",
+    default=os.path.join(DOCS, "study_runs"),
+    help="copy each finished run's records here (empty: nowhere)",
+  )
   p.add_argument("--report_only", action="store_true", help="only rewrite docs/results.md")
   p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
   args = p.parse_args(argv)
@@ -1254,8 +1649,10 @@ def run_all(args) -> None:
   if args.parallel == 1:
     worker(None)
   else:
-    threads = [threading.Thread(target=worker, args=(core % (os.cpu_count() or 1),))
-               for core in range(args.parallel)]
+    threads = [
+      threading.Thread(target=worker, args=(core % (os.cpu_count() or 1),))
+      for core in range(args.parallel)
+    ]
     for thread in threads:
       thread.start()
     for thread in threads:

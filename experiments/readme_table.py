@@ -2,6 +2,7 @@
 markers): each row's experiment and its commands, for the scripts and tests
 that act on every experiment (experiments/tpu_plan.py,
 tests/test_readme_commands.py)."""
+
 from __future__ import annotations
 
 import os

@@ -19,6 +19,7 @@ traffic against the chip's published peaks.
   python -m experiments.tpu_plan --match=DiT      # the rows whose name contains DiT
   python -m experiments.tpu_plan --report_only    # rewrite docs/tpu_plan.md from the reports
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,18 @@ PLAN = os.path.join(REPO, "docs", "tpu_plan.md")
 # The slices tried, in order: v5e (the cheapest chip) from 4 to 64 chips,
 # then v5p (6x the HBM per chip) from 4 to 64 chips. A row that fits none
 # says so, with the compiler's numbers.
-LADDER = ("v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:4x8", "v5e:8x8",
-          "v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4")
-
+LADDER = (
+  "v5e:2x2",
+  "v5e:2x4",
+  "v5e:4x4",
+  "v5e:4x8",
+  "v5e:8x8",
+  "v5p:2x2x1",
+  "v5p:2x2x2",
+  "v5p:2x2x4",
+  "v5p:2x4x4",
+  "v5p:4x4x4",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +67,17 @@ class Row:
 def readme_rows() -> list[Row]:
   """The experiments table's rows and their training commands' config flags
   (`pixel_vit.main` commands; a DiT row's sampler is one of its programs)."""
-  return [Row(name, tuple(tuple(w for w in shlex.split(command) if w.startswith("--config"))
-                          for command in commands
-                          if command.startswith("python -m pixel_vit.main ")))
-          for name, commands in readme_table.rows()]
+  return [
+    Row(
+      name,
+      tuple(
+        tuple(w for w in shlex.split(command) if w.startswith("--config"))
+        for command in commands
+        if command.startswith("python -m pixel_vit.main ")
+      ),
+    )
+    for name, commands in readme_table.rows()
+  ]
 
 
 def versions() -> str:
@@ -82,32 +99,51 @@ def compile_report(flags: tuple[str, ...], topology: str, *, recompile: bool) ->
       record = json.load(f)
     # Errors (not a memory refusal) are compiled again: they may have been
     # the machine's, not the config's.
-    if (record.get("flags") == list(flags) and record.get("versions") == versions()
-        and "error" not in record):
+    if (
+      record.get("flags") == list(flags)
+      and record.get("versions") == versions()
+      and "error" not in record
+    ):
       return record
   os.makedirs(RUNS, exist_ok=True)
-  command = [sys.executable, "-m", "pixel_vit.compile", f"--topology={topology}",
-             f"--json_out={path}.part", *flags]
+  command = [
+    sys.executable,
+    "-m",
+    "pixel_vit.compile",
+    f"--topology={topology}",
+    f"--json_out={path}.part",
+    *flags,
+  ]
   print(f"[plan] {' '.join(shlex.quote(c) for c in command[1:])}", flush=True)
   start = time.time()
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
   if not os.path.exists(f"{path}.part"):  # an error before any report: keep its message
     stderr = result.stderr.strip()
-    message = (stderr.split("\nerror: ")[-1].splitlines()[0] if "\nerror: " in stderr
-               else " | ".join(stderr.splitlines()[-3:]) or "no output")
+    message = (
+      stderr.split("\nerror: ")[-1].splitlines()[0]
+      if "\nerror: " in stderr
+      else " | ".join(stderr.splitlines()[-3:]) or "no output"
+    )
     record = dict(error=message)
   else:
     with open(f"{path}.part") as f:
       record = json.load(f)
     os.remove(f"{path}.part")
-  record.update(flags=list(flags), topology=topology, versions=versions(),
-                exit_code=result.returncode, wall_seconds=round(time.time() - start, 1),
-                date=datetime.date.today().isoformat())
+  record.update(
+    flags=list(flags),
+    topology=topology,
+    versions=versions(),
+    exit_code=result.returncode,
+    wall_seconds=round(time.time() - start, 1),
+    date=datetime.date.today().isoformat(),
+  )
   with open(path, "w") as f:
     json.dump(record, f, indent=1)
-  print(f"[plan]   exit {result.returncode} in {record['wall_seconds']:.0f} s: "
-        f"{'fits' if record.get('fits') else record.get('error') or 'does not fit'}",
-        flush=True)
+  print(
+    f"[plan]   exit {result.returncode} in {record['wall_seconds']:.0f} s: "
+    f"{'fits' if record.get('fits') else record.get('error') or 'does not fit'}",
+    flush=True,
+  )
   return record
 
 
@@ -144,22 +180,28 @@ def stored_report(flags: tuple[str, ...], topology: str) -> dict | None:
 
 # ---------------------------------------------------------------- the report
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def _refusal_note(record: dict) -> str:
   if "error" in record:
     return record["error"]
-  refused = [f"{r['program']}: {r['compiler_says'].rstrip('.')}"
-             for r in record.get("refused", [])]
-  over = [f"{p['name']} peak {p['peak_bytes'] / GIB:.1f} GiB" for p in record.get("programs", [])
-          if p["margin_bytes"] < 0]
+  refused = [f"{r['program']}: {r['compiler_says'].rstrip('.')}" for r in record.get("refused", [])]
+  over = [
+    f"{p['name']} peak {p['peak_bytes'] / GIB:.1f} GiB"
+    for p in record.get("programs", [])
+    if p["margin_bytes"] < 0
+  ]
   return "; ".join(refused + over)
 
 
 def _collectives(program: dict) -> str:
-  return ", ".join(f"{c['kind']} {c['count']:g}x {c['bytes'] / GIB:.2g} GiB"
-                   for c in program["collectives"]) or "none"
+  return (
+    ", ".join(
+      f"{c['kind']} {c['count']:g}x {c['bytes'] / GIB:.2g} GiB" for c in program["collectives"]
+    )
+    or "none"
+  )
 
 
 def _duration(seconds: float) -> str:
@@ -168,8 +210,11 @@ def _duration(seconds: float) -> str:
 
 def _auto_choices(record: dict) -> str:
   """'remat full, attention splash' (encoder and decoder alike count once)."""
-  seen = dict.fromkeys(f"{c['setting'].split('=')[0].split('.')[-1]} {c['chose']}"
-                       for c in record["choices"] if "train_step" in c["programs"])
+  seen = dict.fromkeys(
+    f"{c['setting'].split('=')[0].split('.')[-1]} {c['chose']}"
+    for c in record["choices"]
+    if "train_step" in c["programs"]
+  )
   return ", ".join(seen)
 
 
@@ -187,38 +232,39 @@ def slice_summary(entry: dict) -> str:
 
 def format_plan(planned: list[dict]) -> str:
   lines = [
-      "# The paper's experiments on TPU: slices from real compiles",
-      "",
-      "<!-- written by python -m experiments.tpu_plan; do not edit by hand -->",
-      "",
-      "**These are compiles, not runs.** No TPU has run these programs. Each row's",
-      "training command(s) from README's experiments table, with the paper's global",
-      "batch and the config's schedule, were compiled by `python -m pixel_vit.compile`",
-      "on a 2-core CPU machine with libtpu (the real TPU compiler, Mosaic kernels",
-      "included) for compile-only TPU devices, trying the slices "
-      + ", ".join(f"`{t}`" for t in LADDER) + " in order;",
-      "the first on which every program of every command fits is the row's slice",
-      "(data parallel, as the configs are: `config.mesh.fsdp` would shard the state).",
-      "",
-      "- *train step*: its peak memory per chip (arguments, outputs and live",
-      "  temporaries, the compiler's figure) and what is left of the HBM the",
-      "  compiler lets a program use; its matmul FLOPs per chip, counted in the",
-      "  traced program (every scan iteration and Pallas kernel block); an estimate",
-      "  of its HBM traffic from the compiled HLO (each fusion reads its operands",
-      "  and writes its result once); its collectives per step and chip.",
-      "- *other programs*: the evaluation step, MAE's reconstruction grid, DiT's",
-      "  sampler (250 steps at `config.fid.batch_size`, guidance 1.5): their peaks.",
-      "- *est. step / chip-hours*: an **estimate**, not a measurement: max(FLOPs /",
-      "  bf16 peak, HBM traffic / HBM bandwidth) per step, times the config's",
-      "  training steps and the slice's chips; evaluation and input not included.",
-      "  Real steps reach perhaps 40-70% of such a bound. The configs compute in",
-      "  float32 as written (`--config.model.dtype=bfloat16` halves activations and",
-      "  their traffic), which is why every row is memory-bound.",
-      "",
-      "| experiment | command | slice | train step: peak / left GiB | TFLOP | HBM traffic GiB "
-      "| collectives | other programs: peak GiB | auto | est. step | steps | est. chip-hours "
-      "| compile s |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "# The paper's experiments on TPU: slices from real compiles",
+    "",
+    "<!-- written by python -m experiments.tpu_plan; do not edit by hand -->",
+    "",
+    "**These are compiles, not runs.** No TPU has run these programs. Each row's",
+    "training command(s) from README's experiments table, with the paper's global",
+    "batch and the config's schedule, were compiled by `python -m pixel_vit.compile`",
+    "on a 2-core CPU machine with libtpu (the real TPU compiler, Mosaic kernels",
+    "included) for compile-only TPU devices, trying the slices "
+    + ", ".join(f"`{t}`" for t in LADDER)
+    + " in order;",
+    "the first on which every program of every command fits is the row's slice",
+    "(data parallel, as the configs are: `config.mesh.fsdp` would shard the state).",
+    "",
+    "- *train step*: its peak memory per chip (arguments, outputs and live",
+    "  temporaries, the compiler's figure) and what is left of the HBM the",
+    "  compiler lets a program use; its matmul FLOPs per chip, counted in the",
+    "  traced program (every scan iteration and Pallas kernel block); an estimate",
+    "  of its HBM traffic from the compiled HLO (each fusion reads its operands",
+    "  and writes its result once); its collectives per step and chip.",
+    "- *other programs*: the evaluation step, MAE's reconstruction grid, DiT's",
+    "  sampler (250 steps at `config.fid.batch_size`, guidance 1.5): their peaks.",
+    "- *est. step / chip-hours*: an **estimate**, not a measurement: max(FLOPs /",
+    "  bf16 peak, HBM traffic / HBM bandwidth) per step, times the config's",
+    "  training steps and the slice's chips; evaluation and input not included.",
+    "  Real steps reach perhaps 40-70% of such a bound. The configs compute in",
+    "  float32 as written (`--config.model.dtype=bfloat16` halves activations and",
+    "  their traffic), which is why every row is memory-bound.",
+    "",
+    "| experiment | command | slice | train step: peak / left GiB | TFLOP | HBM traffic GiB "
+    "| collectives | other programs: peak GiB | auto | est. step | steps | est. chip-hours "
+    "| compile s |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   notes = []
   for entry in planned:
@@ -227,54 +273,68 @@ def format_plan(planned: list[dict]) -> str:
       lines.append(f"| {row.name} | | **{slice_summary(entry)}** |" + " |" * 10)
       if not entry["missing"] and entry["tried"]:
         last_topology, last_reports = entry["tried"][-1]
-        notes.append(f"- {row.name}: on {last_topology}: " + "; ".join(
-            _refusal_note(r) for r in last_reports if not r.get("fits")))
+        notes.append(
+          f"- {row.name}: on {last_topology}: "
+          + "; ".join(_refusal_note(r) for r in last_reports if not r.get("fits"))
+        )
       continue
     for record in entry["reports"]:
       programs = {p["name"]: p for p in record["programs"]}
       train = programs["train_step"]
-      others = ", ".join(f"{name} {p['peak_bytes'] / GIB:.2f}" for name, p in programs.items()
-                         if name != "train_step")
+      others = ", ".join(
+        f"{name} {p['peak_bytes'] / GIB:.2f}"
+        for name, p in programs.items()
+        if name != "train_step"
+      )
       estimate = record["estimate"]
       compile_s = sum(p["compile_seconds"] for p in programs.values())
       lines.append(
-          f"| {row.name} | `{' '.join(record['flags'])}` | {record['slice']} | "
-          f"{train['peak_bytes'] / GIB:.2f} / {train['margin_bytes'] / GIB:.2f} | "
-          f"{train['flops'] / 1e12:.3g} | {train['hbm_traffic_bytes'] / GIB:.3g} | "
-          f"{_collectives(train)} | {others} | {_auto_choices(record)} | "
-          f"{_duration(estimate['step_seconds'])} ({estimate['bound']}) | "
-          f"{estimate['steps']:,} | {estimate['chip_hours']:.3g} | {compile_s:.0f} |")
-    refused = [(t, r) for t, reports in entry["tried"][:-1] for r in reports
-               if not r.get("fits")]
+        f"| {row.name} | `{' '.join(record['flags'])}` | {record['slice']} | "
+        f"{train['peak_bytes'] / GIB:.2f} / {train['margin_bytes'] / GIB:.2f} | "
+        f"{train['flops'] / 1e12:.3g} | {train['hbm_traffic_bytes'] / GIB:.3g} | "
+        f"{_collectives(train)} | {others} | {_auto_choices(record)} | "
+        f"{_duration(estimate['step_seconds'])} ({estimate['bound']}) | "
+        f"{estimate['steps']:,} | {estimate['chip_hours']:.3g} | {compile_s:.0f} |"
+      )
+    refused = [(t, r) for t, reports in entry["tried"][:-1] for r in reports if not r.get("fits")]
     if refused:
-      notes.append(f"- {row.name}: " + "; ".join(
-          f"`{t}`: {_refusal_note(r)}" for t, r in refused))
+      notes.append(f"- {row.name}: " + "; ".join(f"`{t}`: {_refusal_note(r)}" for t, r in refused))
   if notes:
     lines += ["", "## Smaller slices the compiler refused", ""] + notes
   reports = [r for entry in planned for _, tried in entry["tried"] for r in tried]
   dates = sorted({r["date"] for r in reports if "date" in r}) or ["?"]
   when = f"from {dates[0]} to {dates[-1]}" if len(dates) > 1 else f"on {dates[0]}"
   built = ", ".join(sorted({r["versions"] for r in reports if "versions" in r})) or versions()
-  lines += ["", f"Compiled with {built} {when} (compile "
-            "seconds on 2 shared CPU cores); reports in `docs/tpu_plan_runs/`. Regenerate: "
-            "`python -m experiments.tpu_plan` (about an hour on 2 cores; reports already "
-            "there for the same command and versions are reused).", ""]
+  lines += [
+    "",
+    f"Compiled with {built} {when} (compile "
+    "seconds on 2 shared CPU cores); reports in `docs/tpu_plan_runs/`. Regenerate: "
+    "`python -m experiments.tpu_plan` (about an hour on 2 cores; reports already "
+    "there for the same command and versions are reused).",
+    "",
+  ]
   return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m experiments.tpu_plan",
-                                   description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.tpu_plan", description=__doc__.split("\n")[0]
+  )
   parser.add_argument("--match", default="", help="only rows whose name contains this")
-  parser.add_argument("--report_only", action="store_true",
-                      help="compile nothing: rewrite the plan from the reports there are")
+  parser.add_argument(
+    "--report_only",
+    action="store_true",
+    help="compile nothing: rewrite the plan from the reports there are",
+  )
   parser.add_argument("--recompile", action="store_true", help="ignore existing reports")
   args = parser.parse_args(argv)
   if args.report_only:
     report_for = stored_report
   else:
+
     def report_for(flags, topology):
       return compile_report(flags, topology, recompile=args.recompile)
+
   planned = []
   for row in readme_rows():
     if args.match not in row.name:

@@ -18,6 +18,7 @@ one is restored instead; a save that fails stops the run with one message,
 removes its temporary directory and leaves the earlier checkpoints as they
 were.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,6 +62,7 @@ class RunIdentity:
   scan and remat may change between runs (e.g. resuming on another
   machine), so they are not part of it. Fields a task does not have are None
   and are not written."""
+
   task: str  # 'classification', 'mae' or 'diffusion'
   variant: str  # SIZE/PATCH
   posemb: str
@@ -79,8 +81,12 @@ class RunIdentity:
     """The identity of the run `config` trains on `train_split`: one rule
     for every task."""
     model, task = config.model, config.task
-    fields = dict(task=task, variant=model.variant, posemb=model.posemb,
-                  image_shape=tuple(int(x) for x in train_split.images.shape[1:]))
+    fields = dict(
+      task=task,
+      variant=model.variant,
+      posemb=model.posemb,
+      image_shape=tuple(int(x) for x in train_split.images.shape[1:]),
+    )
     if task in ("classification", "mae"):
       fields["tokenizer"] = model.get("tokenizer", "linear")
     if task in ("classification", "diffusion"):
@@ -89,8 +95,13 @@ class RunIdentity:
       fields["pool"] = model.pool
     if task == "mae":
       decoder = model.decoder
-      fields["decoder"] = (decoder.width, decoder.depth, decoder.heads, decoder.mlp_dim,
-                           decoder.posemb)
+      fields["decoder"] = (
+        decoder.width,
+        decoder.depth,
+        decoder.heads,
+        decoder.mlp_dim,
+        decoder.posemb,
+      )
     if task == "diffusion":
       fields["learn_sigma"] = bool(model.learn_sigma)
       fields["latent"] = bool(train_split.is_latent)
@@ -98,9 +109,11 @@ class RunIdentity:
 
   def to_json(self) -> dict:
     """The checkpoint's `metadata` item (tuples as lists, None left out)."""
-    return {f.name: list(value) if isinstance(value, tuple) else value
-            for f in dataclasses.fields(self)
-            if (value := getattr(self, f.name)) is not None}
+    return {
+      f.name: list(value) if isinstance(value, tuple) else value
+      for f in dataclasses.fields(self)
+      if (value := getattr(self, f.name)) is not None
+    }
 
   @classmethod
   def from_json(cls, metadata: dict) -> "RunIdentity":
@@ -111,8 +124,9 @@ class RunIdentity:
     if absent:
       raise ValueError(f"its metadata has no {absent[0]!r} ({sorted(metadata)})")
     known = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v
-                  for k, v in metadata.items() if k in known})
+    return cls(
+      **{k: tuple(v) if isinstance(v, list) else v for k, v in metadata.items() if k in known}
+    )
 
   def differences(self, saved: dict) -> dict[str, tuple]:
     """{field: (saved value, this value)} for every field of this identity
@@ -136,7 +150,7 @@ def first_line(error: BaseException, limit: int = 300) -> str:
   JSON spec on its first line)."""
   text = str(error).strip().splitlines()
   line = f"{type(error).__name__}: {text[0] if text else ''}".strip()
-  return line if len(line) <= limit else line[:limit - 3] + "..."
+  return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def describe_io_error(error: BaseException) -> str:
@@ -148,8 +162,9 @@ def describe_io_error(error: BaseException) -> str:
   if not reason:
     return first_line(error)
   array = re.search(r'Error (writing|reading) "([^"]+)"', text)
-  return (f"{reason.group(1)} (errno {reason.group(2)})"
-          + (f" {array.group(1)} array {array.group(2)!r}" if array else ""))
+  return f"{reason.group(1)} (errno {reason.group(2)})" + (
+    f" {array.group(1)} array {array.group(2)!r}" if array else ""
+  )
 
 
 def describe_damage(step_directory: str, error: BaseException) -> str:
@@ -168,8 +183,9 @@ def describe_damage(step_directory: str, error: BaseException) -> str:
   if process and not os.path.exists(os.path.join(step_directory, "state", process.group(1))):
     return f"state/{process.group(1)}/ is missing"
   state = os.path.join(step_directory, "state")
-  if (os.path.exists(os.path.join(state, "manifest.ocdbt"))
-      and not any(n.startswith("ocdbt.process_") for n in os.listdir(state))):
+  if os.path.exists(os.path.join(state, "manifest.ocdbt")) and not any(
+    n.startswith("ocdbt.process_") for n in os.listdir(state)
+  ):
     return "state/ocdbt.process_*/ (the arrays' data) is missing"
   if isinstance(error, DamagedCheckpointError):
     return str(error)
@@ -185,8 +201,9 @@ def describe_damage(step_directory: str, error: BaseException) -> str:
   size = re.search(r"byte range \[\d+, (\d+)\) is not valid for value of size (\d+)", text)
   if size:
     return f"{where or 'a data file'} is truncated ({size.group(2)} bytes, {size.group(1)} read)"
-  line = re.sub(r"\s*\[tensorstore_spec=.*", "", text.strip().splitlines()[0] if text.strip()
-                else "")
+  line = re.sub(
+    r"\s*\[tensorstore_spec=.*", "", text.strip().splitlines()[0] if text.strip() else ""
+  )
   line = re.sub(r"\s*See full TensorStore details:.*", "", line)
   line = re.sub(r"<bound method [^>]*>|<[^<>]* object at 0x[0-9a-f]+>", "<...>", line)
   line = f"{type(error).__name__}: {line}" + (f" [{where}]" if where else "")
@@ -195,8 +212,10 @@ def describe_damage(step_directory: str, error: BaseException) -> str:
 
 # asyncio's words for a task or future (any class: Task, Future,
 # _GatheringFuture for orbax's gathered reads) whose exception nobody awaited.
-_UNAWAITED_TASK_ECHOES = re.compile(r"(\w+ exception was never retrieved|Task was destroyed "
-                                    r"but it is pending)(\n|$)")
+_UNAWAITED_TASK_ECHOES = re.compile(
+  r"(\w+ exception was never retrieved|Task was destroyed "
+  r"but it is pending)(\n|$)"
+)
 
 
 def _is_closed_loop_error(error: BaseException | None) -> bool:
@@ -217,23 +236,24 @@ def _is_echo_of_reported_failure(unraisable) -> bool:
   over a failure this module reported: at exit, its garbage collection
   re-raises that failure as `Exception ignored in <coroutine ...>`."""
   code = getattr(unraisable.object, "cr_code", None)
-  return (_reported_io_failure and code is not None
-          and f"{os.sep}orbax{os.sep}" in code.co_filename)
+  return _reported_io_failure and code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
 def _drop_io_echo(record: pylogging.LogRecord) -> bool:
   """A logging filter: False for the echoes `quiet_failed_io_echoes` names."""
   error = record.exc_info[1] if record.exc_info else None
-  return not (_is_closed_loop_error(error)
-              or _UNAWAITED_TASK_ECHOES.match(str(record.msg)) is not None)
+  return not (
+    _is_closed_loop_error(error) or _UNAWAITED_TASK_ECHOES.match(str(record.msg)) is not None
+  )
 
 
 def _one_line_orbax_errors(record: pylogging.LogRecord) -> bool:
   """A logging filter: an error orbax logs from its save threads keeps its
   first line and loses its traceback (the run's own message follows it)."""
   if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
-    record.msg = (describe_io_error(record.exc_info[1]) if record.exc_info[1]
-                  else record.getMessage())
+    record.msg = (
+      describe_io_error(record.exc_info[1]) if record.exc_info[1] else record.getMessage()
+    )
     record.args, record.exc_info, record.exc_text = None, None, None
   return True
 
@@ -259,7 +279,9 @@ def quiet_failed_io_echoes() -> None:
     return
 
   def hook(unraisable):
-    if not (_is_closed_loop_error(unraisable.exc_value) or _is_echo_of_reported_failure(unraisable)):
+    if not (
+      _is_closed_loop_error(unraisable.exc_value) or _is_echo_of_reported_failure(unraisable)
+    ):
       previous(unraisable)
 
   hook._drops_closed_event_loops = True
@@ -279,24 +301,37 @@ class Checkpointer:
   the metadata, with barriers through `jax.distributed`.
   """
 
-  def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True,
-               read_only: bool = False):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    save_every: int,
+    keep: int,
+    async_save: bool = True,
+    read_only: bool = False,
+  ):
     """`read_only` (a sampler beside a training run): orbax writes and
     creates nothing, and a restore never moves a damaged step aside."""
     if keep < 1:
-      raise ValueError(f"config.keep_checkpoints={keep} would delete every checkpoint, the "
-                       "final one included; set it to 1 or more.")
+      raise ValueError(
+        f"config.keep_checkpoints={keep} would delete every checkpoint, the "
+        "final one included; set it to 1 or more."
+      )
     self.directory = checkpoint_directory(workdir)
     self.damaged_directory = os.path.join(os.path.dirname(self.directory), DAMAGED)
     self._saving_step: int | None = None  # an async save not yet known to have committed
     self.read_only = read_only
     quiet_failed_io_echoes()
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=keep,
-            enable_async_checkpointing=async_save, read_only=read_only,
-            create=not read_only))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every,
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        read_only=read_only,
+        create=not read_only,
+      ),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -307,13 +342,19 @@ class Checkpointer:
   def should_save(self, step: int, *, force: bool = False) -> bool:
     return force or self.manager.should_save(step)
 
-  def save(self, step: int, state: Any, identity: RunIdentity, *, force: bool = False,
-           data_position: dict | None = None) -> bool:
+  def save(
+    self,
+    step: int,
+    state: Any,
+    identity: RunIdentity,
+    *,
+    force: bool = False,
+    data_position: dict | None = None,
+  ) -> bool:
     """Starts an (async) save when one is due; a failure, this one's or the
     previous async one's, raises CheckpointSaveError. `data_position` (a
     streamed input's, data/stream.py) is saved as its own JSON item, `data`."""
-    items = dict(state=ocp.args.StandardSave(state),
-                 metadata=ocp.args.JsonSave(identity.to_json()))
+    items = dict(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(identity.to_json()))
     if data_position is not None:
       items["data"] = ocp.args.JsonSave(data_position)
     try:
@@ -344,24 +385,28 @@ class Checkpointer:
     ended = not self.manager.is_saving_in_progress()
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       ended = bool(multihost_utils.process_allgather(np.int32(ended)).all())
     if ended:
       self.wait(stopped_at=step)
 
-  def _save_failed(self, step: int | None, error: BaseException, *,
-                   stopped_at: int | None = None):
+  def _save_failed(self, step: int | None, error: BaseException, *, stopped_at: int | None = None):
     _note_reported_failure()
     removed = self._remove_temporaries()
     kept = [s for s in self.all_steps() if s != step]
-    stopped = (f" The run stopped at step {stopped_at}; steps after {kept[-1] if kept else 0} "
-               "are not saved." if stopped_at is not None else "")
+    stopped = (
+      f" The run stopped at step {stopped_at}; steps after {kept[-1] if kept else 0} are not saved."
+      if stopped_at is not None
+      else ""
+    )
     raise CheckpointSaveError(
-        f"saving checkpoint step {step} to {self.directory} failed ({describe_io_error(error)})."
-        f"{stopped} "
-        f"Earlier checkpoints are intact (steps {kept or 'none'})"
-        f"{'; removed its partial ' + ', '.join(removed) if removed else ''}. Free disk space "
-        "or fix the directory's permissions, then rerun the same command: it resumes from "
-        "the newest checkpoint.") from error
+      f"saving checkpoint step {step} to {self.directory} failed ({describe_io_error(error)})."
+      f"{stopped} "
+      f"Earlier checkpoints are intact (steps {kept or 'none'})"
+      f"{'; removed its partial ' + ', '.join(removed) if removed else ''}. Free disk space "
+      "or fix the directory's permissions, then rerun the same command: it resumes from "
+      "the newest checkpoint."
+    ) from error
 
   def _remove_temporaries(self) -> list[str]:
     if jax.process_index() != 0:
@@ -386,12 +431,12 @@ class Checkpointer:
     the item existed)."""
     if not epath.Path(self.directory, str(step), "data").exists():
       return None
-    return self.manager.restore(
-        step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+    return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
 
   def read_metadata(self, step: int) -> dict:
     return self.manager.restore(
-        step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+      step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())
+    ).metadata
 
   def restore(self, abstract_state: Any, identity: RunIdentity, step: int | None = None) -> Any:
     """Restores onto the shardings in `abstract_state` (ShapeDtypeStructs).
@@ -414,72 +459,93 @@ class Checkpointer:
       except Exception as e:  # a damaged checkpoint raises anything tensorstore can
         if step is not None:
           raise
-        failures.append((candidate, describe_damage(os.path.join(self.directory,
-                                                                 str(candidate)), e)))
+        failures.append(
+          (candidate, describe_damage(os.path.join(self.directory, str(candidate)), e))
+        )
         _note_reported_failure()  # below: in a warning, or in the error
         continue
       for damaged, error in failures:
         if self.read_only:
-          logging.warning("checkpoint step %d in %s could not be read (%s); using step %d, "
-                          "the newest that reads (read-only: nothing moved).", damaged,
-                          self.directory, error, candidate)
+          logging.warning(
+            "checkpoint step %d in %s could not be read (%s); using step %d, "
+            "the newest that reads (read-only: nothing moved).",
+            damaged,
+            self.directory,
+            error,
+            candidate,
+          )
           continue
         where = self._set_aside(damaged)
-        logging.warning("checkpoint step %d in %s could not be read (%s); moved it to %s and "
-                        "resumed from step %d instead.", damaged, self.directory, error, where,
-                        candidate)
+        logging.warning(
+          "checkpoint step %d in %s could not be read (%s); moved it to %s and "
+          "resumed from step %d instead.",
+          damaged,
+          self.directory,
+          error,
+          where,
+          candidate,
+        )
       return restored
     listing = "; ".join(f"step {s}: {error}" for s, error in failures)
     raise NoRestorableCheckpointError(
-        f"no checkpoint in {self.directory} could be read ({listing}). Nothing was moved or "
-        "deleted. If the files are damaged, move them away (or use a fresh --workdir); if "
-        "the config changed, run with the config they were written with.")
+      f"no checkpoint in {self.directory} could be read ({listing}). Nothing was moved or "
+      "deleted. If the files are damaged, move them away (or use a fresh --workdir); if "
+      "the config changed, run with the config they were written with."
+    )
 
   def _restore_step(self, step: int, abstract_state: Any, identity: RunIdentity) -> Any:
     saved = self.read_metadata(step)
     missing = [k for k in RunIdentity.REQUIRED if not isinstance(saved, dict) or k not in saved]
     if missing:  # what a crash mid-write leaves: damage, not another model
       raise DamagedCheckpointError(
-          f"its identity metadata ({self.directory}/{step}/metadata) is "
-          f"{'empty' if not saved else 'incomplete'}: no {', '.join(missing)}")
+        f"its identity metadata ({self.directory}/{step}/metadata) is "
+        f"{'empty' if not saved else 'incomplete'}: no {', '.join(missing)}"
+      )
     mismatched = identity.differences(saved)
     if mismatched:
-      details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}"
-                          for k, (a, b) in mismatched.items())
+      details = ", ".join(
+        f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items()
+      )
       raise CheckpointMismatchError(
-          f"checkpoint {self.directory}/{step} does not match the config ({details}). "
-          + self._mismatch_fix())
+        f"checkpoint {self.directory}/{step} does not match the config ({details}). "
+        + self._mismatch_fix()
+      )
     try:
       restored = self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+      )
     except ValueError as e:
       if not any(words in str(e) for words in _STRUCTURE_MISMATCH):
         raise
       raise CheckpointMismatchError(
-          f"checkpoint {self.directory}/{step} holds a different train state than the "
-          f"config builds ({' '.join(str(e).split()[:40])}), e.g. another optimizer, EMA "
-          "setting or config.on_nonfinite mode. " + self._mismatch_fix()) from e
+        f"checkpoint {self.directory}/{step} holds a different train state than the "
+        f"config builds ({' '.join(str(e).split()[:40])}), e.g. another optimizer, EMA "
+        "setting or config.on_nonfinite mode. " + self._mismatch_fix()
+      ) from e
     return restored.state
 
   def _mismatch_fix(self) -> str:
     if self.read_only:  # reading a trained run: its config is the fix, not a new workdir
-      return ("Read it with the config it was trained with (the --config and --config.* "
-              f"flags of its training command; {os.path.dirname(self.directory)}/config.json "
-              "records them).")
-    return ("Use a fresh --workdir, or set the config back to what the checkpoint was "
-            "trained with.")
+      return (
+        "Read it with the config it was trained with (the --config and --config.* "
+        f"flags of its training command; {os.path.dirname(self.directory)}/config.json "
+        "records them)."
+      )
+    return "Use a fresh --workdir, or set the config back to what the checkpoint was trained with."
 
   def _set_aside(self, step: int) -> str:
     """Moves a damaged step out of orbax's sight (all processes agree first)."""
     target = os.path.join(self.damaged_directory, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"set_aside_{step}")
     if jax.process_index() == 0:
       epath.Path(self.damaged_directory).mkdir(parents=True, exist_ok=True)
       epath.Path(self.directory, str(step)).rename(target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"set_aside_{step}_done")
     self.manager.reload()
     return target
@@ -514,10 +580,11 @@ def locate(path: str) -> tuple[epath.Path, int]:
   where = epath.Path(path if "://" in path else os.path.abspath(path))
   if not where.exists():
     raise ValueError(
-        f"config.init_from={path!r} does not exist. Point it at a pre-training "
-        "workdir (e.g. the --workdir of configs/mae_pixel.py), its 'checkpoints' "
-        "directory or one 'checkpoints/<step>' directory; set it to '' to train from "
-        "random initialisation.")
+      f"config.init_from={path!r} does not exist. Point it at a pre-training "
+      "workdir (e.g. the --workdir of configs/mae_pixel.py), its 'checkpoints' "
+      "directory or one 'checkpoints/<step>' directory; set it to '' to train from "
+      "random initialisation."
+    )
   if _steps(where / "checkpoints"):  # a workdir
     directory = where / "checkpoints"
     return directory, _steps(directory)[-1]
@@ -526,25 +593,28 @@ def locate(path: str) -> tuple[epath.Path, int]:
   if where.name.isdigit() and int(where.name) in _steps(where.parent):  # checkpoints/<step>
     return where.parent, int(where.name)
   raise ValueError(
-      f"config.init_from={path!r} holds no finished checkpoint: expected a workdir "
-      "with 'checkpoints/<step>/' inside, a 'checkpoints' directory or one "
-      "'checkpoints/<step>' directory written by pixel_vit.")
+    f"config.init_from={path!r} holds no finished checkpoint: expected a workdir "
+    "with 'checkpoints/<step>/' inside, a 'checkpoints' directory or one "
+    "'checkpoints/<step>' directory written by pixel_vit."
+  )
 
 
 def open_read_only(directory) -> ocp.CheckpointManager:
   """A manager that only reads: the `state` item as a plain pytree (so part of
   it can be restored without knowing the rest) and the JSON `metadata`."""
   return ocp.CheckpointManager(
-      directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                "metadata": ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                           save_interval_steps=0))
+    directory,
+    item_handlers={"state": ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()},
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+  )
 
 
 def flat_shapes(tree) -> dict[str, tuple]:
   """{'encoder/blocks/qkv_kernel': shape, ...} of a nested dict of arrays or metadata."""
-  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -552,6 +622,7 @@ class SavedRun:
   """One finished checkpoint, opened read-only: its JSON metadata and the
   structure of its train state (shapes and dtypes from orbax's metadata, no
   arrays read), and `restore` for any subtree of it."""
+
   directory: epath.Path
   step: int
   metadata: dict  # the JSON item as written (`RunIdentity.to_json` since it exists)
@@ -570,9 +641,16 @@ class SavedRun:
     onto their shardings; the rest of the checkpoint is not read."""
     manager = open_read_only(self.directory)
     try:
-      restored = manager.restore(self.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True)))
+      restored = manager.restore(
+        self.step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+          )
+        ),
+      )
     finally:
       manager.close()
     return restored.state
@@ -585,9 +663,14 @@ def open_saved(directory: epath.Path, step: int) -> SavedRun:
   manager = open_read_only(directory)
   try:
     metadata = manager.restore(
-        step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+      step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())
+    ).metadata
     tree = manager.item_metadata(step)["state"]
   finally:
     manager.close()
-  return SavedRun(directory=directory, step=step, metadata=dict(metadata or {}),
-                  state_tree=getattr(tree, "tree", tree))
+  return SavedRun(
+    directory=directory,
+    step=step,
+    metadata=dict(metadata or {}),
+    state_tree=getattr(tree, "tree", tree),
+  )

@@ -4,6 +4,7 @@ refuses, or a `--config.KEY` override naming no key is a one-paragraph error
 naming the argument and the fix (with the closest existing keys), not a
 traceback, and it comes in seconds (no trainer is imported yet).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,11 +17,13 @@ import sys
 import ml_collections
 from absl import app, flags, logging
 
-_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the traceback of an error that "
-                               "stops the run (by default only its message).")
+_TRACEBACK = flags.DEFINE_bool(
+  "traceback",
+  False,
+  "Show the traceback of an error that stops the run (by default only its message).",
+)
 
-REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "configs")
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 class CommandLineError(ValueError):
@@ -69,9 +72,10 @@ def load_config(argument: str) -> ml_collections.ConfigDict:
   path, colon, arg = argument.partition(":")
   if not os.path.isfile(path):
     raise CommandLineError(
-        f"--config={argument}: there is no config file {path} (looked for "
-        f"{os.path.abspath(path)}). {_available_configs(path)} Pass one of them, e.g. "
-        "--config=configs/cls_pixel.py:quick.")
+      f"--config={argument}: there is no config file {path} (looked for "
+      f"{os.path.abspath(path)}). {_available_configs(path)} Pass one of them, e.g. "
+      "--config=configs/cls_pixel.py:quick."
+    )
   spec = importlib.util.spec_from_file_location("pixel_vit_command_line_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -99,8 +103,9 @@ def _closest_keys(config, parent: str, wrong: str, n: int = 3) -> list[str]:
   for name in filter(None, parent.split(".")):
     node = node[name]
   prefix = f"{parent}." if parent else ""
-  close = [prefix + name for name in
-           difflib.get_close_matches(wrong, sorted(node.keys()), n=n, cutoff=0.6)]
+  close = [
+    prefix + name for name in difflib.get_close_matches(wrong, sorted(node.keys()), n=n, cutoff=0.6)
+  ]
   keys = _dotted_keys(config)
   leaves = {key: key.rsplit(".", 1)[-1] for key in keys}
   for name in difflib.get_close_matches(wrong, sorted(set(leaves.values())), n=n, cutoff=0.75):
@@ -119,21 +124,23 @@ def check_override_keys(config, keys: list[str], argument: str) -> None:
       parent = ".".join(parts[:depth])
       if not isinstance(node, (ml_collections.ConfigDict, dict)):
         raise CommandLineError(
-            f"--config.{key}: config.{parent}={node!r} is a single value, not a group of "
-            f"keys; override it as a whole, --config.{parent}=VALUE.")
+          f"--config.{key}: config.{parent}={node!r} is a single value, not a group of "
+          f"keys; override it as a whole, --config.{parent}=VALUE."
+        )
       if name not in node:
-        wrong = ".".join(parts[:depth + 1])
+        wrong = ".".join(parts[: depth + 1])
         close = _closest_keys(config, parent, name)
-        suggestion = (f"Did you mean {' or '.join(f'--config.{c}' for c in close)}? "
-                      if close else "")
+        suggestion = (
+          f"Did you mean {' or '.join(f'--config.{c}' for c in close)}? " if close else ""
+        )
         siblings = sorted(node.keys())
         where = f"config.{parent}" if parent else "config"
-        listing = (f"The keys of {where} are {', '.join(siblings)}."
-                   if len(siblings) <= 30 else "")
+        listing = f"The keys of {where} are {', '.join(siblings)}." if len(siblings) <= 30 else ""
         raise CommandLineError(
-            f"--config.{key}: the config from --config={argument} has no key "
-            f"config.{wrong}, so the override would be refused (unknown keys cannot be "
-            f"added). {suggestion}{listing}")
+          f"--config.{key}: the config from --config={argument} has no key "
+          f"config.{wrong}, so the override would be refused (unknown keys cannot be "
+          f"added). {suggestion}{listing}"
+        )
       node = node[name]
 
 
@@ -165,10 +172,16 @@ def stops_with_one_message():
   from pixel_vit import checkpoint
   from pixel_vit import workdir as workdir_lib
   from pixel_vit.trainers import divergence
+
   try:
     yield
-  except (ValueError, checkpoint.CheckpointSaveError, checkpoint.NoRestorableCheckpointError,
-          divergence.TrainingDivergedError, workdir_lib.WorkdirInUseError) as e:
+  except (
+    ValueError,
+    checkpoint.CheckpointSaveError,
+    checkpoint.NoRestorableCheckpointError,
+    divergence.TrainingDivergedError,
+    workdir_lib.WorkdirInUseError,
+  ) as e:
     if _TRACEBACK.value:
       raise
     logging.error("%s", e)

@@ -7,6 +7,7 @@ diffusion/sampling.py, evaluation/sample_quality.py, trainers/loop.py); a
 trainer's `validate` calls them in turn before anything loads or compiles. A
 failed check is a ValueError that names the key, the value and what is allowed.
 """
+
 from __future__ import annotations
 
 
@@ -16,7 +17,9 @@ def require(condition: bool, message: str) -> None:
 
 
 def check_choice(key: str, value, allowed) -> None:
-  require(value in allowed, f"config.{key}={value!r} is not allowed; choose one of {list(allowed)}.")
+  require(
+    value in allowed, f"config.{key}={value!r} is not allowed; choose one of {list(allowed)}."
+  )
 
 
 def check_positive(key: str, value, *, allow_zero=False) -> None:

@@ -10,6 +10,7 @@ Checking a resolved config is each subsystem's job, beside its code (see
 `pixel_vit/config_checks.py` for the list); a trainer's `validate` calls them
 in turn before anything touches data or compiles.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -37,8 +38,9 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       try:
         result[key] = type(default)(value)
       except ValueError:
-        raise ValueError(f"config argument {key}={value!r} is not a "
-                         f"{type(default).__name__}.") from None
+        raise ValueError(
+          f"config argument {key}={value!r} is not a {type(default).__name__}."
+        ) from None
   return ml_collections.ConfigDict(result)
 
 
@@ -55,9 +57,11 @@ def apply_locality_args(config: ml_collections.ConfigDict, args) -> None:
     config.model.posemb = args.posemb
   if args.tokenizer:
     if "tokenizer" not in config.model:
-      raise ValueError(f"config argument tokenizer={args.tokenizer!r}: this task's model has "
-                       "no pixel tokenizer choice (a DiT's input is a noisy image, not 8-bit "
-                       "values); drop the argument.")
+      raise ValueError(
+        f"config argument tokenizer={args.tokenizer!r}: this task's model has "
+        "no pixel tokenizer choice (a DiT's input is a noisy image, not 8-bit "
+        "values); drop the argument."
+      )
     config.model.tokenizer = args.tokenizer
   config.data.permute_pixels.swaps = args.swaps
   config.data.permute_pixels.max_distance = args.swap_distance
@@ -67,30 +71,31 @@ def apply_locality_args(config: ml_collections.ConfigDict, args) -> None:
 # ImageNet is resized to 28x28 as in
 # the paper's low-resolution study (784 pixel tokens).
 DATASETS = {
-    "cifar100": dict(source="tfds:cifar100", image_size=None, eval_split="test"),
-    "imagenet28": dict(source="tfds:imagenet2012", image_size=28, eval_split="validation"),
-    # Full-resolution ImageNet for the paper's locality ablations on ViT-B/16.
-    "imagenet224": dict(source="tfds:imagenet2012", image_size=224, eval_split="validation"),
-    "digits": dict(source="digits", image_size=None, eval_split="test"),
-    "cifar10": dict(source="tfds:cifar10", image_size=None, eval_split="test"),
-    # ImageNet 256x256 as Stable-Diffusion VAE latents (32x32x4), written once by
-    # python -m pixel_vit.encode_latents (see README, diffusion).
-    "imagenet256_latents": dict(source="npz:data/imagenet256_latents_{split}.npz",
-                                image_size=None, eval_split="validation"),
+  "cifar100": dict(source="tfds:cifar100", image_size=None, eval_split="test"),
+  "imagenet28": dict(source="tfds:imagenet2012", image_size=28, eval_split="validation"),
+  # Full-resolution ImageNet for the paper's locality ablations on ViT-B/16.
+  "imagenet224": dict(source="tfds:imagenet2012", image_size=224, eval_split="validation"),
+  "digits": dict(source="digits", image_size=None, eval_split="test"),
+  "cifar10": dict(source="tfds:cifar10", image_size=None, eval_split="test"),
+  # ImageNet 256x256 as Stable-Diffusion VAE latents (32x32x4), written once by
+  # python -m pixel_vit.encode_latents (see README, diffusion).
+  "imagenet256_latents": dict(
+    source="npz:data/imagenet256_latents_{split}.npz", image_size=None, eval_split="validation"
+  ),
 }
 
 # Logical axes -> mesh axes (see parallel.py). With the default mesh (all
 # devices on `data`) this is pure data parallelism; set config.mesh.fsdp /
 # tensor / seq to shard parameters and activations.
 SHARDING_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", "seq"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("layers", None),
+  ("batch", ("data", "fsdp")),
+  ("length", "seq"),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("vocab", "tensor"),
+  ("layers", None),
 )
 
 
@@ -136,9 +141,13 @@ def dataset_config(dataset: str) -> ml_collections.ConfigDict:
     settings = DATASETS[dataset]
   else:  # checked by sources.validate_config
     settings = dict(source=dataset, image_size=None, eval_split="test")
-  return ml_collections.ConfigDict(dict(
-      source=settings["source"], data_dir=None, download=True,
-      train_split="train", eval_split=settings["eval_split"],
+  return ml_collections.ConfigDict(
+    dict(
+      source=settings["source"],
+      data_dir=None,
+      download=True,
+      train_split="train",
+      eval_split=settings["eval_split"],
       image_size=ml_collections.FieldReference(settings["image_size"], field_type=int),
       # memory: the split decoded into host RAM (digits, npz, TFDS); stream:
       # ArrayRecord through grain (records:DIR, data/stream.py); auto: the one
@@ -150,7 +159,9 @@ def dataset_config(dataset: str) -> ml_collections.ConfigDict:
       # it) or 'skip' (train takes the next record; eval masks it; counted).
       on_bad_example="fail",
       # The locality ablation: T swaps of pixel pairs within delta (data/locality.py).
-      permute_pixels=permute_pixels_config()))
+      permute_pixels=permute_pixels_config(),
+    )
+  )
 
 
 def mesh_config() -> ml_collections.ConfigDict:
@@ -160,9 +171,11 @@ def mesh_config() -> ml_collections.ConfigDict:
   processes with granule='process') over the data-centre network; by
   default all granules are on `data`. One granule: no effect.
   """
-  return ml_collections.ConfigDict(dict(
-      data=-1, fsdp=1, seq=1, tensor=1,
-      dcn=dict(data=-1, fsdp=1, seq=1, tensor=1), granule="slice"))
+  return ml_collections.ConfigDict(
+    dict(
+      data=-1, fsdp=1, seq=1, tensor=1, dcn=dict(data=-1, fsdp=1, seq=1, tensor=1), granule="slice"
+    )
+  )
 
 
 def base_config(task: str, dataset: str, *, quick: bool) -> ml_collections.ConfigDict:

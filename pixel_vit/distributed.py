@@ -33,6 +33,7 @@ Collectives between processes on CPU go through gloo, JAX's default CPU
 collectives implementation; GPUs use NCCL and TPUs their interconnect.
 Nothing here changes JAX's global configuration at import time.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,19 +44,29 @@ from absl import flags, logging
 MODES = ("off", "auto")
 
 _DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "off", MODES,
-    "off: one process unless --coordinator_address/--num_processes/--process_id are given; "
-    "auto: jax.distributed.initialize() detects the cluster (Cloud TPU pod, SLURM, Open MPI).")
+  "distributed",
+  "off",
+  MODES,
+  "off: one process unless --coordinator_address/--num_processes/--process_id are given; "
+  "auto: jax.distributed.initialize() detects the cluster (Cloud TPU pod, SLURM, Open MPI).",
+)
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0's coordinator service, the same on "
-    "every process (explicit multi-process launch).")
+  "coordinator_address",
+  None,
+  "HOST:PORT of process 0's coordinator service, the same on "
+  "every process (explicit multi-process launch).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "How many processes take part (explicit multi-process launch).")
+  "num_processes", None, "How many processes take part (explicit multi-process launch)."
+)
 _PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's id in 0..num_processes-1 (explicit multi-process launch).")
+  "process_id", None, "This process's id in 0..num_processes-1 (explicit multi-process launch)."
+)
 _INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
-    "initialization_timeout", 300, "Seconds to wait for every process to join the coordinator "
-    "before giving up.")
+  "initialization_timeout",
+  300,
+  "Seconds to wait for every process to join the coordinator before giving up.",
+)
 
 _EXPLICIT_FLAGS = ("coordinator_address", "num_processes", "process_id")
 _EXAMPLE = "--coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0"
@@ -64,6 +75,7 @@ _EXAMPLE = "--coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What to pass to `jax.distributed.initialize` (None = let JAX detect it)."""
+
   mode: str  # "single" (no initialize), "explicit" or "auto"
   coordinator_address: str | None = None
   num_processes: int | None = None
@@ -76,9 +88,14 @@ class Setup:
     return self.mode != "single"
 
 
-def resolve(*, distributed: str = "off", coordinator_address: str | None = None,
-            num_processes: int | None = None, process_id: int | None = None,
-            initialization_timeout: int = 300) -> Setup:
+def resolve(
+  *,
+  distributed: str = "off",
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  initialization_timeout: int = 300,
+) -> Setup:
   """Checks the flags' values and decides how to initialise.
 
   Raises ValueError naming the problem and the fix; touches no JAX backend,
@@ -86,9 +103,15 @@ def resolve(*, distributed: str = "off", coordinator_address: str | None = None,
   """
   if distributed not in MODES:
     raise ValueError(f"--distributed={distributed!r} is not a mode; choose one of {list(MODES)}.")
-  given = {name: value for name, value in (("coordinator_address", coordinator_address),
-                                           ("num_processes", num_processes),
-                                           ("process_id", process_id)) if value is not None}
+  given = {
+    name: value
+    for name, value in (
+      ("coordinator_address", coordinator_address),
+      ("num_processes", num_processes),
+      ("process_id", process_id),
+    )
+    if value is not None
+  }
   if initialization_timeout is None or initialization_timeout < 1:
     raise ValueError(f"--initialization_timeout={initialization_timeout} must be >= 1 second.")
   if num_processes is not None and num_processes < 1:
@@ -96,33 +119,40 @@ def resolve(*, distributed: str = "off", coordinator_address: str | None = None,
   if process_id is not None and process_id < 0:
     raise ValueError(f"--process_id={process_id} must be >= 0 (ids run 0..num_processes-1).")
   if num_processes is not None and process_id is not None and process_id >= num_processes:
-    raise ValueError(f"--process_id={process_id} is out of range for --num_processes="
-                     f"{num_processes}; ids run 0..{num_processes - 1}.")
+    raise ValueError(
+      f"--process_id={process_id} is out of range for --num_processes="
+      f"{num_processes}; ids run 0..{num_processes - 1}."
+    )
   if coordinator_address is not None:
     _check_address(coordinator_address)
   bind = _loopback_bind_address(coordinator_address)
 
   if distributed == "auto":
-    return Setup("auto", coordinator_address, num_processes, process_id, bind,
-                 initialization_timeout)
+    return Setup(
+      "auto", coordinator_address, num_processes, process_id, bind, initialization_timeout
+    )
   if not given:
     return Setup("single", initialization_timeout=initialization_timeout)
   missing = [name for name in _EXPLICIT_FLAGS if name not in given]
   if missing:
     given_text = " ".join(f"--{name}={value}" for name, value in given.items())
     raise ValueError(
-        f"{given_text} was given without {' and '.join('--' + m for m in missing)}: an explicit "
-        f"multi-process launch needs all three (e.g. {_EXAMPLE}, the same address and count on "
-        "every process), or --distributed=auto under SLURM / Open MPI / a Cloud TPU pod.")
-  return Setup("explicit", coordinator_address, num_processes, process_id, bind,
-               initialization_timeout)
+      f"{given_text} was given without {' and '.join('--' + m for m in missing)}: an explicit "
+      f"multi-process launch needs all three (e.g. {_EXAMPLE}, the same address and count on "
+      "every process), or --distributed=auto under SLURM / Open MPI / a Cloud TPU pod."
+    )
+  return Setup(
+    "explicit", coordinator_address, num_processes, process_id, bind, initialization_timeout
+  )
 
 
 def _check_address(address: str) -> None:
   host, sep, port = address.rpartition(":")
   if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-    raise ValueError(f"--coordinator_address={address!r} must be HOST:PORT with a port in "
-                     f"1..65535, e.g. 127.0.0.1:12345 (local) or the first host's address.")
+    raise ValueError(
+      f"--coordinator_address={address!r} must be HOST:PORT with a port in "
+      f"1..65535, e.g. 127.0.0.1:12345 (local) or the first host's address."
+    )
 
 
 def _loopback_bind_address(address: str | None) -> str | None:
@@ -151,34 +181,47 @@ def initialize(setup: Setup) -> None:
 
   try:
     jax.distributed.initialize(
-        coordinator_address=setup.coordinator_address, num_processes=setup.num_processes,
-        process_id=setup.process_id, coordinator_bind_address=setup.coordinator_bind_address,
-        initialization_timeout=setup.initialization_timeout)
+      coordinator_address=setup.coordinator_address,
+      num_processes=setup.num_processes,
+      process_id=setup.process_id,
+      coordinator_bind_address=setup.coordinator_bind_address,
+      initialization_timeout=setup.initialization_timeout,
+    )
   except ValueError as e:
     if setup.mode != "auto":
       raise
     # JAX found no cluster and reports the first argument it could not fill.
     raise ValueError(
-        f"--distributed=auto found no cluster to join ({e}): run under srun (SLURM), mpirun "
-        "(Open MPI) or on every worker of a Cloud TPU pod, or pass "
-        f"{_EXAMPLE} explicitly.") from e
+      f"--distributed=auto found no cluster to join ({e}): run under srun (SLURM), mpirun "
+      "(Open MPI) or on every worker of a Cloud TPU pod, or pass "
+      f"{_EXAMPLE} explicitly."
+    ) from e
   except RuntimeError as e:
     if "must be called before" in str(e):
       raise RuntimeError(
-          f"{e} pixel_vit.distributed.initialize must run first: a JAX backend was already "
-          "in use in this process.") from e
+        f"{e} pixel_vit.distributed.initialize must run first: a JAX backend was already "
+        "in use in this process."
+      ) from e
     raise
-  logging.info("process %d of %d joined via %s: %d local / %d global devices",
-               jax.process_index(), jax.process_count(), setup.mode,
-               jax.local_device_count(), jax.device_count())
+  logging.info(
+    "process %d of %d joined via %s: %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    setup.mode,
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def setup_from_flags() -> Setup:
   """The flags above, checked (ValueError names the flag and the fix)."""
-  return resolve(distributed=_DISTRIBUTED.value,
-                 coordinator_address=_COORDINATOR_ADDRESS.value,
-                 num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-                 initialization_timeout=_INITIALIZATION_TIMEOUT.value)
+  return resolve(
+    distributed=_DISTRIBUTED.value,
+    coordinator_address=_COORDINATOR_ADDRESS.value,
+    num_processes=_NUM_PROCESSES.value,
+    process_id=_PROCESS_ID.value,
+    initialization_timeout=_INITIALIZATION_TIMEOUT.value,
+  )
 
 
 def initialize_from_flags() -> Setup:

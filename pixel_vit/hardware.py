@@ -15,6 +15,7 @@ process's own devices.
 - `tpu_devices(topology)`: compile-only TPU devices from libtpu, no TPU needed;
 - `record_choice` / `recording_choices`: what an `auto` picked and why.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,12 +30,13 @@ from typing import Iterator, Sequence
 import jax
 from absl import logging
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
   """One accelerator chip as JAX sees it (megacore chips are one device)."""
+
   name: str  # the topology prefix: "v5e", "h100"
   platform: str  # "tpu" or "gpu"
   device_kind: str  # what jax's Device.device_kind says: "TPU v5 lite"
@@ -51,29 +53,54 @@ class Chip:
 # the HBM the compiler lets a program use: the "available HBM" of its
 # RESOURCE_EXHAUSTED message (libtpu 0.0.42: 30.75 / 15.75 / 95.74 / 31.25 GiB).
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", "tpu", "TPU v4", 32 * GIB, int(30.75 * GIB), 275e12, 1200e9,
-               megacore=True, slice_prefix="v4", cores_in_slice_name=True),
-    "v5e": Chip("v5e", "tpu", "TPU v5 lite", 16 * GIB, int(15.75 * GIB), 197e12, 819e9,
-                slice_prefix="v5litepod"),
-    "v5p": Chip("v5p", "tpu", "TPU v5", 95 * GIB, int(95.74 * GIB), 459e12, 2765e9,
-                megacore=True, slice_prefix="v5p", cores_in_slice_name=True),
-    "v6e": Chip("v6e", "tpu", "TPU v6 lite", 32 * GIB, int(31.25 * GIB), 918e12, 1640e9,
-                slice_prefix="v6e"),
+  "v4": Chip(
+    "v4",
+    "tpu",
+    "TPU v4",
+    32 * GIB,
+    int(30.75 * GIB),
+    275e12,
+    1200e9,
+    megacore=True,
+    slice_prefix="v4",
+    cores_in_slice_name=True,
+  ),
+  "v5e": Chip(
+    "v5e", "tpu", "TPU v5 lite", 16 * GIB, int(15.75 * GIB), 197e12, 819e9, slice_prefix="v5litepod"
+  ),
+  "v5p": Chip(
+    "v5p",
+    "tpu",
+    "TPU v5",
+    95 * GIB,
+    int(95.74 * GIB),
+    459e12,
+    2765e9,
+    megacore=True,
+    slice_prefix="v5p",
+    cores_in_slice_name=True,
+  ),
+  "v6e": Chip(
+    "v6e", "tpu", "TPU v6 lite", 32 * GIB, int(31.25 * GIB), 918e12, 1640e9, slice_prefix="v6e"
+  ),
 }
 # GPUs (NVIDIA's published H100 SXM figures). The GPU compiler refuses nothing
 # for memory; a program must fit what JAX's allocator takes by default, 75%
 # of the device (XLA_PYTHON_CLIENT_MEM_FRACTION).
 _H100_MEMORY = 84_942_979_072  # 80 GB of HBM3, as the device reports it
 GPUS: dict[str, Chip] = {
-    "h100": Chip("h100", "gpu", "NVIDIA H100 80GB HBM3", _H100_MEMORY,
-                 int(0.75 * _H100_MEMORY), 989e12, 3350e9),
+  "h100": Chip(
+    "h100", "gpu", "NVIDIA H100 80GB HBM3", _H100_MEMORY, int(0.75 * _H100_MEMORY), 989e12, 3350e9
+  ),
 }
 
 
 def chip_of(device) -> Chip | None:
   """The CHIPS / GPUS entry of a device (None for a CPU or an unknown kind)."""
-  return next((chip for chip in (*CHIPS.values(), *GPUS.values())
-               if chip.device_kind == device.device_kind), None)
+  return next(
+    (chip for chip in (*CHIPS.values(), *GPUS.values()) if chip.device_kind == device.device_kind),
+    None,
+  )
 
 
 def host_memory_bytes() -> int:
@@ -97,13 +124,16 @@ def device_memory_bytes(device) -> int:
     return chip.usable_hbm_bytes
   if device.platform == "cpu":
     return host_memory_bytes() // max(1, jax.local_device_count("cpu"))
-  raise ValueError(f"the memory of a {device.platform} device of kind "
-                   f"{device.device_kind!r} is unknown here (no allocator statistics).")
+  raise ValueError(
+    f"the memory of a {device.platform} device of kind "
+    f"{device.device_kind!r} is unknown here (no allocator statistics)."
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
   """The devices a program is traced and compiled for."""
+
   platform: str  # "cpu", "gpu", "tpu"
   device_kind: str
   device_count: int
@@ -112,25 +142,32 @@ class Target:
 
   @property
   def chip(self) -> Chip | None:
-    return next((c for c in (*CHIPS.values(), *GPUS.values())
-                 if c.device_kind == self.device_kind), None)
+    return next(
+      (c for c in (*CHIPS.values(), *GPUS.values()) if c.device_kind == self.device_kind), None
+    )
 
   @classmethod
   def of(cls, devices: Sequence) -> "Target":
     devices = list(devices)
     first = devices[0]
-    return cls(platform=first.platform, device_kind=first.device_kind,
-               device_count=len(devices),
-               process_count=len({d.process_index for d in devices}),
-               memory_bytes=device_memory_bytes(first))
+    return cls(
+      platform=first.platform,
+      device_kind=first.device_kind,
+      device_count=len(devices),
+      process_count=len({d.process_index for d in devices}),
+      memory_bytes=device_memory_bytes(first),
+    )
 
   def describe(self) -> str:
-    return (f"{self.device_count} {self.device_kind} device(s) ({self.platform}) over "
-            f"{self.process_count} process(es), {self.memory_bytes / GIB:.2f} GiB each")
+    return (
+      f"{self.device_count} {self.device_kind} device(s) ({self.platform}) over "
+      f"{self.process_count} process(es), {self.memory_bytes / GIB:.2f} GiB each"
+    )
 
 
 _TARGET_DEVICES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
-    "target_devices", default=None)
+  "target_devices", default=None
+)
 
 
 @contextlib.contextmanager
@@ -153,9 +190,11 @@ def active_target() -> Target:
 
 # ---------------------------------------------------------------- choices
 
+
 @dataclasses.dataclass(frozen=True)
 class Choice:
   """What an `auto` setting ran, and why (for `pixel_vit.compile`'s report)."""
+
   setting: str  # "model.attention=auto"
   chose: str
   why: str
@@ -183,6 +222,7 @@ def recording_choices() -> Iterator[list]:
 
 
 # ---------------------------------------------------------------- topologies
+
 
 class TopologyError(ValueError):
   """A topology that cannot be described here (a bad name, no libtpu or CUDA plugin)."""
@@ -216,33 +256,39 @@ def topology_of_slice(accelerator_type: str) -> str:
   match = _SLICE.match(accelerator_type)
   if not match:
     raise TopologyError(
-        f"accelerator type {accelerator_type!r} is not one this tool maps to a topology; "
-        "use v4-N, v5litepod-N, v5p-N or v6e-N (e.g. v5p-32), or pass --topology=v5p:2x2x4.")
+      f"accelerator type {accelerator_type!r} is not one this tool maps to a topology; "
+      "use v4-N, v5litepod-N, v5p-N or v6e-N (e.g. v5p-32), or pass --topology=v5p:2x2x4."
+    )
   prefix, count = match.group(1), int(match.group(2))
   chip = next(c for c in CHIPS.values() if c.slice_prefix == prefix)
   chips = count // 2 if chip.cores_in_slice_name else count
   for shape in SHAPES[chip.name]:
     if chips_in(shape) == chips:
       return f"{chip.name}:{shape}"
-  raise TopologyError(f"{accelerator_type} is {chips} chips, not one of the common "
-                      f"{chip.name} shapes {', '.join(SHAPES[chip.name])}; pass "
-                      "--topology=NAME:SHAPE.")
+  raise TopologyError(
+    f"{accelerator_type} is {chips} chips, not one of the common "
+    f"{chip.name} shapes {', '.join(SHAPES[chip.name])}; pass "
+    "--topology=NAME:SHAPE."
+  )
 
 
 def _parse_topology(topology: str) -> tuple[Chip, str]:
   match = _TOPOLOGY.match(topology)
   if not match:
     raise TopologyError(
-        f"--topology={topology!r} is not a TPU topology name; use GENERATION:SHAPE with "
-        f"GENERATION one of {', '.join(CHIPS)} and SHAPE the chips per axis, e.g. v5e:4x4, "
-        "v5p:2x2x4, v4:2x2x1, v6e:2x4, or an accelerator type such as v5p-32 or "
-        "v5litepod-16.")
+      f"--topology={topology!r} is not a TPU topology name; use GENERATION:SHAPE with "
+      f"GENERATION one of {', '.join(CHIPS)} and SHAPE the chips per axis, e.g. v5e:4x4, "
+      "v5p:2x2x4, v4:2x2x1, v6e:2x4, or an accelerator type such as v5p-32 or "
+      "v5litepod-16."
+    )
   chip = CHIPS[match.group(1)]
   shape = match.group(2)
   if len(shape.split("x")) != len(SHAPES[chip.name][0].split("x")):
-    raise TopologyError(f"--topology={topology!r}: {chip.name} slices have "
-                        f"{len(SHAPES[chip.name][0].split('x'))} axes, e.g. "
-                        f"{chip.name}:{SHAPES[chip.name][2]}.")
+    raise TopologyError(
+      f"--topology={topology!r}: {chip.name} slices have "
+      f"{len(SHAPES[chip.name][0].split('x'))} axes, e.g. "
+      f"{chip.name}:{SHAPES[chip.name][2]}."
+    )
   return chip, shape
 
 
@@ -287,6 +333,7 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
   if num_slices < 1:
     raise TopologyError(f"--num_slices={num_slices} must be >= 1.")
   from jax.experimental import topologies
+
   dims = tuple(int(s) for s in shape.split("x"))
   host_bounds = (min(2, dims[0]), min(2, dims[1]), 1)
   options = dict(chips_per_host_bounds=host_bounds, num_slices=num_slices)
@@ -298,16 +345,18 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   with _stderr_to_file():
     try:
-      description = topologies.get_topology_desc(topology_name=name, platform="tpu",
-                                                 **options)
+      description = topologies.get_topology_desc(topology_name=name, platform="tpu", **options)
     except Exception as e:  # noqa: BLE001 - RuntimeError, libtpu's JaxRuntimeError
       if "TPU support not installed" in str(e):
         raise TopologyError(
-            "compiling for TPU needs libtpu, which is not installed: pip install -e "
-            "'.[tpu]' (no TPU needed: it holds the TPU compiler).") from None
-      raise TopologyError(f"libtpu does not know the topology {topology} "
-                          f"({num_slices} slice(s)): {_first_line(e)}. Common shapes for "
-                          f"{chip.name}: {', '.join(SHAPES[chip.name])}.") from None
+          "compiling for TPU needs libtpu, which is not installed: pip install -e "
+          "'.[tpu]' (no TPU needed: it holds the TPU compiler)."
+        ) from None
+      raise TopologyError(
+        f"libtpu does not know the topology {topology} "
+        f"({num_slices} slice(s)): {_first_line(e)}. Common shapes for "
+        f"{chip.name}: {', '.join(SHAPES[chip.name])}."
+      ) from None
   return list(description.devices)
 
 
@@ -337,24 +386,39 @@ _GPU_TOPOLOGY = re.compile(r"^(h100):(?:(\d+)x)?(\d+)$")
 # GpuTargetConfigProto), from NVIDIA's published H100 SXM5 figures. jax's CUDA
 # plugin compiles for it without a GPU (pip install 'jax[cuda12]').
 _GPU_DESCRIPTIONS = {
-    "h100": dict(
-        gpu_device_info=dict(
-            threads_per_block_limit=1024, threads_per_warp=32,
-            shared_memory_per_block=48 * 1024, shared_memory_per_block_optin=227 * 1024,
-            shared_memory_per_core=228 * 1024, threads_per_core_limit=2048, core_count=132,
-            fpus_per_core=128, block_dim_limit_x=2 ** 31 - 1, block_dim_limit_y=65535,
-            block_dim_limit_z=65535, memory_bandwidth=3_352_320_000_000,
-            l2_cache_size=50 * 1024 * 1024, clock_rate_ghz=1.98,
-            device_memory_size=_H100_MEMORY,
-            cuda_compute_capability=dict(major=9, feature_extension="ACCELERATED_FEATURES"),
-            registers_per_core_limit=65536, registers_per_block_limit=65536,
-            thread_dim_limit_x=1024, thread_dim_limit_y=1024, thread_dim_limit_z=64,
-            device_vendor="NVIDIA Corporation", name="NVIDIA H100 80GB HBM3",
-            runtime_version="12.9.0", compile_time_toolkit_version="12.9.0",
-            dnn_version="9.10.0"),
-        platform_name="CUDA",
-        dnn_version_info=dict(major=9, minor=10, patch=0),
-        device_description_str="NVIDIA H100 80GB HBM3"),
+  "h100": dict(
+    gpu_device_info=dict(
+      threads_per_block_limit=1024,
+      threads_per_warp=32,
+      shared_memory_per_block=48 * 1024,
+      shared_memory_per_block_optin=227 * 1024,
+      shared_memory_per_core=228 * 1024,
+      threads_per_core_limit=2048,
+      core_count=132,
+      fpus_per_core=128,
+      block_dim_limit_x=2**31 - 1,
+      block_dim_limit_y=65535,
+      block_dim_limit_z=65535,
+      memory_bandwidth=3_352_320_000_000,
+      l2_cache_size=50 * 1024 * 1024,
+      clock_rate_ghz=1.98,
+      device_memory_size=_H100_MEMORY,
+      cuda_compute_capability=dict(major=9, feature_extension="ACCELERATED_FEATURES"),
+      registers_per_core_limit=65536,
+      registers_per_block_limit=65536,
+      thread_dim_limit_x=1024,
+      thread_dim_limit_y=1024,
+      thread_dim_limit_z=64,
+      device_vendor="NVIDIA Corporation",
+      name="NVIDIA H100 80GB HBM3",
+      runtime_version="12.9.0",
+      compile_time_toolkit_version="12.9.0",
+      dnn_version="9.10.0",
+    ),
+    platform_name="CUDA",
+    dnn_version_info=dict(major=9, minor=10, patch=0),
+    device_description_str="NVIDIA H100 80GB HBM3",
+  ),
 }
 
 
@@ -377,12 +441,15 @@ def _text_proto(fields: dict, indent: str = "") -> str:
 def _parse_gpu_topology(topology: str) -> tuple[Chip, int, int]:
   match = _GPU_TOPOLOGY.match(topology)
   if not match:
-    raise TopologyError(f"--topology={topology!r} is not a GPU topology; use h100:N (N GPUs "
-                        "on one host) or h100:HxN (H hosts of N GPUs).")
+    raise TopologyError(
+      f"--topology={topology!r} is not a GPU topology; use h100:N (N GPUs "
+      "on one host) or h100:HxN (H hosts of N GPUs)."
+    )
   hosts, per_host = int(match.group(2) or 1), int(match.group(3))
   if hosts < 1 or not 1 <= per_host <= 8:
-    raise TopologyError(f"--topology={topology!r}: a host has 1 to 8 GPUs, and at least one "
-                        "host is needed.")
+    raise TopologyError(
+      f"--topology={topology!r}: a host has 1 to 8 GPUs, and at least one host is needed."
+    )
   return GPUS[match.group(1)], hosts, per_host
 
 
@@ -392,17 +459,22 @@ def gpu_devices(topology: str, num_slices: int = 1) -> list:
   starts, with the platforms limited to the CPU (pixel_vit.compile does)."""
   gpu, hosts, per_host = _parse_gpu_topology(topology)
   from jax.experimental import topologies
+
   with _stderr_to_file():
     try:
       description = topologies.get_topology_desc(
-          platform="cuda", topology_name=gpu.name,
-          topology=f"{num_slices}x{hosts}x{per_host}",
-          target_config=_text_proto(_GPU_DESCRIPTIONS[gpu.name]))
+        platform="cuda",
+        topology_name=gpu.name,
+        topology=f"{num_slices}x{hosts}x{per_host}",
+        target_config=_text_proto(_GPU_DESCRIPTIONS[gpu.name]),
+      )
     except NotImplementedError:
       raise TopologyError(
-          "compiling for GPUs needs jax's CUDA plugin, which is not installed: pip install "
-          "'jax[cuda12]' (several GB of CUDA libraries; no GPU needed).") from None
+        "compiling for GPUs needs jax's CUDA plugin, which is not installed: pip install "
+        "'jax[cuda12]' (several GB of CUDA libraries; no GPU needed)."
+      ) from None
     except Exception as e:  # noqa: BLE001 - the plugin's JaxRuntimeError
-      raise TopologyError(f"the CUDA plugin could not describe {topology}: "
-                          f"{_first_line(e)}") from None
+      raise TopologyError(
+        f"the CUDA plugin could not describe {topology}: {_first_line(e)}"
+      ) from None
   return list(description.devices)

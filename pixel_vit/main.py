@@ -11,6 +11,7 @@ run that stops for a reason the user must act on (divergence, a failed save,
 a workdir in use, no readable checkpoint, bad input) ends with that one
 message and exit code 1; `--traceback` shows where it came from.
 """
+
 from __future__ import annotations
 
 import logging as std_logging
@@ -22,10 +23,14 @@ from pixel_vit import command_line, distributed
 from pixel_vit import workdir as workdir_lib
 from pixel_vit.trainers import trainer_for
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures; "
-                               "a run resumes from it automatically.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file (configs/*.py[:args]).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir",
+  None,
+  "Directory for checkpoints, logs and pictures; a run resumes from it automatically.",
+)
 
 
 class _HideLibraryChatter(std_logging.Filter):

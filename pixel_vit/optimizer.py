@@ -21,6 +21,7 @@ keys gets plain AdamW):
   state whose parameter-shaped trees have holes, which
   `trainers.state.sharded_state` cannot map shardings onto.)
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -40,15 +41,18 @@ def _key(entry) -> str:
 def decay_mask(params) -> dict:
   """Weight decay on matmul kernels only: not on norms, biases, position
   embeddings or the [CLS] token (their names do not end in `_kernel`)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: _key(path[-1]).endswith("kernel"), params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: _key(path[-1]).endswith("kernel"), params)
 
 
 def make_schedule(opt, total_steps: int, warmup_steps: int) -> optax.Schedule:
   """Linear warmup from 0, then cosine to `opt.end_lr`."""
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=opt.lr, warmup_steps=warmup_steps,
-      decay_steps=max(total_steps, warmup_steps + 1), end_value=opt.end_lr)
+    init_value=0.0,
+    peak_value=opt.lr,
+    warmup_steps=warmup_steps,
+    decay_steps=max(total_steps, warmup_steps + 1),
+    end_value=opt.end_lr,
+  )
 
 
 # ---------------------------------------------------------------- layer-wise lr decay
@@ -65,9 +69,10 @@ def encoder_depth(params) -> int:
     leaves = []
   if not leaves:
     raise ValueError(
-        "config.optimizer.layer_decay needs a model whose parameters hold an encoder "
-        f"with stacked blocks under '{ENCODER}/{'/'.join(STACKED_BLOCKS)}'; this one has "
-        f"top-level parameters {sorted(params)}. Set config.optimizer.layer_decay=0.")
+      "config.optimizer.layer_decay needs a model whose parameters hold an encoder "
+      f"with stacked blocks under '{ENCODER}/{'/'.join(STACKED_BLOCKS)}'; this one has "
+      f"top-level parameters {sorted(params)}. Set config.optimizer.layer_decay=0."
+    )
   return int(leaves[0].shape[0])
 
 
@@ -99,27 +104,34 @@ def scale_by_layer(params, decay: float) -> optax.GradientTransformation:
   scales depend only on the parameters' names and shapes."""
   depth = encoder_depth(params)
   scales = jax.tree_util.tree_map_with_path(
-      lambda path, x: layer_scale(tuple(map(_key, path)), len(x.shape), depth, decay), params)
-  return optax.stateless(lambda updates, _: jax.tree.map(
-      lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales))
+    lambda path, x: layer_scale(tuple(map(_key, path)), len(x.shape), depth, decay), params
+  )
+  return optax.stateless(
+    lambda updates, _: jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales)
+  )
 
 
 # ---------------------------------------------------------------- freezing
+
 
 def frozen_mask(params, freeze) -> dict:
   """True on every leaf under the top-level names in `freeze`."""
   unknown = [name for name in freeze if name not in params]
   if unknown:
     raise ValueError(
-        f"config.optimizer.freeze={tuple(freeze)!r} names {unknown}, which are not "
-        f"top-level parameters of this model; choose from {sorted(params)}.")
+      f"config.optimizer.freeze={tuple(freeze)!r} names {unknown}, which are not "
+      f"top-level parameters of this model; choose from {sorted(params)}."
+    )
   if all(name in freeze for name in params):
     raise ValueError(
-        f"config.optimizer.freeze={tuple(freeze)!r} freezes every parameter "
-        f"({sorted(params)}); leave at least one trainable (e.g. freeze=('encoder',) "
-        "for a linear probe).")
-  return {name: jax.tree.map(lambda _, frozen=name in freeze: frozen, subtree)
-          for name, subtree in params.items()}
+      f"config.optimizer.freeze={tuple(freeze)!r} freezes every parameter "
+      f"({sorted(params)}); leave at least one trainable (e.g. freeze=('encoder',) "
+      "for a linear probe)."
+    )
+  return {
+    name: jax.tree.map(lambda _, frozen=name in freeze: frozen, subtree)
+    for name, subtree in params.items()
+  }
 
 
 # ---------------------------------------------------------------- the optimizer
@@ -135,8 +147,11 @@ def make_optimizer(opt, schedule: optax.Schedule, params: Any) -> optax.Gradient
   parts = []
   if opt.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(opt.grad_clip))
-  parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
-                           mask=decay_mask(params)))
+  parts.append(
+    optax.adamw(
+      schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=decay_mask(params)
+    )
+  )
   layer_decay = float(opt.get("layer_decay", 0.0))
   if layer_decay not in (0.0, 1.0):
     parts.append(scale_by_layer(params, layer_decay))
@@ -156,16 +171,24 @@ def validate_config(opt) -> None:
   check_positive("optimizer.weight_decay", opt.weight_decay, allow_zero=True)
   check_positive("optimizer.grad_clip", opt.grad_clip, allow_zero=True)
   check_positive("optimizer.warmup_steps", opt.warmup_steps, allow_zero=True)
-  require(0.0 <= opt.b1 < 1.0 and 0.0 <= opt.b2 < 1.0,
-          f"config.optimizer b1={opt.b1}, b2={opt.b2} must be in [0, 1).")
-  require(opt.ema_decay == 0.0 or 0.0 < opt.ema_decay < 1.0,
-          f"config.optimizer.ema_decay={opt.ema_decay!r} must be 0 (off) or in (0, 1).")
+  require(
+    0.0 <= opt.b1 < 1.0 and 0.0 <= opt.b2 < 1.0,
+    f"config.optimizer b1={opt.b1}, b2={opt.b2} must be in [0, 1).",
+  )
+  require(
+    opt.ema_decay == 0.0 or 0.0 < opt.ema_decay < 1.0,
+    f"config.optimizer.ema_decay={opt.ema_decay!r} must be 0 (off) or in (0, 1).",
+  )
   # Fine-tuning options (configs/mae_finetune.py; absent = off).
   layer_decay = opt.get("layer_decay", 0.0)
-  require(isinstance(layer_decay, (int, float)) and 0.0 <= layer_decay <= 1.0,
-          f"config.optimizer.layer_decay={layer_decay!r} must be in [0, 1]: 0 or 1 = off, "
-          "else layer i of L gets lr x layer_decay**(L+1-i) (MAE: 0.75, 0.65 for L/H).")
+  require(
+    isinstance(layer_decay, (int, float)) and 0.0 <= layer_decay <= 1.0,
+    f"config.optimizer.layer_decay={layer_decay!r} must be in [0, 1]: 0 or 1 = off, "
+    "else layer i of L gets lr x layer_decay**(L+1-i) (MAE: 0.75, 0.65 for L/H).",
+  )
   freeze = opt.get("freeze", ())
-  require(isinstance(freeze, (tuple, list)) and all(isinstance(n, str) and n for n in freeze),
-          f"config.optimizer.freeze={freeze!r} must be a tuple of top-level parameter "
-          "names, e.g. ('encoder',) for a linear probe, or () for none.")
+  require(
+    isinstance(freeze, (tuple, list)) and all(isinstance(n, str) and n for n in freeze),
+    f"config.optimizer.freeze={freeze!r} must be a tuple of top-level parameter "
+    "names, e.g. ('encoder',) for a linear probe, or () for none.",
+  )

@@ -9,6 +9,7 @@ single CPU and a pod: on one device every spec is simply replicated. On a
 multi-slice pod the device grid splits each axis into an ICI part (within a
 slice) and a DCN part (across slices) by `config.mesh.dcn` (`device_grid`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,11 +19,11 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn_linen
 import jax
-from absl import logging
-from jax.experimental import mesh_utils
 import numpy as np
+from absl import logging
 from flax import nnx
 from flax.core import spmd as flax_spmd
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pixel_vit import hardware
@@ -46,17 +47,22 @@ def _resolve_sizes(sizes: dict, count: int, key: str, what: str) -> tuple[int, .
     raise ValueError(f"{key} has unknown axes {unknown}; allowed: {MESH_AXES}.")
   values = [int(sizes.get(axis, 1)) for axis in MESH_AXES]
   if values.count(-1) > 1 or any(s == 0 or s < -1 for s in values):
-    raise ValueError(f"{key} sizes {dict(zip(MESH_AXES, values))} must be positive, "
-                     f"with at most one -1 (= the remaining {what}).")
+    raise ValueError(
+      f"{key} sizes {dict(zip(MESH_AXES, values))} must be positive, "
+      f"with at most one -1 (= the remaining {what})."
+    )
   known = math.prod(s for s in values if s != -1)
   if -1 in values:
     if count % known:
-      raise ValueError(f"{key} fixed sizes multiply to {known}, which does not "
-                       f"divide the {count} {what}.")
+      raise ValueError(
+        f"{key} fixed sizes multiply to {known}, which does not divide the {count} {what}."
+      )
     values[values.index(-1)] = count // known
   if math.prod(values) != count:
-    raise ValueError(f"{key} {dict(zip(MESH_AXES, values))} uses {math.prod(values)} "
-                     f"{what} but {count} are available; set one axis to -1.")
+    raise ValueError(
+      f"{key} {dict(zip(MESH_AXES, values))} uses {math.prod(values)} "
+      f"{what} but {count} are available; set one axis to -1."
+    )
   return tuple(values)
 
 
@@ -78,8 +84,10 @@ def dcn_shape(mesh_config, granule_count: int) -> tuple[int, ...]:
   """How many ways each axis is split ACROSS granules (the slow network)."""
   granule = mesh_config.get("granule", "slice")
   if granule not in GRANULES:
-    raise ValueError(f"config.mesh.granule={granule!r} is not allowed; choose one of "
-                     f"{list(GRANULES)} ('process' for GPU hosts joined by a network).")
+    raise ValueError(
+      f"config.mesh.granule={granule!r} is not allowed; choose one of "
+      f"{list(GRANULES)} ('process' for GPU hosts joined by a network)."
+    )
   dcn = mesh_config.get("dcn") or {"data": -1}
   return _resolve_sizes(dict(dcn), granule_count, "config.mesh.dcn", GRANULES[granule])
 
@@ -99,22 +107,31 @@ def device_grid(mesh_config, devices) -> np.ndarray:
   granules = len({granule_of(d, granule) for d in devices})
   dcn = dcn_shape(mesh_config, granules)
   if granules == 1:
-    return mesh_utils.create_device_mesh(shape, devices=devices,
-                                         allow_split_physical_axes=True)
+    return mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
   bad = [axis for axis, size, across in zip(MESH_AXES, shape, dcn) if size % across]
   if bad:
     raise ValueError(
-        f"config.mesh {dict(zip(MESH_AXES, shape))} cannot be split over {granules} "
-        f"{GRANULES[granule]} as config.mesh.dcn {dict(zip(MESH_AXES, dcn))}: axes {bad} are "
-        "not divisible by their dcn size. Put the granules on axes they divide, e.g. "
-        "--config.mesh.dcn.data=1 --config.mesh.dcn.fsdp=" + str(granules) + ".")
+      f"config.mesh {dict(zip(MESH_AXES, shape))} cannot be split over {granules} "
+      f"{GRANULES[granule]} as config.mesh.dcn {dict(zip(MESH_AXES, dcn))}: axes {bad} are "
+      "not divisible by their dcn size. Put the granules on axes they divide, e.g. "
+      "--config.mesh.dcn.data=1 --config.mesh.dcn.fsdp=" + str(granules) + "."
+    )
   ici = tuple(size // across for size, across in zip(shape, dcn))
-  logging.info("mesh %s over %d %s: within each (ICI) %s, across them (DCN) %s",
-               dict(zip(MESH_AXES, shape)), granules, GRANULES[granule],
-               dict(zip(MESH_AXES, ici)), dict(zip(MESH_AXES, dcn)))
+  logging.info(
+    "mesh %s over %d %s: within each (ICI) %s, across them (DCN) %s",
+    dict(zip(MESH_AXES, shape)),
+    granules,
+    GRANULES[granule],
+    dict(zip(MESH_AXES, ici)),
+    dict(zip(MESH_AXES, dcn)),
+  )
   return mesh_utils.create_hybrid_device_mesh(
-      ici, dcn, devices=devices, process_is_granule=granule == "process",
-      allow_split_physical_axes=True)
+    ici,
+    dcn,
+    devices=devices,
+    process_is_granule=granule == "process",
+    allow_split_physical_axes=True,
+  )
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
@@ -150,8 +167,11 @@ def activate(mesh: Mesh, rules: LogicalRules):
   """Mesh + rules in effect for tracing: `constrain` becomes a sharding
   constraint, and the mesh's devices are the target of every hardware
   choice (`hardware.active_target`), which may be compile-only TPU devices."""
-  with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(tuple(map(tuple, rules))), \
-      hardware.targeting(mesh.devices.flat):
+  with (
+    jax.set_mesh(mesh),
+    flax_spmd.logical_axis_rules(tuple(map(tuple, rules))),
+    hardware.targeting(mesh.devices.flat),
+  ):
     yield
 
 
@@ -165,6 +185,7 @@ class Program:
   the same layout; jax retraces); `trace` traces it on `args` for the active
   mesh's devices, which may be compile-only TPU devices (pixel_vit.compile).
   """
+
   name: str
   fn: Callable
   args: tuple
@@ -173,8 +194,12 @@ class Program:
 
   def _jitted(self):
     in_shardings = jax.tree.map(lambda a: a.sharding, self.args)
-    return jax.jit(self.fn, in_shardings=in_shardings, out_shardings=self.out_shardings,
-                   donate_argnums=self.donate_argnums)
+    return jax.jit(
+      self.fn,
+      in_shardings=in_shardings,
+      out_shardings=self.out_shardings,
+      donate_argnums=self.donate_argnums,
+    )
 
   def jit(self, mesh: Mesh, rules: LogicalRules) -> Callable:
     """The program as a function, traced and run under `mesh` and `rules`."""
@@ -208,15 +233,16 @@ def logical_axes_of(state: nnx.State) -> dict:
       names = (None,) * np.ndim(variable.get_value())
     return tuple(names)
 
-  return nnx.to_pure_dict(jax.tree.map(
-      axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  return nnx.to_pure_dict(jax.tree.map(axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: LogicalRules) -> dict:
   """Pure dict of NamedShardings for the parameters of `abstract_state`."""
-  return jax.tree.map(lambda names: NamedSharding(mesh, logical_to_spec(names, rules)),
-                      logical_axes_of(abstract_state),
-                      is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree.map(
+    lambda names: NamedSharding(mesh, logical_to_spec(names, rules)),
+    logical_axes_of(abstract_state),
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -230,9 +256,10 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules, ndim: int) -> NamedSharding:
 def host_to_global(local_batch: dict, mesh: Mesh, rules: LogicalRules) -> dict:
   """Per-process numpy batch -> global jax arrays sharded along `batch`."""
   return {
-      name: jax.make_array_from_process_local_data(
-          batch_sharding(mesh, rules, np.ndim(value)), np.asarray(value))
-      for name, value in local_batch.items()
+    name: jax.make_array_from_process_local_data(
+      batch_sharding(mesh, rules, np.ndim(value)), np.asarray(value)
+    )
+    for name, value in local_batch.items()
   }
 
 
@@ -277,8 +304,9 @@ def ring_layout(q_shape, mesh, rules):
     batch = ()
   if q_shape[2] % _axes_size(mesh, heads):
     heads = ()
-  qkv_spec = PartitionSpec(_spec_entry(batch), _spec_entry(ring), _spec_entry(heads),
-                           _spec_entry(spec_entry_axes(spec[3])))
+  qkv_spec = PartitionSpec(
+    _spec_entry(batch), _spec_entry(ring), _spec_entry(heads), _spec_entry(spec_entry_axes(spec[3]))
+  )
   mask_spec = PartitionSpec(_spec_entry(batch), _spec_entry(ring))
   return qkv_spec, mask_spec, ring, _axes_size(mesh, ring)
 
@@ -288,7 +316,9 @@ def validate_batch_sizes(config, device_count: int, process_count: int) -> None:
   batch shards and the processes."""
   shards = batch_shards(config.mesh, device_count)
   for key in ("batch_size", "eval_batch_size"):
-    require(config[key] % shards == 0 and config[key] % process_count == 0,
-            f"config.{key}={config[key]} must be divisible by the {shards} batch shards "
-            f"of the mesh (data x fsdp over {device_count} devices) and by the "
-            f"{process_count} processes.")
+    require(
+      config[key] % shards == 0 and config[key] % process_count == 0,
+      f"config.{key}={config[key]} must be divisible by the {shards} batch shards "
+      f"of the mesh (data x fsdp over {device_count} devices) and by the "
+      f"{process_count} processes.",
+    )

@@ -17,6 +17,7 @@ traffic and collectives, read from the compiler's output.
 
 Nothing here runs a program; it works for compile-only TPU devices.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,20 +30,51 @@ import numpy as np
 from jax.extend import core as jex_core
 
 # HLO element types -> bytes.
-_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
-                "s32": 4, "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4,
-                "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "token": 0}
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s4": 0.5,
+  "u4": 0.5,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "s32": 4,
+  "u32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f16": 2,
+  "bf16": 2,
+  "f32": 4,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "token": 0,
+}
 _ARRAY_TYPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
 # A layout's memory space other than 0 (HBM): on-chip memory the compiler
 # places a buffer in (TPU VMEM / CMEM), e.g. {2,1,0:T(8,128)S(1)}.
 _ON_CHIP = re.compile(r"S\([1-9]\d*\)")
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
-               "collective-permute")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 # Instructions that move no data of their own (views, bookkeeping, control).
-_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
-               "call", "conditional", "after-all", "partition-id", "replica-id",
-               "opt-barrier", "add-dependency", "domain"}
+_NO_TRAFFIC = {
+  "parameter",
+  "constant",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "while",
+  "call",
+  "conditional",
+  "after-all",
+  "partition-id",
+  "replica-id",
+  "opt-barrier",
+  "add-dependency",
+  "domain",
+}
 
 
 def _array_types(hlo_type: str) -> list[str]:
@@ -95,7 +127,7 @@ def _parse_instruction(line: str) -> Instruction | None:
   match = re.match(r"%?([\w.\-]+)\s*=\s*", body)
   if not match:
     return None
-  rest = body[match.end():]
+  rest = body[match.end() :]
   if rest.startswith("("):
     end = _balanced(rest, 0)
   else:
@@ -108,10 +140,9 @@ def _parse_instruction(line: str) -> Instruction | None:
   if not op_match:
     return None
   close = _balanced(rest, op_match.end() - 1)
-  inside = rest[op_match.end():close - 1]
+  inside = rest[op_match.end() : close - 1]
   operands = re.findall(r"%([\w.\-]+)", inside)
-  return Instruction(match.group(1), op_match.group(1), result_type, operands, inside,
-                     rest[close:])
+  return Instruction(match.group(1), op_match.group(1), result_type, operands, inside, rest[close:])
 
 
 def parse_hlo(text: str) -> tuple[str, dict[str, list[Instruction]]]:
@@ -148,8 +179,9 @@ def parse_hlo(text: str) -> tuple[str, dict[str, list[Instruction]]]:
   return entry, computations
 
 
-def _trip_count(condition: list[Instruction], loop: Instruction,
-                defined: dict[str, Instruction]) -> int | None:
+def _trip_count(
+  condition: list[Instruction], loop: Instruction, defined: dict[str, Instruction]
+) -> int | None:
   """N of a `while` whose condition is `counter < N`, the counter starting
   at a constant (jax's scans and fori_loops); None when not of that form."""
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attributes)
@@ -160,25 +192,36 @@ def _trip_count(condition: list[Instruction], loop: Instruction,
   if root is None or root.opcode != "compare" or "direction=LT" not in root.attributes:
     return None
   counter, bound = (by_name.get(name) for name in root.operands[:2])
-  if counter is None or bound is None or bound.opcode != "constant" \
-      or counter.opcode != "get-tuple-element":
+  if (
+    counter is None
+    or bound is None
+    or bound.opcode != "constant"
+    or counter.opcode != "get-tuple-element"
+  ):
     return None
   index = re.search(r"index=(\d+)", counter.attributes)
   if not re.fullmatch(r"-?\d+", bound.operand_text.strip()) or index is None:
     return None
   start = 0
   initial = defined.get(loop.operands[0]) if loop.operands else None
-  if initial is not None and initial.opcode == "tuple" and int(index.group(1)) < len(
-      initial.operands):
+  if (
+    initial is not None
+    and initial.opcode == "tuple"
+    and int(index.group(1)) < len(initial.operands)
+  ):
     first = defined.get(initial.operands[int(index.group(1))])
-    if first is not None and first.opcode == "constant" and re.fullmatch(
-        r"-?\d+", first.operand_text.strip()):
+    if (
+      first is not None
+      and first.opcode == "constant"
+      and re.fullmatch(r"-?\d+", first.operand_text.strip())
+    ):
       start = int(first.operand_text)
   return max(0, int(bound.operand_text) - start)
 
 
-def execution_counts(entry: str, computations: dict[str, list[Instruction]]
-                     ) -> tuple[dict[str, float], int]:
+def execution_counts(
+  entry: str, computations: dict[str, list[Instruction]]
+) -> tuple[dict[str, float], int]:
   """How often each executed computation runs per call of the program (loop
   bodies times their trip counts), and how many loops had no readable trip
   count (counted once). Fusion bodies are not listed: their instruction is."""
@@ -193,15 +236,19 @@ def execution_counts(entry: str, computations: dict[str, list[Instruction]]
       if instruction.opcode == "while":
         body = instruction.called("body")
         condition = instruction.called("condition")
-        trips = _trip_count(computations.get(condition[0], []) if condition else [],
-                            instruction, defined)
+        trips = _trip_count(
+          computations.get(condition[0], []) if condition else [], instruction, defined
+        )
         if trips is None:
           unknown += 1
           trips = 1
         for computation in body:
           visit(computation, times * trips)
-      elif instruction.opcode in ("call", "async-start") or instruction.opcode.endswith(
-          "-start") and instruction.called("calls"):
+      elif (
+        instruction.opcode in ("call", "async-start")
+        or instruction.opcode.endswith("-start")
+        and instruction.called("calls")
+      ):
         for computation in instruction.called("to_apply") + instruction.called("calls"):
           if computation in computations:
             visit(computation, times)
@@ -236,8 +283,9 @@ def _communicated_bytes(kind: str, opcode: str, result_type: str) -> int:
   return max((type_bytes(t) for t in _array_types(result_type)), default=0)
 
 
-def _instruction_traffic(instruction: Instruction, sizes: dict[str, int],
-                         computations: dict[str, list[Instruction]]) -> int:
+def _instruction_traffic(
+  instruction: Instruction, sizes: dict[str, int], computations: dict[str, list[Instruction]]
+) -> int:
   """Bytes one instruction reads and writes: its operands and its result,
   except where it updates or reads a slice of a buffer (a scan's stacked
   activations): a dynamic-update-slice writes its update into the buffer in
@@ -246,8 +294,7 @@ def _instruction_traffic(instruction: Instruction, sizes: dict[str, int],
   for fused in instruction.called("calls"):
     inner.update(i.opcode for i in computations.get(fused, []))
   result = sizes.get(instruction.name, 0)
-  pieces = [type_bytes(t, hbm_only=True)
-            for t in _array_types(instruction.result_type)] or [result]
+  pieces = [type_bytes(t, hbm_only=True) for t in _array_types(instruction.result_type)] or [result]
   operands = [sizes.get(o, 0) for o in instruction.operands]
   if "dynamic-update-slice" in inner:
     in_place = [size for size in operands if size in pieces and size > 0]
@@ -269,7 +316,7 @@ def hlo_traffic(text: str) -> HloTraffic:
     sizes = {i.name: type_bytes(i.result_type, hbm_only=True) for i in instructions}
     for instruction in instructions:
       opcode = instruction.opcode
-      kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+      kind = opcode[: -len("-start")] if opcode.endswith("-start") else opcode
       if kind in COLLECTIVES:
         stats = collectives.setdefault(kind, [0.0, 0.0])
         stats[0] += times
@@ -277,8 +324,11 @@ def hlo_traffic(text: str) -> HloTraffic:
       if opcode in _NO_TRAFFIC or opcode.endswith("-done"):
         continue
       traffic += times * _instruction_traffic(instruction, sizes, computations)
-  return HloTraffic(traffic, tuple(Collective(kind, count, size) for kind, (count, size)
-                                   in sorted(collectives.items())), unknown)
+  return HloTraffic(
+    traffic,
+    tuple(Collective(kind, count, size) for kind, (count, size) in sorted(collectives.items())),
+    unknown,
+  )
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -295,8 +345,10 @@ def _dot_flops(eqn) -> float:
 # counted from q [B, Lq, H, D] and k [B, Lk, H, D] in units of one
 # [Lq, Lk] product per example and head: the forward's QK^T and PV; the
 # backward's recomputed QK^T, dV, dP, dQ and dK.
-_FUSED_ATTENTION_MATMULS = {"dot_product_attention_fwd_wrapper": 2,
-                            "dot_product_attention_bwd_wrapper": 5}
+_FUSED_ATTENTION_MATMULS = {
+  "dot_product_attention_fwd_wrapper": 2,
+  "dot_product_attention_bwd_wrapper": 5,
+}
 
 
 def _fused_attention_flops(eqn, matmuls: int) -> float:
@@ -350,6 +402,7 @@ def matmul_flops(jaxpr) -> float:
 @dataclasses.dataclass(frozen=True)
 class ProgramCost:
   """One compiled program on one device (all figures per device)."""
+
   name: str
   argument_bytes: int
   output_bytes: int
@@ -364,7 +417,6 @@ class ProgramCost:
   compile_seconds: float
 
 
-
 def argument_bytes(abstract_args) -> int:
   """Bytes one device holds of abstract arguments (ShapeDtypeStructs with
   shardings): each leaf's shard."""
@@ -375,26 +427,36 @@ def argument_bytes(abstract_args) -> int:
   return total
 
 
-def program_cost(name: str, jaxpr, compiled, *, device_count: int,
-                 compile_seconds: float) -> ProgramCost:
+def program_cost(
+  name: str, jaxpr, compiled, *, device_count: int, compile_seconds: float
+) -> ProgramCost:
   """The cost of `compiled` (its traced `jaxpr`), per device of `device_count`."""
   memory = compiled.memory_analysis()
   traffic = hlo_traffic(compiled.as_text())
-  allocated = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-               - memory.alias_size_in_bytes + memory.temp_size_in_bytes
-               + memory.generated_code_size_in_bytes)
+  allocated = (
+    memory.argument_size_in_bytes
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+    + memory.temp_size_in_bytes
+    + memory.generated_code_size_in_bytes
+  )
   # The compiler's peak (what it checks against HBM); the sum of the parts
   # where a jax version does not report it (temporaries overstate it).
   peak = getattr(memory, "peak_memory_in_bytes", 0) or allocated
   return ProgramCost(
-      name=name, argument_bytes=int(memory.argument_size_in_bytes),
-      output_bytes=int(memory.output_size_in_bytes),
-      alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
-      code_bytes=int(memory.generated_code_size_in_bytes), peak_bytes=int(peak),
-      flops=matmul_flops(jaxpr) / device_count, hbm_traffic_bytes=traffic.hbm_bytes,
-      collectives=traffic.collectives, unknown_trip_counts=traffic.unknown_trip_counts,
-      compile_seconds=compile_seconds)
-
+    name=name,
+    argument_bytes=int(memory.argument_size_in_bytes),
+    output_bytes=int(memory.output_size_in_bytes),
+    alias_bytes=int(memory.alias_size_in_bytes),
+    temp_bytes=int(memory.temp_size_in_bytes),
+    code_bytes=int(memory.generated_code_size_in_bytes),
+    peak_bytes=int(peak),
+    flops=matmul_flops(jaxpr) / device_count,
+    hbm_traffic_bytes=traffic.hbm_bytes,
+    collectives=traffic.collectives,
+    unknown_trip_counts=traffic.unknown_trip_counts,
+    compile_seconds=compile_seconds,
+  )
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -408,4 +470,3 @@ def out_of_memory_summary(error: BaseException) -> str:
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   wanted = [line for line in lines if "exceed" in line.lower() or "RESOURCE_EXHAUSTED" in line]
   return " ".join(wanted[:2] or lines[:1])[:400]
-

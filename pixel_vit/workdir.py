@@ -11,6 +11,7 @@ not reach across hosts, so that run may still be alive. Locking is
 local-filesystem only: a `gs://` workdir (a pod's shared bucket) is not
 locked, and in a multi-process run process 0 holds the lock for all.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -49,18 +50,24 @@ def check_writable(workdir: str) -> None:
     return  # a bucket: its permissions show at the first write
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f"--workdir={workdir} is a file, not a directory; pass a directory "
-                     "(it is created if missing).")
+    raise ValueError(
+      f"--workdir={workdir} is a file, not a directory; pass a directory "
+      "(it is created if missing)."
+    )
   existing = path
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    raise ValueError(f"--workdir={workdir} is not writable: {existing} is a file, so the "
-                     "directory cannot be created; choose another --workdir.")
+    raise ValueError(
+      f"--workdir={workdir} is not writable: {existing} is a file, so the "
+      "directory cannot be created; choose another --workdir."
+    )
   if not os.access(existing, os.W_OK | os.X_OK):
-    raise ValueError(f"--workdir={workdir} is not writable ({existing} does not allow this "
-                     "user to write); choose a directory you can write, or fix its "
-                     "permissions.")
+    raise ValueError(
+      f"--workdir={workdir} is not writable ({existing} does not allow this "
+      "user to write); choose a directory you can write, or fix its "
+      "permissions."
+    )
 
 
 def _holder_host(record: str) -> str | None:
@@ -80,8 +87,10 @@ def claim(workdir: str, *, take_over: bool = False) -> WorkdirLock:
     os.makedirs(workdir, exist_ok=True)
     handle = open(path, "a+")
   except OSError as e:  # e.g. a read-only filesystem, which os.access does not see
-    raise ValueError(f"--workdir={workdir} is not writable ({e.strerror or e}); choose a "
-                     "directory you can write, or fix its permissions.") from e
+    raise ValueError(
+      f"--workdir={workdir} is not writable ({e.strerror or e}); choose a "
+      "directory you can write, or fix its permissions."
+    ) from e
   try:
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError:
@@ -89,9 +98,10 @@ def claim(workdir: str, *, take_over: bool = False) -> WorkdirLock:
     holder = handle.read().strip() or "unknown"
     handle.close()
     raise WorkdirInUseError(
-        f"--workdir={workdir} is in use by another run ({holder}); two runs on one workdir "
-        "would overwrite each other's checkpoints. Wait for it to finish, stop it, or "
-        "choose another --workdir.") from None
+      f"--workdir={workdir} is in use by another run ({holder}); two runs on one workdir "
+      "would overwrite each other's checkpoints. Wait for it to finish, stop it, or "
+      "choose another --workdir."
+    ) from None
   handle.seek(0)
   previous = handle.read().strip()
   host = _holder_host(previous)
@@ -99,13 +109,15 @@ def claim(workdir: str, *, take_over: bool = False) -> WorkdirLock:
     fcntl.flock(handle, fcntl.LOCK_UN)
     handle.close()
     raise WorkdirInUseError(
-        f"--workdir={workdir} is locked by a run on another host ({previous}); this host "
-        "cannot see whether it still runs (a shared filesystem may not pass the OS lock "
-        "between hosts). If it has stopped, take the lock over with "
-        "--config.take_over_lock=True; otherwise choose another --workdir.")
+      f"--workdir={workdir} is locked by a run on another host ({previous}); this host "
+      "cannot see whether it still runs (a shared filesystem may not pass the OS lock "
+      "between hosts). If it has stopped, take the lock over with "
+      "--config.take_over_lock=True; otherwise choose another --workdir."
+    )
   if previous:
-    logging.warning("%s was left by a run that is no longer alive (%s); taking it over.",
-                    path, previous)
+    logging.warning(
+      "%s was left by a run that is no longer alive (%s); taking it over.", path, previous
+    )
   handle.seek(0)
   handle.truncate()
   handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

@@ -6,6 +6,7 @@ at import, before any test module touches a JAX backend: conftest.py is
 imported before the test modules are collected. Plain helpers and constants
 live in support.py (`from support import ...`), which starts no backend.
 """
+
 import copy
 import importlib
 import os
@@ -16,8 +17,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402  (the environment above must be set first)
 import pytest  # noqa: E402
 
-from support import (CLS_PIXEL_PATH, MAE_PIXEL_PATH, MAE_TINY_RUN, NUM_DEVICES,  # noqa: E402
-                     TINY_RUN, load_config_module, set_dotted)
+from support import (  # noqa: E402
+  CLS_PIXEL_PATH,
+  MAE_PIXEL_PATH,
+  MAE_TINY_RUN,
+  NUM_DEVICES,
+  TINY_RUN,
+  load_config_module,
+  set_dotted,
+)
 
 jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
 
@@ -27,8 +35,9 @@ def eight_cpu_devices():
   """Every test runs with the 8 fake CPU devices the conftest asked for."""
   devices = jax.devices()
   assert len(devices) == NUM_DEVICES and all(d.platform == "cpu" for d in devices), (
-      f"expected {NUM_DEVICES} CPU devices, got {devices}: was a JAX backend "
-      "initialised before tests/conftest.py set jax_num_cpu_devices?")
+    f"expected {NUM_DEVICES} CPU devices, got {devices}: was a JAX backend "
+    "initialised before tests/conftest.py set jax_num_cpu_devices?"
+  )
   return devices
 
 

@@ -5,6 +5,7 @@ puts tests/ on sys.path (tests/ has no __init__.py).
 Importing this module starts no JAX backend: it only imports jax. The 8 fake
 CPU devices are set up by conftest.py, which pytest imports first.
 """
+
 import dataclasses
 import hashlib
 import importlib.util
@@ -27,13 +28,13 @@ DIT_PIXEL_PATH = REPO_ROOT / "configs" / "dit_pixel.py"
 # A trainer run that costs seconds: the quick config (mu/1 on 8x8 digits),
 # shortened. Dotted keys, applied with `set_dotted`.
 TINY_RUN = {
-    "total_steps": 6,
-    "batch_size": 32,
-    "eval_batch_size": 360,
-    "eval_every": 3,
-    "checkpoint_every": 3,
-    "log_every": 2,
-    "optimizer.warmup_steps": 2,
+  "total_steps": 6,
+  "batch_size": 32,
+  "eval_batch_size": 360,
+  "eval_every": 3,
+  "checkpoint_every": 3,
+  "log_every": 2,
+  "optimizer.warmup_steps": 2,
 }
 
 # A short MAE run: configs/mae_pixel.py:quick (mu/1 on 8x8 digits, a 64-wide
@@ -42,9 +43,16 @@ MAE_TINY_RUN = {**TINY_RUN, "eval_batch_size": 40}
 
 # configs/dit_pixel.py:quick (mu/1 DiT on 8x8 digits), shortened.
 DIT_TINY_RUN = {
-    "total_steps": 6, "batch_size": 32, "eval_batch_size": 40, "eval_every": 3,
-    "checkpoint_every": 3, "log_every": 2, "optimizer.warmup_steps": 2,
-    "sample.steps": "8", "sample.grid_columns": 2, "fid.batch_size": 40,
+  "total_steps": 6,
+  "batch_size": 32,
+  "eval_batch_size": 40,
+  "eval_every": 3,
+  "checkpoint_every": 3,
+  "log_every": 2,
+  "optimizer.warmup_steps": 2,
+  "sample.steps": "8",
+  "sample.grid_columns": 2,
+  "fid.batch_size": 40,
 }
 
 
@@ -78,6 +86,7 @@ def set_dotted(config, overrides: dict):
 @dataclasses.dataclass
 class Command:
   """A `python -m pixel_vit.main|sample --config=FILE:ARG --config.k=v --workdir=DIR` line."""
+
   module: str  # 'main' or 'sample'
   config_file: str
   config_arg: str
@@ -95,7 +104,7 @@ class Command:
       assert key.startswith("--") and sep, f"unexpected word {word!r} in {text!r}"
       flags[key[2:]] = value
     config_file, _, config_arg = flags.pop("config").partition(":")
-    overrides = {k[len("config."):]: v for k, v in flags.items() if k.startswith("config.")}
+    overrides = {k[len("config.") :]: v for k, v in flags.items() if k.startswith("config.")}
     return cls(module, config_file, config_arg, overrides, flags["workdir"])
 
 
@@ -206,8 +215,12 @@ def damage_checkpoint(step_dir: str, how: str) -> None:
   process directory."""
   state = os.path.join(step_dir, "state")
   if how == "truncate":  # every data file (under a d/ directory) to half its size
-    data = [os.path.join(root, name) for root, _, names in os.walk(state)
-            for name in names if os.path.basename(root) == "d"]
+    data = [
+      os.path.join(root, name)
+      for root, _, names in os.walk(state)
+      for name in names
+      if os.path.basename(root) == "d"
+    ]
     assert data, f"no data files under {state}"
     for path in data:
       os.truncate(path, os.path.getsize(path) // 2)
@@ -222,11 +235,11 @@ def damage_checkpoint(step_dir: str, how: str) -> None:
 # ---------------------------------------------------------------- image folders
 
 
-def make_image_folder(root, *, classes=3, per_class=14, seed=0, sizes=(12, 48),
-                      png_every=3) -> str:
+def make_image_folder(root, *, classes=3, per_class=14, seed=0, sizes=(12, 48), png_every=3) -> str:
   """JPEG and PNG files (every `png_every`-th a PNG; 0: none) of varied sizes
   (each side drawn from `sizes`) and aspect ratios, one folder per class."""
   from PIL import Image
+
   rng = np.random.default_rng(seed)
   for c in range(classes):
     folder = os.path.join(root, f"class_{c}")

@@ -9,6 +9,7 @@ over the data-centre network, a run too big for its slice is refused by
 name with exit 1, and `attention=auto` picks splash for a TPU target while
 the compiling machine is a CPU.
 """
+
 import importlib.util
 import subprocess
 import sys
@@ -19,8 +20,10 @@ import numpy as np
 import pytest
 
 if importlib.util.find_spec("libtpu") is None:
-  pytest.skip("needs libtpu, the TPU compiler: pip install -e '.[tpu]' (no TPU needed)",
-              allow_module_level=True)
+  pytest.skip(
+    "needs libtpu, the TPU compiler: pip install -e '.[tpu]' (no TPU needed)",
+    allow_module_level=True,
+  )
 
 from pixel_vit import compile as compile_lib  # noqa: E402
 from pixel_vit import configuration, hardware, parallel, program_costs  # noqa: E402
@@ -31,14 +34,20 @@ from support import REPO_ROOT, load_config_module, set_dotted  # noqa: E402
 pytestmark = pytest.mark.tpu_compile
 
 
-def compile_config(config_file: str, arg: str, topology: str, *, num_slices: int = 1,
-                   programs=None, **overrides) -> compile_lib.Report:
+def compile_config(
+  config_file: str, arg: str, topology: str, *, num_slices: int = 1, programs=None, **overrides
+) -> compile_lib.Report:
   config = load_config_module(REPO_ROOT / "configs" / config_file).get_config(arg)
   set_dotted(config, overrides)
   devices = hardware.tpu_devices(topology, num_slices)
-  return compile_lib.compile_run(config, devices, config_name=f"{config_file}:{arg}",
-                                 topology=topology, num_slices=num_slices,
-                                 programs=programs)
+  return compile_lib.compile_run(
+    config,
+    devices,
+    config_name=f"{config_file}:{arg}",
+    topology=topology,
+    num_slices=num_slices,
+    programs=programs,
+  )
 
 
 def chose(report, setting):
@@ -67,10 +76,15 @@ def test_topology_names_and_slices():
     hardware.canonical_topology("v5e:2x2x1")
 
 
-@pytest.mark.parametrize("topology, devices, kind", [
-    ("v5e:2x4", 8, "TPU v5 lite"), ("v5p:2x2x2", 8, "TPU v5"),
+@pytest.mark.parametrize(
+  "topology, devices, kind",
+  [
+    ("v5e:2x4", 8, "TPU v5 lite"),
+    ("v5p:2x2x2", 8, "TPU v5"),
     ("v4:2x2x1", 4, "TPU v4"),  # megacore: one device per chip, as on a pod
-    ("v6e:2x2", 4, "TPU v6 lite")])
+    ("v6e:2x2", 4, "TPU v6 lite"),
+  ],
+)
 def test_compile_only_devices_per_chip(topology, devices, kind):
   found = hardware.tpu_devices(topology)
   assert len(found) == devices and {d.device_kind for d in found} == {kind}
@@ -86,8 +100,7 @@ def test_auto_attention_picks_splash_for_a_tpu_target_on_a_cpu_machine():
   devices = hardware.tpu_devices("v5e:2x2")
   mesh = parallel.make_mesh(configuration.mesh_config(), devices)
   q = jax.ShapeDtypeStruct((4, 1025, 3, 64), jnp.bfloat16)
-  with hardware.recording_choices() as made, parallel.activate(
-      mesh, configuration.SHARDING_RULES):
+  with hardware.recording_choices() as made, parallel.activate(mesh, configuration.SHARDING_RULES):
     jaxpr = jax.make_jaxpr(attention.auto_attention)(q, q, q)
   assert [c.chose for c in made] == ["splash"], made
   kernels = [e for e in jaxpr.jaxpr.eqns if "pallas" in str(e)]
@@ -117,8 +130,9 @@ def _compile_attention(fn, mesh, rules, shape, dtype=jnp.bfloat16):
 def test_splash_compiles_through_mosaic_forward_and_backward(length):
   devices = hardware.tpu_devices("v5e:2x2")
   mesh = parallel.make_mesh(configuration.mesh_config(), devices)
-  compiled = _compile_attention(splash.splash_attention, mesh, configuration.SHARDING_RULES,
-                                (4, length, 3, 64))
+  compiled = _compile_attention(
+    splash.splash_attention, mesh, configuration.SHARDING_RULES, (4, length, 3, 64)
+  )
   text = compiled.as_text()
   # Mosaic kernels (not the interpret-mode emulation): forward, dK/dV and dQ.
   for kernel in ("splash_mha_fwd", "splash_mha_dkv", "splash_mha_dq"):
@@ -130,8 +144,9 @@ def test_ring_attention_compiles_with_a_seq_axis():
   devices = hardware.tpu_devices("v5e:2x2")
   mesh = parallel.make_mesh(dict(data=1, fsdp=1, seq=4, tensor=1), devices)
   assert mesh.shape["seq"] == 4
-  compiled = _compile_attention(ring.ring_attention, mesh, configuration.SHARDING_RULES,
-                                (2, 1024, 3, 64))
+  compiled = _compile_attention(
+    ring.ring_attention, mesh, configuration.SHARDING_RULES, (2, 1024, 3, 64)
+  )
   traffic = program_costs.hlo_traffic(compiled.as_text())
   permutes = {c.kind: c for c in traffic.collectives}.get("collective-permute")
   # k and v travel the ring: 3 hops forward, and back again in the backward pass.
@@ -164,8 +179,9 @@ def test_mae_pretraining_and_fine_tuning_compile_for_a_v5e_slice():
   pretrain = compile_config("mae_pixel.py", "variant=Ti/1", "v5e:2x2")
   assert_fits(pretrain, ["train_step", "eval_step", "reconstruct"])
   assert chose(pretrain, "model.remat=auto") == {"full"}
-  finetune = compile_config("mae_finetune.py", "variant=Ti/1,init_from=/nowhere/mae_Ti1",
-                            "v5e:2x2", programs=["train_step"])
+  finetune = compile_config(
+    "mae_finetune.py", "variant=Ti/1,init_from=/nowhere/mae_Ti1", "v5e:2x2", programs=["train_step"]
+  )
   assert_fits(finetune, ["train_step"])
 
 
@@ -192,29 +208,41 @@ def test_two_slices_put_data_over_the_data_centre_network():
   # data is split slices x chips: each slice holds half of the data axis.
   assert mesh.shape["data"] == 8 and sorted(np.unique(grid[:4])) == [0]
   assert sorted(np.unique(grid[4:])) == [1]
-  report = compile_config("cls_pixel.py", "quick", "v5e:2x2", num_slices=2,
-                          programs=["train_step"])
+  report = compile_config("cls_pixel.py", "quick", "v5e:2x2", num_slices=2, programs=["train_step"])
   assert_fits(report, ["train_step"])
   assert "all-reduce" in {c.kind for c in report.costs[0].collectives}
 
 
 def _command(*args):
-  return subprocess.run([sys.executable, "-m", "pixel_vit.compile", *args], cwd=REPO_ROOT,
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "pixel_vit.compile", *args],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def test_a_run_that_cannot_fit_is_refused_by_name():
   # 16,384 eval images of 1,025 tokens with xla attention: the scores alone
   # are ~48 GiB per v5e chip.
-  result = _command("--config=configs/cls_pixel.py:variant=Ti/1", "--topology=v5e:2x2",
-                    "--programs=eval_step", "--config.eval_batch_size=16384",
-                    "--config.model.attention=xla")
+  result = _command(
+    "--config=configs/cls_pixel.py:variant=Ti/1",
+    "--topology=v5e:2x2",
+    "--programs=eval_step",
+    "--config.eval_batch_size=16384",
+    "--config.model.attention=xla",
+  )
   assert result.returncode == 1, result.stderr[-2000:]
   error = result.stderr.split("\nerror: ")[-1]
   assert "eval_step does not fit a v5e chip" in error and "GiB" in error
   assert "exceeds available HBM" in error
-  for knob in ("config.eval_batch_size=16384", "config.model.remat", "config.mesh.fsdp",
-               "config.model.attention"):
+  for knob in (
+    "config.eval_batch_size=16384",
+    "config.model.remat",
+    "config.mesh.fsdp",
+    "config.model.attention",
+  ):
     assert knob in error
   assert "| eval_step | refused by the compiler" in result.stdout
 
@@ -226,12 +254,22 @@ def test_an_unknown_topology_and_a_missing_libtpu_get_one_line_each():
   assert "Traceback" not in result.stderr
   # No libtpu: JAX finds no TPU library.
   hidden = subprocess.run(
-      [sys.executable, "-c", "import jax._src.xla_bridge as xb; "
-       "xb.get_tpu_library_path = lambda: None; "
-       "from pixel_vit import hardware; hardware.tpu_devices('v5e:2x2')"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-  assert "compiling for TPU needs libtpu, which is not installed: pip install -e '.[tpu]'" \
-      in hardware_error(hidden.stderr)
+    [
+      sys.executable,
+      "-c",
+      "import jax._src.xla_bridge as xb; "
+      "xb.get_tpu_library_path = lambda: None; "
+      "from pixel_vit import hardware; hardware.tpu_devices('v5e:2x2')",
+    ],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert (
+    "compiling for TPU needs libtpu, which is not installed: pip install -e '.[tpu]'"
+    in hardware_error(hidden.stderr)
+  )
 
 
 def hardware_error(stderr: str) -> str:

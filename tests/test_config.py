@@ -1,5 +1,6 @@
 """Bad input is rejected before anything compiles, with a ValueError naming the
 key, the value and what is allowed; config arguments; a mismatched checkpoint."""
+
 import os
 import subprocess
 import sys
@@ -8,13 +9,12 @@ import time
 import ml_collections
 import pytest
 
-from support import REPO_ROOT, TINY_RUN, set_dotted, snapshot
 from pixel_vit import configuration
 from pixel_vit import main as main_lib
 from pixel_vit.data import augment
 from pixel_vit.models import vit
 from pixel_vit.trainers import classification, loop
-
+from support import REPO_ROOT, TINY_RUN, set_dotted, snapshot
 
 # ---------------------------------------------------------------- patch vs image size
 
@@ -42,47 +42,52 @@ def test_patch_dividing_image_is_accepted(quick_config):
 
 
 BAD_VALUES = [
-    ({"model.variant": "X/1"}, r"variant 'X/1'.*SIZE/PATCH"),
-    ({"model.variant": "Ti"}, r"variant 'Ti'"),
-    ({"model.variant": "Ti/0"}, r"variant 'Ti/0'"),
-    ({"data.source": "foo"}, r"data source 'foo' is not recognised"),
-    ({"data.source": "tfds:"}, r"data source 'tfds:' is not recognised"),
-    ({"data.source": "npz:/nonexistent/x.npz"}, r"npz source: no file at /nonexistent/x\.npz"),
-    ({"data.image_size": 0}, r"config\.data\.image_size=0"),
-    ({"batch_size": 12}, r"config\.batch_size=12 must be divisible by the 8 batch shards"),
-    ({"eval_batch_size": 20}, r"config\.eval_batch_size=20 must be divisible"),
-    ({"batch_size": 0}, r"config\.batch_size=0 must be > 0"),
-    ({"total_steps": -1}, r"config\.total_steps=-1"),
-    ({"log_every": 0}, r"config\.log_every=0"),
-    ({"checkpoint_every": -5}, r"config\.checkpoint_every=-5"),
-    ({"profile.steps": -1}, r"config\.profile\.steps=-1 must be >= 0"),
-    ({"profile.first_step": 0}, r"config\.profile\.first_step=0 must be > 0"),
-    ({"optimizer.lr": -1.0}, r"config\.optimizer\.lr=-1\.0 must be > 0"),
-    ({"optimizer.lr": 0.0}, r"config\.optimizer\.lr=0\.0 must be > 0"),
-    ({"optimizer.weight_decay": -0.1}, r"config\.optimizer\.weight_decay=-0\.1"),
-    ({"optimizer.ema_decay": 1.0}, r"config\.optimizer\.ema_decay=1\.0"),
-    ({"optimizer.b2": 1.0}, r"b2=1\.0"),
-    ({"mesh.data": -1, "mesh.fsdp": -1}, r"config\.mesh sizes .*at most one -1"),
-    ({"mesh.data": 3, "mesh.fsdp": -1}, r"config\.mesh fixed sizes multiply to 3.*8 devices"),
-    ({"mesh.data": 3}, r"config\.mesh .*uses 3 devices but 8 are available"),
-    ({"mesh.data": 2, "mesh.fsdp": 2}, r"config\.mesh .*uses 4 devices but 8 are available"),
-    ({"mesh.data": 0}, r"config\.mesh sizes .*must be positive"),
-    ({"model.posemb": "sin"}, r"config\.model\.posemb='sin' is not allowed.*'learn'"),
-    ({"model.pool": "max"}, r"config\.model\.pool='max' is not allowed.*'gap'"),
-    ({"model.attention": "flash"}, r"config\.model\.attention='flash' is not allowed.*'xla'"),
-    ({"model.attention": "splash"}, r"attention='splash' is the TPU Pallas kernel.*'cpu'.*'auto'"),
-    ({"model.attention": "ring"}, r"attention='ring' splits the tokens.*size 1 here.*mesh\.seq > 1"),
-    ({"mesh.data": 2, "mesh.seq": 4, "model.attention": "chunked"},
-     r"config\.mesh\.seq=4 splits the tokens.*'chunked'.*'ring' or 'auto'"),
-    ({"model.dtype": "float16"}, r"config\.model\.dtype='float16' is not allowed.*'bfloat16'"),
-    ({"model.remat": "some"}, r"config\.model\.remat='some' is not allowed.*'dots'"),
-    ({"model.drop_path": 1.0}, r"config\.model\.drop_path=1\.0"),
-    ({"model.drop_path": -0.1}, r"config\.model\.drop_path=-0\.1"),
+  ({"model.variant": "X/1"}, r"variant 'X/1'.*SIZE/PATCH"),
+  ({"model.variant": "Ti"}, r"variant 'Ti'"),
+  ({"model.variant": "Ti/0"}, r"variant 'Ti/0'"),
+  ({"data.source": "foo"}, r"data source 'foo' is not recognised"),
+  ({"data.source": "tfds:"}, r"data source 'tfds:' is not recognised"),
+  ({"data.source": "npz:/nonexistent/x.npz"}, r"npz source: no file at /nonexistent/x\.npz"),
+  ({"data.image_size": 0}, r"config\.data\.image_size=0"),
+  ({"batch_size": 12}, r"config\.batch_size=12 must be divisible by the 8 batch shards"),
+  ({"eval_batch_size": 20}, r"config\.eval_batch_size=20 must be divisible"),
+  ({"batch_size": 0}, r"config\.batch_size=0 must be > 0"),
+  ({"total_steps": -1}, r"config\.total_steps=-1"),
+  ({"log_every": 0}, r"config\.log_every=0"),
+  ({"checkpoint_every": -5}, r"config\.checkpoint_every=-5"),
+  ({"profile.steps": -1}, r"config\.profile\.steps=-1 must be >= 0"),
+  ({"profile.first_step": 0}, r"config\.profile\.first_step=0 must be > 0"),
+  ({"optimizer.lr": -1.0}, r"config\.optimizer\.lr=-1\.0 must be > 0"),
+  ({"optimizer.lr": 0.0}, r"config\.optimizer\.lr=0\.0 must be > 0"),
+  ({"optimizer.weight_decay": -0.1}, r"config\.optimizer\.weight_decay=-0\.1"),
+  ({"optimizer.ema_decay": 1.0}, r"config\.optimizer\.ema_decay=1\.0"),
+  ({"optimizer.b2": 1.0}, r"b2=1\.0"),
+  ({"mesh.data": -1, "mesh.fsdp": -1}, r"config\.mesh sizes .*at most one -1"),
+  ({"mesh.data": 3, "mesh.fsdp": -1}, r"config\.mesh fixed sizes multiply to 3.*8 devices"),
+  ({"mesh.data": 3}, r"config\.mesh .*uses 3 devices but 8 are available"),
+  ({"mesh.data": 2, "mesh.fsdp": 2}, r"config\.mesh .*uses 4 devices but 8 are available"),
+  ({"mesh.data": 0}, r"config\.mesh sizes .*must be positive"),
+  ({"model.posemb": "sin"}, r"config\.model\.posemb='sin' is not allowed.*'learn'"),
+  ({"model.pool": "max"}, r"config\.model\.pool='max' is not allowed.*'gap'"),
+  ({"model.attention": "flash"}, r"config\.model\.attention='flash' is not allowed.*'xla'"),
+  ({"model.attention": "splash"}, r"attention='splash' is the TPU Pallas kernel.*'cpu'.*'auto'"),
+  ({"model.attention": "ring"}, r"attention='ring' splits the tokens.*size 1 here.*mesh\.seq > 1"),
+  (
+    {"mesh.data": 2, "mesh.seq": 4, "model.attention": "chunked"},
+    r"config\.mesh\.seq=4 splits the tokens.*'chunked'.*'ring' or 'auto'",
+  ),
+  ({"model.dtype": "float16"}, r"config\.model\.dtype='float16' is not allowed.*'bfloat16'"),
+  ({"model.remat": "some"}, r"config\.model\.remat='some' is not allowed.*'dots'"),
+  ({"model.drop_path": 1.0}, r"config\.model\.drop_path=1\.0"),
+  ({"model.drop_path": -0.1}, r"config\.model\.drop_path=-0\.1"),
 ]
 
 
-@pytest.mark.parametrize("overrides, match", BAD_VALUES,
-                         ids=[",".join(f"{k}={v}" for k, v in o.items()) for o, _ in BAD_VALUES])
+@pytest.mark.parametrize(
+  "overrides, match",
+  BAD_VALUES,
+  ids=[",".join(f"{k}={v}" for k, v in o.items()) for o, _ in BAD_VALUES],
+)
 def test_validate_rejects(quick_config, overrides, match, no_jit):
   config = quick_config(overrides)
   with pytest.raises(ValueError, match=match):
@@ -91,8 +96,9 @@ def test_validate_rejects(quick_config, overrides, match, no_jit):
 
 @pytest.mark.parametrize("attention", ["ring", "auto"])
 def test_sequence_parallel_mesh_accepts_ring_and_auto(quick_config, attention):
-  classification.validate(quick_config(
-      {"mesh.data": 2, "mesh.seq": 4, "model.attention": attention}))
+  classification.validate(
+    quick_config({"mesh.data": 2, "mesh.seq": 4, "model.attention": attention})
+  )
 
 
 def test_validate_rejects_unknown_mesh_axis(quick_config):
@@ -102,8 +108,9 @@ def test_validate_rejects_unknown_mesh_axis(quick_config):
     classification.validate(config)
 
 
-@pytest.mark.parametrize("overrides", [{"augment.mixup_alpha": -1.0},
-                                       {"augment.label_smoothing": 1.5}])
+@pytest.mark.parametrize(
+  "overrides", [{"augment.mixup_alpha": -1.0}, {"augment.label_smoothing": 1.5}]
+)
 def test_validate_rejects_bad_augment(quick_config, overrides, no_jit):
   config = quick_config(overrides)
   key = next(iter(overrides)).split(".")[-1]
@@ -122,8 +129,9 @@ def test_quick_configs_validate(cls_pixel, arg, no_jit):
   classification.validate(cls_pixel.get_config(arg))
 
 
-@pytest.mark.parametrize("arg", [None, "variant=Ti/2", "dataset=imagenet28",
-                                 "variant=mu/1,dataset=digits"])
+@pytest.mark.parametrize(
+  "arg", [None, "variant=Ti/2", "dataset=imagenet28", "variant=mu/1,dataset=digits"]
+)
 def test_paper_configs_validate(cls_pixel, arg, no_jit):
   # Validating reads no data and opens no connection (tfds:cifar100 is not
   # downloaded here: the conftest fails any network access).
@@ -139,8 +147,11 @@ def test_total_steps_zero_needs_epochs(quick_config, no_jit):
 
 
 def test_unknown_task():
-  with pytest.raises(ValueError, match=r"config\.task='segmentation' is not a task.*"
-                                       r"classification"):
+  with pytest.raises(
+    ValueError,
+    match=r"config\.task='segmentation' is not a task.*"
+    r"classification",
+  ):
     main_lib.trainer_for(_task_config("segmentation"))
   assert main_lib.trainer_for(_task_config("classification")) is classification
 
@@ -153,8 +164,9 @@ def _task_config(task):
 
 
 def test_parse_arg_types_and_errors():
-  args = configuration.parse_arg("n=3,name=x,flag,rate=0.5", n=1, name="a", flag=False,
-                                 rate=0.1, other=7)
+  args = configuration.parse_arg(
+    "n=3,name=x,flag,rate=0.5", n=1, name="a", flag=False, rate=0.1, other=7
+  )
   assert (args.n, args.name, args.flag, args.rate, args.other) == (3, "x", True, 0.5, 7)
   assert isinstance(args.n, int) and isinstance(args.rate, float)
   assert configuration.parse_arg("flag=false", flag=True).flag is False
@@ -207,9 +219,20 @@ def test_main_rejects_negative_lr_quickly(tmp_path):
   workdir = tmp_path / "run"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(
-      [sys.executable, "-m", "pixel_vit.main", "--config=configs/cls_pixel.py:quick",
-       "--config.optimizer.lr=-1", f"--workdir={workdir}"],
-      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "pixel_vit.main",
+      "--config=configs/cls_pixel.py:quick",
+      "--config.optimizer.lr=-1",
+      f"--workdir={workdir}",
+    ],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 1
   # One message, no traceback; and nothing was created (it came before any compile).
   assert "error: config.optimizer.lr=-1.0 must be > 0." in proc.stderr, proc.stderr[-2000:]
@@ -226,9 +249,10 @@ CHECKPOINTED_MODEL = {"model.variant": "mu/1", "model.posemb": "learn", "model.p
 def mu1_checkpoint(cls_pixel, tmp_path_factory):
   """A workdir whose checkpoints were written by mu/1 with a learned position
   embedding and a [CLS] token (3 steps)."""
-  config = set_dotted(cls_pixel.get_config("quick"), {
-      **TINY_RUN, **CHECKPOINTED_MODEL, "total_steps": 3, "checkpoint_every": 3,
-      "eval_every": 3})
+  config = set_dotted(
+    cls_pixel.get_config("quick"),
+    {**TINY_RUN, **CHECKPOINTED_MODEL, "total_steps": 3, "checkpoint_every": 3, "eval_every": 3},
+  )
   workdir = str(tmp_path_factory.mktemp("mismatch") / "workdir")
   classification.train_and_evaluate(config, workdir)
   assert os.listdir(os.path.join(workdir, "checkpoints"))
@@ -236,25 +260,36 @@ def mu1_checkpoint(cls_pixel, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, match", [
-    pytest.param({"model.variant": "mu/2"},
-                 r"checkpoint .*checkpoints/3 does not match the config \(variant: "
-                 r"checkpoint 'mu/1' vs config 'mu/2'\)", id="variant"),
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
+    pytest.param(
+      {"model.variant": "mu/2"},
+      r"checkpoint .*checkpoints/3 does not match the config \(variant: "
+      r"checkpoint 'mu/1' vs config 'mu/2'\)",
+      id="variant",
+    ),
     # Same variant, other arrays: orbax's structure error, re-raised naming the
     # checkpoint. Arrays missing from the checkpoint (EMA added) ...
-    pytest.param({"optimizer.ema_decay": 0.9},
-                 r"(?s)checkpoint .*checkpoints/3 holds a different train state.*ema_params",
-                 id="ema_added"),
+    pytest.param(
+      {"optimizer.ema_decay": 0.9},
+      r"(?s)checkpoint .*checkpoints/3 holds a different train state.*ema_params",
+      id="ema_added",
+    ),
     # ... and model settings recorded with the checkpoint, named in the message.
-    pytest.param({"model.posemb": "none"},
-                 r"does not match the config \(posemb: checkpoint 'learn' vs config 'none'\)",
-                 id="posemb_changed"),
-    pytest.param({"model.pool": "gap"},
-                 r"does not match the config \(pool: checkpoint 'cls' vs config 'gap'\)",
-                 id="pool_changed"),
-])
-def test_checkpoint_of_another_model_is_refused(quick_config, mu1_checkpoint, overrides,
-                                                 match):
+    pytest.param(
+      {"model.posemb": "none"},
+      r"does not match the config \(posemb: checkpoint 'learn' vs config 'none'\)",
+      id="posemb_changed",
+    ),
+    pytest.param(
+      {"model.pool": "gap"},
+      r"does not match the config \(pool: checkpoint 'cls' vs config 'gap'\)",
+      id="pool_changed",
+    ),
+  ],
+)
+def test_checkpoint_of_another_model_is_refused(quick_config, mu1_checkpoint, overrides, match):
   before = snapshot(mu1_checkpoint)
   assert any(p.startswith("checkpoints") for p in before)
   config = quick_config({**CHECKPOINTED_MODEL, "total_steps": 3, **overrides})

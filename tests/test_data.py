@@ -1,4 +1,5 @@
 """Data sources and batching: splits, sharding, padding, resume, bad inputs, TFDS offline."""
+
 import collections
 import math
 import socket
@@ -81,8 +82,11 @@ def test_npz_single_file_is_split_80_20(tmp_path):
 
 
 def test_npz_split_template_and_rank3_images(tmp_path):
-  np.savez(tmp_path / "x_train.npz", images=np.full((7, 4, 4), 9, np.uint8),
-           labels=np.array([0, 1, 2, 3, 4, 0, 1], np.int64))
+  np.savez(
+    tmp_path / "x_train.npz",
+    images=np.full((7, 4, 4), 9, np.uint8),
+    labels=np.array([0, 1, 2, 3, 4, 0, 1], np.int64),
+  )
   _write_marked_npz(tmp_path / "x_test.npz", 3)
   source = sources.parse_source(f"npz:{tmp_path}/x_{{split}}.npz")
   train, test = source.load("train"), source.load("test")
@@ -107,26 +111,41 @@ GOOD_IMAGES = np.zeros((5, 4, 4, 1), np.uint8)
 GOOD_LABELS = np.arange(5, dtype=np.int32)
 
 
-@pytest.mark.parametrize("arrays, problem", [
+@pytest.mark.parametrize(
+  "arrays, problem",
+  [
     (dict(labels=GOOD_LABELS), "no 'images' array"),
     (dict(images=GOOD_IMAGES), "no 'labels' array"),
-    (dict(images=GOOD_IMAGES.astype(np.float32), labels=GOOD_LABELS),
-     "dtype float32, expected uint8"),
-    (dict(images=np.zeros((5, 16), np.uint8), labels=GOOD_LABELS),
-     r"shape \(5, 16\), expected rank 4"),
+    (
+      dict(images=GOOD_IMAGES.astype(np.float32), labels=GOOD_LABELS),
+      "dtype float32, expected uint8",
+    ),
+    (
+      dict(images=np.zeros((5, 16), np.uint8), labels=GOOD_LABELS),
+      r"shape \(5, 16\), expected rank 4",
+    ),
     (dict(images=np.zeros((5, 4, 0, 1), np.uint8), labels=GOOD_LABELS), "expected rank 4"),
     (dict(images=GOOD_IMAGES, labels=GOOD_LABELS[:, None]), "expected integer class ids of rank 1"),
-    (dict(images=GOOD_IMAGES, labels=GOOD_LABELS.astype(np.float32)),
-     "dtype float32 .* integer class ids"),
+    (
+      dict(images=GOOD_IMAGES, labels=GOOD_LABELS.astype(np.float32)),
+      "dtype float32 .* integer class ids",
+    ),
     (dict(images=GOOD_IMAGES, labels=GOOD_LABELS[:4]), "5 images but 4 labels"),
     (dict(images=GOOD_IMAGES[:0], labels=GOOD_LABELS[:0]), "is empty"),
-    (dict(images=GOOD_IMAGES, labels=GOOD_LABELS - 1),
-     r"1 of 5 labels are negative: -1 \(1 example\)"),
-    (dict(images=GOOD_IMAGES, labels=GOOD_LABELS, class_names=np.array(["a", "b", "c"])),
-     r"2 of 5 labels are outside \[0, 3\) of its 3 class_names: 3 \(1 example\), 4 "),
-    (dict(images=np.array([None] * 5, dtype=object), labels=GOOD_LABELS),
-     "cannot be read without pickle"),
-])
+    (
+      dict(images=GOOD_IMAGES, labels=GOOD_LABELS - 1),
+      r"1 of 5 labels are negative: -1 \(1 example\)",
+    ),
+    (
+      dict(images=GOOD_IMAGES, labels=GOOD_LABELS, class_names=np.array(["a", "b", "c"])),
+      r"2 of 5 labels are outside \[0, 3\) of its 3 class_names: 3 \(1 example\), 4 ",
+    ),
+    (
+      dict(images=np.array([None] * 5, dtype=object), labels=GOOD_LABELS),
+      "cannot be read without pickle",
+    ),
+  ],
+)
 def test_npz_malformed_files_are_rejected(tmp_path, arrays, problem):
   path = tmp_path / "bad.npz"
   np.savez(path, **arrays)
@@ -145,8 +164,9 @@ def test_npz_not_a_zip_is_rejected(tmp_path):
 # ---------------------------------------------------------------- parsing, resize
 
 
-@pytest.mark.parametrize("name",
-                         ["", "mnist", "npz:", "tfds:", "tfds:mn ist", "hf:mnist", "Digits"])
+@pytest.mark.parametrize(
+  "name", ["", "mnist", "npz:", "tfds:", "tfds:mn ist", "hf:mnist", "Digits"]
+)
 def test_unknown_source_string_is_rejected(name):
   allowed = r"\['digits', 'npz:PATH', 'tfds:NAME', 'records:DIR'\]"
   with pytest.raises(ValueError, match=f"is not recognised; use one of {allowed}"):
@@ -164,9 +184,14 @@ def test_tfds_missing_data_dir_without_download_rejected_at_parse(tmp_path):
     sources.parse_source("tfds:mnist", data_dir=str(tmp_path / "nope"), download=False)
 
 
-@pytest.mark.parametrize("bad", [dict(process_index=2, process_count=2),
-                                 dict(process_index=0, process_count=0),
-                                 dict(image_size=0)])
+@pytest.mark.parametrize(
+  "bad",
+  [
+    dict(process_index=2, process_count=2),
+    dict(process_index=0, process_count=0),
+    dict(image_size=0),
+  ],
+)
 def test_load_rejects_bad_arguments(bad):
   with pytest.raises(ValueError, match="process_index|process_count|image_size"):
     sources.parse_source("digits").load("train", **bad)
@@ -195,19 +220,22 @@ def test_resize_to_requested_size(tmp_path):
 def test_process_shards_partition_the_split(tmp_path, process_count):
   _write_marked_npz(tmp_path / "s_test.npz", 37)
   source = sources.parse_source(f"npz:{tmp_path}/s_{{split}}.npz")
-  shards = [source.load("test", process_index=i, process_count=process_count)
-            for i in range(process_count)]
+  shards = [
+    source.load("test", process_index=i, process_count=process_count) for i in range(process_count)
+  ]
   ids = [_index_of(shard.images) for shard in shards]
   # Contiguous pieces in order, np.array_split sizes: their concatenation is the split.
   np.testing.assert_array_equal(np.concatenate(ids), np.arange(37))
   assert [len(i) for i in ids] == [len(a) for a in np.array_split(np.arange(37), process_count)]
-  assert all(shard.total_examples == 37 and shard.process_count == process_count
-             for shard in shards)
+  assert all(
+    shard.total_examples == 37 and shard.process_count == process_count for shard in shards
+  )
 
   digits = sources.parse_source("digits")
   whole = digits.load("test")
-  digit_shards = [digits.load("test", process_index=i, process_count=process_count)
-                  for i in range(process_count)]
+  digit_shards = [
+    digits.load("test", process_index=i, process_count=process_count) for i in range(process_count)
+  ]
   np.testing.assert_array_equal(np.concatenate([s.images for s in digit_shards]), whole.images)
 
 
@@ -218,9 +246,14 @@ def _split(n, process_index=0, process_count=1):
   """An ImageSplit of marked images: shard `process_index` of `n` examples."""
   shard = np.array_split(np.arange(n), process_count)[process_index]
   images = _marked_images(n)[shard]
-  return sources.ImageSplit(images=images, labels=shard.astype(np.int32), num_classes=n,
-                            total_examples=n, process_index=process_index,
-                            process_count=process_count)
+  return sources.ImageSplit(
+    images=images,
+    labels=shard.astype(np.int32),
+    num_classes=n,
+    total_examples=n,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
 @pytest.mark.parametrize("batch, expected_batches", [(8, 2), (4, 4)])
@@ -262,8 +295,9 @@ def test_train_batches_resume_exactly_across_epochs():
   assert pipeline.steps_per_epoch(split, 4) == 4
   full = _take(pipeline.train_batches(split, local_batch_size=4, seed=7), 13)
   for start in (1, 3, 4, 5, 9):
-    resumed = _take(pipeline.train_batches(split, local_batch_size=4, seed=7, start_step=start),
-                    13 - start)
+    resumed = _take(
+      pipeline.train_batches(split, local_batch_size=4, seed=7, start_step=start), 13 - start
+    )
     for a, b in zip(full[start:], resumed):
       np.testing.assert_array_equal(a["images"], b["images"])
       np.testing.assert_array_equal(a["labels"], b["labels"])
@@ -272,7 +306,7 @@ def test_train_batches_resume_exactly_across_epochs():
     assert b["labels"].dtype == np.int32
     np.testing.assert_array_equal(_index_of(b["images"]), b["labels"])
 
-  epochs = [np.concatenate([b["labels"] for b in full[e * 4:(e + 1) * 4]]) for e in range(3)]
+  epochs = [np.concatenate([b["labels"] for b in full[e * 4 : (e + 1) * 4]]) for e in range(3)]
   shard = set(range(19, 37))
   for labels in epochs:
     assert len(set(labels.tolist())) == 16 and set(labels.tolist()) <= shard
@@ -324,14 +358,21 @@ class PixelVitTestImages(tfds.core.GeneratorBasedBuilder):
   'fixed': 6x5x3 images; 'varied': sizes vary per image. Image i of a split
   is marked with its index and has label i.
   """
+
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="fixed"), tfds.core.BuilderConfig(name="varied")]
 
   def _info(self):
     shape = (6, 5, 3) if self.builder_config.name == "fixed" else (None, None, 3)
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=shape),
-        "label": tfds.features.ClassLabel(num_classes=37)}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=shape),
+          "label": tfds.features.ClassLabel(num_classes=37),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(37), "test": self._generate_examples(11)}
@@ -354,19 +395,22 @@ def tfds_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("split, size", [("train", 37), ("test", 11), ("train[:50%]", 18)])
 def test_tfds_shards_partition_the_split(tfds_dir, split, size):
-  source = sources.parse_source("tfds:pixel_vit_test_images/fixed", data_dir=tfds_dir,
-                                download=False)
+  source = sources.parse_source(
+    "tfds:pixel_vit_test_images/fixed", data_dir=tfds_dir, download=False
+  )
   whole = source.load(split)
   assert whole.total_examples == size and len(set(whole.labels.tolist())) == size
   if split in ("train", "test"):
     assert sorted(whole.labels.tolist()) == list(range(size))
   for process_count in (2, 3):
-    shards = [source.load(split, process_index=i, process_count=process_count)
-              for i in range(process_count)]
+    shards = [
+      source.load(split, process_index=i, process_count=process_count) for i in range(process_count)
+    ]
     # Contiguous pieces in order, np.array_split sizes: their concatenation is the split.
     np.testing.assert_array_equal(np.concatenate([s.labels for s in shards]), whole.labels)
     assert [len(s.labels) for s in shards] == [
-        len(a) for a in np.array_split(np.arange(size), process_count)]
+      len(a) for a in np.array_split(np.arange(size), process_count)
+    ]
     for s in shards:
       assert s.total_examples == size and s.num_classes == 37
       assert s.images.shape[1:] == (6, 5, 3) and s.images.dtype == np.uint8
@@ -374,8 +418,9 @@ def test_tfds_shards_partition_the_split(tfds_dir, split, size):
 
 
 def test_tfds_resize_and_variable_sizes(tfds_dir):
-  varied = sources.parse_source("tfds:pixel_vit_test_images/varied", data_dir=tfds_dir,
-                                download=False)
+  varied = sources.parse_source(
+    "tfds:pixel_vit_test_images/varied", data_dir=tfds_dir, download=False
+  )
   with pytest.raises(ValueError, match="images vary in size.*config.data.image_size"):
     varied.load("test")
   split = varied.load("test", image_size=4, process_index=0, process_count=2)
@@ -436,10 +481,21 @@ def test_tfds_mock_data_mnist(tmp_path):
   # metadata of a 20-example 'test' split, then let mock_data fake the records.
   builder = tfds.builder("mnist", data_dir=str(tmp_path))
   template = tfds.core.ShardedFileTemplate(
-      data_dir=builder.data_path, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
-      dataset_name="mnist", split="test", filetype_suffix="tfrecord")
-  builder.info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
-      name="test", shard_lengths=[20], num_bytes=0, filename_template=template)]))
+    data_dir=builder.data_path,
+    template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+    dataset_name="mnist",
+    split="test",
+    filetype_suffix="tfrecord",
+  )
+  builder.info.set_splits(
+    tfds.core.SplitDict(
+      [
+        tfds.core.SplitInfo(
+          name="test", shard_lengths=[20], num_bytes=0, filename_template=template
+        )
+      ]
+    )
+  )
   builder.data_path.mkdir(parents=True)
   builder.info.write_to_directory(builder.data_path)
 
@@ -456,8 +512,7 @@ def test_ahead_on_device_keeps_order_and_puts_depth_batches_ahead():
   def source():
     yield from range(6)
 
-  ahead = pipeline.ahead_on_device(source(), lambda b: put.append(b) or ("on device", b),
-                                   depth=2)
+  ahead = pipeline.ahead_on_device(source(), lambda b: put.append(b) or ("on device", b), depth=2)
   assert next(ahead) == ("on device", 0)
   # Batch 0 is out, 1 and 2 are already on their way to the devices: no further.
   assert put == [0, 1, 2]

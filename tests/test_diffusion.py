@@ -2,6 +2,7 @@
 forms computed here in numpy, respacing, the hybrid loss's variational bound
 against numpy / scipy references, the samplers on data whose exact noise
 predictor is known (a single point, a Gaussian), and classifier-free guidance."""
+
 import functools
 
 import jax
@@ -76,7 +77,7 @@ def gaussian_data_model(alpha_bar_original, mean, std):
 
   def model_fn(x, t_model, labels):
     abar = alpha_bar[t_model].reshape(-1, 1, 1, 1)
-    return jnp.sqrt(1 - abar) * (x - jnp.sqrt(abar) * mean) / (abar * std ** 2 + 1 - abar)
+    return jnp.sqrt(1 - abar) * (x - jnp.sqrt(abar) * mean) / (abar * std**2 + 1 - abar)
 
   return model_fn
 
@@ -90,11 +91,13 @@ def linear():
 
 
 def test_linear_betas_are_adm_endpoints_for_any_length():
-  np.testing.assert_allclose(gaussian.betas_for("linear", 1000), np.linspace(1e-4, 0.02, 1000),
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    gaussian.betas_for("linear", 1000), np.linspace(1e-4, 0.02, 1000), rtol=1e-12
+  )
   # 250 steps: endpoints scaled by 1000/250 so the total noise stays comparable.
-  np.testing.assert_allclose(gaussian.betas_for("linear", 250), np.linspace(4e-4, 0.08, 250),
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    gaussian.betas_for("linear", 250), np.linspace(4e-4, 0.08, 250), rtol=1e-12
+  )
   assert gaussian.betas_for("linear", 1000).dtype == np.float64
 
 
@@ -104,15 +107,18 @@ def test_alpha_bar_is_cumprod_of_one_minus_beta(schedule):
   reference = reference_alpha_bar(schedule)
   np.testing.assert_allclose(d.alphas_cumprod, reference, rtol=1e-10)
   np.testing.assert_allclose(d.alphas_cumprod, np.cumprod(1 - d.betas), rtol=1e-12)
-  np.testing.assert_allclose(d.alphas_cumprod_prev, np.concatenate([[1.0], reference[:-1]]),
-                             rtol=1e-10)
-  np.testing.assert_allclose(d.alphas_cumprod_next, np.concatenate([reference[1:], [0.0]]),
-                             rtol=1e-10, atol=1e-300)
+  np.testing.assert_allclose(
+    d.alphas_cumprod_prev, np.concatenate([[1.0], reference[:-1]]), rtol=1e-10
+  )
+  np.testing.assert_allclose(
+    d.alphas_cumprod_next, np.concatenate([reference[1:], [0.0]]), rtol=1e-10, atol=1e-300
+  )
   np.testing.assert_allclose(d.sqrt_alphas_cumprod, np.sqrt(reference), rtol=1e-10)
   np.testing.assert_allclose(d.sqrt_one_minus_alphas_cumprod, np.sqrt(1 - reference), rtol=1e-10)
   np.testing.assert_allclose(d.sqrt_recip_alphas_cumprod, 1 / np.sqrt(reference), rtol=1e-10)
-  np.testing.assert_allclose(d.sqrt_recipm1_alphas_cumprod, np.sqrt((1 - reference) / reference),
-                             rtol=1e-9)
+  np.testing.assert_allclose(
+    d.sqrt_recipm1_alphas_cumprod, np.sqrt((1 - reference) / reference), rtol=1e-9
+  )
   np.testing.assert_array_equal(d.timestep_map, np.arange(T))
   assert d.num_timesteps == T and d.timestep_map.dtype == np.int32
 
@@ -132,36 +138,46 @@ def test_posterior_variance_and_coefficients_match_bayes(linear):
   reference = reference_alpha_bar("linear")
   betas = betas_from_alpha_bar(reference)
   t = np.arange(1, T)
-  np.testing.assert_allclose(linear.posterior_variance[t],
-                             betas[t] * (1 - reference[t - 1]) / (1 - reference[t]), rtol=1e-10)
+  np.testing.assert_allclose(
+    linear.posterior_variance[t], betas[t] * (1 - reference[t - 1]) / (1 - reference[t]), rtol=1e-10
+  )
   assert linear.posterior_variance[0] == 0.0
-  np.testing.assert_allclose(linear.posterior_log_variance_clipped,
-                             np.log([posterior_variance_clipped(reference, i) for i in range(T)]),
-                             rtol=1e-10)
+  np.testing.assert_allclose(
+    linear.posterior_log_variance_clipped,
+    np.log([posterior_variance_clipped(reference, i) for i in range(T)]),
+    rtol=1e-10,
+  )
   # Mean coefficients, via the jnp method, against the product-of-Gaussians posterior.
   t = np.array([1, 2, 50, 500, 999], np.int32)
   x0 = rng.normal(size=(5, 3, 2, 2))
   x_t = rng.normal(size=(5, 3, 2, 2))
-  mean, variance, log_variance = jax.device_get(linear.q_posterior_mean_variance(
-      jnp.asarray(x0, jnp.float32), jnp.asarray(x_t, jnp.float32), jnp.asarray(t)))
+  mean, variance, log_variance = jax.device_get(
+    linear.q_posterior_mean_variance(
+      jnp.asarray(x0, jnp.float32), jnp.asarray(x_t, jnp.float32), jnp.asarray(t)
+    )
+  )
   ref_mean, ref_variance = bayes_posterior(reference, per_timestep(np.arange(T), t), x0, x_t)
   np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(variance, np.broadcast_to(ref_variance, x0.shape), rtol=1e-5)
-  np.testing.assert_allclose(log_variance, np.log(np.broadcast_to(ref_variance, x0.shape)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    log_variance, np.log(np.broadcast_to(ref_variance, x0.shape)), rtol=1e-5
+  )
   # At t = 0 the posterior collapses on x0 (coef1 = 1, coef2 = 0).
-  mean0, _, _ = linear.q_posterior_mean_variance(jnp.asarray(x0, jnp.float32),
-                                                 jnp.asarray(x_t, jnp.float32),
-                                                 jnp.zeros(5, jnp.int32))
+  mean0, _, _ = linear.q_posterior_mean_variance(
+    jnp.asarray(x0, jnp.float32), jnp.asarray(x_t, jnp.float32), jnp.zeros(5, jnp.int32)
+  )
   np.testing.assert_allclose(np.asarray(mean0), x0, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("schedule, steps, problem", [
+@pytest.mark.parametrize(
+  "schedule, steps, problem",
+  [
     ("quadratic", 1000, "noise schedule 'quadratic' is unknown"),
     ("linear", 0, "num_timesteps=0 must be a positive integer"),
     ("cosine", 10.0, "num_timesteps=10.0 must be a positive integer"),
     ("linear", 20, "would reach beta = 1 >= 1"),
-])
+  ],
+)
 def test_bad_schedule_is_a_value_error(schedule, steps, problem):
   with pytest.raises(ValueError, match=problem) as error:
     gaussian.betas_for(schedule, steps)
@@ -195,7 +211,9 @@ def test_space_timesteps_examples():
   assert gaussian.space_timesteps(10, "2,1,2") == [0, 3, 4, 7, 9]
 
 
-@pytest.mark.parametrize("counts, problem", [
+@pytest.mark.parametrize(
+  "counts, problem",
+  [
     ("ddim999", "no integer stride gives exactly 999"),
     ("ddim0", "must be 'ddimN'"),
     ("ddimx", "must be 'ddimN'"),
@@ -206,7 +224,8 @@ def test_space_timesteps_examples():
     (0, "cannot keep 0"),
     ("600,600", "section 0 has 500 of the 1000 steps and cannot keep 600"),
     (2.5, "must be an int or a string"),
-])
+  ],
+)
 def test_space_timesteps_bad_input(counts, problem):
   with pytest.raises(ValueError, match=problem):
     gaussian.space_timesteps(1000, counts)
@@ -228,8 +247,9 @@ def test_respaced_alpha_bar_equals_original_at_kept_steps(schedule):
   np.testing.assert_allclose(again.alphas_cumprod, reference[[0, 200, 980]], rtol=1e-10)
 
 
-@pytest.mark.parametrize("kept, problem", [([5], "at least 2 distinct"),
-                                            ([0, 1000], "in 0..999"), ([-1, 3], "in 0..999")])
+@pytest.mark.parametrize(
+  "kept, problem", [([5], "at least 2 distinct"), ([0, 1000], "in 0..999"), ([-1, 3], "in 0..999")]
+)
 def test_respace_bad_timesteps(linear, kept, problem):
   with pytest.raises(ValueError, match=problem):
     linear.respace(kept)
@@ -261,13 +281,17 @@ def test_q_sample_marginal_mean_and_variance(linear):
   x0 = np.array([0.9, -0.5, 0.2, 1.0], np.float32).reshape(4, 1, 1, 1)
   samples = 20_000
   noise = jax.random.normal(jax.random.key(0), (4, samples, 1, 1))
-  x_t = np.asarray(jax.jit(linear.q_sample)(jnp.broadcast_to(jnp.asarray(x0), (4, samples, 1, 1)),
-                                            jnp.asarray(t_values), noise))
+  x_t = np.asarray(
+    jax.jit(linear.q_sample)(
+      jnp.broadcast_to(jnp.asarray(x0), (4, samples, 1, 1)), jnp.asarray(t_values), noise
+    )
+  )
   abar = reference_alpha_bar("linear")[t_values]
   mean, var = x_t.reshape(4, -1).mean(axis=1), x_t.reshape(4, -1).var(axis=1)
   # Standard errors: sqrt(var / n) for the mean, var * sqrt(2 / n) for the variance.
-  np.testing.assert_allclose(mean, np.sqrt(abar) * x0.ravel(),
-                             atol=5 * np.sqrt((1 - abar).max() / samples) + 1e-6)
+  np.testing.assert_allclose(
+    mean, np.sqrt(abar) * x0.ravel(), atol=5 * np.sqrt((1 - abar).max() / samples) + 1e-6
+  )
   np.testing.assert_allclose(var, 1 - abar, rtol=5 * np.sqrt(2 / samples))
 
 
@@ -289,20 +313,27 @@ def test_learned_sigma_endpoints(linear):
   reference = reference_alpha_bar("linear")
   log_beta = np.log(betas_from_alpha_bar(reference)[t]).reshape(-1, 1, 1, 1)
   log_posterior = np.log([posterior_variance_clipped(reference, i) for i in t]).reshape(-1, 1, 1, 1)
-  for v, expected in [(1.0, log_beta), (-1.0, log_posterior),
-                      (0.0, 0.5 * (log_beta + log_posterior))]:
+  for v, expected in [
+    (1.0, log_beta),
+    (-1.0, log_posterior),
+    (0.0, 0.5 * (log_beta + log_posterior)),
+  ]:
     output = jnp.asarray(np.concatenate([eps, np.full_like(eps, v)], axis=-1), jnp.float32)
     out = linear.p_mean_variance(output, x_t, jnp.asarray(t), learn_sigma=True)
-    np.testing.assert_allclose(np.asarray(out["log_variance"]),
-                               np.broadcast_to(expected, x_t.shape), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(out["variance"]),
-                               np.exp(np.broadcast_to(expected, x_t.shape)), rtol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(out["log_variance"]), np.broadcast_to(expected, x_t.shape), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+      np.asarray(out["variance"]), np.exp(np.broadcast_to(expected, x_t.shape)), rtol=1e-5
+    )
     np.testing.assert_allclose(np.asarray(out["eps"]), eps, rtol=1e-6)
   # Without learn_sigma the variance is the posterior's (fixedsmall), whatever the output.
-  out = linear.p_mean_variance(jnp.asarray(eps, jnp.float32), x_t, jnp.asarray(t),
-                               learn_sigma=False)
-  np.testing.assert_allclose(np.asarray(out["log_variance"]),
-                             np.broadcast_to(log_posterior, x_t.shape), rtol=1e-5)
+  out = linear.p_mean_variance(
+    jnp.asarray(eps, jnp.float32), x_t, jnp.asarray(t), learn_sigma=False
+  )
+  np.testing.assert_allclose(
+    np.asarray(out["log_variance"]), np.broadcast_to(log_posterior, x_t.shape), rtol=1e-5
+  )
 
 
 def noisy_batch(rng, t, shape, *, on_pixel_grid=False):
@@ -323,7 +354,8 @@ def run_losses(diffusion, x0, noise, x_t, eps, v, t, *, learn_sigma=True):
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   output = np.concatenate([eps, v], axis=-1) if learn_sigma else eps
   losses = jax.jit(functools.partial(diffusion.training_losses, learn_sigma=learn_sigma))(
-      f32(output), f32(x0), f32(x_t), jnp.asarray(t, jnp.int32), f32(noise))
+    f32(output), f32(x0), f32(x_t), jnp.asarray(t, jnp.int32), f32(noise)
+  )
   return {k: np.asarray(value, np.float64) for k, value in losses.items()}
 
 
@@ -336,7 +368,9 @@ def model_mean_and_log_variance(t, x_t, eps, v):
   mean, _ = bayes_posterior(reference, steps, pred_x0, x_t)
   frac = (v + 1) / 2
   log_beta = np.log(betas_from_alpha_bar(reference)[steps])
-  log_posterior = np.log(per_timestep([posterior_variance_clipped(reference, i) for i in range(T)], t))
+  log_posterior = np.log(
+    per_timestep([posterior_variance_clipped(reference, i) for i in range(T)], t)
+  )
   return mean, frac * log_beta + (1 - frac) * log_posterior
 
 
@@ -365,14 +399,17 @@ def test_vb_is_rescaled_by_num_timesteps_over_1000():
   abar = per_timestep(reference_alpha_bar("linear", 250), t)
   x_t = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise
   eps, v = noise + 0.3 * rng.normal(size=shape), rng.uniform(-1, 1, shape)
-  true_mean, true_var = bayes_posterior(reference_alpha_bar("linear", 250),
-                                        per_timestep(np.arange(250), t), x0, x_t)
+  true_mean, true_var = bayes_posterior(
+    reference_alpha_bar("linear", 250), per_timestep(np.arange(250), t), x0, x_t
+  )
   pred_x0 = (x_t - np.sqrt(1 - abar) * eps) / np.sqrt(abar)
-  model_mean, _ = bayes_posterior(reference_alpha_bar("linear", 250),
-                                  per_timestep(np.arange(250), t), pred_x0, x_t)
+  model_mean, _ = bayes_posterior(
+    reference_alpha_bar("linear", 250), per_timestep(np.arange(250), t), pred_x0, x_t
+  )
   betas = betas_from_alpha_bar(reference_alpha_bar("linear", 250))
-  log_posterior = np.log([posterior_variance_clipped(reference_alpha_bar("linear", 250), i)
-                          for i in t]).reshape(-1, 1, 1, 1)
+  log_posterior = np.log(
+    [posterior_variance_clipped(reference_alpha_bar("linear", 250), i) for i in t]
+  ).reshape(-1, 1, 1, 1)
   frac = (v + 1) / 2
   model_var = np.exp(frac * np.log(per_timestep(betas, t)) + (1 - frac) * log_posterior)
   kl_bits = gaussian_kl(true_mean, true_var, model_mean, model_var).mean(axis=(1, 2, 3)) / np.log(2)
@@ -392,7 +429,8 @@ def test_vb_at_t0_is_the_discretized_decoder_nll_in_bits(linear):
   frac = (v + 1) / 2
   beta0 = betas_from_alpha_bar(reference_alpha_bar("linear"))[0]
   log_var = frac * np.log(beta0) + (1 - frac) * np.log(
-      posterior_variance_clipped(reference_alpha_bar("linear"), 0))
+    posterior_variance_clipped(reference_alpha_bar("linear"), 0)
+  )
   std = np.exp(0.5 * log_var)
   upper = np.where(x0 > 0.999, np.inf, x0 + 1 / 255)
   lower = np.where(x0 < -0.999, -np.inf, x0 - 1 / 255)
@@ -410,8 +448,9 @@ def test_vb_trains_only_the_variance_channels(linear):
   output = f32(np.concatenate([eps, v], axis=-1))
 
   def summed(name, output):
-    losses = linear.training_losses(output, f32(x0), f32(x_t), jnp.asarray(t), f32(noise),
-                                    learn_sigma=True)
+    losses = linear.training_losses(
+      output, f32(x0), f32(x_t), jnp.asarray(t), f32(noise), learn_sigma=True
+    )
     return losses[name].sum()
 
   grad_vb = np.asarray(jax.grad(functools.partial(summed, "vb"))(output))
@@ -440,8 +479,9 @@ def test_fixed_variance_loss_is_the_mse(linear):
 def test_wrong_output_channels_are_a_value_error(linear, learn_sigma, channels):
   x = jnp.zeros((2, 3, 3, 4))
   with pytest.raises(ValueError, match="set learn_sigma to match the model"):
-    linear.training_losses(jnp.zeros((2, 3, 3, channels)), x, x, jnp.zeros(2, jnp.int32), x,
-                           learn_sigma=learn_sigma)
+    linear.training_losses(
+      jnp.zeros((2, 3, 3, channels)), x, x, jnp.zeros(2, jnp.int32), x, learn_sigma=learn_sigma
+    )
 
 
 # ---------------------------------------------------------------- samplers
@@ -461,8 +501,9 @@ def start_noise(seed=0):
 def test_ddim_eta0_is_deterministic_and_eta1_is_ddpm(linear):
   spaced = linear.respace(gaussian.space_timesteps(T, "ddim25"))
   model = gaussian_data_model(linear.alphas_cumprod, 0.2, 0.5)
-  ddim = jax.jit(functools.partial(sampling.ddim_sample, model, spaced, learn_sigma=False),
-                 static_argnames="eta")
+  ddim = jax.jit(
+    functools.partial(sampling.ddim_sample, model, spaced, learn_sigma=False), static_argnames="eta"
+  )
   ddpm = jax.jit(functools.partial(sampling.ddpm_sample, model, spaced, learn_sigma=False))
   noise = start_noise()
   first = np.asarray(ddim(noise, None, jax.random.key(1), eta=0.0))
@@ -471,8 +512,9 @@ def test_ddim_eta0_is_deterministic_and_eta1_is_ddpm(linear):
   stochastic = [np.asarray(ddim(noise, None, jax.random.key(k), eta=1.0)) for k in (1, 2)]
   assert np.abs(stochastic[0] - stochastic[1]).max() > 1e-2
   # eta = 1 has the posterior variance and mean: the same draws give DDPM's sample.
-  np.testing.assert_allclose(stochastic[0], np.asarray(ddpm(noise, None, jax.random.key(1))),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    stochastic[0], np.asarray(ddpm(noise, None, jax.random.key(1))), rtol=1e-4, atol=1e-4
+  )
 
 
 @pytest.mark.parametrize("schedule, respacing", [("linear", "ddim10"), ("cosine", "20")])
@@ -485,11 +527,13 @@ def test_ddim_single_point_data_returns_the_point(schedule, respacing):
   for seed in (0, 1):
     result = np.asarray(sample(3.0 * start_noise(seed), None, jax.random.key(0)))
     np.testing.assert_allclose(result, np.broadcast_to(target, SHAPE), atol=1e-4)
-  inverted = sampling.ddim_reverse(model, spaced, jnp.broadcast_to(target, SHAPE), None,
-                                   learn_sigma=False)
+  inverted = sampling.ddim_reverse(
+    model, spaced, jnp.broadcast_to(target, SHAPE), None, learn_sigma=False
+  )
   assert np.abs(np.asarray(inverted) - np.asarray(target)).max() > 0.1  # it did move
-  np.testing.assert_allclose(np.asarray(sample(inverted, None, jax.random.key(0))),
-                             np.broadcast_to(target, SHAPE), atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(sample(inverted, None, jax.random.key(0))), np.broadcast_to(target, SHAPE), atol=1e-4
+  )
 
 
 def ddim_round_trip_error(base, steps, mean, std, x0):
@@ -522,7 +566,7 @@ def test_ddim_matches_the_exact_probability_flow_on_gaussian_data(linear):
   for steps in (50, 250):
     spaced = linear.respace(gaussian.space_timesteps(T, steps))
     abar = reference_alpha_bar("linear")[-1]
-    exact = np.asarray(noise) * std / np.sqrt(abar * std ** 2 + 1 - abar)
+    exact = np.asarray(noise) * std / np.sqrt(abar * std**2 + 1 - abar)
     result = sampling.ddim_sample(model, spaced, noise, None, jax.random.key(0), learn_sigma=False)
     errors.append(np.abs(np.asarray(result) - exact).max() / np.abs(exact).max())
   assert errors[1] < 0.015
@@ -554,8 +598,8 @@ def reference_ddpm_moments(kept, data_mean, data_std, log_variance_fn):
   mean, var = 0.0, 1.0
   for i in reversed(range(len(kept))):
     # x0_hat = E[x0 | x_i] = a x + b for Gaussian data.
-    denom = abar[i] * data_std ** 2 + 1 - abar[i]
-    a = np.sqrt(abar[i]) * data_std ** 2 / denom
+    denom = abar[i] * data_std**2 + 1 - abar[i]
+    a = np.sqrt(abar[i]) * data_std**2 / denom
     b = data_mean * (1 - abar[i]) / denom
     if i == 0:
       p, q, step_var = a, b, 0.0
@@ -563,10 +607,13 @@ def reference_ddpm_moments(kept, data_mean, data_std, log_variance_fn):
       abar_prev = abar[i - 1]
       alpha = abar[i] / abar_prev
       post_var = 1 / (1 / (1 - abar_prev) + alpha / (1 - alpha))
-      c_x0, c_x = post_var * np.sqrt(abar_prev) / (1 - abar_prev), post_var * np.sqrt(alpha) / (1 - alpha)
+      c_x0, c_x = (
+        post_var * np.sqrt(abar_prev) / (1 - abar_prev),
+        post_var * np.sqrt(alpha) / (1 - alpha),
+      )
       p, q = c_x0 * a + c_x, c_x0 * b
       step_var = np.exp(log_variance_fn(i, 1 - alpha, post_var))
-    mean, var = p * mean + q, p ** 2 * var + step_var
+    mean, var = p * mean + q, p**2 * var + step_var
   return mean, var
 
 
@@ -584,8 +631,11 @@ def test_ddpm_sample_moments_on_gaussian_data(linear, learn_sigma):
     log_variance_fn = lambda i, beta, post_var: np.log(post_var)
   samples = 16_384
   noise = jax.random.normal(jax.random.key(5), (samples // 64, 8, 8, 1))
-  result = np.asarray(jax.jit(functools.partial(
-      sampling.ddpm_sample, model, spaced, learn_sigma=learn_sigma))(noise, None, jax.random.key(6)))
+  result = np.asarray(
+    jax.jit(functools.partial(sampling.ddpm_sample, model, spaced, learn_sigma=learn_sigma))(
+      noise, None, jax.random.key(6)
+    )
+  )
   expected_mean, expected_var = reference_ddpm_moments(kept, data_mean, data_std, log_variance_fn)
   assert result.mean() == pytest.approx(expected_mean, abs=5 * np.sqrt(expected_var / samples))
   assert result.var() == pytest.approx(expected_var, rel=5 * np.sqrt(2 / samples))
@@ -599,8 +649,9 @@ def test_samplers_trace_the_model_once_and_call_it_per_step_with_original_timest
 
   def model(x, t_model, labels):
     traces.append(1)
-    jax.debug.callback(lambda t, y: seen.append((np.asarray(t), np.asarray(y))), t_model, labels,
-                       ordered=True)
+    jax.debug.callback(
+      lambda t, y: seen.append((np.asarray(t), np.asarray(y))), t_model, labels, ordered=True
+    )
     return eps_model(x, t_model, labels)
 
   labels = jnp.arange(SHAPE[0], dtype=jnp.int32)
@@ -616,19 +667,23 @@ def test_samplers_trace_the_model_once_and_call_it_per_step_with_original_timest
   assert np.all(np.isfinite(np.asarray(result)))
   assert len(traces) == 1  # one scan body, not a Python loop over the steps
   assert len(seen) == spaced.num_timesteps == 10
-  np.testing.assert_array_equal([t for t, _ in seen],
-                                np.repeat(np.asarray(expected_order)[:, None], SHAPE[0], axis=1))
+  np.testing.assert_array_equal(
+    [t for t, _ in seen], np.repeat(np.asarray(expected_order)[:, None], SHAPE[0], axis=1)
+  )
   for _, y in seen:
     np.testing.assert_array_equal(y, np.asarray(labels))
 
 
 def test_bad_sampler_arguments():
-  with pytest.raises(ValueError, match=r"sampler 'euler' is unknown; use one of \('ddpm', 'ddim'\)"):
+  with pytest.raises(
+    ValueError, match=r"sampler 'euler' is unknown; use one of \('ddpm', 'ddim'\)"
+  ):
     sampling.sampler("euler")
   d = GaussianDiffusion.create("cosine", 10)
   with pytest.raises(ValueError, match="eta=-0.5 must be >= 0"):
-    sampling.ddim_sample(lambda x, t, y: x, d, jnp.zeros(SHAPE), None, jax.random.key(0),
-                         eta=-0.5, learn_sigma=False)
+    sampling.ddim_sample(
+      lambda x, t, y: x, d, jnp.zeros(SHAPE), None, jax.random.key(0), eta=-0.5, learn_sigma=False
+    )
 
 
 # ---------------------------------------------------------------- classifier-free guidance
@@ -659,21 +714,28 @@ def test_guidance_extrapolates_every_noise_channel_and_keeps_conditional_varianc
   x = jax.random.normal(jax.random.key(0), (3, 2, 2, channels))
   t = jnp.array([5, 7, 9], jnp.int32)
   labels = jnp.array([0, 2, 3], jnp.int32)
-  out = np.asarray(sampling.guided(model, cfg_scale=cfg_scale, null_label=null_label,
-                                   channels=channels)(x, t, labels))
+  out = np.asarray(
+    sampling.guided(model, cfg_scale=cfg_scale, null_label=null_label, channels=channels)(
+      x, t, labels
+    )
+  )
   assert out.shape == (3, 2, 2, 2 * channels)
   # One model call on the doubled batch: each example, then its twin with the null label.
-  (seen_x, seen_t, seen_labels), = record
+  ((seen_x, seen_t, seen_labels),) = record
   np.testing.assert_array_equal(seen_labels, [0, null_label, 2, null_label, 3, null_label])
   np.testing.assert_array_equal(seen_t, [5, 5, 7, 7, 9, 9])
   np.testing.assert_array_equal(seen_x, np.repeat(np.asarray(x), 2, axis=0))
   channel = np.arange(1, channels + 1)
   cond = 0.1 * (np.asarray(labels)[:, None, None, None] + 1) * channel + np.asarray(x)
   uncond = 0.1 * (null_label + 1) * channel + np.asarray(x)
-  np.testing.assert_allclose(out[..., :channels], uncond + cfg_scale * (cond - uncond), rtol=1e-5,
-                             atol=1e-5)
-  np.testing.assert_allclose(out[..., channels:], np.broadcast_to(
-      -0.05 * (np.asarray(labels)[:, None, None, None] + 1), (3, 2, 2, channels)), rtol=1e-6)
+  np.testing.assert_allclose(
+    out[..., :channels], uncond + cfg_scale * (cond - uncond), rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    out[..., channels:],
+    np.broadcast_to(-0.05 * (np.asarray(labels)[:, None, None, None] + 1), (3, 2, 2, channels)),
+    rtol=1e-6,
+  )
 
 
 @pytest.mark.parametrize("kind", sampling.SAMPLERS)
@@ -691,8 +753,9 @@ def test_guided_sampling_of_point_classes_lands_on_the_extrapolated_point(linear
     eps = (x - jnp.sqrt(a) * points[labels]) / jnp.sqrt(1 - a)
     return jnp.concatenate([eps, jnp.zeros_like(eps)], axis=-1)  # learned-sigma layout
 
-  model = sampling.guided(class_points_model, cfg_scale=cfg_scale, null_label=null_label,
-                          channels=SHAPE[-1])
+  model = sampling.guided(
+    class_points_model, cfg_scale=cfg_scale, null_label=null_label, channels=SHAPE[-1]
+  )
   labels = jnp.array([0, 1, 2, 0], jnp.int32)
   run = jax.jit(functools.partial(sampling.sampler(kind), model, spaced, learn_sigma=True))
   result = np.asarray(run(start_noise(), labels, jax.random.key(0)))
@@ -716,7 +779,9 @@ def test_guided_model_keeps_each_devices_examples_on_it():
   # conditional and unconditional halves used to be concatenated: every
   # device then sent half its rows to another, at every sampling step).
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
   from pixel_vit import program_costs
+
   mesh = Mesh(np.array(jax.devices()[:8]), ("batch",))
   rows = NamedSharding(mesh, PartitionSpec("batch"))
   model = lambda x, t, y: x * (y[:, None, None, None] + 1.0) + t[:, None, None, None]

@@ -1,6 +1,7 @@
 """The DiT model (adaLN-Zero, conditioning, backends, scan), the diffusion
 trainer (exact resume with EMA, sample grids, the sample command), latent
 datasets and the diffusion config's validation."""
+
 import copy
 import json
 import os
@@ -12,8 +13,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from support import (CLS_PIXEL_PATH, DIT_PIXEL_PATH, DIT_TINY_RUN, assert_trees_equal,
-                     load_config_module, read_metrics, set_dotted, snapshot, train_losses)
 from pixel_vit import sample as sample_lib
 from pixel_vit.data import sources
 from pixel_vit.diffusion import sampling
@@ -21,6 +20,17 @@ from pixel_vit.evaluation import sample_quality
 from pixel_vit.models import dit, vit
 from pixel_vit.trainers import diffusion as diffusion_trainer
 from pixel_vit.trainers import loop
+from support import (
+  CLS_PIXEL_PATH,
+  DIT_PIXEL_PATH,
+  DIT_TINY_RUN,
+  assert_trees_equal,
+  load_config_module,
+  read_metrics,
+  set_dotted,
+  snapshot,
+  train_losses,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +45,9 @@ def tiny_config(dit_pixel, overrides=None, arg="quick"):
 
 
 def small_dit(**kwargs) -> dit.DiT:
-  options = dict(size=vit.SIZES["mu"], patch=1, image_size=8, channels=1, num_classes=10,
-                 rngs=nnx.Rngs(0))
+  options = dict(
+    size=vit.SIZES["mu"], patch=1, image_size=8, channels=1, num_classes=10, rngs=nnx.Rngs(0)
+  )
   options.update(kwargs)
   return dit.DiT(**options)
 
@@ -74,12 +85,13 @@ def test_adaln_zero_blocks_are_identity_maps_and_output_is_zero():
   assert float(jnp.abs(opened.blocks(tokens, cond=cond) - tokens).max()) > 1e-3
 
 
-@pytest.mark.parametrize("patch,size,channels,learn_sigma", [
-    (1, 8, 1, True), (2, 8, 4, True), (1, 4, 4, False)])
-def test_output_shape_follows_patch_channels_and_learned_sigma(patch, size, channels,
-                                                                learn_sigma):
-  model = randomize(small_dit(patch=patch, image_size=size, channels=channels,
-                              learn_sigma=learn_sigma))
+@pytest.mark.parametrize(
+  "patch,size,channels,learn_sigma", [(1, 8, 1, True), (2, 8, 4, True), (1, 4, 4, False)]
+)
+def test_output_shape_follows_patch_channels_and_learned_sigma(patch, size, channels, learn_sigma):
+  model = randomize(
+    small_dit(patch=patch, image_size=size, channels=channels, learn_sigma=learn_sigma)
+  )
   x, t, labels = inputs(size=size, channels=channels)
   out = model(x, t, labels)
   assert out.shape == (4, size, size, channels * (2 if learn_sigma else 1))
@@ -122,13 +134,17 @@ def test_scan_unrolled_remat_and_attention_backends_agree():
     return jnp.sum(model(x, t, labels) ** 2)
 
   ref_grads = nnx.grad(loss)(reference)
-  for options in (dict(scan=False), dict(scan=True, remat="full"),
-                  dict(scan=False, attention="dot_product")):
+  for options in (
+    dict(scan=False),
+    dict(scan=True, remat="full"),
+    dict(scan=False, attention="dot_product"),
+  ):
     other = small_dit(**options)
     graphdef, _ = nnx.split(other)
     other = nnx.merge(graphdef, ref_state)
-    np.testing.assert_allclose(other(x, t, labels), ref_out, rtol=1e-5, atol=1e-5,
-                               err_msg=str(options))
+    np.testing.assert_allclose(
+      other(x, t, labels), ref_out, rtol=1e-5, atol=1e-5, err_msg=str(options)
+    )
     grads = nnx.grad(loss)(other)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
       np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4, err_msg=str(options))
@@ -162,8 +178,13 @@ def write_latents(path, n=40, size=4, channels=4, seed=0):
   rng = np.random.default_rng(seed)
   latents = rng.normal(size=(n, size, size, channels)).astype(np.float32)
   labels = (np.arange(n) % 3).astype(np.int32)
-  np.savez(path, latents=latents, labels=labels, latent_scale=np.float32(0.18215),
-           vae_weights="random.safetensors")
+  np.savez(
+    path,
+    latents=latents,
+    labels=labels,
+    latent_scale=np.float32(0.18215),
+    vae_weights="random.safetensors",
+  )
   return latents, labels
 
 
@@ -181,7 +202,8 @@ def test_latent_npz_reads_as_float_split(tmp_path):
 
 @pytest.mark.parametrize("dtype, value", [(np.float32, np.nan), (np.float16, np.inf)])
 def test_non_finite_latents_are_refused_when_read_naming_file_split_count_and_index(
-    tmp_path, dtype, value):
+  tmp_path, dtype, value
+):
   """A NaN in either split would train on silently (eval/loss=nan, exit 0)
   or look like a divergence at step 1: it is bad data, found when read."""
   write_latents(tmp_path / "lat_train.npz")
@@ -189,18 +211,23 @@ def test_non_finite_latents_are_refused_when_read_naming_file_split_count_and_in
   latents = latents.astype(dtype)
   latents[7, 0, 1, 2] = value
   latents[9, 3, 3, 0] = value
-  np.savez(tmp_path / "lat_test.npz", latents=latents, labels=labels,
-           latent_scale=np.float32(0.18215))
+  np.savez(
+    tmp_path / "lat_test.npz", latents=latents, labels=labels, latent_scale=np.float32(0.18215)
+  )
   source = sources.parse_source(f"npz:{tmp_path}/lat_{{split}}.npz")
   assert source.load("train").images.shape[0] == 40  # the other split is fine
-  with pytest.raises(ValueError, match=r"lat_test\.npz \(split 'test'\): 2 of 12 latents hold "
-                     r"NaN or Inf \(2 values; the first is example 7\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"lat_test\.npz \(split 'test'\): 2 of 12 latents hold "
+    r"NaN or Inf \(2 values; the first is example 7\)",
+  ):
     source.load("test")
 
 
 def test_float_images_are_not_taken_for_latents(tmp_path):
-  np.savez(tmp_path / "f.npz", images=np.zeros((4, 8, 8, 1), np.float32),
-           labels=np.zeros(4, np.int32))
+  np.savez(
+    tmp_path / "f.npz", images=np.zeros((4, 8, 8, 1), np.float32), labels=np.zeros(4, np.int32)
+  )
   with pytest.raises(ValueError, match="expected uint8"):
     sources.parse_source(f"npz:{tmp_path}/f.npz").load("train")
 
@@ -215,26 +242,37 @@ def test_classifier_refuses_latent_data(tmp_path, dit_pixel):
 
 
 @pytest.mark.slow
-def test_diffusion_trains_on_latents_and_decodes_grids_with_the_vae(tmp_path, dit_pixel,
-                                                                     make_workdir):
+def test_diffusion_trains_on_latents_and_decodes_grids_with_the_vae(
+  tmp_path, dit_pixel, make_workdir
+):
   """A latent dataset trains like any source; with VAE weights the grid shows
   decoded images (2x the latent size here), exactly the VAE's decoding."""
   from safetensors.numpy import save_file
+
   from pixel_vit.models import vae
-  codec = vae.AutoencoderKL(vae.VaeConfig(block_out_channels=(32, 32), layers_per_block=1),
-                            rngs=nnx.Rngs(0))
+
+  codec = vae.AutoencoderKL(
+    vae.VaeConfig(block_out_channels=(32, 32), layers_per_block=1), rngs=nnx.Rngs(0)
+  )
   weights = str(tmp_path / "vae.safetensors")
   save_file({k: np.asarray(v) for k, v in vae.diffusers_state_dict(codec).items()}, weights)
   write_latents(tmp_path / "lat_train.npz", n=64)
   write_latents(tmp_path / "lat_test.npz", n=16, seed=1)
-  config = tiny_config(dit_pixel, {"data.source": f"npz:{tmp_path}/lat_{{split}}.npz",
-                                   "eval_batch_size": 16, "total_steps": 3,
-                                   "vae.weights": weights})
+  config = tiny_config(
+    dit_pixel,
+    {
+      "data.source": f"npz:{tmp_path}/lat_{{split}}.npz",
+      "eval_batch_size": 16,
+      "total_steps": 3,
+      "vae.weights": weights,
+    },
+  )
   diffusion_trainer.validate(config)
   workdir = make_workdir("latent_run")
   state, results = diffusion_trainer.train_and_evaluate(config, workdir)
   assert np.isfinite(results["eval/loss"])
   from PIL import Image
+
   grid = np.asarray(Image.open(os.path.join(workdir, "pictures", "samples_0000003.png")))
   # 3 classes x 2 columns of 8x8 RGB decodings, enlarged 8x, 2-pixel separators.
   assert grid.shape == (3 * 64 + 2 * 2, 2 * 64 + 2, 3)
@@ -243,12 +281,12 @@ def test_diffusion_trains_on_latents_and_decodes_grids_with_the_vae(tmp_path, di
   plan = loop.plan(config, diffusion_trainer.make_model_fn)
   run = loop.start(config, workdir, plan, read_only=True)
   generator = diffusion_trainer.run_generator(run, cfg_scale=1.0)
-  latents = generator._sample(run.state.ema_params, jnp.zeros(8, jnp.int32),
-                              jax.random.PRNGKey(0))
+  latents = generator._sample(run.state.ema_params, jnp.zeros(8, jnp.int32), jax.random.PRNGKey(0))
   run.checkpointer.close()
   assert latents.shape == (8, 4, 4, 4)
-  np.testing.assert_allclose(generator.decode(latents), codec.decode_latents(latents),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    generator.decode(latents), codec.decode_latents(latents), rtol=1e-5, atol=1e-5
+  )
 
 
 # ---------------------------------------------------------------- trainer
@@ -257,9 +295,16 @@ def test_diffusion_trains_on_latents_and_decodes_grids_with_the_vae(tmp_path, di
 @pytest.fixture(scope="module")
 def learning_run(dit_pixel, tmp_path_factory):
   """40 steps of the quick config (tiny batches): loss falls; checkpoints at 20, 40."""
-  config = tiny_config(dit_pixel, {"total_steps": 40, "eval_every": 20,
-                                   "checkpoint_every": 20, "log_every": 5,
-                                   "optimizer.warmup_steps": 5})
+  config = tiny_config(
+    dit_pixel,
+    {
+      "total_steps": 40,
+      "eval_every": 20,
+      "checkpoint_every": 20,
+      "log_every": 5,
+      "optimizer.warmup_steps": 5,
+    },
+  )
   diffusion_trainer.validate(config)
   workdir = str(tmp_path_factory.mktemp("dit") / "run")
   state, results = diffusion_trainer.train_and_evaluate(config, workdir)
@@ -291,6 +336,7 @@ def test_grid_uses_fixed_noise_and_labels(learning_run):
   run.checkpointer.close()
   np.testing.assert_array_equal(first, second)
   from PIL import Image
+
   saved = np.asarray(Image.open(os.path.join(workdir, "pictures", "samples_0000040.png")))
   np.testing.assert_array_equal(first, saved)
 
@@ -300,8 +346,9 @@ def test_resume_is_exact_including_ema(learning_run, make_workdir):
   config, run_a, state_a, results_a = learning_run
   run_b = make_workdir("resumed")
   os.makedirs(os.path.join(run_b, "checkpoints"))
-  shutil.copytree(os.path.join(run_a, "checkpoints", "20"),
-                  os.path.join(run_b, "checkpoints", "20"))
+  shutil.copytree(
+    os.path.join(run_a, "checkpoints", "20"), os.path.join(run_b, "checkpoints", "20")
+  )
   state_b, results_b = diffusion_trainer.train_and_evaluate(config, run_b)
   losses_a, losses_b = train_losses(run_a), train_losses(run_b)
   assert min(losses_b) == 25
@@ -310,6 +357,7 @@ def test_resume_is_exact_including_ema(learning_run, make_workdir):
     assert_trees_equal(getattr(state_b, what), getattr(state_a, what), what)
   assert results_b["eval/loss"] == results_a["eval/loss"]
   from PIL import Image
+
   grid = lambda d: np.asarray(Image.open(os.path.join(d, "pictures", "samples_0000040.png")))
   np.testing.assert_array_equal(grid(run_b), grid(run_a))
 
@@ -351,6 +399,7 @@ def test_sample_command_writes_a_picture_for_a_few_samples(learning_run, tmp_pat
   out = str(tmp_path / "few")
   sample_lib.sample_and_evaluate(config, workdir, num_samples=3, out=out)
   from PIL import Image
+
   assert Image.open(out + ".png").size[0] > 0
 
 
@@ -363,7 +412,9 @@ def test_sample_command_needs_a_checkpoint(dit_pixel, make_workdir):
 # ---------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     ({"sample.sampler": "euler"}, r"config.sample.sampler='euler' is not allowed"),
     ({"sample.steps": "ddim999"}, r"config.sample.steps: .*ddim999"),
     ({"diffusion.schedule": "quadratic"}, r"config.diffusion.schedule"),
@@ -375,7 +426,8 @@ def test_sample_command_needs_a_checkpoint(dit_pixel, make_workdir):
     ({"fid.features": "inception:/nonexistent.pth"}, r"no weights file at"),
     ({"vae.weights": "/nonexistent.safetensors"}, r"config.vae.weights=.* does not exist"),
     ({"fid.batch_size": 12}, r"config.fid.batch_size=12 must be divisible by the 8"),
-])
+  ],
+)
 def test_bad_diffusion_config_is_rejected_before_compiling(dit_pixel, overrides, match, no_jit):
   config = tiny_config(dit_pixel, overrides)
   with pytest.raises(ValueError, match=match):
@@ -386,7 +438,10 @@ def test_paper_config_names_the_latent_tool_offline(dit_pixel, tmp_path, monkeyp
   monkeypatch.chdir(tmp_path)
   config = dit_pixel.get_config()
   assert (config.model.variant, config.batch_size, config.optimizer.ema_decay) == (
-      "L/1", 256, 0.9999)
+    "L/1",
+    256,
+    0.9999,
+  )
   assert dit_pixel.get_config("variant=L/2").model.variant == "L/2"
   with pytest.raises(ValueError, match="encode_latents"):
     diffusion_trainer.validate(config)
@@ -400,15 +455,20 @@ def test_quick_config_validates(dit_pixel):
 
 @pytest.mark.slow
 def test_training_evaluation_reports_sample_metrics_with_the_own_classifier(
-    dit_pixel, quick_config, make_workdir):
+  dit_pixel, quick_config, make_workdir
+):
   """classifier=DIR: every evaluation generates samples and scores them with the
   project's classifier; sample accuracy is a fraction of the generated count."""
   from pixel_vit.trainers import classification
+
   cls_config = quick_config()
   cls_dir = make_workdir("classifier")
   classification.train_and_evaluate(cls_config, cls_dir)
-  config = tiny_config(dit_pixel, {"total_steps": 3, "fid.num_samples": 48,
-                                   "fid.reference_examples": 200}, arg=f"quick,classifier={cls_dir}")
+  config = tiny_config(
+    dit_pixel,
+    {"total_steps": 3, "fid.num_samples": 48, "fid.reference_examples": 200},
+    arg=f"quick,classifier={cls_dir}",
+  )
   diffusion_trainer.validate(config)
   _, results = diffusion_trainer.train_and_evaluate(config, make_workdir("dit"))
   assert results["samples/count"] == 48

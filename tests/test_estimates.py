@@ -2,6 +2,7 @@
 own model (flash never moves more bytes than materialised scores, longer
 sequences shift xla towards memory-bound) and names what `auto` picks; the
 compiled TPU bound is the model FLOPs over the compiled step's time bound."""
+
 import dataclasses
 
 from benchmarks import estimates, throughput
@@ -39,16 +40,28 @@ def test_table_has_every_row_and_marks_autos_pick():
 def test_compiled_bound_is_model_flops_over_the_compiled_step_bound():
   workload = estimates.WORKLOADS[1]  # PiT-Ti/1
   chip = hardware.CHIPS["v5e"]
-  model = throughput.analytic_flops(workload.variant, workload.image_size, workload.channels,
-                                    num_classes=1000)["train"]
+  model = throughput.analytic_flops(
+    workload.variant, workload.image_size, workload.channels, num_classes=1000
+  )["train"]
   cost = program_costs.ProgramCost(
-      name="train_step", argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=0,
-      code_bytes=0, peak_bytes=0, flops=32 * model * 1.25, hbm_traffic_bytes=1e9,
-      collectives=(), unknown_trip_counts=0, compile_seconds=0.0)
+    name="train_step",
+    argument_bytes=0,
+    output_bytes=0,
+    alias_bytes=0,
+    temp_bytes=0,
+    code_bytes=0,
+    peak_bytes=0,
+    flops=32 * model * 1.25,
+    hbm_traffic_bytes=1e9,
+    collectives=(),
+    unknown_trip_counts=0,
+    compile_seconds=0.0,
+  )
   bound = estimates.compiled_bound(workload, cost, chip, per_chip_batch=32)
   # Compute-bound: 25% more executed FLOPs than the model's (remat, padding) -> 80%.
   assert bound["bound"] == "compute" and abs(bound["mfu"] - 0.8) < 1e-9
-  slow = dataclasses.replace(cost, hbm_traffic_bytes=cost.flops / chip.bf16_flops
-                             * chip.hbm_bytes_per_s * 2)
+  slow = dataclasses.replace(
+    cost, hbm_traffic_bytes=cost.flops / chip.bf16_flops * chip.hbm_bytes_per_s * 2
+  )
   bound = estimates.compiled_bound(workload, slow, chip, per_chip_batch=32)
   assert bound["bound"] == "memory" and abs(bound["mfu"] - 0.4) < 1e-9

@@ -2,6 +2,7 @@
 unwritable workdirs, checkpoint damage and failed saves, the non-finite
 guard, metrics JSON, and the sample grid. End-to-end runs with signals, NaN
 and damaged checkpoints are in test_faults_end_to_end.py."""
+
 import dataclasses
 import fcntl
 import json
@@ -16,11 +17,11 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from support import damage_checkpoint as damage
 from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit import workdir as workdir_lib
 from pixel_vit.evaluation import sample_quality
 from pixel_vit.trainers import divergence, reporting
+from support import damage_checkpoint as damage
 
 # ---------------------------------------------------------------- workdir
 
@@ -55,9 +56,11 @@ def test_lock_of_another_host_is_refused_unless_taken_over(tmp_path, caplog):
   """On a shared filesystem another node's live run may not hold the OS lock
   here: its lock file is not proof that it died."""
   (tmp_path / ".lock").write_text("pid 4242 on node-17\n")
-  with pytest.raises(workdir_lib.WorkdirInUseError,
-                     match=r"locked by a run on another host \(pid 4242 on node-17\).*"
-                           r"--config\.take_over_lock=True"):
+  with pytest.raises(
+    workdir_lib.WorkdirInUseError,
+    match=r"locked by a run on another host \(pid 4242 on node-17\).*"
+    r"--config\.take_over_lock=True",
+  ):
     workdir_lib.claim(str(tmp_path))
   assert (tmp_path / ".lock").read_text() == "pid 4242 on node-17\n"  # left as it was
   with open(tmp_path / ".lock") as other:  # and not held
@@ -89,8 +92,9 @@ def test_keep_zero_checkpoints_is_refused(tmp_path):
 # ---------------------------------------------------------------- checkpoints
 
 STATE = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.float32)}
-IDENTITY = checkpoint_lib.RunIdentity(task="classification", variant="tiny", posemb="none",
-                                      image_shape=(3, 4, 1))
+IDENTITY = checkpoint_lib.RunIdentity(
+  task="classification", variant="tiny", posemb="none", image_shape=(3, 4, 1)
+)
 
 
 def abstract(state):
@@ -111,8 +115,7 @@ def saved(tmp_path):
 # (A deleted ocdbt.process_0/ breaks a real train state's checkpoint, see
 # test_faults_end_to_end.py; this tiny one keeps its data in the merged root.)
 @pytest.mark.parametrize("how", ["truncate", "metadata"])
-def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_restored(saved, how,
-                                                                           caplog):
+def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_restored(saved, how, caplog):
   damage(os.path.join(saved, "checkpoints", "3"), how)
   checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5)
   restored = checkpointer.restore(abstract(STATE), IDENTITY)
@@ -123,8 +126,11 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_restored(save
   warning = next(r.getMessage() for r in caplog.records if "checkpoint step 3" in r.getMessage())
   assert "\n" not in warning and "tensorstore_spec" not in warning and "<bound" not in warning
   if how == "truncate":
-    assert re.search(r"\(file state/d/[0-9a-f]+ \(array '[wb]'\) is truncated \(\d+ bytes, "
-                     r"\d+ read\)\)", warning), warning
+    assert re.search(
+      r"\(file state/d/[0-9a-f]+ \(array '[wb]'\) is truncated \(\d+ bytes, "
+      r"\d+ read\)\)",
+      warning,
+    ), warning
   else:
     assert "(state/_METADATA is missing)" in warning, warning
   assert checkpointer.all_steps() == [1, 2]
@@ -154,9 +160,11 @@ def test_no_readable_checkpoint_is_one_clear_error_and_nothing_is_deleted(saved)
   for step in (1, 2, 3):
     damage(os.path.join(saved, "checkpoints", str(step)), "metadata")
   checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5)
-  with pytest.raises(checkpoint_lib.NoRestorableCheckpointError,
-                     match=r"no checkpoint in .* could be read \(step 3: .*step 1: .*"
-                     "Nothing was moved or deleted"):
+  with pytest.raises(
+    checkpoint_lib.NoRestorableCheckpointError,
+    match=r"no checkpoint in .* could be read \(step 3: .*step 1: .*"
+    "Nothing was moved or deleted",
+  ):
     checkpointer.restore(abstract(STATE), IDENTITY)
   assert checkpointer.all_steps() == [1, 2, 3]
   assert not os.path.exists(os.path.join(saved, checkpoint_lib.DAMAGED))
@@ -169,33 +177,58 @@ def test_a_restore_drops_only_the_echoes_of_a_failed_read(saved, capsys):
   asyncio error still prints."""
   import logging
   import sys
+
   checkpoint_lib.Checkpointer(saved, save_every=1, keep=5).restore(abstract(STATE), IDENTITY)
   closed = RuntimeError("Event loop is closed")
-  asyncio_logger, futures_logger = (logging.getLogger(n) for n in ("asyncio",
-                                                                   "concurrent.futures"))
+  asyncio_logger, futures_logger = (logging.getLogger(n) for n in ("asyncio", "concurrent.futures"))
   # Logger filters run before any handler, so `filter` says what would print.
-  echo = asyncio_logger.makeRecord("asyncio", logging.ERROR, __file__, 1,
-                                   "Task exception was never retrieved\nfuture: <Task>", (),
-                                   (ValueError, ValueError("OUT_OF_RANGE"), None))
-  callback = futures_logger.makeRecord("concurrent.futures", logging.ERROR, __file__, 1,
-                                       "exception calling callback for %r", ("f",),
-                                       (RuntimeError, closed, None))
+  echo = asyncio_logger.makeRecord(
+    "asyncio",
+    logging.ERROR,
+    __file__,
+    1,
+    "Task exception was never retrieved\nfuture: <Task>",
+    (),
+    (ValueError, ValueError("OUT_OF_RANGE"), None),
+  )
+  callback = futures_logger.makeRecord(
+    "concurrent.futures",
+    logging.ERROR,
+    __file__,
+    1,
+    "exception calling callback for %r",
+    ("f",),
+    (RuntimeError, closed, None),
+  )
   # After the fallback past a missing ocdbt directory, orbax's gathered
   # reads echo as `_GatheringFuture exception was never retrieved`.
   gathered = asyncio_logger.makeRecord(
-      "asyncio", logging.ERROR, __file__, 1,
-      "_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture>", (),
-      (Exception, Exception("Encountered error while reading array index"), None))
-  other = asyncio_logger.makeRecord("asyncio", logging.ERROR, __file__, 1,
-                                    "Exception in callback f()", (),
-                                    (ValueError, ValueError("real"), None))
+    "asyncio",
+    logging.ERROR,
+    __file__,
+    1,
+    "_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture>",
+    (),
+    (Exception, Exception("Encountered error while reading array index"), None),
+  )
+  other = asyncio_logger.makeRecord(
+    "asyncio",
+    logging.ERROR,
+    __file__,
+    1,
+    "Exception in callback f()",
+    (),
+    (ValueError, ValueError("real"), None),
+  )
   assert not asyncio_logger.filter(echo) and not futures_logger.filter(callback)
   assert not asyncio_logger.filter(gathered)
   assert asyncio_logger.filter(other)
+
   class Unraisable:  # what sys.unraisablehook receives
     def __init__(self, error):
       self.exc_type, self.exc_value, self.exc_traceback = type(error), error, None
       self.err_msg, self.object = None, None
+
   sys.unraisablehook(Unraisable(closed))  # pytest's own hook would turn it into a warning
   assert "Event loop is closed" not in capsys.readouterr().err
 
@@ -241,10 +274,16 @@ def test_pending_orbax_reads_of_a_reported_failure_do_not_dump_at_exit(saved, da
   not orbax's, they print as Python prints them."""
   import subprocess
   import sys
+
   tests = os.path.dirname(os.path.abspath(__file__))
   script = PENDING_READS_AT_EXIT.format(tests=tests, workdir=saved, damaged=damaged)
-  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  proc = subprocess.run(
+    [sys.executable, "-c", script],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "reading array /site/pixel_vit/ours.py" in proc.stderr, proc.stderr[-2000:]
   orbax_echo = "reading array /site/orbax/serialization.py" in proc.stderr
@@ -252,8 +291,7 @@ def test_pending_orbax_reads_of_a_reported_failure_do_not_dump_at_exit(saved, da
 
 
 @pytest.mark.parametrize("metadata", ["{}", '{"task": "classification"}', "{not json", "[]"])
-def test_empty_partial_or_unreadable_identity_is_damage_not_another_model(saved, metadata,
-                                                                         caplog):
+def test_empty_partial_or_unreadable_identity_is_damage_not_another_model(saved, metadata, caplog):
   """What a crash mid-write leaves in the identity file is damage: the step
   is set aside and the previous one restored (not 'does not match the config')."""
   with open(os.path.join(saved, "checkpoints", "3", "metadata", "metadata"), "w") as f:
@@ -269,8 +307,9 @@ def test_empty_partial_or_unreadable_identity_is_damage_not_another_model(saved,
 def test_a_checkpoint_of_another_model_is_a_mismatch_not_damage(saved):
   checkpointer = checkpoint_lib.Checkpointer(saved, save_every=1, keep=5)
   other_model = dataclasses.replace(IDENTITY, variant="other")
-  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
-                     match="variant: checkpoint 'tiny' vs config 'other'"):
+  with pytest.raises(
+    checkpoint_lib.CheckpointMismatchError, match="variant: checkpoint 'tiny' vs config 'other'"
+  ):
     checkpointer.restore(abstract(STATE), other_model)
   other_tree = {**STATE, "extra": np.zeros(2, np.float32)}
   with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="different train state"):
@@ -298,8 +337,10 @@ def test_a_failed_save_is_one_error_and_leaves_earlier_checkpoints(saved, monkey
     raise OSError(28, "No space left on device")
 
   monkeypatch.setattr(checkpointer.manager, "save", disk_full)
-  with pytest.raises(checkpoint_lib.CheckpointSaveError,
-                     match=r"step 4 .* failed \(OSError: .*No space left.*steps \[1, 2, 3\]"):
+  with pytest.raises(
+    checkpoint_lib.CheckpointSaveError,
+    match=r"step 4 .* failed \(OSError: .*No space left.*steps \[1, 2, 3\]",
+  ):
     checkpointer.save(4, STATE, IDENTITY, force=True)
   assert not os.path.exists(partial)
   monkeypatch.undo()
@@ -320,7 +361,8 @@ def test_a_failed_async_save_surfaces_at_wait(saved, monkeypatch):
 
 
 def test_a_failed_async_save_is_raised_at_the_next_check_once_the_write_has_ended(
-    saved, monkeypatch):
+  saved, monkeypatch
+):
   """Issue 21 item 3 (unit level; a real full disk is in test_faults_end_to_end):
   the loop checks every step; it raises as soon as the save has ended, naming
   the step it stopped at, and never blocks while the write is in flight."""
@@ -336,10 +378,12 @@ def test_a_failed_async_save_is_raised_at_the_next_check_once_the_write_has_ende
   monkeypatch.setattr(checkpointer.manager, "wait_until_finished", failed)
   checkpointer.check_last_save(5)  # still writing: nothing yet
   in_flight[0] = False
-  with pytest.raises(checkpoint_lib.CheckpointSaveError,
-                     match=r"step 4 .*failed \(RuntimeError: background write failed\)\. The run "
-                           r"stopped at step 6; steps after 3 are not saved\. Earlier checkpoints "
-                           r"are intact \(steps \[1, 2, 3\]\)"):
+  with pytest.raises(
+    checkpoint_lib.CheckpointSaveError,
+    match=r"step 4 .*failed \(RuntimeError: background write failed\)\. The run "
+    r"stopped at step 6; steps after 3 are not saved\. Earlier checkpoints "
+    r"are intact \(steps \[1, 2, 3\]\)",
+  ):
     checkpointer.check_last_save(6)
 
 
@@ -348,8 +392,9 @@ def test_a_save_that_committed_is_checked_once(saved, monkeypatch):
   checkpointer.save(4, STATE, IDENTITY, force=True)
   checkpointer.wait()
   calls = []
-  monkeypatch.setattr(checkpointer.manager, "is_saving_in_progress",
-                      lambda: calls.append(1) or False)
+  monkeypatch.setattr(
+    checkpointer.manager, "is_saving_in_progress", lambda: calls.append(1) or False
+  )
   checkpointer.check_last_save(5)
   assert not calls  # nothing in flight: not even a look
   checkpointer.close()
@@ -359,17 +404,22 @@ def test_a_save_that_committed_is_checked_once(saved, monkeypatch):
 
 
 def metrics(loss, grad_norm=1.0):
-  return {"train/loss": jnp.float32(loss), "train/grad_norm": jnp.float32(grad_norm),
-          "train/lr": jnp.float32(np.nan)}  # not watched: lr is not an update's health
+  return {
+    "train/loss": jnp.float32(loss),
+    "train/grad_norm": jnp.float32(grad_norm),
+    "train/lr": jnp.float32(np.nan),
+  }  # not watched: lr is not an update's health
 
 
 def test_stop_mode_names_the_first_bad_step_and_the_checkpoint():
   guard = divergence.Guard(ConfigDict({"on_nonfinite": "stop"}))
   for step, loss in ((1, 2.0), (2, 1.5), (3, np.nan), (4, np.inf)):
     guard.observe(step, metrics(loss))
-  with pytest.raises(divergence.TrainingDivergedError,
-                     match=r"diverged at step 3: train/loss=nan\. .*step 2 in X.*"
-                           r"set config\.on_nonfinite='skip'"):
+  with pytest.raises(
+    divergence.TrainingDivergedError,
+    match=r"diverged at step 3: train/loss=nan\. .*step 2 in X.*"
+    r"set config\.on_nonfinite='skip'",
+  ):
     guard.check(lambda: "the last checkpoint, step 2 in X, is finite", fetched=[])
 
 
@@ -381,8 +431,10 @@ def test_skip_mode_tolerates_the_configured_run_of_bad_steps():
   assert guard.skipped_total == 3
   for step in (7, 8, 9):
     guard.observe(step, metrics(1.0, np.nan))
-  with pytest.raises(divergence.TrainingDivergedError,
-                     match=r"step 9: .*more than config.max_nonfinite_skips=2 in a row") as caught:
+  with pytest.raises(
+    divergence.TrainingDivergedError,
+    match=r"step 9: .*more than config.max_nonfinite_skips=2 in a row",
+  ) as caught:
     guard.check(lambda: "", fetched=[])
   # skip is already on: the advice is the limit, not the mode it is in
   assert "on_nonfinite='skip'" not in str(caught.value)
@@ -436,21 +488,32 @@ def test_sample_grid_has_a_picture_for_any_number_of_samples(count):
 def _start_run(workdir, config, start_step, log):
   """What loop.start does with the config: check the resume, then record it."""
   from pixel_vit.trainers import config_history
+
   changed = config_history.check_resume(workdir, config, start_step)
   config_history.record(workdir, config, start_step, changed, log=log)
 
 
 def test_every_start_keeps_its_config_and_a_resume_names_what_changed(tmp_path):
-  first = ConfigDict(dict(seed=0, batch_size=8, data=dict(source="digits"),
-                          optimizer=dict(lr=1e-3), total_steps=10, resume_with_changes=False))
+  first = ConfigDict(
+    dict(
+      seed=0,
+      batch_size=8,
+      data=dict(source="digits"),
+      optimizer=dict(lr=1e-3),
+      total_steps=10,
+      resume_with_changes=False,
+    )
+  )
   said = []
   _start_run(str(tmp_path), first, 0, log=said.append)
   assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["lr"] == 1e-3
   second = ConfigDict(first.to_dict())
   second.optimizer.lr, second.total_steps = 5e-4, 20
   _start_run(str(tmp_path), second, 10, log=said.append)
-  assert said == ["resumed at step 10 with config.optimizer.lr changed: 0.001 -> 0.0005",
-                  "resumed at step 10 with config.total_steps changed: 10 -> 20"]
+  assert said == [
+    "resumed at step 10 with config.optimizer.lr changed: 0.001 -> 0.0005",
+    "resumed at step 10 with config.total_steps changed: 10 -> 20",
+  ]
   # the first start's record is kept; the resume has its own
   assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["lr"] == 1e-3
   assert json.loads((tmp_path / "configs" / "start_10.json").read_text())["total_steps"] == 20
@@ -459,11 +522,13 @@ def test_every_start_keeps_its_config_and_a_resume_names_what_changed(tmp_path):
   assert said == []
 
 
-@pytest.mark.parametrize("key, value", [("seed", 1), ("batch_size", 16),
-                                        ("data.source", "npz:x.npz")])
+@pytest.mark.parametrize(
+  "key, value", [("seed", 1), ("batch_size", 16), ("data.source", "npz:x.npz")]
+)
 def test_a_resume_that_changes_the_data_order_is_refused_unless_accepted(tmp_path, key, value):
-  first = ConfigDict(dict(seed=0, batch_size=8, data=dict(source="digits"),
-                          resume_with_changes=False))
+  first = ConfigDict(
+    dict(seed=0, batch_size=8, data=dict(source="digits"), resume_with_changes=False)
+  )
   _start_run(str(tmp_path), first, 0, log=print)
   changed = ConfigDict(first.to_dict())
   *parents, leaf = key.split(".")
@@ -471,8 +536,11 @@ def test_a_resume_that_changes_the_data_order_is_refused_unless_accepted(tmp_pat
   for name in parents:
     node = node[name]
   node[leaf] = value
-  with pytest.raises(ValueError, match=rf"resuming .* at step 5 with {re.escape(key)}: .* "
-                     r"--config\.resume_with_changes=True"):
+  with pytest.raises(
+    ValueError,
+    match=rf"resuming .* at step 5 with {re.escape(key)}: .* "
+    r"--config\.resume_with_changes=True",
+  ):
     _start_run(str(tmp_path), changed, 5, log=print)
   assert not (tmp_path / "configs").exists()  # nothing recorded for a refused start
   changed.resume_with_changes = True

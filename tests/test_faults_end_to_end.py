@@ -4,6 +4,7 @@ subprocess, divergence (a huge learning rate; a NaN injected at a given
 step; skipping a non-finite update) and damaged checkpoints, end to end,
 in-process and through `python -m pixel_vit.main`. The unit-level checks of
 the same machinery are in test_faults.py."""
+
 import copy
 import json
 import os
@@ -22,11 +23,18 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from support import (REPO_ROOT, TINY_RUN, as_numpy_leaves, assert_trees_equal,
-                     damage_checkpoint as damage, logged_train_steps, set_dotted,
-                     snapshot)
 from pixel_vit import checkpoint as checkpoint_lib
 from pixel_vit.trainers import classification, divergence
+from support import (
+  REPO_ROOT,
+  TINY_RUN,
+  as_numpy_leaves,
+  assert_trees_equal,
+  logged_train_steps,
+  set_dotted,
+  snapshot,
+)
+from support import damage_checkpoint as damage
 
 # ---------------------------------------------------------------- helpers
 
@@ -58,10 +66,11 @@ def restore_raw(workdir, step: int) -> dict:
 
 
 def non_finite_leaves(tree) -> list[str]:
-  return [jax.tree_util.keystr(path) for path, leaf in
-          jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
-          if np.issubdtype(np.asarray(leaf).dtype, np.inexact)
-          and not np.isfinite(np.asarray(leaf)).all()]
+  return [
+    jax.tree_util.keystr(path)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
+    if np.issubdtype(np.asarray(leaf).dtype, np.inexact) and not np.isfinite(np.asarray(leaf)).all()
+  ]
 
 
 def assert_every_checkpoint_finite(workdir) -> list[int]:
@@ -86,8 +95,14 @@ def first_step_named(message: str) -> int:
 # writes (its first save is unconditional), the only mid-run checkpoint is the
 # one SIGTERM asks for. No evaluation until the end.
 SIGTERM_STEPS = 40
-SIGTERM_RUN = {"total_steps": SIGTERM_STEPS, "batch_size": 32, "log_every": 2,
-               "checkpoint_every": 1000, "eval_every": 1000, "optimizer.warmup_steps": 5}
+SIGTERM_RUN = {
+  "total_steps": SIGTERM_STEPS,
+  "batch_size": 32,
+  "log_every": 2,
+  "checkpoint_every": 1000,
+  "eval_every": 1000,
+  "optimizer.warmup_steps": 5,
+}
 SIGNAL_AFTER = 6  # signal once metrics.jsonl shows this step
 STARTUP_TIMEOUT = 300  # imports + compilation on a loaded machine
 RUN_TIMEOUT = 600
@@ -105,13 +120,24 @@ class TrainingProcess:
 
   def __init__(self, workdir: str, overrides: dict):
     self.workdir = workdir
-    command = [sys.executable, "-m", "pixel_vit.main", "--config=configs/cls_pixel.py:quick",
-               *(f"--config.{key}={value}" for key, value in overrides.items()),
-               f"--workdir={workdir}"]
+    command = [
+      sys.executable,
+      "-m",
+      "pixel_vit.main",
+      "--config=configs/cls_pixel.py:quick",
+      *(f"--config.{key}={value}" for key, value in overrides.items()),
+      f"--workdir={workdir}",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
-    self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True,
-                                    start_new_session=True)
+    self.process = subprocess.Popen(
+      command,
+      cwd=REPO_ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      start_new_session=True,
+    )
     self._lines: list[str] = []
     self._lock = threading.Lock()
     self._new_line = threading.Condition(self._lock)
@@ -148,8 +174,10 @@ class TrainingProcess:
     with self._new_line:
       while not any(text in line for line in self._lines):
         if self.process.poll() is not None and not self._reader.is_alive():
-          pytest.fail(f"the run exited ({self.process.returncode}) without logging "
-                      f"{text!r}:\n{''.join(self._lines[-40:])}")
+          pytest.fail(
+            f"the run exited ({self.process.returncode}) without logging "
+            f"{text!r}:\n{''.join(self._lines[-40:])}"
+          )
         if time.monotonic() > deadline:
           pytest.fail(f"no {text!r} in the log after {timeout} s")
         self._new_line.wait(timeout=0.05)
@@ -180,10 +208,15 @@ SAVED_LINE = re.compile(r"SIGTERM: saved a checkpoint at step (\d+) in (.+?); ex
 def test_sigterm_saves_the_current_step_exits_0_and_resume_equals_uninterrupted(make_workdir):
   interrupted, reference = make_workdir("interrupted"), make_workdir("uninterrupted")
   # The uninterrupted run trains alongside (same command, another workdir).
-  with TrainingProcess(reference, SIGTERM_RUN) as uninterrupted, \
-       TrainingProcess(interrupted, SIGTERM_RUN) as run:
-    run.wait_until(lambda: last_logged_step(interrupted) >= SIGNAL_AFTER,
-                   timeout=STARTUP_TIMEOUT, what=f"train step {SIGNAL_AFTER} in metrics.jsonl")
+  with (
+    TrainingProcess(reference, SIGTERM_RUN) as uninterrupted,
+    TrainingProcess(interrupted, SIGTERM_RUN) as run,
+  ):
+    run.wait_until(
+      lambda: last_logged_step(interrupted) >= SIGNAL_AFTER,
+      timeout=STARTUP_TIMEOUT,
+      what=f"train step {SIGNAL_AFTER} in metrics.jsonl",
+    )
     run.process.send_signal(signal.SIGTERM)
     code = run.wait()
     log = run.output
@@ -194,15 +227,17 @@ def test_sigterm_saves_the_current_step_exits_0_and_resume_equals_uninterrupted(
     stopped = int(saved[0][0])
     assert saved[0][1] == os.path.join(interrupted, "checkpoints"), saved
     assert SIGNAL_AFTER <= stopped < SIGTERM_STEPS, (
-        f"stopped at step {stopped}: the signal came after step {SIGNAL_AFTER} was logged "
-        f"and before the end ({SIGTERM_STEPS})")
+      f"stopped at step {stopped}: the signal came after step {SIGNAL_AFTER} was logged "
+      f"and before the end ({SIGTERM_STEPS})"
+    )
 
     # The checkpoint at that step is committed, holds that step, and nothing
     # trained past it.
     steps = checkpoint_steps(interrupted)
     assert steps[-1] == stopped and set(steps) <= {1, stopped}, steps
-    assert not [d for d in os.listdir(os.path.join(interrupted, "checkpoints"))
-                if "tmp" in d], "a temporary (uncommitted) checkpoint was left"
+    assert not [d for d in os.listdir(os.path.join(interrupted, "checkpoints")) if "tmp" in d], (
+      "a temporary (uncommitted) checkpoint was left"
+    )
     assert int(restore_raw(interrupted, stopped)["step"]) == stopped
     records = strict_records(interrupted)
     assert max(r["step"] for r in records) <= stopped, records[-1]
@@ -218,16 +253,18 @@ def test_sigterm_saves_the_current_step_exits_0_and_resume_equals_uninterrupted(
   new = strict_records(interrupted)[before:]
   resumed_steps = [r["step"] for r in new if "train/loss" in r]
   assert resumed_steps and min(resumed_steps) > stopped, (
-      f"the rerun logged train step {min(resumed_steps or [None])}: it did not resume from "
-      f"step {stopped}")
+    f"the rerun logged train step {min(resumed_steps or [None])}: it did not resume from "
+    f"step {stopped}"
+  )
   assert max(resumed_steps) == SIGTERM_STEPS
 
   # The final evaluation equals the uninterrupted run's, bitwise: float32 on
   # CPU, the same compiled programs on the same inputs (batches and RNG keys
   # are functions of the step), so nothing can differ but a wrong resume.
   def final(records: list[dict], key_prefix: str) -> dict:
-    last = [r for r in records if r["step"] == SIGTERM_STEPS and
-            any(k.startswith(key_prefix) for k in r)]
+    last = [
+      r for r in records if r["step"] == SIGTERM_STEPS and any(k.startswith(key_prefix) for k in r)
+    ]
     assert len(last) == 1, records[-3:]
     return {k: v for k, v in last[0].items() if k.startswith(key_prefix)}
 
@@ -237,15 +274,21 @@ def test_sigterm_saves_the_current_step_exits_0_and_resume_equals_uninterrupted(
   assert resumed_eval == reference_eval
   # The mean train loss of steps 39-40 too, and the final parameters.
   assert final(new, "train/loss") == final(reference_records, "train/loss")
-  assert_trees_equal(restore_raw(interrupted, SIGTERM_STEPS)["params"],
-                     restore_raw(reference, SIGTERM_STEPS)["params"], "final params")
+  assert_trees_equal(
+    restore_raw(interrupted, SIGTERM_STEPS)["params"],
+    restore_raw(reference, SIGTERM_STEPS)["params"],
+    "final params",
+  )
 
 
 @pytest.mark.slow
 def test_a_second_sigterm_exits_at_once(workdir):
   with TrainingProcess(workdir, SIGTERM_RUN) as run:
-    run.wait_until(lambda: last_logged_step(workdir) >= SIGNAL_AFTER,
-                   timeout=STARTUP_TIMEOUT, what=f"train step {SIGNAL_AFTER} in metrics.jsonl")
+    run.wait_until(
+      lambda: last_logged_step(workdir) >= SIGNAL_AFTER,
+      timeout=STARTUP_TIMEOUT,
+      what=f"train step {SIGNAL_AFTER} in metrics.jsonl",
+    )
     run.process.send_signal(signal.SIGTERM)
     # Sending both signals back to back would be racy: two signals that arrive
     # before Python runs its handler are delivered to it once. So the second
@@ -258,7 +301,8 @@ def test_a_second_sigterm_exits_at_once(workdir):
     code = run.wait(timeout=60)
     took = time.monotonic() - sent
     assert code in (-signal.SIGTERM, 128 + signal.SIGTERM), (
-        f"exit code {code} after a second SIGTERM (expected death by SIGTERM):\n{run.tail()}")
+      f"exit code {code} after a second SIGTERM (expected death by SIGTERM):\n{run.tail()}"
+    )
     assert took < 10, f"the run took {took:.1f} s to exit after the second SIGTERM"
     assert last_logged_step(workdir) < SIGTERM_STEPS
 
@@ -278,9 +322,17 @@ def test_a_second_sigterm_exits_at_once(workdir):
 def diverged(cls_pixel, tmp_path_factory):
   """lr = 1e6 (the issue's probe): the loss is NaN within a few steps. Every
   checkpoint kept (keep_checkpoints=10), one every 2 steps."""
-  config = set_dotted(cls_pixel.get_config("quick"), {
-      **TINY_RUN, "total_steps": 12, "optimizer.lr": 1e6, "checkpoint_every": 2,
-      "keep_checkpoints": 10, "eval_every": 100})
+  config = set_dotted(
+    cls_pixel.get_config("quick"),
+    {
+      **TINY_RUN,
+      "total_steps": 12,
+      "optimizer.lr": 1e6,
+      "checkpoint_every": 2,
+      "keep_checkpoints": 10,
+      "eval_every": 100,
+    },
+  )
   workdir = str(tmp_path_factory.mktemp("diverged") / "workdir")
   with pytest.raises(divergence.TrainingDivergedError) as caught:
     classification.train_and_evaluate(config, workdir)
@@ -327,8 +379,7 @@ def poison_at(monkeypatch, bad_step: int) -> None:
 # found at step 6 (log point, checkpoint and end), which must not be blamed.
 @pytest.mark.slow
 @pytest.mark.parametrize("bad_step", [3, 5])
-def test_nan_at_a_given_step_is_named_and_never_saved(quick_config, workdir, monkeypatch,
-                                                      bad_step):
+def test_nan_at_a_given_step_is_named_and_never_saved(quick_config, workdir, monkeypatch, bad_step):
   config = quick_config({"keep_checkpoints": 10})
   poison_at(monkeypatch, bad_step)
   with pytest.raises(divergence.TrainingDivergedError) as caught:
@@ -342,8 +393,9 @@ def test_nan_at_a_given_step_is_named_and_never_saved(quick_config, workdir, mon
   # The metrics that show it are written where it was caught: step 3 at its
   # checkpoint (not a log point), step 5 at the next log point.
   caught_at = {3: 3, 5: 6}[bad_step]
-  assert any(r["step"] == caught_at and "train/loss" in r and r["train/loss"] is None
-             for r in records), records
+  assert any(
+    r["step"] == caught_at and "train/loss" in r and r["train/loss"] is None for r in records
+  ), records
 
 
 class _OptaxWithNaNLossAt:
@@ -365,8 +417,7 @@ class _OptaxWithNaNLossAt:
 
 
 @pytest.mark.slow
-def test_skip_mode_steps_over_a_nan_gradient_and_counts_it(quick_config, workdir,
-                                                           monkeypatch):
+def test_skip_mode_steps_over_a_nan_gradient_and_counts_it(quick_config, workdir, monkeypatch):
   bad_step = 4
   config = quick_config({"checkpoint_every": 1, "keep_checkpoints": 10})
   with config.unlocked():
@@ -393,11 +444,11 @@ def test_skip_mode_steps_over_a_nan_gradient_and_counts_it(quick_config, workdir
   assert np.isfinite(results["eval/loss"]), results
   assert not non_finite_leaves(state.params)
   assert set(range(1, 7)) <= set(checkpoint_steps(workdir)), checkpoint_steps(workdir)
-  before, at, after = (restore_raw(workdir, s)["params"] for s in
-                       (bad_step - 1, bad_step, bad_step + 1))
+  before, at, after = (
+    restore_raw(workdir, s)["params"] for s in (bad_step - 1, bad_step, bad_step + 1)
+  )
   assert_trees_equal(at, before, f"params of step {bad_step} vs {bad_step - 1} (skipped)")
-  moved = any(not np.array_equal(a, b) for a, b in
-              zip(as_numpy_leaves(after), as_numpy_leaves(at)))
+  moved = any(not np.array_equal(a, b) for a, b in zip(as_numpy_leaves(after), as_numpy_leaves(at)))
   assert moved, f"step {bad_step + 1} left the parameters as they were: training stopped"
 
   records = strict_records(workdir)
@@ -438,7 +489,8 @@ def copy_without_final(source: str, target: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "metadata", "ocdbt"])
 def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous(
-    clean_run, make_workdir, caplog, how):
+  clean_run, make_workdir, caplog, how
+):
   config, clean_workdir, clean_state, clean_results = clean_run
   workdir = make_workdir("damaged")
   copy_without_final(clean_workdir, workdir)
@@ -470,8 +522,7 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_pre
 
 
 @pytest.mark.slow
-def test_no_readable_checkpoint_is_one_clear_error_and_nothing_is_deleted(clean_run,
-                                                                          make_workdir):
+def test_no_readable_checkpoint_is_one_clear_error_and_nothing_is_deleted(clean_run, make_workdir):
   config, clean_workdir, _, _ = clean_run
   workdir = make_workdir("all_damaged")
   shutil.copytree(clean_workdir, workdir)
@@ -531,18 +582,19 @@ def assert_readable(log: str, message: str, longest: int, what: str) -> None:
   problems = []
   tracebacks = log.count(TRACEBACK)
   if tracebacks:
-    problems.append(f"{tracebacks} tracebacks in the output, e.g.:\n"
-                    + log[log.index(TRACEBACK):][:400])
+    problems.append(
+      f"{tracebacks} tracebacks in the output, e.g.:\n" + log[log.index(TRACEBACK) :][:400]
+    )
   if len(message) > longest:
-    problems.append(f"{what} is {len(message)} characters (> {longest}): "
-                    f"{message[:400]}...")
+    problems.append(f"{what} is {len(message)} characters (> {longest}): {message[:400]}...")
   assert not problems, "\n".join(problems)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "ocdbt"])
 def test_command_line_falls_back_past_two_damaged_checkpoints_one_warning_each_clean_exit(
-    clean_run, make_workdir, how):
+  clean_run, make_workdir, how
+):
   """Issue 21 item 5: after falling back past two damaged checkpoints the run
   finishes with one warning per checkpoint and nothing else: reads that orbax
   left pending (a missing ocdbt directory) used to re-raise at exit as ~50
@@ -557,27 +609,31 @@ def test_command_line_falls_back_past_two_damaged_checkpoints_one_warning_each_c
     log = run.output
   assert code == 0, run.tail()
   for step in (6, 3):
-    warnings = [line for line in log.splitlines()
-                if f"checkpoint step {step} " in line and line.startswith("W")]
+    warnings = [
+      line
+      for line in log.splitlines()
+      if f"checkpoint step {step} " in line and line.startswith("W")
+    ]
     assert len(warnings) == 1, warnings
     assert_readable(log, warnings[0], LONGEST_MESSAGE, "the warning")
     # The kind of damage, named by file, with no tensorstore repr (issue 21 item 9).
     assert "<bound" not in warnings[0] and "TensorStore" not in warnings[0], warnings[0]
-    assert ("state/ocdbt.process_" if how == "ocdbt" else "is truncated") in warnings[0], \
-        warnings[0]
-  assert "Exception ignored" not in log, log[log.index("Exception ignored"):][:1000]
+    assert ("state/ocdbt.process_" if how == "ocdbt" else "is truncated") in warnings[0], warnings[
+      0
+    ]
+  assert "Exception ignored" not in log, log[log.index("Exception ignored") :][:1000]
   # orbax's gathered reads of a damaged step, left unawaited, used to echo
   # as `_GatheringFuture exception was never retrieved` (1 run in ~8).
-  assert "Traceback" not in log, log[log.index("Traceback"):][:1000]
-  set_aside = sorted(int(n.split(".")[0])
-                     for n in os.listdir(os.path.join(workdir, checkpoint_lib.DAMAGED)))
+  assert "Traceback" not in log, log[log.index("Traceback") :][:1000]
+  set_aside = sorted(
+    int(n.split(".")[0]) for n in os.listdir(os.path.join(workdir, checkpoint_lib.DAMAGED))
+  )
   assert set_aside == [3, 6]
   assert checkpoint_steps(workdir) == [1, 3, 6, 8]  # resumed from 1, saved again
 
 
 @pytest.mark.slow
-def test_command_line_no_readable_checkpoint_one_short_error_no_traceback(clean_run,
-                                                                         make_workdir):
+def test_command_line_no_readable_checkpoint_one_short_error_no_traceback(clean_run, make_workdir):
   _, clean_workdir, _, _ = clean_run
   workdir = make_workdir("all_damaged_cli")
   shutil.copytree(clean_workdir, workdir)
@@ -587,8 +643,11 @@ def test_command_line_no_readable_checkpoint_one_short_error_no_traceback(clean_
     code = run.wait()
     log = run.output
   assert code > 0, (code, run.tail())  # an error exit, not a signal
-  errors = [line for line in log.splitlines()
-            if "step 8" in line and os.path.join(workdir, "checkpoints") in line]
+  errors = [
+    line
+    for line in log.splitlines()
+    if "step 8" in line and os.path.join(workdir, "checkpoints") in line
+  ]
   assert errors, run.tail()
   # Four checkpoints named, each with its error.
   assert_readable(log, max(errors, key=len), 4 * LONGEST_MESSAGE, "the error")
@@ -603,8 +662,11 @@ def small_filesystem(tmp_path):
   and not for a second. Mounting needs root; elsewhere the test is skipped."""
   mount_point = tmp_path / "small_disk"
   mount_point.mkdir()
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1300k", "tmpfs",
-                            str(mount_point)], capture_output=True, text=True)
+  mounted = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=1300k", "tmpfs", str(mount_point)],
+    capture_output=True,
+    text=True,
+  )
   if mounted.returncode != 0:
     pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'not root'})")
   try:
@@ -613,14 +675,19 @@ def small_filesystem(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-FULL_DISK_RUN = {**TINY_RUN, "total_steps": 40, "checkpoint_every": 20, "eval_every": 40,
-                 "log_every": 1, "keep_checkpoints": 3}
+FULL_DISK_RUN = {
+  **TINY_RUN,
+  "total_steps": 40,
+  "checkpoint_every": 20,
+  "eval_every": 40,
+  "log_every": 1,
+  "keep_checkpoints": 3,
+}
 STOPPED_AT = re.compile(r"The run stopped at step (\d+)")
 
 
 @pytest.mark.slow
-def test_command_line_full_disk_stops_the_run_at_the_next_step_with_one_message(
-    small_filesystem):
+def test_command_line_full_disk_stops_the_run_at_the_next_step_with_one_message(small_filesystem):
   """Issue 21 item 3: the async save of step 20 fails on a full filesystem.
   The run stops within a few steps of it (it used to train on to step 40,
   the next save), with one message naming the step and the intact

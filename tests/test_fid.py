@@ -5,6 +5,7 @@ Inception-v3 block by block against a torch.nn.functional reference on the
 same random weights; and a classifier trained by the real trainer as a
 feature extractor (its logits, accuracy and FID on digits). The torch
 comparisons skip without torch (the [parity] extra); the rest runs without it."""
+
 import json
 import math
 import os
@@ -18,17 +19,19 @@ import scipy.linalg
 import scipy.spatial.distance
 from flax import nnx
 
-from support import set_dotted
 from pixel_vit.data import augment
 from pixel_vit.evaluation import features as features_lib
 from pixel_vit.evaluation import fid
 from pixel_vit.models import inception
 from pixel_vit.trainers import classification, loop
 from pixel_vit.trainers import state as state_lib
+from support import set_dotted
 
 DIGITS_TEST_EXAMPLES = 360
-PARITY = ("needs torch for the reference: install the [parity] extra: "
-          "pip install torch==2.13.0 (CPU wheel) diffusers")
+PARITY = (
+  "needs torch for the reference: install the [parity] extra: "
+  "pip install torch==2.13.0 (CPU wheel) diffusers"
+)
 
 
 def import_torch():
@@ -56,8 +59,11 @@ def gaussian_features(rng, n, d, shift=0.0):
   return rng.normal(size=(n, d)) @ mixing + shift + rng.normal(size=d)
 
 
-@pytest.mark.parametrize("d, n", [(2, 500), (16, 400), (64, 1000), (64, 40), (96, 30)],
-                         ids=["d2", "d16", "d64", "d64_singular", "d96_singular"])
+@pytest.mark.parametrize(
+  "d, n",
+  [(2, 500), (16, 400), (64, 1000), (64, 40), (96, 30)],
+  ids=["d2", "d16", "d64", "d64_singular", "d96_singular"],
+)
 def test_frechet_distance_matches_scipy_sqrtm(d, n):
   rng = np.random.default_rng(d + n)
   a, b = gaussian_features(rng, n, d), gaussian_features(rng, n + 7, d, shift=0.3)
@@ -92,7 +98,7 @@ def test_feature_stats_stream_and_merge_like_np_cov():
   x = gaussian_features(rng, 301, 12, shift=5.0)
   streamed = fid.FeatureStats(12)
   for start in range(0, 301, 64):
-    streamed.add(x[start:start + 64])
+    streamed.add(x[start : start + 64])
   np.testing.assert_allclose(streamed.mu, x.mean(0), rtol=1e-12)
   np.testing.assert_allclose(streamed.sigma, np.cov(x, rowvar=False), rtol=1e-9, atol=1e-12)
   # Two "processes" holding halves, combined from their gathered sums.
@@ -114,8 +120,7 @@ def test_reference_files_round_trip_and_read_adm_batches(tmp_path):
   mu, sigma = rng.normal(size=8), np.cov(rng.normal(size=(50, 8)), rowvar=False)
   mu_s, sigma_s = rng.normal(size=5), np.eye(5)
   path = str(tmp_path / "ref.npz")
-  fid.save_stats(path, mu, sigma, mu_s=mu_s, sigma_s=sigma_s,
-                 features=rng.normal(size=(20, 8)))
+  fid.save_stats(path, mu, sigma, mu_s=mu_s, sigma_s=sigma_s, features=rng.normal(size=(20, 8)))
   loaded = fid.load_reference(path)
   assert set(loaded) == {"mu", "sigma", "mu_s", "sigma_s", "features"}
   np.testing.assert_array_equal(loaded["sigma"], sigma)
@@ -123,17 +128,22 @@ def test_reference_files_round_trip_and_read_adm_batches(tmp_path):
 
   # ADM's reference batch layout: images in arr_0 beside the statistics.
   adm = str(tmp_path / "VIRTUAL_adm.npz")
-  np.savez(adm, arr_0=np.zeros((4, 8, 8, 3), np.uint8), mu=mu, sigma=sigma, mu_s=mu_s,
-           sigma_s=sigma_s)
+  np.savez(
+    adm, arr_0=np.zeros((4, 8, 8, 3), np.uint8), mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s
+  )
   assert set(fid.load_reference(adm)) == {"mu", "sigma", "mu_s", "sigma_s"}
 
 
-@pytest.mark.parametrize("arrays, match", [
+@pytest.mark.parametrize(
+  "arrays, match",
+  [
     ({"arr_0": np.zeros((2, 4, 4, 3), np.uint8)}, r"has no \['mu', 'sigma'\]"),
     ({"mu": np.zeros(4)}, r"has no \['sigma'\]"),
     ({"mu": np.zeros(4), "sigma": np.eye(3)}, r"'sigma' has shape \(3, 3\), expected \(4, 4\)"),
     ({"mu": np.zeros(4), "sigma": np.eye(4), "mu_s": np.zeros(2)}, "only one of 'mu_s'"),
-], ids=["images_only", "no_sigma", "shape", "half_spatial"])
+  ],
+  ids=["images_only", "no_sigma", "shape", "half_spatial"],
+)
 def test_bad_reference_files_are_named(tmp_path, arrays, match):
   path = str(tmp_path / "bad.npz")
   np.savez(path, **arrays)
@@ -172,6 +182,7 @@ def test_inception_score_closed_forms():
 def brute_force_precision_recall(real, fake, k):
   def radii(x):
     return np.sort(scipy.spatial.distance.cdist(x, x), axis=1)[:, k]
+
   cross = scipy.spatial.distance.cdist(fake, real)
   precision = (cross <= radii(real)[None, :]).any(1).mean()
   recall = (cross <= radii(fake)[:, None]).any(0).mean()
@@ -192,7 +203,8 @@ def test_precision_recall_matches_brute_force_and_closed_forms():
   assert fid.precision_recall(real, real + 100.0, k=3) == (0.0, 0.0)
   # Samples collapsed onto one real cluster: precise, but they miss the rest.
   precision, recall = fid.precision_recall(
-      np.concatenate([real, real + 50.0]), real[:100] + 1e-3, k=3)
+    np.concatenate([real, real + 50.0]), real[:100] + 1e-3, k=3
+  )
   assert precision == 1.0 and recall < 0.5
 
 
@@ -205,8 +217,8 @@ def moments_extractor():
 
   def forward(images):
     flat = images.reshape(len(images), -1)
-    pool = np.stack([flat.mean(1), flat.std(1), (flat ** 3).mean(1)], axis=1)
-    logits = np.stack([-(flat.mean(1) - c) ** 2 * 50 for c in (0.2, 0.4, 0.6, 0.8)], 1)
+    pool = np.stack([flat.mean(1), flat.std(1), (flat**3).mean(1)], axis=1)
+    logits = np.stack([-((flat.mean(1) - c) ** 2) * 50 for c in (0.2, 0.4, 0.6, 0.8)], 1)
     return {"pool": pool, "logits": logits, "spatial": flat[:, :5]}
 
   return features_lib.Extractor(name="moments", forward=forward, dimension=3, num_classes=4)
@@ -222,32 +234,43 @@ def test_sample_metrics_equal_the_formulas_on_all_features(tmp_path):
   # A batch size that leaves a padded last batch: padding must not leak in.
   results = fid.sample_metrics(extractor, samples, labels, reference, batch_size=8, splits=2)
 
-  real_out, out = ({k: v.astype(np.float64) for k, v in extractor(x).items()}
-                   for x in (real, samples))
-  expected_fid = fid.frechet_distance(out["pool"].mean(0), np.cov(out["pool"], rowvar=False),
-                                      real_out["pool"].mean(0),
-                                      np.cov(real_out["pool"], rowvar=False))
+  real_out, out = (
+    {k: v.astype(np.float64) for k, v in extractor(x).items()} for x in (real, samples)
+  )
+  expected_fid = fid.frechet_distance(
+    out["pool"].mean(0),
+    np.cov(out["pool"], rowvar=False),
+    real_out["pool"].mean(0),
+    np.cov(real_out["pool"], rowvar=False),
+  )
   assert results["fid"] == pytest.approx(expected_fid, rel=1e-9)
   expected_sfid = fid.frechet_distance(
-      out["spatial"].mean(0), np.cov(out["spatial"], rowvar=False),
-      real_out["spatial"].mean(0), np.cov(real_out["spatial"], rowvar=False))
+    out["spatial"].mean(0),
+    np.cov(out["spatial"], rowvar=False),
+    real_out["spatial"].mean(0),
+    np.cov(real_out["spatial"], rowvar=False),
+  )
   assert results["sfid"] == pytest.approx(expected_sfid, rel=1e-9)
   assert results["inception_score"] == pytest.approx(
-      fid.inception_score(out["logits"], splits=2)[0])
+    fid.inception_score(out["logits"], splits=2)[0]
+  )
   assert (results["precision"], results["recall"]) == fid.precision_recall(
-      real_out["pool"], out["pool"])
+    real_out["pool"], out["pool"]
+  )
   assert results["accuracy"] == pytest.approx((out["logits"].argmax(1) == labels).mean())
   assert results["count"] == 37
   # Streaming batches from an iterator give the same numbers.
-  streamed = fid.sample_metrics(extractor, iter([samples[:20], samples[20:]]), labels,
-                                reference, batch_size=20, splits=2)
+  streamed = fid.sample_metrics(
+    extractor, iter([samples[:20], samples[20:]]), labels, reference, batch_size=20, splits=2
+  )
   assert streamed["fid"] == pytest.approx(results["fid"], rel=1e-9)
   # Two processes' shares, gathered and merged; the reference through a file.
   shares = [fid.extract(extractor, part, batch_size=8) for part in (samples[:15], samples[15:])]
   path = str(tmp_path / "reference.npz")
   fid.save_stats(path, **reference)
-  merged = fid.metrics_from(shares[0].merge(shares[1]), labels, fid.load_reference(path),
-                            num_classes=4, splits=2)
+  merged = fid.metrics_from(
+    shares[0].merge(shares[1]), labels, fid.load_reference(path), num_classes=4, splits=2
+  )
   for name, value in results.items():
     assert merged[name] == pytest.approx(value, rel=1e-6), name
 
@@ -267,50 +290,88 @@ def test_extractor_rejects_images_outside_unit_range():
 
 
 def block_a(cin, pool_features):
-  return {"branch1x1": (cin, 64, 1, 1, 0), "branch5x5_1": (cin, 48, 1, 1, 0),
-          "branch5x5_2": (48, 64, 5, 1, 2), "branch3x3dbl_1": (cin, 64, 1, 1, 0),
-          "branch3x3dbl_2": (64, 96, 3, 1, 1), "branch3x3dbl_3": (96, 96, 3, 1, 1),
-          "branch_pool": (cin, pool_features, 1, 1, 0)}
+  return {
+    "branch1x1": (cin, 64, 1, 1, 0),
+    "branch5x5_1": (cin, 48, 1, 1, 0),
+    "branch5x5_2": (48, 64, 5, 1, 2),
+    "branch3x3dbl_1": (cin, 64, 1, 1, 0),
+    "branch3x3dbl_2": (64, 96, 3, 1, 1),
+    "branch3x3dbl_3": (96, 96, 3, 1, 1),
+    "branch_pool": (cin, pool_features, 1, 1, 0),
+  }
 
 
 def block_b(cin):
-  return {"branch3x3": (cin, 384, 3, 2, 0), "branch3x3dbl_1": (cin, 64, 1, 1, 0),
-          "branch3x3dbl_2": (64, 96, 3, 1, 1), "branch3x3dbl_3": (96, 96, 3, 2, 0)}
+  return {
+    "branch3x3": (cin, 384, 3, 2, 0),
+    "branch3x3dbl_1": (cin, 64, 1, 1, 0),
+    "branch3x3dbl_2": (64, 96, 3, 1, 1),
+    "branch3x3dbl_3": (96, 96, 3, 2, 0),
+  }
 
 
 def block_c(cin, c7):
   row, col = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))
-  return {"branch1x1": (cin, 192, 1, 1, 0), "branch7x7_1": (cin, c7, 1, 1, 0),
-          "branch7x7_2": (c7, c7, *row), "branch7x7_3": (c7, 192, *col),
-          "branch7x7dbl_1": (cin, c7, 1, 1, 0), "branch7x7dbl_2": (c7, c7, *col),
-          "branch7x7dbl_3": (c7, c7, *row), "branch7x7dbl_4": (c7, c7, *col),
-          "branch7x7dbl_5": (c7, 192, *row), "branch_pool": (cin, 192, 1, 1, 0)}
+  return {
+    "branch1x1": (cin, 192, 1, 1, 0),
+    "branch7x7_1": (cin, c7, 1, 1, 0),
+    "branch7x7_2": (c7, c7, *row),
+    "branch7x7_3": (c7, 192, *col),
+    "branch7x7dbl_1": (cin, c7, 1, 1, 0),
+    "branch7x7dbl_2": (c7, c7, *col),
+    "branch7x7dbl_3": (c7, c7, *row),
+    "branch7x7dbl_4": (c7, c7, *col),
+    "branch7x7dbl_5": (c7, 192, *row),
+    "branch_pool": (cin, 192, 1, 1, 0),
+  }
 
 
 def block_d(cin):
-  return {"branch3x3_1": (cin, 192, 1, 1, 0), "branch3x3_2": (192, 320, 3, 2, 0),
-          "branch7x7x3_1": (cin, 192, 1, 1, 0), "branch7x7x3_2": (192, 192, (1, 7), 1, (0, 3)),
-          "branch7x7x3_3": (192, 192, (7, 1), 1, (3, 0)), "branch7x7x3_4": (192, 192, 3, 2, 0)}
+  return {
+    "branch3x3_1": (cin, 192, 1, 1, 0),
+    "branch3x3_2": (192, 320, 3, 2, 0),
+    "branch7x7x3_1": (cin, 192, 1, 1, 0),
+    "branch7x7x3_2": (192, 192, (1, 7), 1, (0, 3)),
+    "branch7x7x3_3": (192, 192, (7, 1), 1, (3, 0)),
+    "branch7x7x3_4": (192, 192, 3, 2, 0),
+  }
 
 
 def block_e(cin):
   row, col = ((1, 3), 1, (0, 1)), ((3, 1), 1, (1, 0))
-  return {"branch1x1": (cin, 320, 1, 1, 0), "branch3x3_1": (cin, 384, 1, 1, 0),
-          "branch3x3_2a": (384, 384, *row), "branch3x3_2b": (384, 384, *col),
-          "branch3x3dbl_1": (cin, 448, 1, 1, 0), "branch3x3dbl_2": (448, 384, 3, 1, 1),
-          "branch3x3dbl_3a": (384, 384, *row), "branch3x3dbl_3b": (384, 384, *col),
-          "branch_pool": (cin, 192, 1, 1, 0)}
+  return {
+    "branch1x1": (cin, 320, 1, 1, 0),
+    "branch3x3_1": (cin, 384, 1, 1, 0),
+    "branch3x3_2a": (384, 384, *row),
+    "branch3x3_2b": (384, 384, *col),
+    "branch3x3dbl_1": (cin, 448, 1, 1, 0),
+    "branch3x3dbl_2": (448, 384, 3, 1, 1),
+    "branch3x3dbl_3a": (384, 384, *row),
+    "branch3x3dbl_3b": (384, 384, *col),
+    "branch_pool": (cin, 192, 1, 1, 0),
+  }
 
 
-STEM = {"Conv2d_1a_3x3": (3, 32, 3, 2, 0), "Conv2d_2a_3x3": (32, 32, 3, 1, 0),
-        "Conv2d_2b_3x3": (32, 64, 3, 1, 1), "Conv2d_3b_1x1": (64, 80, 1, 1, 0),
-        "Conv2d_4a_3x3": (80, 192, 3, 1, 0)}
-MIXED = [("Mixed_5b", "A", block_a(192, 32)), ("Mixed_5c", "A", block_a(256, 64)),
-         ("Mixed_5d", "A", block_a(288, 64)), ("Mixed_6a", "B", block_b(288)),
-         ("Mixed_6b", "C", block_c(768, 128)), ("Mixed_6c", "C", block_c(768, 160)),
-         ("Mixed_6d", "C", block_c(768, 160)), ("Mixed_6e", "C", block_c(768, 192)),
-         ("Mixed_7a", "D", block_d(768)), ("Mixed_7b", "E_1", block_e(1280)),
-         ("Mixed_7c", "E_2", block_e(2048))]
+STEM = {
+  "Conv2d_1a_3x3": (3, 32, 3, 2, 0),
+  "Conv2d_2a_3x3": (32, 32, 3, 1, 0),
+  "Conv2d_2b_3x3": (32, 64, 3, 1, 1),
+  "Conv2d_3b_1x1": (64, 80, 1, 1, 0),
+  "Conv2d_4a_3x3": (80, 192, 3, 1, 0),
+}
+MIXED = [
+  ("Mixed_5b", "A", block_a(192, 32)),
+  ("Mixed_5c", "A", block_a(256, 64)),
+  ("Mixed_5d", "A", block_a(288, 64)),
+  ("Mixed_6a", "B", block_b(288)),
+  ("Mixed_6b", "C", block_c(768, 128)),
+  ("Mixed_6c", "C", block_c(768, 160)),
+  ("Mixed_6d", "C", block_c(768, 160)),
+  ("Mixed_6e", "C", block_c(768, 192)),
+  ("Mixed_7a", "D", block_d(768)),
+  ("Mixed_7b", "E_1", block_e(1280)),
+  ("Mixed_7c", "E_2", block_e(2048)),
+]
 
 
 def random_state_dict(rng, layers: dict, prefix: str = "") -> dict:
@@ -319,8 +380,9 @@ def random_state_dict(rng, layers: dict, prefix: str = "") -> dict:
   for name, (cin, cout, kernel, _, _) in layers.items():
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     key = f"{prefix}{name}"
-    state[f"{key}.conv.weight"] = (rng.standard_normal((cout, cin, kh, kw), np.float32)
-                                   * np.float32(math.sqrt(2.0 / (cin * kh * kw))))
+    state[f"{key}.conv.weight"] = rng.standard_normal((cout, cin, kh, kw), np.float32) * np.float32(
+      math.sqrt(2.0 / (cin * kh * kw))
+    )
     state[f"{key}.bn.weight"] = rng.uniform(0.5, 1.5, cout).astype(np.float32)
     state[f"{key}.bn.bias"] = rng.normal(0, 0.1, cout).astype(np.float32)
     state[f"{key}.bn.running_mean"] = rng.normal(0, 0.1, cout).astype(np.float32)
@@ -333,7 +395,7 @@ def full_state_dict(seed=0) -> dict:
   state = random_state_dict(rng, STEM)
   for name, _, layers in MIXED:
     state.update(random_state_dict(rng, layers, prefix=f"{name}."))
-  state["fc.weight"] = (rng.standard_normal((1008, 2048), np.float32) * np.float32(0.02))
+  state["fc.weight"] = rng.standard_normal((1008, 2048), np.float32) * np.float32(0.02)
   state["fc.bias"] = rng.normal(0, 0.1, 1008).astype(np.float32)
   return state
 
@@ -344,8 +406,15 @@ def torch_conv(x, state, layers, name, prefix=""):
   key = f"{prefix}{name}"
   t = {k: torch.from_numpy(v) for k, v in state.items() if k.startswith(key + ".")}
   x = F.conv2d(x, t[f"{key}.conv.weight"], stride=stride, padding=padding)
-  x = F.batch_norm(x, t[f"{key}.bn.running_mean"], t[f"{key}.bn.running_var"],
-                   t[f"{key}.bn.weight"], t[f"{key}.bn.bias"], training=False, eps=1e-3)
+  x = F.batch_norm(
+    x,
+    t[f"{key}.bn.running_mean"],
+    t[f"{key}.bn.running_var"],
+    t[f"{key}.bn.weight"],
+    t[f"{key}.bn.bias"],
+    training=False,
+    eps=1e-3,
+  )
   return F.relu(x)
 
 
@@ -355,12 +424,18 @@ def torch_block(kind, x, state, layers, prefix=""):
   c = lambda name, h: torch_conv(h, state, layers, name, prefix)  # noqa: E731
   tf_avg = lambda h: F.avg_pool2d(h, 3, stride=1, padding=1, count_include_pad=False)  # noqa: E731
   if kind == "A":
-    out = [c("branch1x1", x), c("branch5x5_2", c("branch5x5_1", x)),
-           c("branch3x3dbl_3", c("branch3x3dbl_2", c("branch3x3dbl_1", x))),
-           c("branch_pool", tf_avg(x))]
+    out = [
+      c("branch1x1", x),
+      c("branch5x5_2", c("branch5x5_1", x)),
+      c("branch3x3dbl_3", c("branch3x3dbl_2", c("branch3x3dbl_1", x))),
+      c("branch_pool", tf_avg(x)),
+    ]
   elif kind == "B":
-    out = [c("branch3x3", x), c("branch3x3dbl_3", c("branch3x3dbl_2", c("branch3x3dbl_1", x))),
-           F.max_pool2d(x, 3, stride=2)]
+    out = [
+      c("branch3x3", x),
+      c("branch3x3dbl_3", c("branch3x3dbl_2", c("branch3x3dbl_1", x))),
+      F.max_pool2d(x, 3, stride=2),
+    ]
   elif kind == "C":
     b7 = c("branch7x7_3", c("branch7x7_2", c("branch7x7_1", x)))
     dbl = x
@@ -376,8 +451,14 @@ def torch_block(kind, x, state, layers, prefix=""):
     b3 = c("branch3x3_1", x)
     dbl = c("branch3x3dbl_2", c("branch3x3dbl_1", x))
     pooled = tf_avg(x) if kind == "E_1" else F.max_pool2d(x, 3, stride=1, padding=1)
-    out = [c("branch1x1", x), c("branch3x3_2a", b3), c("branch3x3_2b", b3),
-           c("branch3x3dbl_3a", dbl), c("branch3x3dbl_3b", dbl), c("branch_pool", pooled)]
+    out = [
+      c("branch1x1", x),
+      c("branch3x3_2a", b3),
+      c("branch3x3_2b", b3),
+      c("branch3x3dbl_3a", dbl),
+      c("branch3x3dbl_3b", dbl),
+      c("branch_pool", pooled),
+    ]
   return torch.cat(out, 1)
 
 
@@ -415,18 +496,19 @@ def test_basic_conv_matches_torch():
   x = np.random.default_rng(7).normal(size=(2, 5, 9, 8)).astype(np.float32)
   expected = torch_conv(torch.from_numpy(x), state, layers, "conv1")
   conv = inception.from_state_dict(
-      lambda: inception.BasicConv2d(5, 7, (3, 1), stride=2, padding=(1, 0), rngs=nnx.Rngs(0)),
-      {k.removeprefix("conv1."): v for k, v in state.items()})
+    lambda: inception.BasicConv2d(5, 7, (3, 1), stride=2, padding=(1, 0), rngs=nnx.Rngs(0)),
+    {k.removeprefix("conv1."): v for k, v in state.items()},
+  )
   np.testing.assert_allclose(conv(jnp.asarray(nhwc(x))), nhwc(expected), rtol=1e-5, atol=1e-5)
 
 
 BLOCKS = {
-    "A": (lambda: inception.FIDInceptionA(6, 32, rngs=nnx.Rngs(0)), block_a(6, 32), 5),
-    "B": (lambda: inception.InceptionB(6, rngs=nnx.Rngs(0)), block_b(6), 7),
-    "C": (lambda: inception.FIDInceptionC(6, 16, rngs=nnx.Rngs(0)), block_c(6, 16), 5),
-    "D": (lambda: inception.InceptionD(6, rngs=nnx.Rngs(0)), block_d(6), 7),
-    "E_1": (lambda: inception.FIDInceptionE_1(6, rngs=nnx.Rngs(0)), block_e(6), 4),
-    "E_2": (lambda: inception.FIDInceptionE_2(6, rngs=nnx.Rngs(0)), block_e(6), 4),
+  "A": (lambda: inception.FIDInceptionA(6, 32, rngs=nnx.Rngs(0)), block_a(6, 32), 5),
+  "B": (lambda: inception.InceptionB(6, rngs=nnx.Rngs(0)), block_b(6), 7),
+  "C": (lambda: inception.FIDInceptionC(6, 16, rngs=nnx.Rngs(0)), block_c(6, 16), 5),
+  "D": (lambda: inception.InceptionD(6, rngs=nnx.Rngs(0)), block_d(6), 7),
+  "E_1": (lambda: inception.FIDInceptionE_1(6, rngs=nnx.Rngs(0)), block_e(6), 4),
+  "E_2": (lambda: inception.FIDInceptionE_2(6, rngs=nnx.Rngs(0)), block_e(6), 4),
 }
 
 
@@ -487,8 +569,7 @@ def inception_run(inception_weights):
 
 @pytest.fixture(scope="module")
 def expected_keys():
-  return inception.torch_shapes(
-      nnx.eval_shape(lambda: inception.FIDInceptionV3(rngs=nnx.Rngs(0))))
+  return inception.torch_shapes(nnx.eval_shape(lambda: inception.FIDInceptionV3(rngs=nnx.Rngs(0))))
 
 
 def test_expected_keys_are_pytorch_fids(inception_state, expected_keys):
@@ -500,8 +581,11 @@ def test_converter_keeps_keys_and_layouts(inception_weights):
   state, _, npz = inception_weights
   with np.load(npz) as converted:  # the converter keeps keys and torch layouts
     assert set(converted.files) == set(state)
-    for key in ("Mixed_6d.branch7x7_2.conv.weight", "fc.weight",
-                "Mixed_7c.branch_pool.bn.running_var"):
+    for key in (
+      "Mixed_6d.branch7x7_2.conv.weight",
+      "fc.weight",
+      "Mixed_7c.branch_pool.bn.running_var",
+    ):
       np.testing.assert_array_equal(converted[key], state[key])
 
 
@@ -519,8 +603,9 @@ def test_full_model_matches_torch(inception_weights, inception_run):
   np.testing.assert_allclose(out["logits"], logits, rtol=1e-3, atol=scale(logits))
   # ADM's sFID layout: the first 7 channels of mixed_6/conv, flattened (h, w, c).
   expected_spatial = nhwc(spatial)[..., :7].reshape(2, -1)
-  np.testing.assert_allclose(out["spatial"], expected_spatial, rtol=1e-3,
-                             atol=scale(expected_spatial))
+  np.testing.assert_allclose(
+    out["spatial"], expected_spatial, rtol=1e-3, atol=scale(expected_spatial)
+  )
 
 
 @pytest.mark.torch
@@ -531,28 +616,47 @@ def test_inception_extractor_runs_the_converted_weights(inception_weights, incep
   # Two images padded to the 8 devices' batch; same numbers as the .pth model.
   extracted = fid.extract(extractor, images, batch_size=2)
   # Another batch size rounds float32 sums differently: tolerance ~1e-6 of the scale.
-  for actual, expected in ((extracted.features, out["pool"]), (extracted.logits, out["logits"]),
-                           (extracted.spatial.mu, out["spatial"].mean(0))):
+  for actual, expected in (
+    (extracted.features, out["pool"]),
+    (extracted.logits, out["logits"]),
+    (extracted.spatial.mu, out["spatial"].mean(0)),
+  ):
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
   assert extracted.pool.count == 2 and extracted.spatial.dimension == 2023
-  with pytest.raises(ValueError, match="reference statistics are 64-d but extractor "
-                                       "'inception.*' gives 2048-d features"):
+  with pytest.raises(
+    ValueError,
+    match="reference statistics are 64-d but extractor 'inception.*' gives 2048-d features",
+  ):
     fid.check_reference(extractor, {"mu": np.zeros(64), "sigma": np.eye(64)})
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda s: s.pop("Mixed_6d.branch1x1.bn.running_var"),
-     r"missing keys \['Mixed_6d\.branch1x1\.bn\.running_var'\]"),
-    (lambda s: s.update({"AuxLogits.fc.weight": np.zeros((1008, 768), np.float32)}),
-     r"unexpected keys \['AuxLogits\.fc\.weight'\]"),
-    (lambda s: s.update({"fc.weight": np.zeros((1000, 2048), np.float32)}),
-     r"wrong shapes fc\.weight: \(1000, 2048\) \(expected \(1008, 2048\)\)"),
-], ids=["missing", "unexpected", "shape"])
+@pytest.mark.parametrize(
+  "edit, match",
+  [
+    (
+      lambda s: s.pop("Mixed_6d.branch1x1.bn.running_var"),
+      r"missing keys \['Mixed_6d\.branch1x1\.bn\.running_var'\]",
+    ),
+    (
+      lambda s: s.update({"AuxLogits.fc.weight": np.zeros((1008, 768), np.float32)}),
+      r"unexpected keys \['AuxLogits\.fc\.weight'\]",
+    ),
+    (
+      lambda s: s.update({"fc.weight": np.zeros((1000, 2048), np.float32)}),
+      r"wrong shapes fc\.weight: \(1000, 2048\) \(expected \(1008, 2048\)\)",
+    ),
+  ],
+  ids=["missing", "unexpected", "shape"],
+)
 def test_bad_state_dicts_are_named(inception_state, expected_keys, edit, match):
   state = dict(inception_state)
   edit(state)
-  with pytest.raises(ValueError, match=r"'w.pth' does not hold the FID Inception-v3 weights: "
-                                       + match + r".*pt_inception-2015-12-05"):
+  with pytest.raises(
+    ValueError,
+    match=r"'w.pth' does not hold the FID Inception-v3 weights: "
+    + match
+    + r".*pt_inception-2015-12-05",
+  ):
     inception.check_state_dict(expected_keys, state, "'w.pth'")
 
 
@@ -580,8 +684,10 @@ def test_preprocessing_is_pytorch_fids_resize():
   torch, F = import_torch()
   for shape in ((1, 3, 8, 8), (1, 3, 320, 301)):  # up- and downsampling
     x = np.random.default_rng(14).uniform(size=shape).astype(np.float32)
-    expected = 2 * F.interpolate(torch.from_numpy(x), size=(299, 299), mode="bilinear",
-                                 align_corners=False) - 1
+    expected = (
+      2 * F.interpolate(torch.from_numpy(x), size=(299, 299), mode="bilinear", align_corners=False)
+      - 1
+    )
     actual = inception.preprocess(jnp.asarray(nhwc(x)))
     np.testing.assert_allclose(actual, nhwc(expected), atol=2e-6)
 
@@ -589,8 +695,9 @@ def test_preprocessing_is_pytorch_fids_resize():
 def test_preprocessing_channels():
   # A grey image enters the network as the same image in all three channels.
   grey = jnp.asarray(np.random.default_rng(15).uniform(size=(2, 20, 20, 1)), jnp.float32)
-  np.testing.assert_array_equal(inception.preprocess(grey),
-                                inception.preprocess(jnp.repeat(grey, 3, axis=-1)))
+  np.testing.assert_array_equal(
+    inception.preprocess(grey), inception.preprocess(jnp.repeat(grey, 3, axis=-1))
+  )
   with pytest.raises(ValueError, match="C = 1 or 3"):
     inception.preprocess(jnp.zeros((1, 8, 8, 4)))
 
@@ -602,10 +709,20 @@ def test_preprocessing_channels():
 def classifier_run(cls_pixel, tmp_path_factory):
   """The quick digits classifier, trained briefly by the real trainer, with an
   EMA (so the extractor's choice of EMA over raw parameters is visible)."""
-  config = set_dotted(cls_pixel.get_config("variant=mu/4,quick"), {
-      "total_steps": 30, "batch_size": 64, "eval_batch_size": 360, "eval_every": 30,
-      "checkpoint_every": 30, "log_every": 10, "optimizer.lr": 2e-3,
-      "optimizer.warmup_steps": 3, "optimizer.ema_decay": 0.8})
+  config = set_dotted(
+    cls_pixel.get_config("variant=mu/4,quick"),
+    {
+      "total_steps": 30,
+      "batch_size": 64,
+      "eval_batch_size": 360,
+      "eval_every": 30,
+      "checkpoint_every": 30,
+      "log_every": 10,
+      "optimizer.lr": 2e-3,
+      "optimizer.warmup_steps": 3,
+      "optimizer.ema_decay": 0.8,
+    },
+  )
   workdir = str(tmp_path_factory.mktemp("classifier") / "workdir")
   state, results = classification.train_and_evaluate(config, workdir)
   train_split, test_split = loop.load_splits(config)
@@ -621,8 +738,9 @@ def test_classifier_extractor_gives_the_trained_models_outputs(classifier_run):
   out = extractor(images.astype(np.float32) / 255.0)
 
   graphdef = nnx.split(nnx.eval_shape(classification.make_model_fn(config, train_split)))[0]
-  normalised, _ = augment.preprocess_eval(images, test_split.labels[:50], num_classes=10,
-                                          config=config.augment)
+  normalised, _ = augment.preprocess_eval(
+    images, test_split.labels[:50], num_classes=10, config=config.augment
+  )
   model = state_lib.merge_model(graphdef, jax.device_get(state.ema_params))
   np.testing.assert_allclose(out["logits"], model(normalised), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out["pool"], model.features(normalised), rtol=1e-4, atol=1e-5)
@@ -633,8 +751,13 @@ def test_classifier_extractor_gives_the_trained_models_outputs(classifier_run):
   # Accuracy of "samples" = the real test digits with their labels: the
   # trainer's own EMA evaluation, within one example.
   reference = fid.reference_from_images(extractor, train_split.images, batch_size=128)
-  metrics = fid.sample_metrics(extractor, test_split.images.astype(np.float32) / 255.0,
-                               test_split.labels, reference, batch_size=128)
+  metrics = fid.sample_metrics(
+    extractor,
+    test_split.images.astype(np.float32) / 255.0,
+    test_split.labels,
+    reference,
+    batch_size=128,
+  )
   assert abs(metrics["accuracy"] - results["eval_ema/top1"]) <= 1 / DIGITS_TEST_EXAMPLES
   assert metrics["accuracy"] > 0.3, metrics
 
@@ -651,12 +774,19 @@ def test_classifier_extractor_rejects_mismatches(classifier_run, tmp_path):
   _, workdir, _, _, _, test_split = classifier_run
   extractor = features_lib.classifier_extractor(workdir)
   inception_reference = {"mu": np.zeros(2048), "sigma": np.eye(2048)}
-  with pytest.raises(ValueError, match=r"reference statistics are 2048-d but extractor "
-                                       r"'classifier mu/4.*' gives 64-d features"):
-    fid.sample_metrics(extractor, test_split.images / 255.0, None, inception_reference,
-                       batch_size=32)
-  with pytest.raises(ValueError, match=r"images are 16x16x1 but this classifier was trained "
-                                       r"on 8x8x1"):
+  with pytest.raises(
+    ValueError,
+    match=r"reference statistics are 2048-d but extractor "
+    r"'classifier mu/4.*' gives 64-d features",
+  ):
+    fid.sample_metrics(
+      extractor, test_split.images / 255.0, None, inception_reference, batch_size=32
+    )
+  with pytest.raises(
+    ValueError,
+    match=r"images are 16x16x1 but this classifier was trained "
+    r"on 8x8x1",
+  ):
     extractor(np.zeros((2, 16, 16, 1), np.float32))
   with pytest.raises(ValueError, match=r"does not exist.*cls_pixel\.py:quick"):
     features_lib.classifier_extractor(str(tmp_path / "nowhere"))
@@ -672,10 +802,15 @@ def test_classifier_extractor_rejects_mismatches(classifier_run, tmp_path):
 
 def test_classifier_extractor_rejects_other_tasks(tmp_path):
   from pixel_vit import checkpoint as checkpoint_lib
+
   workdir = str(tmp_path / "mae")
   checkpointer = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1, async_save=False)
-  checkpointer.save(1, {"params": {"w": jnp.ones(3)}}, checkpoint_lib.RunIdentity(
-      task="mae", variant="mu/1", posemb="learn", image_shape=(8, 8, 1)), force=True)
+  checkpointer.save(
+    1,
+    {"params": {"w": jnp.ones(3)}},
+    checkpoint_lib.RunIdentity(task="mae", variant="mu/1", posemb="learn", image_shape=(8, 8, 1)),
+    force=True,
+  )
   checkpointer.close()
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump({"model": {"variant": "mu/1"}}, f)

@@ -6,6 +6,7 @@ GCS is stood in for by `epath.testing.mock_epath`, which sends every
 `os.makedirs` would instead create a local `gs:` directory under the
 current directory, which the tests check does not happen.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,22 @@ from pixel_vit.evaluation import features, pictures
 from pixel_vit.trainers import config_history, reporting
 
 WORKDIR = "gs://bucket/run"
-PATH_FUNCTIONS = ("open", "exists", "glob", "isdir", "listdir", "makedirs", "mkdir",
-                  "remove", "rename", "replace", "rmtree", "stat", "walk", "copy")
+PATH_FUNCTIONS = (
+  "open",
+  "exists",
+  "glob",
+  "isdir",
+  "listdir",
+  "makedirs",
+  "mkdir",
+  "remove",
+  "rename",
+  "replace",
+  "rmtree",
+  "stat",
+  "walk",
+  "copy",
+)
 
 
 @pytest.fixture
@@ -34,7 +49,7 @@ def fake_gcs(tmp_path, monkeypatch):
 
   def local(path):
     text = os.fspath(path)
-    return str(bucket_root / text[len("gs://"):]) if text.startswith("gs://") else text
+    return str(bucket_root / text[len("gs://") :]) if text.startswith("gs://") else text
 
   def redirect(original, path, *args, **kwargs):
     args = tuple(local(a) if isinstance(a, (str, os.PathLike)) else a for a in args)
@@ -44,8 +59,9 @@ def fake_gcs(tmp_path, monkeypatch):
   cwd.mkdir()
   monkeypatch.chdir(cwd)
   # TensorBoard events would go through TensorFlow's own GCS client: not here.
-  monkeypatch.setattr(metric_writers, "create_default_writer",
-                      lambda *a, **k: metric_writers.LoggingWriter())
+  monkeypatch.setattr(
+    metric_writers, "create_default_writer", lambda *a, **k: metric_writers.LoggingWriter()
+  )
   # With TensorFlow installed epath sends gs:// to tf.io.gfile, past the mock.
   monkeypatch.setattr(epath_gpath, "_is_tf_installed", lambda: False)
   with epath_testing.mock_epath(**{name: redirect for name in PATH_FUNCTIONS}):
@@ -67,6 +83,7 @@ def test_reporter_and_pictures_write_to_the_bucket(fake_gcs):
   lines = (fake_gcs / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["train/loss"] for line in lines] == [2.5, 2.0]
   from PIL import Image
+
   with Image.open(fake_gcs / "pictures" / "grid_0000001.png") as png:
     np.testing.assert_array_equal(np.asarray(png), image)
 

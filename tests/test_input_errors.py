@@ -5,6 +5,7 @@ touched; or, where a run can live with it, a warning with the counts.
 
 Data is the offline digits, or small npz files written into tmp_path.
 """
+
 import logging
 import os
 import pathlib
@@ -18,14 +19,13 @@ import numpy as np
 import pytest
 from sklearn import datasets
 
-from support import REPO_ROOT, load_config_module
-
 from pixel_vit import command_line
 from pixel_vit import main as main_lib
 from pixel_vit.data import sources
 from pixel_vit.models import mae as mae_model
 from pixel_vit.trainers import classification, loop
 from pixel_vit.trainers import mae as mae_trainer
+from support import REPO_ROOT, load_config_module
 
 NPZ_FIX = "np.savez(path, images="
 
@@ -44,8 +44,9 @@ def _write(path, images, labels, **extra) -> str:
   return str(path)
 
 
-def _split_files(tmp_path, *, test_size: int = 8, test_labels=None, train_keep=None,
-                 class_names=None) -> str:
+def _split_files(
+  tmp_path, *, test_size: int = 8, test_labels=None, train_keep=None, class_names=None
+) -> str:
   """digits as npz:DIR/d_{split}.npz: the first 1,400 for train, the rest for test."""
   images, labels = _digits()
   extra = {} if class_names is None else {"class_names": class_names}
@@ -54,7 +55,7 @@ def _split_files(tmp_path, *, test_size: int = 8, test_labels=None, train_keep=N
   _write(tmp_path / "d_train.npz", images[train][keep], labels[train][keep], **extra)
   test_images, _ = _digits(test_size)
   test = test_labels if test_labels is not None else labels[1400:]
-  _write(tmp_path / "d_test.npz", test_images[1400:1400 + len(test)], test, **extra)
+  _write(tmp_path / "d_test.npz", test_images[1400 : 1400 + len(test)], test, **extra)
   return f"npz:{tmp_path}/d_{{split}}.npz"
 
 
@@ -63,7 +64,8 @@ def _split_files(tmp_path, *, test_size: int = 8, test_labels=None, train_keep=N
 
 @pytest.mark.parametrize("ratio, masked, kept", [(0.005, 0, 64), (0.999, 64, 0)])
 def test_mask_ratio_that_masks_or_keeps_nothing_stops_before_compiling(
-    mae_quick_config, workdir, no_jit, ratio, masked, kept):
+  mae_quick_config, workdir, no_jit, ratio, masked, kept
+):
   config = mae_quick_config({"mask_ratio": ratio})
   mae_trainer.validate(config)  # the image size is not known before the data is read
   with pytest.raises(ValueError) as excinfo:
@@ -75,8 +77,7 @@ def test_mask_ratio_that_masks_or_keeps_nothing_stops_before_compiling(
   assert not os.path.exists(workdir)
 
 
-def test_mask_ratio_is_checked_in_validate_when_the_image_size_is_set(mae_quick_config,
-                                                                      no_jit):
+def test_mask_ratio_is_checked_in_validate_when_the_image_size_is_set(mae_quick_config, no_jit):
   config = mae_quick_config({"mask_ratio": 0.005, "data.image_size": 8})
   with pytest.raises(ValueError, match=r"config\.mask_ratio=0\.005 masks 0 of the 64 tokens"):
     mae_trainer.validate(config)
@@ -87,7 +88,7 @@ def test_mask_ratio_check_agrees_with_the_models_masking(tokens):
   """The check refuses a ratio exactly when the model's own rounding would hide
   no token, or would keep none visible (the model then keeps one anyway)."""
   model = ml_collections.ConfigDict({"variant": "mu/1"})
-  size = int(tokens ** 0.5)
+  size = int(tokens**0.5)
   for ratio in map(float, np.linspace(0.001, 0.999, 997)):
     masked = tokens - mae_model.num_visible(tokens, ratio)
     ok = masked > 0 and round(tokens * (1 - ratio)) > 0
@@ -120,8 +121,9 @@ def test_stray_label_without_class_names_is_an_error(tmp_path, quick_config, wor
   assert not os.path.exists(workdir)
 
 
-def test_eval_label_beyond_the_train_class_count_is_an_error(tmp_path, quick_config, workdir,
-                                                             no_jit):
+def test_eval_label_beyond_the_train_class_count_is_an_error(
+  tmp_path, quick_config, workdir, no_jit
+):
   # Train has digits 0..7 only, so its inferred class count is 8; test has 8s and 9s.
   test_labels = np.arange(397) % 10
   source = _split_files(tmp_path, test_labels=test_labels, train_keep=lambda y: y < 8)
@@ -139,8 +141,9 @@ def test_eval_label_beyond_the_train_class_count_is_an_error(tmp_path, quick_con
 def test_label_beyond_class_names_names_the_file_label_and_count(tmp_path):
   images, labels = _digits()
   labels[:3] = [12, 12, 10]
-  path = _write(tmp_path / "named.npz", images, labels,
-                class_names=np.array([str(i) for i in range(10)]))
+  path = _write(
+    tmp_path / "named.npz", images, labels, class_names=np.array([str(i) for i in range(10)])
+  )
   with pytest.raises(ValueError) as excinfo:
     sources.parse_source(f"npz:{path}").load("train")
   message = str(excinfo.value)
@@ -156,19 +159,25 @@ def test_classes_only_eval_has_are_a_warning_with_the_counts(tmp_path, quick_con
   assert len(warnings) == 1, warnings
   count = int(np.sum(_digits()[1][1400:] == 9))
   share = 100 * count / 397
-  assert (f"1 of the 10 classes occur in npz file {tmp_path}/d_test.npz ({count} of 397 "
-          f"examples, {share:.1f}%) but never in npz file {tmp_path}/d_train.npz: 9 "
-          f"({count} examples)") in warnings[0]
+  assert (
+    f"1 of the 10 classes occur in npz file {tmp_path}/d_test.npz ({count} of 397 "
+    f"examples, {share:.1f}%) but never in npz file {tmp_path}/d_train.npz: 9 "
+    f"({count} examples)"
+  ) in warnings[0]
   assert f"eval/top1 is at most {100 - share:.1f}%" in warnings[0]
 
 
 def test_no_eval_class_in_train_is_an_error(tmp_path, quick_config, workdir, no_jit):
   names = np.array([str(i) for i in range(10)])
-  source = _split_files(tmp_path, class_names=names, train_keep=lambda y: y < 5,
-                        test_labels=5 + np.arange(397) % 5)
-  with pytest.raises(ValueError, match=r"5 of the 10 classes occur in npz file .*d_test\.npz "
-                                       r"\(397 of 397 examples, 100\.0%\).*eval/top1 would "
-                                       r"be 0.*config\.data\.train_split"):
+  source = _split_files(
+    tmp_path, class_names=names, train_keep=lambda y: y < 5, test_labels=5 + np.arange(397) % 5
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"5 of the 10 classes occur in npz file .*d_test\.npz "
+    r"\(397 of 397 examples, 100\.0%\).*eval/top1 would "
+    r"be 0.*config\.data\.train_split",
+  ):
     classification.train_and_evaluate(quick_config({"data.source": source}), workdir)
   assert not os.path.exists(workdir)
 
@@ -194,15 +203,18 @@ def test_digits_splits_pass_the_checks():
 
 @pytest.mark.parametrize("trainer", ["classification", "mae"])
 def test_train_and_eval_image_sizes_must_match_before_training(
-    tmp_path, quick_config, mae_quick_config, workdir, no_jit, trainer):
+  tmp_path, quick_config, mae_quick_config, workdir, no_jit, trainer
+):
   source = _split_files(tmp_path, test_size=16)
   make = quick_config if trainer == "classification" else mae_quick_config
   module = classification if trainer == "classification" else mae_trainer
   with pytest.raises(ValueError) as excinfo:
     module.train_and_evaluate(make({"data.source": source}), workdir)
   message = str(excinfo.value)
-  assert (f"npz file {tmp_path}/d_test.npz holds 16x16x1 images but npz file "
-          f"{tmp_path}/d_train.npz holds 8x8x1 images") in message
+  assert (
+    f"npz file {tmp_path}/d_test.npz holds 16x16x1 images but npz file "
+    f"{tmp_path}/d_train.npz holds 8x8x1 images"
+  ) in message
   assert "config.data.image_size" in message
   assert not os.path.exists(workdir)
 
@@ -220,9 +232,16 @@ def _config_module(name):
   return load_config_module(REPO_ROOT / "configs" / f"{name}.py")
 
 
-@pytest.mark.parametrize("name, arg", [
-    ("cls_pixel", "quick"), ("mae_pixel", "quick"), ("dit_pixel", "quick"),
-    ("mae_finetune", "quick"), ("mae_finetune", "quick,mode=probe")])
+@pytest.mark.parametrize(
+  "name, arg",
+  [
+    ("cls_pixel", "quick"),
+    ("mae_pixel", "quick"),
+    ("dit_pixel", "quick"),
+    ("mae_finetune", "quick"),
+    ("mae_finetune", "quick,mode=probe"),
+  ],
+)
 def test_quick_configs_pin_their_length(name, arg):
   config = _config_module(name).get_config(arg)
   assert config.total_steps > 0 and config.total_epochs == 0, (name, arg)
@@ -250,8 +269,9 @@ def test_length_line_says_what_decided_the_step_count(quick_config):
   assert by_steps.startswith("steps 0 -> 400 (config.total_steps;") and "36.4 epochs" in by_steps
   config = quick_config({"total_steps": 0, "total_epochs": 2400.0})
   by_epochs = loop.describe_length(config, 0, 26400, 11)
-  assert by_epochs == ("steps 0 -> 26400 (from config.total_epochs=2400 x 11 steps/epoch, "
-                       "since config.total_steps=0)")
+  assert by_epochs == (
+    "steps 0 -> 26400 (from config.total_epochs=2400 x 11 steps/epoch, since config.total_steps=0)"
+  )
 
 
 @pytest.mark.slow  # about 40 s on 2 busy cores: compiles a train and an eval step
@@ -262,15 +282,26 @@ def test_epoch_run_states_its_step_count_first(tmp_path, quick_config, workdir, 
   names = np.array([str(i) for i in range(10)])
   source = _split_files(tmp_path, class_names=names, train_keep=lambda y: y != 9)
   # About 1,260 train examples at batch 128: a quarter epoch is a couple of steps.
-  config = quick_config({"data.source": source, "total_steps": 0, "total_epochs": 0.25,
-                         "batch_size": 128, "eval_every": 100, "checkpoint_every": 100})
+  config = quick_config(
+    {
+      "data.source": source,
+      "total_steps": 0,
+      "total_epochs": 0.25,
+      "batch_size": 128,
+      "eval_every": 100,
+      "checkpoint_every": 100,
+    }
+  )
   caplog.set_level(logging.INFO, logger="absl")
   _, results = classification.train_and_evaluate(config, workdir)
   lines = [r.getMessage() for r in caplog.records if r.name == "absl"]
   first = next(line for line in lines if "->" in line or "classes occur" in line)
-  match = re.match(r"steps 0 -> (\d+) \(from config\.total_epochs=0\.25 x (\d+) "
-                   r"steps/epoch, since config\.total_steps=0\), 1\d{3} train / 397 eval "
-                   r"examples; input in memory$", first)
+  match = re.match(
+    r"steps 0 -> (\d+) \(from config\.total_epochs=0\.25 x (\d+) "
+    r"steps/epoch, since config\.total_steps=0\), 1\d{3} train / 397 eval "
+    r"examples; input in memory$",
+    first,
+  )
   assert match, lines
   assert int(match[1]) == round(0.25 * int(match[2])) > 0
   assert any("1 of the 10 classes occur in npz file" in line for line in lines), lines
@@ -285,17 +316,20 @@ def _good_npz_bytes(tmp_path) -> bytes:
   return pathlib.Path(_write(tmp_path / "good.npz", images, labels)).read_bytes()
 
 
-@pytest.mark.parametrize("kind, expected", [
+@pytest.mark.parametrize(
+  "kind, expected",
+  [
     ("truncated", "it is truncated or damaged"),
     ("text", "it is text, not an .npz (zip) archive; it starts with 'image,label"),
     ("npy", "it is a single .npy array (np.save)"),
     ("empty", "it is empty (0 bytes)"),
-])
+  ],
+)
 def test_unreadable_npz_files_get_a_clear_error(tmp_path, kind, expected):
   path = tmp_path / "data.npz"
   if kind == "truncated":
     good = _good_npz_bytes(tmp_path)
-    path.write_bytes(good[:len(good) // 2])
+    path.write_bytes(good[: len(good) // 2])
   elif kind == "text":
     path.write_text("image,label\n0,1\n")
   elif kind == "npy":
@@ -311,14 +345,16 @@ def test_unreadable_npz_files_get_a_clear_error(tmp_path, kind, expected):
   assert excinfo.value.__cause__ is None  # one paragraph, no chained traceback
 
 
-def test_single_file_npz_too_small_for_its_split_says_so(tmp_path, quick_config, workdir,
-                                                         no_jit):
+def test_single_file_npz_too_small_for_its_split_says_so(tmp_path, quick_config, workdir, no_jit):
   """One example: the 80/20 split leaves no train example. The message says
   that, not something about classes that occur only in eval."""
   images, labels = _digits()
   path = _write(tmp_path / "one.npz", images[:1], labels[:1])
-  with pytest.raises(ValueError, match=r"one\.npz has 1 example\(s\): its fixed 4/5 train/test "
-                     r"split leaves none for 'train'\. Use a file with at least 5 examples"):
+  with pytest.raises(
+    ValueError,
+    match=r"one\.npz has 1 example\(s\): its fixed 4/5 train/test "
+    r"split leaves none for 'train'\. Use a file with at least 5 examples",
+  ):
     classification.train_and_evaluate(quick_config({"data.source": f"npz:{path}"}), workdir)
   assert not os.path.exists(workdir)
   five = _write(tmp_path / "five.npz", images[:5], labels[:5])
@@ -337,9 +373,13 @@ def test_truncated_npz_stops_the_run_before_compiling(tmp_path, quick_config, wo
 def _run_main(tmp_path, *args):
   workdir = tmp_path / "run"
   proc = subprocess.run(
-      [sys.executable, "-m", "pixel_vit.main", *args, f"--workdir={workdir}"],
-      cwd=REPO_ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-      text=True, timeout=120)
+    [sys.executable, "-m", "pixel_vit.main", *args, f"--workdir={workdir}"],
+    cwd=REPO_ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode != 0
   assert len(proc.stderr.splitlines()) < 15, proc.stderr
   assert "Traceback" not in proc.stderr, proc.stderr
@@ -349,24 +389,33 @@ def _run_main(tmp_path, *args):
 
 @pytest.mark.slow
 def test_encode_latents_errors_are_one_message_and_traceback_is_a_flag(tmp_path):
-  command = [sys.executable, "-m", "pixel_vit.encode_latents", "--source=digits",
-             f"--vae={tmp_path / 'missing.safetensors'}", f"--out={tmp_path / 'x_{split}.npz'}"]
+  command = [
+    sys.executable,
+    "-m",
+    "pixel_vit.encode_latents",
+    "--source=digits",
+    f"--vae={tmp_path / 'missing.safetensors'}",
+    f"--out={tmp_path / 'x_{split}.npz'}",
+  ]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                        timeout=120)
+  proc = subprocess.run(
+    command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+  )
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr, proc.stderr
   assert "error: --vae=" in proc.stderr and "does not exist" in proc.stderr
-  proc = subprocess.run(command + ["--traceback"], cwd=REPO_ROOT, env=env, capture_output=True,
-                        text=True, timeout=120)
+  proc = subprocess.run(
+    command + ["--traceback"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+  )
   assert proc.returncode == 1 and "Traceback" in proc.stderr
   assert not list(tmp_path.glob("x_*"))
 
 
 @pytest.mark.slow
 def test_command_line_typo_in_a_config_key(tmp_path):
-  stderr = _run_main(tmp_path, "--config=configs/cls_pixel.py:quick",
-                     "--config.optimizer.base_lrr=1")
+  stderr = _run_main(
+    tmp_path, "--config=configs/cls_pixel.py:quick", "--config.optimizer.base_lrr=1"
+  )
   assert "--config.optimizer.base_lrr" in stderr and "has no key" in stderr
   assert "Did you mean --config.optimizer." in stderr
   assert "The keys of config.optimizer are b1, b2," in stderr
@@ -379,18 +428,29 @@ def test_command_line_config_file_that_does_not_exist(tmp_path):
   assert "cls_pixel.py, dit_pixel.py, mae_finetune.py, mae_pixel.py" in stderr
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--config=configs/mae_pixel.py:quick", "--config.base_lr=1"],
-     "Did you mean --config.optimizer.base_lr?"),
-    (["--config=configs/mae_pixel.py:quick", "--config.model.decoder.widht=32"],
-     "Did you mean --config.model.decoder.width or"),
-    (["--config", "configs/cls_pixel.py:quick", "--noconfig.model.scann"],
-     "Did you mean --config.model.scan?"),
-    (["--config=configs/cls_pixel.py:quick", "--config.total_steps.x=3"],
-     "config.total_steps=400 is a single value, not a group of keys"),
+@pytest.mark.parametrize(
+  "args, expected",
+  [
+    (
+      ["--config=configs/mae_pixel.py:quick", "--config.base_lr=1"],
+      "Did you mean --config.optimizer.base_lr?",
+    ),
+    (
+      ["--config=configs/mae_pixel.py:quick", "--config.model.decoder.widht=32"],
+      "Did you mean --config.model.decoder.width or",
+    ),
+    (
+      ["--config", "configs/cls_pixel.py:quick", "--noconfig.model.scann"],
+      "Did you mean --config.model.scan?",
+    ),
+    (
+      ["--config=configs/cls_pixel.py:quick", "--config.total_steps.x=3"],
+      "config.total_steps=400 is a single value, not a group of keys",
+    ),
     (["--config=configs/cls_pixl.py:quick"], "Did you mean configs/cls_pixel.py?"),
     (["--config=configs/cls_pixel.py:quick,fast"], "config argument 'fast' is unknown"),
-])
+  ],
+)
 def test_command_line_check_names_the_argument_and_the_fix(args, expected):
   cwd = os.getcwd()
   os.chdir(REPO_ROOT)
@@ -408,9 +468,16 @@ def test_command_line_check_accepts_good_overrides():
   os.chdir(REPO_ROOT)
   try:
     command_line.check_command_line(
-        ["pixel_vit.main", "--config=configs/mae_pixel.py:quick", "--config.mask_ratio=0.6",
-         "--config.optimizer.base_lr=1e-3", "--config.augment.crop_scale=(0.3, 1.0)",
-         "--config.data.image_size=8", "--workdir=/tmp/unused"])
+      [
+        "pixel_vit.main",
+        "--config=configs/mae_pixel.py:quick",
+        "--config.mask_ratio=0.6",
+        "--config.optimizer.base_lr=1e-3",
+        "--config.augment.crop_scale=(0.3, 1.0)",
+        "--config.data.image_size=8",
+        "--workdir=/tmp/unused",
+      ]
+    )
   finally:
     os.chdir(cwd)
 
@@ -420,6 +487,7 @@ def test_command_line_check_accepts_good_overrides():
 
 def test_compile_stands_in_for_known_data_and_asks_for_the_shape_of_other_data(cls_pixel):
   from pixel_vit import compile as compile_lib
+
   config = cls_pixel.get_config("variant=S/1,dataset=imagenet28")
   train, test = compile_lib.stand_in_splits(config)
   # ImageNet at 28x28: the table's classes and split sizes, no examples read.
@@ -429,8 +497,9 @@ def test_compile_stands_in_for_known_data_and_asks_for_the_shape_of_other_data(c
   with pytest.raises(ValueError, match="--image_shape=H,W,C and --num_classes=N"):
     compile_lib.stand_in_splits(config)
   config.data.image_size = None
-  train, _ = compile_lib.stand_in_splits(config, image_shape=["16", "16", "1"], num_classes=7,
-                                         train_examples=5000)
+  train, _ = compile_lib.stand_in_splits(
+    config, image_shape=["16", "16", "1"], num_classes=7, train_examples=5000
+  )
   assert train.images.shape == (0, 16, 16, 1) and train.num_classes == 7
   assert train.total_examples == 5000
   with pytest.raises(ValueError, match="must be H,W,C"):

@@ -7,6 +7,7 @@ its processes, stops them all when one fails or on Ctrl-C, and logs each one
 Every script runs with stand-ins for gcloud, srun, sbatch and git first on
 PATH that record any call: a dry run must call none of them.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,15 +42,25 @@ def tools(tmp_path) -> pathlib.Path:
   return calls
 
 
-def launch(script: str, args: list[str], tools: pathlib.Path, env: dict | None = None,
-           timeout: float = 30) -> subprocess.CompletedProcess:
+def launch(
+  script: str, args: list[str], tools: pathlib.Path, env: dict | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess:
   bin_dir = tools.parent / "bin"
-  environment = {k: v for k, v in os.environ.items()
-                 if k not in ("DRY_RUN", "TPU_NAME", "ZONE", "PROJECT", "NUM_WORKERS", "VENV")
-                 and not k.startswith("SLURM_")}
+  environment = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("DRY_RUN", "TPU_NAME", "ZONE", "PROJECT", "NUM_WORKERS", "VENV")
+    and not k.startswith("SLURM_")
+  }
   environment.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **(env or {}))
-  return subprocess.run([str(LAUNCH / script), *args], cwd=REPO_ROOT, env=environment,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [str(LAUNCH / script), *args],
+    cwd=REPO_ROOT,
+    env=environment,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def command_lines(stdout: str) -> list[list[str]]:
@@ -68,7 +79,7 @@ def option(tokens: list[str], name: str) -> str:
 
 def contains_run(tokens: list[str], expected: list[str]) -> bool:
   """`expected` appears in `tokens` as a contiguous run."""
-  return any(tokens[i:i + len(expected)] == expected for i in range(len(tokens)))
+  return any(tokens[i : i + len(expected)] == expected for i in range(len(tokens)))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -84,9 +95,19 @@ def test_scripts_are_valid_bash(script):
 def test_local_dry_run_prints_one_command_per_process(tools, tmp_path):
   workdir = str(tmp_path / "run dir")  # a space: the printed commands must quote it
   extra = ["--config.total_steps=5", "--config.optimizer.lr=0.001"]
-  result = launch("local.sh", ["--dry_run", "--num_processes=3", "--devices_per_process=2",
-                               "--port=23456", f"--config={CONFIG}", f"--workdir={workdir}",
-                               *extra], tools)
+  result = launch(
+    "local.sh",
+    [
+      "--dry_run",
+      "--num_processes=3",
+      "--devices_per_process=2",
+      "--port=23456",
+      f"--config={CONFIG}",
+      f"--workdir={workdir}",
+      *extra,
+    ],
+    tools,
+  )
   assert result.returncode == 0, result.stderr
   lines = command_lines(result.stdout)
   assert lines[-1] == ["wait"] and len(lines) == 4, result.stdout
@@ -94,16 +115,27 @@ def test_local_dry_run_prints_one_command_per_process(tools, tmp_path):
     assert tokens[:3] == ["env", "JAX_PLATFORMS=cpu", "JAX_NUM_CPU_DEVICES=2"], tokens
     assert tokens[3:6] == ["python3", "-m", "pixel_vit.main"], tokens
     assert tokens[6:10] == [f"--config={CONFIG}", f"--workdir={workdir}", *extra], tokens
-    assert tokens[10:13] == ["--coordinator_address=127.0.0.1:23456", "--num_processes=3",
-                             f"--process_id={process_id}"], tokens
+    assert tokens[10:13] == [
+      "--coordinator_address=127.0.0.1:23456",
+      "--num_processes=3",
+      f"--process_id={process_id}",
+    ], tokens
     assert tokens[13:] == [">", f"{workdir}/logs/process_{process_id}.log", "2>&1", "&"], tokens
   assert_no_tool_ran(tools)
 
 
 def test_local_dry_run_picks_a_free_port_and_honours_env(tools, tmp_path):
-  result = launch("local.sh", [f"--config={CONFIG}", f"--workdir={tmp_path}"], tools,
-                  env={"DRY_RUN": "1", "NUM_PROCESSES": "2", "DEVICES_PER_PROCESS": "4",
-                       "LOG_DIR": str(tmp_path / "logs_here")})
+  result = launch(
+    "local.sh",
+    [f"--config={CONFIG}", f"--workdir={tmp_path}"],
+    tools,
+    env={
+      "DRY_RUN": "1",
+      "NUM_PROCESSES": "2",
+      "DEVICES_PER_PROCESS": "4",
+      "LOG_DIR": str(tmp_path / "logs_here"),
+    },
+  )
   assert result.returncode == 0, result.stderr
   lines = command_lines(result.stdout)[:-1]
   assert len(lines) == 2
@@ -116,16 +148,21 @@ def test_local_dry_run_picks_a_free_port_and_honours_env(tools, tmp_path):
   assert not (tmp_path / "logs_here").exists()  # a dry run creates nothing
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--process_id=0"], "--process_id=0 is set by the launcher"),
     (["--distributed=auto"], "--distributed=auto is set by the launcher"),
     (["--num_processes=0"], "--num_processes=0 must be a positive integer"),
     (["--devices_per_process=two"], "--devices_per_process=two must be a positive integer"),
     (["--port=70000"], "--port=70000 must be a port number"),
-], ids=["process_id", "distributed", "no_processes", "bad_devices", "bad_port"])
+  ],
+  ids=["process_id", "distributed", "no_processes", "bad_devices", "bad_port"],
+)
 def test_local_rejects_bad_flags(tools, tmp_path, args, message):
-  result = launch("local.sh", ["--dry_run", f"--config={CONFIG}", f"--workdir={tmp_path}", *args],
-                  tools)
+  result = launch(
+    "local.sh", ["--dry_run", f"--config={CONFIG}", f"--workdir={tmp_path}", *args], tools
+  )
   assert result.returncode == 2 and message in result.stderr, result.stderr
   assert result.stdout == ""
 
@@ -190,9 +227,18 @@ def pids_of(pid_dir, count: int, timeout: float = 10) -> list[int]:
 def test_local_runs_every_process_with_its_own_log(tools, tmp_path, stand_in):
   env, pid_dir = stand_in
   workdir = tmp_path / "run"
-  result = launch("local.sh", ["--num_processes=3", "--devices_per_process=2", "--port=23457",
-                               f"--config={CONFIG}", f"--workdir={workdir}"],
-                  tools, env={**env, "FAKE_BEHAVIOUR": "ok"})
+  result = launch(
+    "local.sh",
+    [
+      "--num_processes=3",
+      "--devices_per_process=2",
+      "--port=23457",
+      f"--config={CONFIG}",
+      f"--workdir={workdir}",
+    ],
+    tools,
+    env={**env, "FAKE_BEHAVIOUR": "ok"},
+  )
   assert result.returncode == 0, result.stderr
   assert "all 3 processes finished" in result.stdout
   for process_id in range(3):
@@ -204,9 +250,12 @@ def test_local_runs_every_process_with_its_own_log(tools, tmp_path, stand_in):
 def test_local_stops_the_others_when_one_fails(tools, tmp_path, stand_in):
   env, pid_dir = stand_in
   start = time.monotonic()
-  result = launch("local.sh", ["--num_processes=3", "--port=23458", f"--config={CONFIG}",
-                               f"--workdir={tmp_path / 'run'}"],
-                  tools, env={**env, "FAKE_BEHAVIOUR": "fail_1"})
+  result = launch(
+    "local.sh",
+    ["--num_processes=3", "--port=23458", f"--config={CONFIG}", f"--workdir={tmp_path / 'run'}"],
+    tools,
+    env={**env, "FAKE_BEHAVIOUR": "fail_1"},
+  )
   assert result.returncode == 3, result.stderr
   assert time.monotonic() - start < 20  # not the survivors' 120 s sleep
   assert "process 1 exited with status 3; stopping the others" in result.stderr
@@ -221,10 +270,20 @@ def test_local_ctrl_c_stops_every_process(tools, tmp_path, stand_in, behaviour):
   env, pid_dir = stand_in
   environment = {**os.environ, **env, "FAKE_BEHAVIOUR": behaviour, "STOP_GRACE": "1"}
   proc = subprocess.Popen(
-      [str(LAUNCH / "local.sh"), "--num_processes=2", "--port=23459", f"--config={CONFIG}",
-       f"--workdir={tmp_path / 'run'}"],
-      cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      start_new_session=True)
+    [
+      str(LAUNCH / "local.sh"),
+      "--num_processes=2",
+      "--port=23459",
+      f"--config={CONFIG}",
+      f"--workdir={tmp_path / 'run'}",
+    ],
+    cwd=REPO_ROOT,
+    env=environment,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )
   try:
     pids = pids_of(pid_dir, 2)
     proc.send_signal(signal.SIGINT)
@@ -260,29 +319,54 @@ def tpu(args, tools, **env):
 
 def test_tpu_create_and_delete(tools):
   assert tpu(["--dry_run", "create", f"--config={CONFIG}"], tools, PROJECT="my-project") == [
-      ["python", "-m", "pixel_vit.compile", "--topology=v4-32", f"--config={CONFIG}"],
-      ["gcloud", "compute", "tpus", "tpu-vm", "create", "pit-pod", "--zone=us-central2-b",
-       "--project=my-project", "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base"]]
-  assert tpu(["create", "--skip_compile_check"], tools, DRY_RUN="1",
-             ACCELERATOR_TYPE="v5litepod-16")[0][-2] == "--accelerator-type=v5litepod-16"
-  assert tpu(["delete", "--dry_run"], tools) == [[
-      "gcloud", "compute", "tpus", "tpu-vm", "delete", "pit-pod", "--zone=us-central2-b",
-      "--quiet"]]
+    ["python", "-m", "pixel_vit.compile", "--topology=v4-32", f"--config={CONFIG}"],
+    [
+      "gcloud",
+      "compute",
+      "tpus",
+      "tpu-vm",
+      "create",
+      "pit-pod",
+      "--zone=us-central2-b",
+      "--project=my-project",
+      "--accelerator-type=v4-32",
+      "--version=tpu-ubuntu2204-base",
+    ],
+  ]
+  assert (
+    tpu(["create", "--skip_compile_check"], tools, DRY_RUN="1", ACCELERATOR_TYPE="v5litepod-16")[0][
+      -2
+    ]
+    == "--accelerator-type=v5litepod-16"
+  )
+  assert tpu(["delete", "--dry_run"], tools) == [
+    ["gcloud", "compute", "tpus", "tpu-vm", "delete", "pit-pod", "--zone=us-central2-b", "--quiet"]
+  ]
 
 
 def test_tpu_run_starts_main_on_all_workers(tools):
-  main_flags = [f"--config={CONFIG}", "--workdir=gs://bucket/runs/s1",
-                "--config.optimizer.lr=0.001"]
+  main_flags = [
+    f"--config={CONFIG}",
+    "--workdir=gs://bucket/runs/s1",
+    "--config.optimizer.lr=0.001",
+  ]
   check, tokens = tpu(["--dry_run", "run", *main_flags], tools)
   # First the compile check for this slice, with the run's config flags only.
-  assert check == ["python", "-m", "pixel_vit.compile", "--topology=v4-32",
-                   f"--config={CONFIG}", "--config.optimizer.lr=0.001"]
+  assert check == [
+    "python",
+    "-m",
+    "pixel_vit.compile",
+    "--topology=v4-32",
+    f"--config={CONFIG}",
+    "--config.optimizer.lr=0.001",
+  ]
   assert tokens[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pit-pod"]
   assert "--worker=all" in tokens and "--zone=us-central2-b" in tokens
   remote = option(tokens, "--command")
   remote_tokens = shlex.split(remote)
-  assert contains_run(remote_tokens, ["python3", "-m", "pixel_vit.main", "--distributed=auto",
-                                      *main_flags]), remote
+  assert contains_run(
+    remote_tokens, ["python3", "-m", "pixel_vit.main", "--distributed=auto", *main_flags]
+  ), remote
   assert remote.startswith("set -o pipefail;")  # the worker's status is python's
   assert contains_run(remote_tokens, ["tee", "-a", "~/pixel_vit_logs/$(hostname).log"]), remote
   assert contains_run(remote_tokens, ["cd", "~/pixel_vit"]), remote
@@ -313,25 +397,45 @@ def test_tpu_logs_copies_each_worker(tools, tmp_path):
 
 def test_tpu_stops_before_gcloud_when_the_compile_check_fails(tools):
   # A slice libtpu cannot describe: pixel_vit.compile exits 1, nothing is created.
-  result = launch("tpu_pod.sh", ["create", f"--config={CONFIG}"], tools,
-                  env={**TPU_ENV, "ACCELERATOR_TYPE": "v5litepod-3"}, timeout=300)
+  result = launch(
+    "tpu_pod.sh",
+    ["create", f"--config={CONFIG}"],
+    tools,
+    env={**TPU_ENV, "ACCELERATOR_TYPE": "v5litepod-3"},
+    timeout=300,
+  )
   assert result.returncode == 2, result.stderr
   assert "v5litepod-3" in result.stderr and "--skip_compile_check" in result.stderr
   assert_no_tool_ran(tools)
 
 
-@pytest.mark.parametrize("args, env, message", [
+@pytest.mark.parametrize(
+  "args, env, message",
+  [
     (["--dry_run", "create", f"--config={CONFIG}"], {"TPU_NAME": ""}, "set TPU_NAME"),
     (["--dry_run", "create", f"--config={CONFIG}"], {"ZONE": ""}, "set ZONE"),
     (["--dry_run", "create"], {}, "create needs --config=CONFIG"),
     (["--dry_run"], {}, "name a command: create | setup | run | logs | delete"),
     (["--dry_run", "resize"], {}, "unknown command 'resize'"),
     (["--dry_run", "run", f"--config={CONFIG}"], {}, "run needs --config=CONFIG and --workdir"),
-    (["--dry_run", "run", f"--config={CONFIG}", "--workdir=gs://b/r", "--process_id=0"], {},
-     "--process_id=0: on a TPU pod every worker joins with --distributed=auto"),
+    (
+      ["--dry_run", "run", f"--config={CONFIG}", "--workdir=gs://b/r", "--process_id=0"],
+      {},
+      "--process_id=0: on a TPU pod every worker joins with --distributed=auto",
+    ),
     (["--dry_run", "logs"], {}, "set NUM_WORKERS for a dry run of logs"),
-], ids=["no_name", "no_zone", "no_config", "no_command", "bad_command", "no_workdir",
-        "process_id", "logs"])
+  ],
+  ids=[
+    "no_name",
+    "no_zone",
+    "no_config",
+    "no_command",
+    "bad_command",
+    "no_workdir",
+    "process_id",
+    "logs",
+  ],
+)
 def test_tpu_rejects_bad_use(tools, args, env, message):
   result = launch("tpu_pod.sh", args, tools, env={**TPU_ENV, **env})
   assert result.returncode == 2 and message in result.stderr, result.stderr
@@ -346,29 +450,49 @@ def test_slurm_dry_run_prints_the_srun_line(tools, tmp_path):
   for args, env in (([*main_flags], {"DRY_RUN": "1"}), (["--dry_run", *main_flags], {})):
     result = launch("slurm.sbatch", args, tools, env=env)
     assert result.returncode == 0, result.stderr
-    assert command_lines(result.stdout) == [[
-        "srun", "--kill-on-bad-exit=1", "python3", "-m", "pixel_vit.main", "--distributed=auto",
-        *main_flags]]
-  result = launch("slurm.sbatch", ["--dry_run", *main_flags], tools,
-                  env={"VENV": str(tmp_path / "venv")})
+    assert command_lines(result.stdout) == [
+      [
+        "srun",
+        "--kill-on-bad-exit=1",
+        "python3",
+        "-m",
+        "pixel_vit.main",
+        "--distributed=auto",
+        *main_flags,
+      ]
+    ]
+  result = launch(
+    "slurm.sbatch", ["--dry_run", *main_flags], tools, env={"VENV": str(tmp_path / "venv")}
+  )
   assert command_lines(result.stdout)[0] == ["source", str(tmp_path / "venv" / "bin" / "activate")]
   assert_no_tool_ran(tools)
 
 
 def test_slurm_header_asks_for_one_task_per_gpu():
-  header = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", (LAUNCH / "slurm.sbatch").read_text(),
-                           re.M))
+  header = dict(
+    re.findall(r"^#SBATCH --([\w-]+)=(\S+)", (LAUNCH / "slurm.sbatch").read_text(), re.M)
+  )
   assert header["ntasks-per-node"] == header["gpus-per-node"], header
   assert int(header["nodes"]) >= 2
 
 
-@pytest.mark.parametrize("args, env, message", [
-    ([f"--config={CONFIG}", "--workdir=/shared/run"], {},
-     "not inside a SLURM job: submit with sbatch"),
+@pytest.mark.parametrize(
+  "args, env, message",
+  [
+    (
+      [f"--config={CONFIG}", "--workdir=/shared/run"],
+      {},
+      "not inside a SLURM job: submit with sbatch",
+    ),
     (["--dry_run", "--workdir=/shared/run"], {}, "pass --config=CONFIG and --workdir=DIR"),
-    (["--dry_run", f"--config={CONFIG}", "--workdir=/shared/run", "--num_processes=2"], {},
-     "--num_processes=2: under SLURM every process joins with --distributed=auto"),
-], ids=["outside_slurm", "no_workdir", "explicit_flags"])
+    (
+      ["--dry_run", f"--config={CONFIG}", "--workdir=/shared/run", "--num_processes=2"],
+      {},
+      "--num_processes=2: under SLURM every process joins with --distributed=auto",
+    ),
+  ],
+  ids=["outside_slurm", "no_workdir", "explicit_flags"],
+)
 def test_slurm_rejects_bad_use(tools, args, env, message):
   result = launch("slurm.sbatch", args, tools, env=env)
   assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -8,6 +8,7 @@ pixel_vit.x import y` is an edge to the module pixel_vit.x.y when y is one,
 else to pixel_vit.x. A package's `__init__.py` is a module of its own (the
 package's name). Imports by string (`importlib.import_module`) are not seen.
 """
+
 from __future__ import annotations
 
 import ast
@@ -31,42 +32,49 @@ PACKAGE = "pixel_vit"
 # diffusion / evaluation; diffusion may use models and data; evaluation may
 # use models, data and diffusion; nothing below trainers imports trainers.
 ALLOWED_IMPORTS = {
-    "configuration": set(),
-    "infrastructure": {"configuration"},
-    "models": {"configuration", "infrastructure"},
-    "data": {"configuration", "infrastructure"},
-    "diffusion": {"configuration", "infrastructure", "models", "data"},
-    "evaluation": {"configuration", "infrastructure", "models", "data", "diffusion"},
-    "trainers": {"configuration", "infrastructure", "models", "data", "diffusion", "evaluation"},
-    "commands": {"configuration", "infrastructure", "models", "data", "diffusion", "evaluation",
-                 "trainers"},
+  "configuration": set(),
+  "infrastructure": {"configuration"},
+  "models": {"configuration", "infrastructure"},
+  "data": {"configuration", "infrastructure"},
+  "diffusion": {"configuration", "infrastructure", "models", "data"},
+  "evaluation": {"configuration", "infrastructure", "models", "data", "diffusion"},
+  "trainers": {"configuration", "infrastructure", "models", "data", "diffusion", "evaluation"},
+  "commands": {
+    "configuration",
+    "infrastructure",
+    "models",
+    "data",
+    "diffusion",
+    "evaluation",
+    "trainers",
+  },
 }
 
 # The layer of each module, by the first name after `pixel_vit.` (a
 # subpackage's modules all share its layer). The package's own __init__ is
 # at the bottom, beside the light helpers.
 LAYER_OF = {
-    "": "configuration",  # pixel_vit/__init__.py
-    "configuration": "configuration",  # light helpers: parse_arg, config defaults
-    "config_checks": "configuration",  # the wording of a config check (require, ...)
-    "parallel": "infrastructure",
-    "hardware": "infrastructure",  # chips, the devices a trace targets, topologies
-    "program_costs": "infrastructure",  # memory / FLOPs / collectives of a compiled program
-    "checkpoint": "infrastructure",
-    "workdir": "infrastructure",
-    "distributed": "infrastructure",
-    "optimizer": "infrastructure",
-    "models": "models",
-    "data": "data",
-    "diffusion": "diffusion",
-    "evaluation": "evaluation",
-    "trainers": "trainers",
-    "main": "commands",
-    "sample": "commands",
-    "encode_latents": "commands",
-    "write_records": "commands",
-    "compile": "commands",
-    "command_line": "commands",
+  "": "configuration",  # pixel_vit/__init__.py
+  "configuration": "configuration",  # light helpers: parse_arg, config defaults
+  "config_checks": "configuration",  # the wording of a config check (require, ...)
+  "parallel": "infrastructure",
+  "hardware": "infrastructure",  # chips, the devices a trace targets, topologies
+  "program_costs": "infrastructure",  # memory / FLOPs / collectives of a compiled program
+  "checkpoint": "infrastructure",
+  "workdir": "infrastructure",
+  "distributed": "infrastructure",
+  "optimizer": "infrastructure",
+  "models": "models",
+  "data": "data",
+  "diffusion": "diffusion",
+  "evaluation": "evaluation",
+  "trainers": "trainers",
+  "main": "commands",
+  "sample": "commands",
+  "encode_latents": "commands",
+  "write_records": "commands",
+  "compile": "commands",
+  "command_line": "commands",
 }
 
 # What a config file may not pull in (checked in sys.modules after get_config).
@@ -115,7 +123,7 @@ def imports_of(name: str, path: pathlib.Path, modules: dict, root: pathlib.Path)
     elif isinstance(node, ast.ImportFrom):
       if node.level:  # relative: from the importer's package, up level - 1
         base = name.split(".") if is_package else name.split(".")[:-1]
-        base = base[:len(base) - (node.level - 1)]
+        base = base[: len(base) - (node.level - 1)]
         source = ".".join(base + ([node.module] if node.module else []))
       else:
         source = node.module
@@ -144,15 +152,20 @@ def layer_violations(modules: dict, edges: list[Import], *, layer_map=None) -> l
   module that is in no layer."""
   layer_map = LAYER_OF if layer_map is None else layer_map
   allowed = ALLOWED_IMPORTS
-  problems = [f"{module} ({path.name}) is in no layer: add its name to LAYER_OF"
-              for module, path in modules.items() if layer_of(module, layer_map) is None]
+  problems = [
+    f"{module} ({path.name}) is in no layer: add its name to LAYER_OF"
+    for module, path in modules.items()
+    if layer_of(module, layer_map) is None
+  ]
   for edge in edges:
     low, high = layer_of(edge.imported, layer_map), layer_of(edge.importer, layer_map)
     if low is None or high is None or low == high or low in allowed[high]:
       continue
-    problems.append(f"{edge.where()}: layer {high!r} may not import layer {low!r} "
-                    f"({high!r} may import only {sorted(allowed[high]) or 'nothing'} "
-                    "and itself)")
+    problems.append(
+      f"{edge.where()}: layer {high!r} may not import layer {low!r} "
+      f"({high!r} may import only {sorted(allowed[high]) or 'nothing'} "
+      "and itself)"
+    )
   return problems
 
 
@@ -202,8 +215,10 @@ def test_every_layer_imports_only_the_layers_below_it(graph):
   modules, edges = graph
   assert edges, "no imports found: is the package where REPO_ROOT says?"
   problems = layer_violations(modules, edges)
-  assert not problems, ("imports against the layering (see ALLOWED_IMPORTS in "
-                        "tests/test_layering.py):\n  " + "\n  ".join(problems))
+  assert not problems, (
+    "imports against the layering (see ALLOWED_IMPORTS in "
+    "tests/test_layering.py):\n  " + "\n  ".join(problems)
+  )
 
 
 def test_no_import_cycles(graph):
@@ -263,18 +278,22 @@ CONFIG_FILES = sorted((REPO_ROOT / "configs").glob("*.py"))
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
 def test_config_loads_without_heavy_libraries(path):
   proc = subprocess.run(
-      [sys.executable, "-c", CONFIG_PROBE, str(path.relative_to(REPO_ROOT)),
-       ",".join(HEAVY_MODULES)],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    [sys.executable, "-c", CONFIG_PROBE, str(path.relative_to(REPO_ROOT)), ",".join(HEAVY_MODULES)],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   assert not report["already"], f"imported before the config was loaded: {report['already']}"
   heavy = report["heavy"]
   assert not heavy, (
-      f"configs/{path.name}: {' and '.join(report['calls'])} imported "
-      f"{', '.join(sorted(heavy))}; configs must stay light (ml_collections and "
-      "pixel_vit.configuration only):\n" + "\n".join(
-          f"  {name}: {' -> '.join(chain)}" for name, chain in sorted(heavy.items())))
+    f"configs/{path.name}: {' and '.join(report['calls'])} imported "
+    f"{', '.join(sorted(heavy))}; configs must stay light (ml_collections and "
+    "pixel_vit.configuration only):\n"
+    + "\n".join(f"  {name}: {' -> '.join(chain)}" for name, chain in sorted(heavy.items()))
+  )
 
 
 # ---------------------------------------------------------------- the checker can fail
@@ -291,7 +310,9 @@ def write_package(root: pathlib.Path, files: dict[str, str]) -> pathlib.Path:
 def test_checker_reports_an_upward_import_and_a_cycle(tmp_path):
   """A synthetic package: models imports trainers (upward, inside a function)
   and data.a <-> data.b import each other; both are reported by name."""
-  package = write_package(tmp_path, {
+  package = write_package(
+    tmp_path,
+    {
       "pkg/__init__.py": "",
       "pkg/models/__init__.py": "",
       "pkg/models/vit.py": "import os\n\n\ndef f():\n  from pkg.trainers import loop\n",
@@ -300,46 +321,54 @@ def test_checker_reports_an_upward_import_and_a_cycle(tmp_path):
       "pkg/data/__init__.py": "",
       "pkg/data/a.py": "from pkg.data import b\n",
       "pkg/data/b.py": "import pkg.data.a as a\n",
-  })
+    },
+  )
   modules, edges = import_graph(package)
   layers = {"": "configuration", "models": "models", "data": "data", "trainers": "trainers"}
 
   problems = layer_violations(modules, edges, layer_map=layers)
   assert problems == [
-      "pkg/models/vit.py:5: pkg.models.vit -> pkg.trainers.loop: layer 'models' may not "
-      "import layer 'trainers' ('models' may import only ['configuration', 'infrastructure'] "
-      "and itself)"], problems
+    "pkg/models/vit.py:5: pkg.models.vit -> pkg.trainers.loop: layer 'models' may not "
+    "import layer 'trainers' ('models' may import only ['configuration', 'infrastructure'] "
+    "and itself)"
+  ], problems
 
   cycles = import_cycles(edges)
   assert [describe_cycle(c) for c in cycles] == [
-      "import cycle pkg.data.a -> pkg.data.b -> pkg.data.a:\n"
-      "    pkg/data/a.py:1: pkg.data.a -> pkg.data.b\n"
-      "    pkg/data/b.py:1: pkg.data.b -> pkg.data.a"], cycles
+    "import cycle pkg.data.a -> pkg.data.b -> pkg.data.a:\n"
+    "    pkg/data/a.py:1: pkg.data.a -> pkg.data.b\n"
+    "    pkg/data/b.py:1: pkg.data.b -> pkg.data.a"
+  ], cycles
 
   # And a module outside every layer is named, not silently allowed.
   del layers["data"]
-  assert any("pkg.data.a (a.py) is in no layer" in p
-             for p in layer_violations(modules, edges, layer_map=layers))
+  assert any(
+    "pkg.data.a (a.py) is in no layer" in p
+    for p in layer_violations(modules, edges, layer_map=layers)
+  )
 
 
 def test_checker_resolves_package_inits_and_relative_imports(tmp_path):
   """`from pkg.models import attention` is the attention package's __init__;
   `from pkg.models import NAME` is the models __init__; relative imports
   resolve from the importer's package; a cycle through an __init__ counts."""
-  package = write_package(tmp_path, {
+  package = write_package(
+    tmp_path,
+    {
       "pkg/__init__.py": "",
       "pkg/models/__init__.py": "from pkg.models.attention import core\n",
       "pkg/models/attention/__init__.py": "from . import core\nfrom .core import f\n",
       "pkg/models/attention/core.py": "from ..attention import registry\n",
       "pkg/models/vit.py": "from pkg.models import attention, build\n",
-  })
+    },
+  )
   _, edges = import_graph(package)
   assert {(e.importer, e.imported) for e in edges} == {
-      ("pkg.models", "pkg.models.attention.core"),
-      ("pkg.models.attention", "pkg.models.attention.core"),
-      ("pkg.models.attention.core", "pkg.models.attention"),  # `registry` is no module
-      ("pkg.models.vit", "pkg.models.attention"),
-      ("pkg.models.vit", "pkg.models"),
+    ("pkg.models", "pkg.models.attention.core"),
+    ("pkg.models.attention", "pkg.models.attention.core"),
+    ("pkg.models.attention.core", "pkg.models.attention"),  # `registry` is no module
+    ("pkg.models.vit", "pkg.models.attention"),
+    ("pkg.models.vit", "pkg.models"),
   }
   [cycle] = import_cycles(edges)
   assert [e.importer for e in cycle] == ["pkg.models.attention", "pkg.models.attention.core"]

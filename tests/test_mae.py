@@ -2,6 +2,7 @@
 normalised pixel targets, config validation, the trainer end to end on digits
 (learning, exact evaluation counts, the reconstruction PNG, exact resume, a
 mismatched checkpoint) and the offline failure of the paper config."""
+
 import inspect
 import json
 import os
@@ -18,13 +19,20 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from support import (MAE_TINY_RUN, REPO_ROOT, assert_trees_equal, read_metrics, set_dotted,
-                     snapshot, train_losses)
 from pixel_vit.data import augment
 from pixel_vit.evaluation import pictures
 from pixel_vit.models import mae, vit
 from pixel_vit.trainers import loop
 from pixel_vit.trainers import mae as mae_trainer
+from support import (
+  MAE_TINY_RUN,
+  REPO_ROOT,
+  assert_trees_equal,
+  read_metrics,
+  set_dotted,
+  snapshot,
+  train_losses,
+)
 
 DIGITS_TEST_EXAMPLES = 360
 
@@ -37,38 +45,44 @@ def exact_visible(num_tokens: int, mask_ratio: float) -> int:
 # ---------------------------------------------------------------- random masking
 
 
-@pytest.mark.parametrize("num_tokens, mask_ratio, visible", [
-    (64, 0.75, 16),     # mu/1 on 8x8 digits
+@pytest.mark.parametrize(
+  "num_tokens, mask_ratio, visible",
+  [
+    (64, 0.75, 16),  # mu/1 on 8x8 digits
     (1024, 0.75, 256),  # PiT on 32x32 CIFAR
-    (256, 0.75, 64),    # ViT/2 on 32x32 CIFAR
+    (256, 0.75, 64),  # ViT/2 on 32x32 CIFAR
     (16, 0.5, 8),
-    (10, 0.75, 2),      # 2.5 -> 2: Python's round is half to even ...
-    (6, 0.75, 2),       # 1.5 -> 2
-    (14, 0.75, 4),      # 3.5 -> 4
-    (3, 0.5, 2),        # 1.5 -> 2
-    (5, 0.5, 2),        # 2.5 -> 2
-    (2, 0.75, 1),       # 0.5 -> 0, but at least one token stays visible
-    (64, 0.99, 1),      # 0.64 -> 1
-])
+    (10, 0.75, 2),  # 2.5 -> 2: Python's round is half to even ...
+    (6, 0.75, 2),  # 1.5 -> 2
+    (14, 0.75, 4),  # 3.5 -> 4
+    (3, 0.5, 2),  # 1.5 -> 2
+    (5, 0.5, 2),  # 2.5 -> 2
+    (2, 0.75, 1),  # 0.5 -> 0, but at least one token stays visible
+    (64, 0.99, 1),  # 0.64 -> 1
+  ],
+)
 def test_num_visible_rounds_half_to_even(num_tokens, mask_ratio, visible):
   # Ratios here are dyadic, so N * (1 - r) is exact in floating point.
   assert exact_visible(num_tokens, mask_ratio) == visible
   assert mae.num_visible(num_tokens, mask_ratio) == visible
 
 
-@pytest.mark.parametrize("num_tokens, mask_ratio, visible", [
-    (15, 0.9, 2), (35, 0.9, 4), (50, 0.93, 4)])
+@pytest.mark.parametrize(
+  "num_tokens, mask_ratio, visible", [(15, 0.9, 2), (35, 0.9, 4), (50, 0.93, 4)]
+)
 def test_num_visible_exact_halves_of_decimal_ratios(num_tokens, mask_ratio, visible):
   assert mae.num_visible(num_tokens, mask_ratio) == visible
 
 
-@pytest.mark.parametrize("num_tokens, mask_ratio", [(64, 0.75), (10, 0.75), (6, 0.75),
-                                                    (16, 0.5), (2, 0.75), (256, 0.9)])
+@pytest.mark.parametrize(
+  "num_tokens, mask_ratio", [(64, 0.75), (10, 0.75), (6, 0.75), (16, 0.5), (2, 0.75), (256, 0.9)]
+)
 def test_random_masking_counts_and_consistency(num_tokens, mask_ratio):
   batch = 16
   n_keep = exact_visible(num_tokens, mask_ratio)
   keep, mask, restore = jax.device_get(
-      mae.random_masking(jax.random.PRNGKey(3), batch, num_tokens, mask_ratio))
+    mae.random_masking(jax.random.PRNGKey(3), batch, num_tokens, mask_ratio)
+  )
   assert keep.shape == (batch, n_keep) and mask.shape == restore.shape == (batch, num_tokens)
   assert set(np.unique(mask)) <= {0.0, 1.0}
   np.testing.assert_array_equal(mask.sum(axis=1), num_tokens - n_keep)
@@ -88,8 +102,9 @@ def test_random_masking_counts_and_consistency(num_tokens, mask_ratio):
   # and restore is the inverse of the shuffle whose first tokens are kept.
   shuffle = np.argsort(restore, axis=1)
   np.testing.assert_array_equal(shuffle[:, :n_keep], keep)
-  np.testing.assert_array_equal(np.take_along_axis(np.take_along_axis(tokens, shuffle, 1),
-                                                   restore, 1), tokens)
+  np.testing.assert_array_equal(
+    np.take_along_axis(np.take_along_axis(tokens, shuffle, 1), restore, 1), tokens
+  )
 
 
 def test_random_masking_differs_between_examples_and_keys():
@@ -106,7 +121,7 @@ def test_random_masking_differs_between_examples_and_keys():
   np.testing.assert_allclose(many.mean(axis=0), 0.75, atol=0.05)
 
 
-# ---------------------------------------------------------------- the encoder sees visible tokens only
+# ------------------------------------------------ the encoder sees visible tokens only
 
 
 def build_model(config, variant: str, channels: int = 3):
@@ -140,8 +155,9 @@ def test_encoder_never_sees_masked_pixels(mae_quick_config, variant):
   pixel_mask = mae.mask_as_image(mask, patch, 8, 8)
   np.testing.assert_array_equal(vit.patchify(pixel_mask, patch)[..., 0], mask)
   assert float(pixel_mask.sum()) == batch * (n_tokens - n_keep) * patch * patch
-  scrambled = jnp.where(pixel_mask > 0,
-                        100.0 * jax.random.normal(jax.random.PRNGKey(2), images.shape), images)
+  scrambled = jnp.where(
+    pixel_mask > 0, 100.0 * jax.random.normal(jax.random.PRNGKey(2), images.shape), images
+  )
   assert (scrambled != images).any()
 
   latent = encode(params, images)
@@ -171,8 +187,9 @@ def test_encoder_blocks_run_on_one_plus_visible_tokens(mae_quick_config, monkeyp
   original_call = vit.BlockStack.__call__
 
   def spy(self, x, **kwargs):
-    which = {id(merged[-1].encoder.blocks): "encoder",
-             id(merged[-1].decoder_blocks): "decoder"}[id(self)]
+    which = {id(merged[-1].encoder.blocks): "encoder", id(merged[-1].decoder_blocks): "decoder"}[
+      id(self)
+    ]
     seen.append((which, tuple(x.shape)))
     return original_call(self, x, **kwargs)
 
@@ -184,12 +201,14 @@ def test_encoder_blocks_run_on_one_plus_visible_tokens(mae_quick_config, monkeyp
     return merged[-1](images, mask_key=jax.random.PRNGKey(1), mask_ratio=0.75)
 
   pred, mask = jax.eval_shape(forward, params, jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32))
-  assert seen == [("encoder", (2, 1 + 16, model.encoder.width)),
-                  ("decoder", (2, 1 + 64, model.decoder_width))]
+  assert seen == [
+    ("encoder", (2, 1 + 16, model.encoder.width)),
+    ("decoder", (2, 1 + 64, model.decoder_width)),
+  ]
   assert pred.shape == (2, 64, 1) and mask.shape == (2, 64)
 
 
-# ---------------------------------------------------------------- the loss is over masked tokens only
+# ------------------------------------------------ the loss is over masked tokens only
 
 
 def test_masked_mse_ignores_visible_predictions():
@@ -213,8 +232,9 @@ def test_masked_mse_ignores_visible_predictions():
 
   grad = np.asarray(jax.grad(mae.masked_mse)(pred, target, mask))
   assert (grad[m == 0] == 0.0).all()  # exactly zero at visible tokens
-  np.testing.assert_allclose(grad[m == 1], (2 * (p - t) / (dim * m.sum()))[m == 1],
-                             rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(
+    grad[m == 1], (2 * (p - t) / (dim * m.sum()))[m == 1], rtol=1e-5, atol=1e-9
+  )
   assert (grad[m == 1] != 0).all()
 
 
@@ -227,10 +247,10 @@ def numpy_window_normalise(images: np.ndarray, window: int) -> np.ndarray:
   _, h, w, _ = images.shape
   for y in range(0, h, window):
     for x in range(0, w, window):
-      tile = images[:, y:y + window, x:x + window, :]
+      tile = images[:, y : y + window, x : x + window, :]
       mean = tile.mean(axis=(1, 2, 3), keepdims=True)
       var = tile.var(axis=(1, 2, 3), keepdims=True)
-      out[:, y:y + window, x:x + window, :] = (tile - mean) / np.sqrt(var + 1e-6)
+      out[:, y : y + window, x : x + window, :] = (tile - mean) / np.sqrt(var + 1e-6)
   return out
 
 
@@ -252,8 +272,7 @@ def test_targets_round_trip_through_pictures(rgb_images, patch, window, norm_pix
   if norm_pix_loss:
     np.testing.assert_allclose(back, rgb_images, atol=1e-5)
     expected = numpy_window_normalise(np.asarray(rgb_images), window or patch)
-    np.testing.assert_allclose(vit.unpatchify(targets, patch, 8, 8), expected,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(vit.unpatchify(targets, patch, 8, 8), expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(vit.unpatchify(targets, patch, 8, 8)[0, :4, :4], 0.0)
   else:
     np.testing.assert_array_equal(targets, vit.patchify(rgb_images, patch))
@@ -281,48 +300,69 @@ def test_pixel_tokens_with_window_2_learn_the_targets_of_vit2(channels):
 # ---------------------------------------------------------------- config validation
 
 
-@pytest.mark.parametrize("overrides, match", [
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
     ({"mask_ratio": 0.0}, r"config\.mask_ratio=0\.0 must be in \(0, 1\)"),
     ({"mask_ratio": 1.0}, r"config\.mask_ratio=1\.0 must be in \(0, 1\)"),
     ({"mask_ratio": 1.5}, r"config\.mask_ratio=1\.5 must be in \(0, 1\)"),
     ({"mask_ratio": -0.25}, r"config\.mask_ratio=-0\.25"),
-    ({"model.norm_pix_loss": True, "model.norm_pix_window": 0},
-     r"norm_pix_loss normalises over 1x1 pixels.*config\.model\.norm_pix_window >= 2"),
-    ({"model.norm_pix_loss": True, "model.norm_pix_window": 1},
-     r"norm_pix_loss normalises over 1x1 pixels.*config\.model\.norm_pix_window >= 2"),
+    (
+      {"model.norm_pix_loss": True, "model.norm_pix_window": 0},
+      r"norm_pix_loss normalises over 1x1 pixels.*config\.model\.norm_pix_window >= 2",
+    ),
+    (
+      {"model.norm_pix_loss": True, "model.norm_pix_window": 1},
+      r"norm_pix_loss normalises over 1x1 pixels.*config\.model\.norm_pix_window >= 2",
+    ),
     ({"model.norm_pix_window": -2}, r"config\.model\.norm_pix_window=-2"),
-    ({"model.decoder.width": 62}, r"config\.model\.decoder\.width=62 must be divisible by "
-                                  r"config\.model\.decoder\.heads=4"),
+    (
+      {"model.decoder.width": 62},
+      r"config\.model\.decoder\.width=62 must be divisible by "
+      r"config\.model\.decoder\.heads=4",
+    ),
     ({"model.decoder.heads": 0}, r"config\.model\.decoder\.heads=0 must be > 0"),
     ({"model.decoder.depth": 0}, r"config\.model\.decoder\.depth=0 must be > 0"),
-    ({"model.decoder.posemb": "sin"}, r"config\.model\.decoder\.posemb='sin' is not allowed"
-                                      r".*'sincos2d'"),
+    (
+      {"model.decoder.posemb": "sin"},
+      r"config\.model\.decoder\.posemb='sin' is not allowed"
+      r".*'sincos2d'",
+    ),
     ({"model.variant": "mu"}, r"variant 'mu'"),
     ({"eval_batch_size": 36}, r"config\.eval_batch_size=36 must be divisible by the 8"),
     ({"total_steps": 0, "total_epochs": 0.0}, r"config\.total_steps"),
-], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
+  ],
+  ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None,
+)
 def test_validate_rejects(mae_quick_config, overrides, match, no_jit):
   config = mae_quick_config(overrides)
   with pytest.raises(ValueError, match=match):
     mae_trainer.validate(config)
 
 
-@pytest.mark.parametrize("overrides", [
+@pytest.mark.parametrize(
+  "overrides",
+  [
     {"model.norm_pix_loss": False, "model.norm_pix_window": 0},  # raw pixels are fine
     {"model.norm_pix_loss": True, "model.norm_pix_window": 2},  # the paper setting
-    {"model.norm_pix_loss": True, "model.variant": "mu/2",
-     "model.norm_pix_window": 0},  # MAE's per-patch rule
+    {
+      "model.norm_pix_loss": True,
+      "model.variant": "mu/2",
+      "model.norm_pix_window": 0,
+    },  # MAE's per-patch rule
     {"model.decoder.posemb": "learn"},
     {"model.decoder.posemb": "none"},
     {"mask_ratio": 0.9},
-])
+  ],
+)
 def test_validate_accepts(mae_quick_config, overrides, no_jit):
   mae_trainer.validate(mae_quick_config(overrides))
 
 
 def test_validate_rejects_one_pixel_windows_for_patches_too(mae_quick_config, no_jit):
-  config = mae_quick_config({"model.variant": "mu/2", "model.norm_pix_loss": True,
-                             "model.norm_pix_window": 1})
+  config = mae_quick_config(
+    {"model.variant": "mu/2", "model.norm_pix_loss": True, "model.norm_pix_window": 1}
+  )
   grey = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1))
   targets = mae.pixel_targets(grey, 2, norm_pix_loss=True, norm_pix_window=1)
   assert float(jnp.abs(targets).max()) == 0.0  # what training would regress onto
@@ -331,19 +371,23 @@ def test_validate_rejects_one_pixel_windows_for_patches_too(mae_quick_config, no
 
 
 def test_validate_rejects_sincos_decoder_width_not_multiple_of_4(mae_quick_config, no_jit):
-  config = mae_quick_config({"model.decoder.width": 66, "model.decoder.heads": 6,
-                             "model.decoder.posemb": "sincos2d"})
+  config = mae_quick_config(
+    {"model.decoder.width": 66, "model.decoder.heads": 6, "model.decoder.posemb": "sincos2d"}
+  )
   with pytest.raises(ValueError, match=r"model\.decoder\.width=66"):
     mae_trainer.validate(config)
 
 
-def test_norm_pix_window_must_divide_the_image_before_compiling(mae_quick_config, workdir,
-                                                                no_jit):
-  config = mae_quick_config({"model.norm_pix_loss": True,
-                             "model.norm_pix_window": 3})  # digits are 8x8
+def test_norm_pix_window_must_divide_the_image_before_compiling(mae_quick_config, workdir, no_jit):
+  config = mae_quick_config(
+    {"model.norm_pix_loss": True, "model.norm_pix_window": 3}
+  )  # digits are 8x8
   mae_trainer.validate(config)  # the image size is known once the data is read
-  with pytest.raises(ValueError, match=r"config\.model\.norm_pix_window=3 does not divide "
-                                       r"the image size 8"):
+  with pytest.raises(
+    ValueError,
+    match=r"config\.model\.norm_pix_window=3 does not divide "
+    r"the image size 8",
+  ):
     mae_trainer.train_and_evaluate(config, workdir)
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
@@ -389,13 +433,20 @@ def test_lr_can_be_overridden_directly(mae_pixel):
 # ---------------------------------------------------------------- the trainer end to end
 
 LEARNING_RUN = {
-    **MAE_TINY_RUN,
-    "total_steps": 40, "batch_size": 32,
-    "eval_batch_size": 48,  # does not divide the 360 test digits
-    "log_every": 5, "eval_every": 20, "checkpoint_every": 20, "keep_checkpoints": 5,
-    "optimizer.base_lr": 2e-3, "optimizer.warmup_steps": 5,
-    # Randomness a wrong resume would get wrong (besides the masks).
-    "model.drop_path": 0.1, "augment.flip": True, "optimizer.ema_decay": 0.9,
+  **MAE_TINY_RUN,
+  "total_steps": 40,
+  "batch_size": 32,
+  "eval_batch_size": 48,  # does not divide the 360 test digits
+  "log_every": 5,
+  "eval_every": 20,
+  "checkpoint_every": 20,
+  "keep_checkpoints": 5,
+  "optimizer.base_lr": 2e-3,
+  "optimizer.warmup_steps": 5,
+  # Randomness a wrong resume would get wrong (besides the masks).
+  "model.drop_path": 0.1,
+  "augment.flip": True,
+  "optimizer.ema_decay": 0.9,
 }
 
 
@@ -412,8 +463,12 @@ def learning_run(mae_pixel, tmp_path_factory):
 
 def normalised(config, split) -> jax.Array:
   """A split's images as the model sees them at evaluation."""
-  images, _ = augment.preprocess_eval(jnp.asarray(split.images), jnp.asarray(split.labels),
-                                      num_classes=split.num_classes, config=config.augment)
+  images, _ = augment.preprocess_eval(
+    jnp.asarray(split.images),
+    jnp.asarray(split.labels),
+    num_classes=split.num_classes,
+    config=config.augment,
+  )
   return images
 
 
@@ -461,8 +516,9 @@ def test_workdir_artifacts(learning_run):
     saved = json.load(f)
   assert saved["task"] == "mae" and saved["total_steps"] == 40
   assert saved["optimizer"]["lr"] == pytest.approx(2e-3 * 32 / 256)
-  checkpoints = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
-                       if d.isdigit())
+  checkpoints = sorted(
+    int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()
+  )
   assert 20 in checkpoints and 40 in checkpoints, checkpoints
   pngs = sorted(os.listdir(os.path.join(workdir, "pictures")))
   assert pngs == ["reconstructions_0000020.png", "reconstructions_0000040.png"], pngs
@@ -481,15 +537,16 @@ def test_reconstruction_png(learning_run):
   scale = -(-pictures.MIN_CELL_PIXELS // size)
   cell = size * scale
   assert cell >= pictures.MIN_CELL_PIXELS
-  assert image.shape == (rows * cell + (rows - 1) * separator,
-                         4 * cell + 3 * separator, 3), image.shape
+  assert image.shape == (rows * cell + (rows - 1) * separator, 4 * cell + 3 * separator, 3), (
+    image.shape
+  )
 
   def cells(column):
     x0 = column * (cell + separator)
     out = []
     for row in range(rows):
       y0 = row * (cell + separator)
-      block = image[y0:y0 + cell, x0:x0 + cell]
+      block = image[y0 : y0 + cell, x0 : x0 + cell]
       small = block[::scale, ::scale]
       # nearest-neighbour enlargement, grey digits as RGB
       np.testing.assert_array_equal(block, np.repeat(np.repeat(small, scale, 0), scale, 1))
@@ -498,14 +555,15 @@ def test_reconstruction_png(learning_run):
     return np.stack(out)
 
   original, masked, recon, pasted = (cells(j) for j in range(4))
-  assert (image[:, cell:cell + separator] == 255).all()  # white separators
-  assert (image[cell:cell + separator] == 255).all()
+  assert (image[:, cell : cell + separator] == 255).all()  # white separators
+  assert (image[cell : cell + separator] == 255).all()
 
   _, eval_split = eval_images(config)
   np.testing.assert_array_equal(original, eval_split.images[:rows, ..., 0])
   # The grid shows the eval masks of the first eval batch.
-  _, mask, _ = mae.random_masking(mae_trainer._eval_mask_key(config, 0),
-                                  config.eval_batch_size, 64, config.mask_ratio)
+  _, mask, _ = mae.random_masking(
+    mae_trainer._eval_mask_key(config, 0), config.eval_batch_size, 64, config.mask_ratio
+  )
   hidden = np.asarray(mask[:rows]).reshape(rows, size, size) > 0
   assert (hidden.sum(axis=(1, 2)) == 64 - exact_visible(64, config.mask_ratio)).all()
   np.testing.assert_array_equal(pasted[~hidden], original[~hidden])
@@ -523,8 +581,9 @@ def test_resume_is_exact(learning_run, make_workdir):
   config, run_a, state_a, _ = learning_run
   run_b = make_workdir("resumed")
   os.makedirs(os.path.join(run_b, "checkpoints"))
-  shutil.copytree(os.path.join(run_a, "checkpoints", "20"),
-                  os.path.join(run_b, "checkpoints", "20"))
+  shutil.copytree(
+    os.path.join(run_a, "checkpoints", "20"), os.path.join(run_b, "checkpoints", "20")
+  )
   state_b, results_b = mae_trainer.train_and_evaluate(config, run_b)
 
   losses_a, losses_b = train_losses(run_a), train_losses(run_b)
@@ -545,8 +604,10 @@ def test_resume_with_another_decoder_is_refused(learning_run):
   mae_trainer.validate(other)
   old, new = config.model.decoder, other.model.decoder
   describe = lambda d: [d.width, d.depth, d.heads, d.mlp_dim, d.posemb]
-  match = (rf"checkpoint .*checkpoints/40 does not match the config \(decoder: checkpoint "
-           rf"{repr(describe(old))} vs config {repr(describe(new))}\)").replace("[", r"\[")
+  match = (
+    rf"checkpoint .*checkpoints/40 does not match the config \(decoder: checkpoint "
+    rf"{repr(describe(old))} vs config {repr(describe(new))}\)"
+  ).replace("[", r"\[")
   with pytest.raises(ValueError, match=match):
     mae_trainer.train_and_evaluate(other, workdir)
   assert snapshot(workdir) == before
@@ -565,16 +626,30 @@ def test_paper_config_fails_fast_offline(tmp_path, how):
   --config.data.download=False."""
   workdir = tmp_path / "run"
   closed_port = "http://127.0.0.1:9"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TFDS_DATA_DIR": str(tmp_path / "tfds"),
-         "https_proxy": closed_port, "HTTPS_PROXY": closed_port,
-         "http_proxy": closed_port, "HTTP_PROXY": closed_port, "no_proxy": "", "NO_PROXY": ""}
-  command = [sys.executable, "-m", "pixel_vit.main", "--config=configs/mae_pixel.py",
-             f"--workdir={workdir}"]
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "TFDS_DATA_DIR": str(tmp_path / "tfds"),
+    "https_proxy": closed_port,
+    "HTTPS_PROXY": closed_port,
+    "http_proxy": closed_port,
+    "HTTP_PROXY": closed_port,
+    "no_proxy": "",
+    "NO_PROXY": "",
+  }
+  command = [
+    sys.executable,
+    "-m",
+    "pixel_vit.main",
+    "--config=configs/mae_pixel.py",
+    f"--workdir={workdir}",
+  ]
   if how == "download_off":
     command.append("--config.data.download=False")
   start = time.monotonic()
-  proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+    command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
   elapsed = time.monotonic() - start
   assert proc.returncode == 1
   tail = proc.stderr[-3000:]

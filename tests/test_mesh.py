@@ -3,24 +3,34 @@ data=2 x fsdp=2 x tensor=2 and data=2 x seq=4 (ring attention) over the 8
 fake CPU devices give the same loss and updated parameters, the parameters
 really are sharded as the rules say, and with `seq` every attention really
 runs on a quarter of the sequence per device."""
+
 import copy
 
 import jax
 import numpy as np
 import pytest
 
-from support import (DIT_PIXEL_PATH, MAE_TINY_RUN, REPO_ROOT, TINY_RUN, as_numpy_leaves,
-                     load_config_module, read_metrics, record_first_shapes, set_dotted)
 from pixel_vit.models.attention import ring as ring_attention
 from pixel_vit.trainers import classification, diffusion, mae
+from support import (
+  DIT_PIXEL_PATH,
+  MAE_TINY_RUN,
+  REPO_ROOT,
+  TINY_RUN,
+  as_numpy_leaves,
+  load_config_module,
+  read_metrics,
+  record_first_shapes,
+  set_dotted,
+)
 
 pytestmark = pytest.mark.slow  # every test runs the real trainers, one per task and layout
 
 LAYOUTS = {
-    "data8": dict(data=8, fsdp=1, seq=1, tensor=1),
-    "fsdp8": dict(data=1, fsdp=8, seq=1, tensor=1),
-    "data2_fsdp2_tensor2": dict(data=2, fsdp=2, seq=1, tensor=2),
-    "data2_seq4": dict(data=2, fsdp=1, seq=4, tensor=1),
+  "data8": dict(data=8, fsdp=1, seq=1, tensor=1),
+  "fsdp8": dict(data=1, fsdp=8, seq=1, tensor=1),
+  "data2_fsdp2_tensor2": dict(data=2, fsdp=2, seq=1, tensor=2),
+  "data2_seq4": dict(data=2, fsdp=1, seq=4, tensor=1),
 }
 # Config overrides a layout needs: splitting `seq` is tested with `ring` named
 # explicitly (`auto` would pick it too); the one-device reference runs `auto`,
@@ -34,8 +44,13 @@ ONE_DEVICE = dict(data=1, fsdp=1, seq=1, tensor=1)
 
 # Three steps: the lr warms up from 0 and a classifier's head starts at 0, so
 # the third step is the first whose loss depends on an earlier update.
-STEPS = {"total_steps": 3, "log_every": 1, "eval_every": 3, "checkpoint_every": 3,
-         "optimizer.warmup_steps": 1}
+STEPS = {
+  "total_steps": 3,
+  "log_every": 1,
+  "eval_every": 3,
+  "checkpoint_every": 3,
+  "optimizer.warmup_steps": 1,
+}
 
 
 def config_for(task: str):
@@ -49,8 +64,16 @@ def config_for(task: str):
     set_dotted(config, copy.deepcopy(MAE_TINY_RUN))
     return config, mae
   config = load_config_module(DIT_PIXEL_PATH).get_config("quick")
-  set_dotted(config, {"batch_size": 32, "eval_batch_size": 40, "sample.steps": "2",
-                      "sample.grid_columns": 1, "fid.batch_size": 40})
+  set_dotted(
+    config,
+    {
+      "batch_size": 32,
+      "eval_batch_size": 40,
+      "sample.steps": "2",
+      "sample.grid_columns": 1,
+      "fid.batch_size": 40,
+    },
+  )
   return config, diffusion
 
 
@@ -70,20 +93,27 @@ def spec_of(array):
 
 @pytest.fixture(scope="module")
 def one_device_runs(tmp_path_factory):
-  return {task: run(task, ONE_DEVICE, jax.devices()[:1],
-                    str(tmp_path_factory.mktemp(f"{task}_1dev") / "run"))
-          for task in ("classification", "mae", "diffusion")}
+  return {
+    task: run(
+      task, ONE_DEVICE, jax.devices()[:1], str(tmp_path_factory.mktemp(f"{task}_1dev") / "run")
+    )
+    for task in ("classification", "mae", "diffusion")
+  }
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("task", ["classification", "mae", "diffusion"])
-def test_layout_trains_like_one_device(task, layout, one_device_runs, make_workdir,
-                                       monkeypatch):
+def test_layout_trains_like_one_device(task, layout, one_device_runs, make_workdir, monkeypatch):
   state1, losses1 = one_device_runs[task]
   # The q block shape each device's ring body sees while tracing.
   ring_blocks = record_first_shapes(monkeypatch, ring_attention, "_ring_body")
-  state, losses = run(task, LAYOUTS[layout], jax.devices(), make_workdir(f"{task}_{layout}"),
-                      LAYOUT_OVERRIDES.get(layout))
+  state, losses = run(
+    task,
+    LAYOUTS[layout],
+    jax.devices(),
+    make_workdir(f"{task}_{layout}"),
+    LAYOUT_OVERRIDES.get(layout),
+  )
   assert len(losses) == len(losses1) == 3
   np.testing.assert_allclose(losses, losses1, rtol=2e-5, err_msg=f"{task} {layout}")
   assert losses1[0] != losses1[2]
@@ -95,8 +125,11 @@ def test_layout_trains_like_one_device(task, layout, one_device_runs, make_workd
 
   # The shardings follow the rules (embed -> fsdp, mlp / heads -> tensor).
   mesh = dict(LAYOUTS[layout])
-  blocks = state.params["encoder"]["blocks"]["layers"] if task != "diffusion" else \
-      state.params["blocks"]["layers"]
+  blocks = (
+    state.params["encoder"]["blocks"]["layers"]
+    if task != "diffusion"
+    else state.params["blocks"]["layers"]
+  )
   fc1 = blocks["mlp"]["fc1_kernel"]  # (layers, embed, mlp)
   qkv = blocks["attn"]["qkv_kernel"]  # (layers, embed, 3, heads, kv)
   assert spec_of(fc1) == (None, "fsdp", "tensor"), (task, layout, fc1.sharding.spec)
@@ -115,4 +148,7 @@ def test_layout_trains_like_one_device(task, layout, one_device_runs, make_workd
     assert not ring_blocks
   else:
     assert {shape[1] * mesh["seq"] for shape in ring_blocks} == ATTENTION_LENGTHS[task], (
-        task, layout, ring_blocks)
+      task,
+      layout,
+      ring_blocks,
+    )

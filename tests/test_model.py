@@ -1,5 +1,6 @@
 """The ViT / PiT encoder and classifier: tokens, locality, scan/remat, stochastic
 depth, logical axes and sharding, mixed precision, variant parsing."""
+
 import functools
 
 import jax
@@ -19,23 +20,36 @@ NUM_CLASSES = 10
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
-  config = dict(variant="mu/1", posemb="learn", pool="cls", dtype="float32",
-                attention="xla", scan=True, remat="none", drop_path=0.0)
+  config = dict(
+    variant="mu/1",
+    posemb="learn",
+    pool="cls",
+    dtype="float32",
+    attention="xla",
+    scan=True,
+    remat="none",
+    drop_path=0.0,
+  )
   config.update(overrides)
   return ml_collections.ConfigDict(config)
 
 
 def build(seed=0, **overrides) -> vit.Classifier:
-  return vit.build_classifier(model_config(**overrides), image_size=IMAGE_SIZE,
-                              channels=CHANNELS, num_classes=NUM_CLASSES,
-                              rngs=nnx.Rngs(seed))
+  return vit.build_classifier(
+    model_config(**overrides),
+    image_size=IMAGE_SIZE,
+    channels=CHANNELS,
+    num_classes=NUM_CLASSES,
+    rngs=nnx.Rngs(seed),
+  )
 
 
 def randomize_head(model: vit.Classifier, seed=7) -> None:
   """The head is zero-initialised (logits all 0); give it weights so logits
   and gradients depend on the encoder."""
   model.head_kernel.set_value(
-      jax.random.normal(jax.random.key(seed), model.head_kernel.get_value().shape))
+    jax.random.normal(jax.random.key(seed), model.head_kernel.get_value().shape)
+  )
 
 
 def images(batch=4, seed=1, size=IMAGE_SIZE, channels=CHANNELS):
@@ -60,8 +74,9 @@ def features(model, x, key=None):
 
 
 def flat_params(model) -> dict:
-  return {path: np.asarray(v.get_value())
-          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {
+    path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
 # ---------------------------------------------------------------- tokens
@@ -92,7 +107,7 @@ def test_patch2_token_holds_exactly_its_tile():
   grid_w = w // p
   for ti in range(h // p):
     for tj in range(grid_w):
-      tile = x[:, ti * p:(ti + 1) * p, tj * p:(tj + 1) * p, :]
+      tile = x[:, ti * p : (ti + 1) * p, tj * p : (tj + 1) * p, :]
       token = tokens[:, ti * grid_w + tj]
       # Same multiset of values, and in (row, col, channel) order within the tile.
       for n in range(b):
@@ -162,8 +177,9 @@ def assert_grads_close(actual: dict, desired: dict, rtol: float):
   assert actual.keys() == desired.keys()
   for path in desired:
     scale = max(np.abs(desired[path]).max(), 1e-12)
-    np.testing.assert_allclose(actual[path], desired[path], rtol=rtol, atol=rtol * scale,
-                               err_msg=str(path))
+    np.testing.assert_allclose(
+      actual[path], desired[path], rtol=rtol, atol=rtol * scale, err_msg=str(path)
+    )
 
 
 def test_scan_and_unrolled_blocks_agree():
@@ -204,11 +220,19 @@ def test_remat_matches_no_remat(remat, scan):
 def test_auto_remat_keeps_the_matmul_outputs_when_they_fit():
   ti = vit.SIZES["Ti"]
   shape = dict(batch_per_device=32, tokens=1025, dtype=jnp.float32)
-  gib = 2 ** 30
-  saved = {policy: vit.saved_activation_bytes(
-      policy, batch=shape["batch_per_device"], tokens=shape["tokens"], width=ti.width,
-      mlp_dim=ti.mlp_dim, depth=ti.depth, dtype_bytes=4)
-      for policy in ("none", "dots", "full")}
+  gib = 2**30
+  saved = {
+    policy: vit.saved_activation_bytes(
+      policy,
+      batch=shape["batch_per_device"],
+      tokens=shape["tokens"],
+      width=ti.width,
+      mlp_dim=ti.mlp_dim,
+      depth=ti.depth,
+      dtype_bytes=4,
+    )
+    for policy in ("none", "dots", "full")
+  }
   # PiT-Ti/1 at batch 32: ~5.3 GiB kept with no remat, ~2.5 with dots, 0.28 with full.
   assert saved["none"] > saved["dots"] > saved["full"]
   assert 2.5 * gib < saved["dots"] < 3 * gib
@@ -229,9 +253,16 @@ def test_auto_remat_uses_the_per_device_batch_of_the_active_mesh(monkeypatch):
   # A device memory that holds `dots` for a batch of 8 but not of 64: the
   # blocks pick `full` for 64 examples on one device, `dots` for 64 over 8.
   blocks = build(remat="auto").encoder.blocks
-  size, tokens = vit.SIZES["mu"], IMAGE_SIZE ** 2
-  eight = vit.saved_activation_bytes("dots", batch=8, tokens=tokens, width=size.width,
-                                     mlp_dim=size.mlp_dim, depth=size.depth, dtype_bytes=4)
+  size, tokens = vit.SIZES["mu"], IMAGE_SIZE**2
+  eight = vit.saved_activation_bytes(
+    "dots",
+    batch=8,
+    tokens=tokens,
+    width=size.width,
+    mlp_dim=size.mlp_dim,
+    depth=size.depth,
+    dtype_bytes=4,
+  )
   memory = int(2 * eight / vit.REMAT_AUTO_MEMORY_FRACTION)
   monkeypatch.setattr(hardware, "device_memory_bytes", lambda device: memory)
   x = jax.ShapeDtypeStruct((64, tokens, size.width), jnp.float32)
@@ -265,8 +296,7 @@ def test_drop_path_zero_ignores_key():
   model = build(drop_path=0.0)
   randomize_head(model)
   x = images()
-  np.testing.assert_array_equal(logits(model, x, key=jax.random.key(3)),
-                                logits(model, x))
+  np.testing.assert_array_equal(logits(model, x, key=jax.random.key(3)), logits(model, x))
 
 
 def test_drop_path_per_example_scaling():
@@ -298,8 +328,7 @@ def test_every_parameter_has_logical_axes():
     else:
       assert "layers" not in axes, (path, axes)
   by_path = {path: v.get_metadata()["logical_axes"] for path, v in flat}
-  assert by_path[("encoder", "blocks", "layers", "mlp", "fc1_kernel")] == (
-      "layers", "embed", "mlp")
+  assert by_path[("encoder", "blocks", "layers", "mlp", "fc1_kernel")] == ("layers", "embed", "mlp")
   assert by_path[("head_kernel",)] == ("embed", "vocab")
 
 
@@ -324,16 +353,17 @@ def test_param_shardings_on_fsdp_tensor_mesh(cls_pixel):
     assert sharding.mesh == mesh
 
   # Created in place with those shardings: each device holds a quarter of fc1.
-  params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(make_model())[1]),
-                   out_shardings=shardings)()
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(make_model())[1]), out_shardings=shardings)()
   fc1 = params["encoder"]["blocks"]["layers"]["mlp"]["fc1_kernel"]
   assert fc1.sharding.spec == P(None, "fsdp", "tensor")
   assert {s.data.shape for s in fc1.addressable_shards} == {
-      (fc1.shape[0], fc1.shape[1] // 2, fc1.shape[2] // 2)}
+    (fc1.shape[0], fc1.shape[1] // 2, fc1.shape[2] // 2)
+  }
   assert len(fc1.sharding.device_set) == 4
   # Same numbers as an unsharded build.
   np.testing.assert_array_equal(
-      np.asarray(fc1), flat_params(build())[("encoder", "blocks", "layers", "mlp", "fc1_kernel")])
+    np.asarray(fc1), flat_params(build())[("encoder", "blocks", "layers", "mlp", "fc1_kernel")]
+  )
 
 
 # ---------------------------------------------------------------- mixed precision
@@ -364,8 +394,9 @@ def test_bfloat16_compute_keeps_float32_params():
 # ---------------------------------------------------------------- variants
 
 
-@pytest.mark.parametrize("variant, size, patch", [
-    ("Ti/1", "Ti", 1), ("S/2", "S", 2), ("mu/1", "mu", 1), ("B/16", "B", 16)])
+@pytest.mark.parametrize(
+  "variant, size, patch", [("Ti/1", "Ti", 1), ("S/2", "S", 2), ("mu/1", "mu", 1), ("B/16", "B", 16)]
+)
 def test_parse_variant_accepts(variant, size, patch):
   assert vit.parse_variant(variant) == (vit.SIZES[size], patch)
 
@@ -378,8 +409,9 @@ def test_parse_variant_rejects(variant):
 
 def test_encoder_rejects_patch_not_dividing_image():
   with pytest.raises(ValueError, match="patch size 3 does not divide image size 8"):
-    vit.build_classifier(model_config(variant="mu/3"), image_size=8, channels=1,
-                         num_classes=10, rngs=nnx.Rngs(0))
+    vit.build_classifier(
+      model_config(variant="mu/3"), image_size=8, channels=1, num_classes=10, rngs=nnx.Rngs(0)
+    )
 
 
 def test_patch_variant_builds_fewer_tokens():

@@ -6,6 +6,7 @@ process started from this interpreter's own kernelspec, with JAX_PLATFORMS=cpu,
 and it starts the training runs as its own subprocesses (loopback only: the
 notebook installs nothing when pixel_vit is importable).
 """
+
 import glob
 import json
 import os
@@ -18,8 +19,7 @@ import pytest
 SKIP = "needs {} to execute launch/colab.ipynb (pip install -e '.[test]')"
 nbformat = pytest.importorskip("nbformat", reason=SKIP.format("nbformat"))
 nbclient = pytest.importorskip("nbclient", reason=SKIP.format("nbclient"))
-ipykernel_kernelspec = pytest.importorskip("ipykernel.kernelspec",
-                                           reason=SKIP.format("ipykernel"))
+ipykernel_kernelspec = pytest.importorskip("ipykernel.kernelspec", reason=SKIP.format("ipykernel"))
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parent.parent / "launch" / "colab.ipynb"
 CELL_TIMEOUT = 420  # seconds for any one cell (the longest takes ~1 min in the ci size)
@@ -39,8 +39,11 @@ def text_of(cell) -> str:
 
 
 def has_png(cell) -> bool:
-  return any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])
-             if o.output_type in ("display_data", "execute_result"))
+  return any(
+    "image/png" in o.get("data", {})
+    for o in cell.get("outputs", [])
+    if o.output_type in ("display_data", "execute_result")
+  )
 
 
 def kernel_environment(tmp_path) -> dict:
@@ -49,8 +52,11 @@ def kernel_environment(tmp_path) -> dict:
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_NUM_CPU_DEVICES", None)  # the runs use one CPU device, as on a laptop
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags = [
+    f
+    for f in env.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  ]
   if flags:
     env["XLA_FLAGS"] = " ".join(flags)
   else:
@@ -66,21 +72,24 @@ def test_colab_notebook_runs_in_ci_size(tmp_path, monkeypatch):
   monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
   monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter_runtime"))
   from jupyter_client.kernelspec import KernelSpecManager
+
   spec = KernelSpecManager().get_kernel_spec("python3")
   assert spec.argv[0] == sys.executable, f"kernelspec python3 runs {spec.argv}, not this Python"
 
   nb = nbformat.read(NOTEBOOK, as_version=4)
   for cell in nb.cells:
     assert not cell.get("outputs") and not cell.get("execution_count"), (
-        "launch/colab.ipynb is stored with outputs; clear them before committing")
+      "launch/colab.ipynb is stored with outputs; clear them before committing"
+    )
   workroot = tmp_path / "runs"
   parameters = nb.cells.index(tagged(nb, "parameters"))
   injected = nbformat.v4.new_code_cell(f'SIZE = "ci"\nWORKROOT = {str(workroot)!r}')
   injected.metadata["tags"] = ["injected-parameters"]
   nb.cells.insert(parameters + 1, injected)
 
-  client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT,
-                                   resources={"metadata": {"path": str(tmp_path)}})
+  client = nbclient.NotebookClient(
+    nb, kernel_name="python3", timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(tmp_path)}}
+  )
   start = time.time()
   deadline = start + TOTAL_TIMEOUT
   with client.setup_kernel(env=kernel_environment(tmp_path)):
@@ -104,8 +113,12 @@ def test_colab_notebook_runs_in_ci_size(tmp_path, monkeypatch):
   assert "skipping the install" in text_of(tagged(nb, "install"))
 
   cls, mae, finetune, dit = (workroot / n for n in ("cls", "mae", "mae_finetune", "dit"))
-  for workdir, key in ((cls, "eval/top1"), (mae, "eval/loss"), (finetune, "eval/top1"),
-                       (dit, "eval/loss")):
+  for workdir, key in (
+    (cls, "eval/top1"),
+    (mae, "eval/loss"),
+    (finetune, "eval/top1"),
+    (dit, "eval/loss"),
+  ):
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert any(key in r for r in records), f"{workdir}/metrics.jsonl has no {key}"
   assert glob.glob(str(mae / "pictures" / "reconstructions_*.png"))

@@ -1,4 +1,5 @@
 """experiments/paper_study.py: its jobs, its resume rule and its report."""
+
 import importlib.util
 import json
 import os
@@ -16,7 +17,10 @@ def test_every_group_has_jobs_with_distinct_workdirs(tmp_path):
   jobs = paper_study.jobs_for(paper_study.parse_flags([f"--root={tmp_path}"]))
   # the converged cells are listed once tuning has finished (below)
   assert {job.group for job in jobs} == set(paper_study.GROUPS) - {
-      "conv_patch", "conv_posemb", "conv_permute"}
+    "conv_patch",
+    "conv_posemb",
+    "conv_permute",
+  }
   names = [job.name for job in jobs]
   assert len(names) == len(set(names))
   patch = [job for job in jobs if job.group == "patch"]
@@ -62,9 +66,14 @@ def test_report_counts_finished_runs_and_marks_missing_cells(tmp_path, monkeypat
   args = paper_study.parse_flags([f"--root={tmp_path / 'runs'}"])
   jobs = paper_study.jobs_for_report(args)
   # Two finished /1 Fashion-MNIST seeds; everything else missing.
-  for job, top1 in zip([j for j in jobs if j.group == "patch"
-                        and j.label("dataset") == "fashion_mnist" and j.label("patch") == 1],
-                       (0.5, 0.7)):
+  for job, top1 in zip(
+    [
+      j
+      for j in jobs
+      if j.group == "patch" and j.label("dataset") == "fashion_mnist" and j.label("patch") == 1
+    ],
+    (0.5, 0.7),
+  ):
     workdir = tmp_path / "runs" / job.name
     os.makedirs(workdir)
     (workdir / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval/top1": top1}) + "\n")
@@ -81,16 +90,18 @@ def _finish(root, job, curve, wall_s=60.0, machine="test machine"):
   """Writes a finished run: its metrics (one eval per (step, top1)) and record."""
   workdir = root / job.name
   os.makedirs(workdir, exist_ok=True)
-  (workdir / "metrics.jsonl").write_text("".join(
-      json.dumps({"step": step, "eval/top1": top1}) + "\n" for step, top1 in curve))
-  (workdir / "study.json").write_text(json.dumps(
-      {"argv": list(job.argv), "wall_s": wall_s, "finished": 1.8e9, "machine": machine}))
+  (workdir / "metrics.jsonl").write_text(
+    "".join(json.dumps({"step": step, "eval/top1": top1}) + "\n" for step, top1 in curve)
+  )
+  (workdir / "study.json").write_text(
+    json.dumps({"argv": list(job.argv), "wall_s": wall_s, "finished": 1.8e9, "machine": machine})
+  )
 
 
-def test_converged_cells_appear_once_their_patch_size_is_tuned_at_the_best_held_out_rate(
-    tmp_path):
-  args = paper_study.parse_flags([f"--root={tmp_path}", "--only=" + ",".join(
-      paper_study.CONV_GROUPS)])
+def test_converged_cells_appear_once_their_patch_size_is_tuned_at_the_best_held_out_rate(tmp_path):
+  args = paper_study.parse_flags(
+    [f"--root={tmp_path}", "--only=" + ",".join(paper_study.CONV_GROUPS)]
+  )
   jobs = paper_study.jobs_for(args)
   assert {j.group for j in jobs} == {"conv_tune"}
   # /4: the patch cell; /2 and /1: + 2 position embeddings + 2 permutations
@@ -135,8 +146,9 @@ def test_report_from_a_copy_of_the_records_anywhere_is_the_same(tmp_path, monkey
   assert any(paper_study.ROOT in a for j in mae for a in j.argv)
   assert all(str(first) not in a for j in mae for a in j.argv)
   finetune = next(j for j in mae if j.label("stage") == "finetune")
-  assert any(f"init_from={first}/mae_fashion_mnist_p1_pretrain" in a
-             for a in finetune.command(str(first)))
+  assert any(
+    f"init_from={first}/mae_fashion_mnist_p1_pretrain" in a for a in finetune.command(str(first))
+  )
   jobs = [j for j in paper_study.jobs_for_report(args) if j.group == "conv_tune"]
   for job in jobs:  # every patch size tuned; then two seeds of each converged cell
     _finish(first, job, [(375, 0.8 + job.label("lr"))])
@@ -144,8 +156,11 @@ def test_report_from_a_copy_of_the_records_anywhere_is_the_same(tmp_path, monkey
   for job in paper_study.jobs_for_report(args):
     if job.group in ("conv_patch", "conv_permute") and job.label("seed") < 2:
       base = {1: 0.86, 2: 0.85, 4: 0.80}[job.label("patch")] - 0.05 * bool(job.label("delta"))
-      _finish(first, job, [(per_epoch * e, base - 0.1 / e + 0.001 * job.label("seed"))
-                           for e in range(1, 31)])
+      _finish(
+        first,
+        job,
+        [(per_epoch * e, base - 0.1 / e + 0.001 * job.label("seed")) for e in range(1, 31)],
+      )
   for job in mae:
     _finish(first, job, [(200, 0.7)])
   records = tmp_path / "records"
@@ -177,8 +192,13 @@ def test_a_study_resumes_where_it_stopped_and_runs_newly_listed_cells(tmp_path, 
     _finish(tmp_path / "runs", job, [(375, top1)])
 
   monkeypatch.setattr(paper_study, "run", fake_run)
-  flags = [f"--root={tmp_path / 'runs'}", f"--records={tmp_path / 'records'}",
-           "--only=conv_tune,conv_patch", "--match=_p4_", "--seeds=2"]
+  flags = [
+    f"--root={tmp_path / 'runs'}",
+    f"--records={tmp_path / 'records'}",
+    "--only=conv_tune,conv_patch",
+    "--match=_p4_",
+    "--seeds=2",
+  ]
   tune = [j for j in paper_study.jobs_for(paper_study.parse_flags(flags))]
   _finish(tmp_path / "runs", tune[0], [(375, 0.5)])  # one tuning run finished before
   paper_study.main(flags)
@@ -204,6 +224,7 @@ def test_parallel_runs_wait_for_what_they_need(tmp_path, monkeypatch):
   monkeypatch.setattr(paper_study, "DOCS", str(tmp_path / "docs"))
   import threading
   import time
+
   lock, ran, live = threading.Lock(), [], set()
 
   def fake_run(root, job, core=None):
@@ -231,8 +252,12 @@ def test_parallel_runs_wait_for_what_they_need(tmp_path, monkeypatch):
 def test_a_run_stopped_from_outside_is_not_recorded_as_finished(tmp_path, monkeypatch):
   """pixel_vit.main exits 0 after a SIGTERM (it saved a checkpoint): the
   study must not take that run for finished."""
-  job = [j for j in paper_study.jobs_for(paper_study.parse_flags(
-      [f"--root={tmp_path}", "--only=conv_tune"]))][0]
+  job = [
+    j
+    for j in paper_study.jobs_for(
+      paper_study.parse_flags([f"--root={tmp_path}", "--only=conv_tune"])
+    )
+  ][0]
   total = paper_study._total_steps(job)
 
   real_run = paper_study.subprocess.run
@@ -245,6 +270,7 @@ def test_a_run_stopped_from_outside_is_not_recorded_as_finished(tmp_path, monkey
       with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"step": steps, "train/loss": 1.0}) + "\n")
       return types.SimpleNamespace(returncode=0)
+
     return fake
 
   monkeypatch.setattr(paper_study.subprocess, "run", fake_main(total // 2))

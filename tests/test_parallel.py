@@ -5,6 +5,7 @@ attribute (and `process_index`) are arranged by `parallel.device_grid`, the
 function `make_mesh` builds its Mesh from. What matters: every collective on
 an axis the DCN does not split stays inside one granule.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,9 +29,13 @@ class FakeDevice:
 
 def pod(slices: int, per_slice: int, processes_per_slice: int = 1) -> list[FakeDevice]:
   per_process = per_slice // processes_per_slice
-  return [FakeDevice(id=s * per_slice + i, slice_index=s,
-                     process_index=(s * per_slice + i) // per_process)
-          for s in range(slices) for i in range(per_slice)]
+  return [
+    FakeDevice(
+      id=s * per_slice + i, slice_index=s, process_index=(s * per_slice + i) // per_process
+    )
+    for s in range(slices)
+    for i in range(per_slice)
+  ]
 
 
 def mesh(**overrides) -> ml_collections.ConfigDict:
@@ -71,8 +76,7 @@ def test_dcn_on_fsdp_splits_that_axis_into_slice_blocks():
 
 
 def test_four_slices_over_data_and_fsdp():
-  grid = parallel.device_grid(
-      mesh(data=4, fsdp=2, tensor=2, dcn=dict(data=2, fsdp=2)), pod(4, 4))
+  grid = parallel.device_grid(mesh(data=4, fsdp=2, tensor=2, dcn=dict(data=2, fsdp=2)), pod(4, 4))
   assert grid.shape == (4, 2, 1, 2)
   slices = granules_along(grid)
   # Tensor pairs (the most communication) never leave a slice.
@@ -91,15 +95,21 @@ def test_process_granules_for_gpu_hosts():
   assert (processes == np.arange(2)[:, None, None, None]).all()
 
 
-@pytest.mark.parametrize("config,devices,message", [
-    (mesh(data=1, fsdp=-1), pod(2, 4),
-     r"config\.mesh .*cannot be split over 2 slices.*axes \['data'\].*"
-     r"--config\.mesh\.dcn\.data=1 --config\.mesh\.dcn\.fsdp=2"),
+@pytest.mark.parametrize(
+  "config,devices,message",
+  [
+    (
+      mesh(data=1, fsdp=-1),
+      pod(2, 4),
+      r"config\.mesh .*cannot be split over 2 slices.*axes \['data'\].*"
+      r"--config\.mesh\.dcn\.data=1 --config\.mesh\.dcn\.fsdp=2",
+    ),
     (mesh(dcn=dict(data=3)), pod(2, 4), r"config\.mesh\.dcn .*uses 3 slices but 2"),
     (mesh(dcn=dict(data=-1, fsdp=-1)), pod(2, 4), r"config\.mesh\.dcn sizes .*at most one -1"),
     (mesh(granule="host"), pod(1, 8), r"config\.mesh\.granule='host' is not allowed"),
     (mesh(data=3), pod(1, 8), r"config\.mesh .*uses 3 devices but 8"),
-])
+  ],
+)
 def test_bad_splits_are_named(config, devices, message):
   with pytest.raises(ValueError, match=message):
     parallel.device_grid(config, devices)

@@ -1,5 +1,6 @@
 """benchmarks/profile_step.py puts a compiled step's ops in the category of the
 code that emitted them (the breakdown the performance notes quote)."""
+
 import collections
 
 import jax

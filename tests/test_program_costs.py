@@ -3,6 +3,7 @@ HLO text and its jaxpr. Loops count once per iteration (XLA's own cost
 analysis counts a while body once), instructions may span lines, on-chip
 buffers move no HBM bytes, a dynamic-update-slice writes in place, and the
 matmul FLOPs of scans, conds and shard_maps are counted as they run."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,6 +77,7 @@ def test_a_compiled_scan_counts_its_trip_count_and_updates_in_place():
     def step(carry, _):
       carry = jnp.tanh(carry @ carry)
       return carry, carry
+
     return lax.scan(step, x, None, length=16)[1]
 
   x = jnp.ones((64, 64), jnp.float32)
@@ -103,7 +105,8 @@ def test_matmul_flops_count_scans_conds_and_shard_maps():
   assert program_costs.matmul_flops(jaxpr) == 2 * one  # the larger branch
 
   mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
-  per_device = jax.shard_map(lambda x: x @ w, mesh=mesh, in_specs=PartitionSpec("data"),
-                             out_specs=PartitionSpec("data"))
+  per_device = jax.shard_map(
+    lambda x: x @ w, mesh=mesh, in_specs=PartitionSpec("data"), out_specs=PartitionSpec("data")
+  )
   jaxpr = jax.make_jaxpr(per_device)(jnp.ones((32, 32)))
   assert program_costs.matmul_flops(jaxpr) == 4 * one  # [8, 32] @ [32, 48] on each of 4

@@ -18,6 +18,7 @@ experiments as `python -m pixel_vit.main ...` / `python -m pixel_vit.sample
 External files the commands name (Inception weights, FID reference, VAE
 weights) are dropped from the shrunken copy: they are inputs, not code.
 """
+
 import json
 import os
 
@@ -25,11 +26,11 @@ import numpy as np
 import pytest
 
 from experiments import readme_table
-from support import Command, build
 from pixel_vit import main as main_lib
 from pixel_vit import sample as sample_lib
 from pixel_vit.data import sources
 from pixel_vit.trainers import state as state_lib
+from support import Command, build
 
 EXTERNAL_FILES = ("fid.features", "fid.reference", "vae.weights")
 
@@ -61,8 +62,14 @@ def real_split(config) -> sources.ImageSplit:
   if height is None:
     height = width = config.data.image_size
   images = np.zeros((1, height, width, channels), np.float32 if latent else np.uint8)
-  return sources.ImageSplit(images=images, labels=np.zeros(1, np.int32), num_classes=classes,
-                            total_examples=1, process_index=0, process_count=1)
+  return sources.ImageSplit(
+    images=images,
+    labels=np.zeros(1, np.int32),
+    num_classes=classes,
+    total_examples=1,
+    process_index=0,
+    process_count=1,
+  )
 
 
 def write_stand_in_data(directory, config, size: int, sizes=(("train", 24), ("test", 10))) -> str:
@@ -74,14 +81,22 @@ def write_stand_in_data(directory, config, size: int, sizes=(("train", 24), ("te
   # none of whose classes the model trains on (sources.check_splits).
   seen = rng.integers(0, classes, max(n for _, n in sizes)).astype(np.int32)
   for split, n in sizes:
-    labels = seen[:n] if split == "train" else rng.choice(seen[:sizes[0][1]], n).astype(np.int32)
+    labels = seen[:n] if split == "train" else rng.choice(seen[: sizes[0][1]], n).astype(np.int32)
     names = np.array([f"class{i}" for i in range(classes)])
     if latent:
-      np.savez(path.format(split=split), labels=labels, class_names=names,
-               latents=rng.normal(size=(n, size, size, channels)).astype(np.float32))
+      np.savez(
+        path.format(split=split),
+        labels=labels,
+        class_names=names,
+        latents=rng.normal(size=(n, size, size, channels)).astype(np.float32),
+      )
     else:
-      np.savez(path.format(split=split), labels=labels, class_names=names,
-               images=rng.integers(0, 256, (n, size, size, channels)).astype(np.uint8))
+      np.savez(
+        path.format(split=split),
+        labels=labels,
+        class_names=names,
+        images=rng.integers(0, 256, (n, size, size, channels)).astype(np.uint8),
+      )
   return f"npz:{path}"
 
 
@@ -93,8 +108,9 @@ def stand_in_for_npz_source(config, directory) -> None:
   height, width, channels, classes, latent = real_data(config.data.source)
   assert height == width, config.data.source
   os.makedirs(directory, exist_ok=True)
-  config.data.source = write_stand_in_data(directory, config, height,
-                                           sizes=(("train", 2), ("test", 2)))
+  config.data.source = write_stand_in_data(
+    directory, config, height, sizes=(("train", 2), ("test", 2))
+  )
 
 
 def shrink(config, directory) -> None:
@@ -107,8 +123,14 @@ def shrink(config, directory) -> None:
   config.data.source = write_stand_in_data(directory, config, size)
   config.data.image_size = None
   config.data.eval_split = "test"
-  for key, value in (("batch_size", 8), ("eval_batch_size", 8), ("total_steps", 1),
-                     ("log_every", 1), ("eval_every", 1), ("checkpoint_every", 1)):
+  for key, value in (
+    ("batch_size", 8),
+    ("eval_batch_size", 8),
+    ("total_steps", 1),
+    ("log_every", 1),
+    ("eval_every", 1),
+    ("checkpoint_every", 1),
+  ):
     config[key] = value
   config.optimizer.warmup_steps = 0
   if "warmup_epochs" in config.optimizer:
@@ -125,21 +147,33 @@ def test_the_table_lists_every_paper_experiment():
   sampling, and the three locality ablations."""
   texts = readme_commands()
   configs = {(c.module, c.config_file, c.config_arg) for c in map(Command.parse, texts)}
-  expected = [("main", "configs/cls_pixel.py", f"variant={v}") for v in
-              ("Ti/1", "Ti/2", "S/1", "S/2")]
-  expected += [("main", "configs/cls_pixel.py", f"variant={s}/{p},dataset=imagenet28")
-               for s in ("S", "B", "L") for p in (1, 2)]
+  expected = [
+    ("main", "configs/cls_pixel.py", f"variant={v}") for v in ("Ti/1", "Ti/2", "S/1", "S/2")
+  ]
+  expected += [
+    ("main", "configs/cls_pixel.py", f"variant={s}/{p},dataset=imagenet28")
+    for s in ("S", "B", "L")
+    for p in (1, 2)
+  ]
   for v in ("Ti/1", "Ti/2", "S/1", "S/2"):
     run = f"runs/mae_{v.replace('/', '')}"
-    expected += [("main", "configs/mae_pixel.py", f"variant={v}"),
-                 ("main", "configs/mae_finetune.py", f"variant={v},init_from={run}"),
-                 ("main", "configs/mae_finetune.py", f"mode=probe,variant={v},init_from={run}")]
+    expected += [
+      ("main", "configs/mae_pixel.py", f"variant={v}"),
+      ("main", "configs/mae_finetune.py", f"variant={v},init_from={run}"),
+      ("main", "configs/mae_finetune.py", f"mode=probe,variant={v},init_from={run}"),
+    ]
   for v in ("L/1", "L/2"):
     expected += [(m, "configs/dit_pixel.py", f"variant={v}") for m in ("main", "sample")]
-  for ablation in ("posemb=sincos2d", "posemb=learn", "posemb=none", "tokenizer=vocab",
-                   "swaps=25000,swap_distance=16"):
-    expected.append(("main", "configs/cls_pixel.py",
-                     f"variant=B/16,dataset=imagenet224,{ablation}"))
+  for ablation in (
+    "posemb=sincos2d",
+    "posemb=learn",
+    "posemb=none",
+    "tokenizer=vocab",
+    "swaps=25000,swap_distance=16",
+  ):
+    expected.append(
+      ("main", "configs/cls_pixel.py", f"variant=B/16,dataset=imagenet224,{ablation}")
+    )
   missing = [e for e in expected if e not in configs]
   assert not missing, f"README experiments table lacks {missing}"
   assert len(texts) == len(set(texts)), "a command is listed twice"
@@ -190,16 +224,23 @@ def test_every_readme_command_builds_validates_and_trains_one_step(tmp_path):
 def test_a_broken_command_is_caught(tmp_path):
   """The check above can fail: a patch that does not tile the image, an
   unknown override and an unknown config argument are all reported."""
-  bad_patch = Command.parse("python -m pixel_vit.main --config=configs/cls_pixel.py:"
-                            "variant=Ti/3 --workdir=runs/x")
+  bad_patch = Command.parse(
+    "python -m pixel_vit.main --config=configs/cls_pixel.py:variant=Ti/3 --workdir=runs/x"
+  )
   config = build(bad_patch)
   with pytest.raises(ValueError, match="patch size 3 does not divide image size 32"):
     main_lib.trainer_for(config).validate(config)
-    state_lib.model_shapes(main_lib.trainer_for(config).make_model_fn(
-        config, real_split(config)))
+    state_lib.model_shapes(main_lib.trainer_for(config).make_model_fn(config, real_split(config)))
   with pytest.raises(KeyError):
-    build(Command.parse("python -m pixel_vit.main --config=configs/cls_pixel.py "
-                        "--config.optimizer.lrr=1 --workdir=runs/x"))
+    build(
+      Command.parse(
+        "python -m pixel_vit.main --config=configs/cls_pixel.py "
+        "--config.optimizer.lrr=1 --workdir=runs/x"
+      )
+    )
   with pytest.raises(ValueError, match="config argument 'variants' is unknown"):
-    build(Command.parse("python -m pixel_vit.main --config=configs/cls_pixel.py:"
-                        "variants=Ti/1 --workdir=runs/x"))
+    build(
+      Command.parse(
+        "python -m pixel_vit.main --config=configs/cls_pixel.py:variants=Ti/1 --workdir=runs/x"
+      )
+    )

@@ -3,6 +3,7 @@ fake CPU devices: sequence-split over `seq` (4 or 8 ways), with the batch over
 `data` and the heads over `tensor` as the config's rules say, with and without
 key masks, at lengths the ring divides and at lengths it pads (N + 1 with
 [CLS]); without a mesh it is `xla` exactly."""
+
 from __future__ import annotations
 
 import jax
@@ -11,17 +12,17 @@ import ml_collections
 import numpy as np
 import pytest
 
-from support import record_first_shapes
 from pixel_vit import configuration, parallel
 from pixel_vit.models import attention
 from pixel_vit.models.attention import ring as ring_attention
+from support import record_first_shapes
 
 RULES = configuration.SHARDING_RULES
 QKV = ("batch", "length", "heads", "kv")
 MESHES = {
-    "data2_seq4": dict(data=2, fsdp=1, seq=4, tensor=1),
-    "seq8": dict(data=1, fsdp=1, seq=8, tensor=1),
-    "seq4_tensor2": dict(data=1, fsdp=1, seq=4, tensor=2),
+  "data2_seq4": dict(data=2, fsdp=1, seq=4, tensor=1),
+  "seq8": dict(data=1, fsdp=1, seq=8, tensor=1),
+  "seq4_tensor2": dict(data=1, fsdp=1, seq=4, tensor=2),
 }
 
 
@@ -31,8 +32,7 @@ def make_mesh(layout: dict):
 
 def inputs(length: int, *, masked: bool, batch: int = 4, heads: int = 4, dim: int = 8):
   keys = jax.random.split(jax.random.key(length), 4)
-  q, k, v = (jax.random.normal(key, (batch, length, heads, dim), jnp.float32)
-             for key in keys[:3])
+  q, k, v = (jax.random.normal(key, (batch, length, heads, dim), jnp.float32) for key in keys[:3])
   mask = None
   if masked:
     mask = jax.random.bernoulli(keys[3], 0.6, (batch, length))
@@ -49,14 +49,14 @@ def loss_and_grads(backend, q, k, v, mask):
     out = backend(q, k, v, mask)
     return jnp.sum(out * jnp.sin(out)), out
 
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
-      q, k, v)
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
   return out, grads
 
 
 def assert_close(actual, desired, what):
-  np.testing.assert_allclose(np.asarray(actual), np.asarray(desired), rtol=1e-5, atol=1e-5,
-                             err_msg=what)
+  np.testing.assert_allclose(
+    np.asarray(actual), np.asarray(desired), rtol=1e-5, atol=1e-5, err_msg=what
+  )
 
 
 def record_local_shapes(monkeypatch) -> list:
@@ -71,8 +71,9 @@ def test_registered_as_backend():
 @pytest.mark.parametrize("masked", [False, True])
 def test_without_a_mesh_is_xla(masked):
   q, k, v, mask = inputs(17, masked=masked)
-  np.testing.assert_array_equal(ring_attention.ring_attention(q, k, v, mask),
-                                attention.xla_attention(q, k, v, mask))
+  np.testing.assert_array_equal(
+    ring_attention.ring_attention(q, k, v, mask), attention.xla_attention(q, k, v, mask)
+  )
 
 
 def test_seq_size_one_is_xla(monkeypatch):
@@ -103,8 +104,9 @@ def test_ring_equals_xla(layout, length, masked, monkeypatch):
   # its share of the batch and heads, and blocks went round the ring.
   sizes = MESHES[layout]
   padded = -(-length // sizes["seq"]) * sizes["seq"]
-  assert seen and set(seen) == {(4 // sizes["data"], padded // sizes["seq"],
-                                 4 // sizes["tensor"], 8)}, seen
+  assert seen and set(seen) == {
+    (4 // sizes["data"], padded // sizes["seq"], 4 // sizes["tensor"], 8)
+  }, seen
   assert "collective-permute" in hlo
   # The output comes back sequence-sharded like q (when the length divides).
   if length % sizes["seq"] == 0:
@@ -127,25 +129,31 @@ def test_indivisible_batch_and_heads_are_kept_whole(monkeypatch):
 
 
 def test_bfloat16_inputs_give_bfloat16_close_to_xla():
-  q, k, v, mask = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x
-                   for x in inputs(32, masked=True))
+  q, k, v, mask = (
+    x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in inputs(32, masked=True)
+  )
   with parallel.activate(make_mesh(MESHES["data2_seq4"]), RULES):
     out = jax.jit(ring_attention.ring_attention)(q, k, v, mask)
   assert out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(out, np.float32),
-                             np.asarray(attention.xla_attention(q, k, v, mask), np.float32),
-                             atol=3e-2)
+  np.testing.assert_allclose(
+    np.asarray(out, np.float32),
+    np.asarray(attention.xla_attention(q, k, v, mask), np.float32),
+    atol=3e-2,
+  )
 
 
-@pytest.mark.parametrize("bad, message", [
+@pytest.mark.parametrize(
+  "bad, message",
+  [
     (dict(k_length=7), "one shape"),
     (dict(mask_dtype=jnp.int32), "key_mask must be boolean"),
     (dict(v_dtype=jnp.bfloat16), "one dtype"),
-])
+  ],
+)
 def test_bad_inputs_are_rejected(bad, message):
   q, k, v, _ = inputs(8, masked=False)
   if "k_length" in bad:
-    k = k[:, :bad["k_length"]]
+    k = k[:, : bad["k_length"]]
   mask = jnp.ones(q.shape[:2], bad.get("mask_dtype", jnp.bool_))
   v = v.astype(bad.get("v_dtype", jnp.float32))
   with pytest.raises(ValueError, match=message):

@@ -7,6 +7,7 @@ lengths its 128/256/512 blocks do not divide, with masks, with an example
 whose keys are all masked, and under a data x tensor mesh (shard_map over
 batch and heads); inside the classifier in test_attention.py.
 """
+
 from __future__ import annotations
 
 import jax
@@ -14,12 +15,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from support_attention import assert_matches_xla, qkv
 
 from pixel_vit import configuration, parallel
 from pixel_vit.models import attention
 from pixel_vit.models.attention import splash as splash_attention
 from support import record_first_shapes
-from support_attention import assert_matches_xla, qkv
 
 RULES = configuration.SHARDING_RULES
 
@@ -29,9 +30,19 @@ def test_registered_and_interpreted_off_tpu():
   assert jax.default_backend() == "cpu"  # so the tests below run the kernel interpreted
 
 
-@pytest.mark.parametrize("length,expected", [
-    (1, (128, 128)), (65, (128, 128)), (200, (256, 256)), (300, (128, 384)),
-    (1025, (128, 1152)), (4096, (512, 4096)), (16385, (128, 16512)), (768, (256, 768))])
+@pytest.mark.parametrize(
+  "length,expected",
+  [
+    (1, (128, 128)),
+    (65, (128, 128)),
+    (200, (256, 256)),
+    (300, (128, 384)),
+    (1025, (128, 1152)),
+    (4096, (512, 4096)),
+    (16385, (128, 16512)),
+    (768, (256, 768)),
+  ],
+)
 def test_block_is_the_one_that_pads_least(length, expected):
   assert splash_attention.padded_blocking(length) == expected
 
@@ -53,8 +64,9 @@ def test_fully_masked_example_is_the_mean_of_values_like_xla():
   key_mask[1] = False
   assert_matches_xla(splash_attention.splash_attention, q, k, v, key_mask)
   out = splash_attention.splash_attention(q, k, v, key_mask)
-  np.testing.assert_allclose(out[1], jnp.broadcast_to(v[1].mean(0), out[1].shape),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    out[1], jnp.broadcast_to(v[1].mean(0), out[1].shape), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_under_a_mesh_each_device_runs_whole_sequences_of_its_batch_and_heads(monkeypatch):
@@ -85,7 +97,9 @@ def test_bad_input_is_rejected():
 # ---------------------------------------------------------------- auto
 
 
-@pytest.mark.parametrize("kwargs,expected", [
+@pytest.mark.parametrize(
+  "kwargs,expected",
+  [
     (dict(platform="cpu", length=65, dtype=jnp.float32), "xla"),
     (dict(platform="cpu", length=attention.CHUNKED_FROM_LENGTH - 1, dtype=jnp.float32), "xla"),
     (dict(platform="cpu", length=attention.CHUNKED_FROM_LENGTH, dtype=jnp.float32), "chunked"),
@@ -98,23 +112,29 @@ def test_bad_input_is_rejected():
     (dict(platform="tpu", length=4096, dtype=jnp.float32, seq_shards=4), "ring"),
     (dict(platform="cpu", length=65, dtype=jnp.float32, seq_shards=2), "ring"),
     (dict(platform="tpu", length=4096, dtype=jnp.float32, self_attention=False), "chunked"),
-])
+  ],
+)
 def test_choose_backend(kwargs, expected):
   assert attention.choose_backend(**kwargs) == expected
 
 
-@pytest.mark.parametrize("length,layout,expected", [
+@pytest.mark.parametrize(
+  "length,layout,expected",
+  [
     (40, None, "xla"),
     (attention.CHUNKED_FROM_LENGTH + 3, None, "chunked"),
     (40, dict(data=2, fsdp=1, seq=4, tensor=1), "ring"),
     (40, dict(data=8, fsdp=1, seq=1, tensor=1), "xla"),
-])
+  ],
+)
 def test_auto_runs_the_chosen_backend_and_matches_xla(monkeypatch, length, layout, expected):
   calls = []
   for name in ("xla", "chunked", "ring"):
+
     def spy(*args, _fn=attention.BACKENDS[name], _name=name, **kwargs):
       calls.append(_name)
       return _fn(*args, **kwargs)
+
     monkeypatch.setitem(attention.BACKENDS, name, spy)
   q, k, v = qkv(7, batch=4, length=length, heads=2, head_dim=8)
   if layout is None:

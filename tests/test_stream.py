@@ -3,6 +3,7 @@ image, the image-folder -> ArrayRecord writer, and grain batches whose order
 is a function of (seed, step) only: the same for 1 and 2 processes, on
 resume, and with worker processes. Data is generated here (JPEG and PNG of
 varied sizes and aspect ratios in class folders); nothing is downloaded."""
+
 import json
 import os
 import re
@@ -12,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support import make_image_folder
 from pixel_vit import write_records
 from pixel_vit.data import crops, records, stream
+from support import make_image_folder
 
 # ---------------------------------------------------------------- crops
 
@@ -23,8 +24,12 @@ def test_random_resized_crop_boxes_follow_the_scale_and_ratio_ranges():
   rng = np.random.default_rng(0)
   height, width = 300, 400
   scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
-  boxes = np.array([crops.random_resized_crop_box(rng, height, width, scale=scale, ratio=ratio)
-                    for _ in range(4000)])
+  boxes = np.array(
+    [
+      crops.random_resized_crop_box(rng, height, width, scale=scale, ratio=ratio)
+      for _ in range(4000)
+    ]
+  )
   top, left, h, w = boxes.T
   assert (top >= 0).all() and (left >= 0).all()
   assert (top + h <= height).all() and (left + w <= width).all()
@@ -45,16 +50,17 @@ def test_random_resized_crop_boxes_follow_the_scale_and_ratio_ranges():
 def test_random_resized_crop_falls_back_to_the_centre_at_the_nearest_ratio():
   rng = np.random.default_rng(0)
   # A 10x1000 strip: no box with ratio <= 4/3 and >= 8% of the area fits.
-  top, left, h, w = crops.random_resized_crop_box(rng, 10, 1000, scale=(0.5, 1.0),
-                                                  ratio=(3 / 4, 4 / 3))
+  top, left, h, w = crops.random_resized_crop_box(
+    rng, 10, 1000, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)
+  )
   assert (h, w) == (10, round(10 * 4 / 3)) and left == (1000 - w) // 2 and top == 0
 
 
 def halves_image(width: int, height: int) -> Image.Image:
   """Left half red (255, 0, 0), right half blue (0, 0, 255)."""
   pixels = np.zeros((height, width, 3), np.uint8)
-  pixels[:, :width // 2, 0] = 255
-  pixels[:, width // 2:, 2] = 255
+  pixels[:, : width // 2, 0] = 255
+  pixels[:, width // 2 :, 2] = 255
   return Image.fromarray(pixels)
 
 
@@ -82,8 +88,9 @@ def test_train_crop_is_of_the_original_image_not_of_a_square_resize():
   rng = np.random.default_rng(3)
   for _ in range(50):
     state = rng.bit_generator.state
-    top, left, h, w = crops.random_resized_crop_box(rng, 100, 200, scale=(0.05, 0.2),
-                                                    ratio=(0.9, 1.1))
+    top, left, h, w = crops.random_resized_crop_box(
+      rng, 100, 200, scale=(0.05, 0.2), ratio=(0.9, 1.1)
+    )
     rng.bit_generator.state = state
     out = crops.train_crop(image, rng, 8, scale=(0.05, 0.2), ratio=(0.9, 1.1), flip=False)
     if left + w <= 95:
@@ -111,8 +118,11 @@ def written(tmp_path_factory):
   root = tmp_path_factory.mktemp("folder")
   images = make_image_folder(root / "images")
   out = str(root / "records")
-  return images, out, write_records.write_split(images=images, out=out, split="train",
-                                                examples_per_shard=10)
+  return (
+    images,
+    out,
+    write_records.write_split(images=images, out=out, split="train", examples_per_shard=10),
+  )
 
 
 def test_writer_keeps_every_image_with_its_label(written):
@@ -122,12 +132,17 @@ def test_writer_keeps_every_image_with_its_label(written):
   reopened = records.open_split(out, "train")
   assert reopened == split
   import grain
+
   source = grain.sources.ArrayRecordDataSource(reopened.paths)
-  stored = sorted((records.decode_record(source[i])[0], records.decode_record(source[i])[1])
-                  for i in range(len(source)))
-  on_disk = sorted((label, open(os.path.join(images, name, f), "rb").read())
-                   for label, name in enumerate(split.class_names)
-                   for f in os.listdir(os.path.join(images, name)))
+  stored = sorted(
+    (records.decode_record(source[i])[0], records.decode_record(source[i])[1])
+    for i in range(len(source))
+  )
+  on_disk = sorted(
+    (label, open(os.path.join(images, name, f), "rb").read())
+    for label, name in enumerate(split.class_names)
+    for f in os.listdir(os.path.join(images, name))
+  )
   assert stored == on_disk  # every file once, bytes unchanged, the right label
 
 
@@ -141,8 +156,7 @@ def test_writer_resumes_only_missing_shards_and_refuses_a_changed_folder(written
   untouched = os.path.getmtime(os.path.join(copy, split.shards[0]))
   with pytest.raises(ValueError, match="no complete 'train' split .* rerun"):
     records.open_split(copy, "train")
-  again = write_records.write_split(images=images, out=copy, split="train",
-                                    examples_per_shard=10)
+  again = write_records.write_split(images=images, out=copy, split="train", examples_per_shard=10)
   assert again == records.open_split(copy, "train")
   assert os.path.getmtime(os.path.join(copy, split.shards[0])) == untouched
   for name in split.shards:
@@ -163,20 +177,24 @@ def test_writer_bad_input_is_named(tmp_path):
     f.write(b"\xff\xd8\xff\xe0 not a jpeg")
   Image.fromarray(np.zeros((9, 9), np.uint8)).save(os.path.join(images, "class_0", "g.jpg"))
   Image.fromarray(np.zeros((9, 9, 3), np.uint8)).convert("CMYK").save(
-      os.path.join(images, "class_0", "c.jpg"))
+    os.path.join(images, "class_0", "c.jpg")
+  )
   split = write_records.write_split(images=images, out=str(tmp_path / "a"), split="train")
   assert split.skipped == ("class_1/broken.jpg",)
   assert split.converted == {"L": 1, "CMYK": 1} and split.num_examples == 10
-  with pytest.raises(ValueError, match="'class_1/broken.jpg' cannot be decoded.*"
-                                       "--on_bad_image=skip"):
-    write_records.write_split(images=images, out=str(tmp_path / "b"), split="train",
-                              on_bad_image="fail")
+  with pytest.raises(
+    ValueError, match="'class_1/broken.jpg' cannot be decoded.*--on_bad_image=skip"
+  ):
+    write_records.write_split(
+      images=images, out=str(tmp_path / "b"), split="train", on_bad_image="fail"
+    )
   os.makedirs(os.path.join(images, "class_9"))
   with pytest.raises(ValueError, match="class_9' holds no image files"):
     write_records.write_split(images=images, out=str(tmp_path / "c"), split="train")
   with pytest.raises(ValueError, match="is not a directory"):
-    write_records.write_split(images=str(tmp_path / "nowhere"), out=str(tmp_path / "d"),
-                              split="train")
+    write_records.write_split(
+      images=str(tmp_path / "nowhere"), out=str(tmp_path / "d"), split="train"
+    )
 
 
 def test_a_missing_shard_is_named_with_the_fix(written, tmp_path):
@@ -198,8 +216,11 @@ HOST = stream.HostCrops(image_size=8, scale=(0.3, 1.0))
 
 
 def take(split, layout, *, start=0, total=12, seed=1, workers=0):
-  return list(stream.train_batches(split, HOST, layout, seed=seed, start_step=start,
-                                   total_steps=total, workers=workers))
+  return list(
+    stream.train_batches(
+      split, HOST, layout, seed=seed, start_step=start, total_steps=total, workers=workers
+    )
+  )
 
 
 def assert_batches_equal(a, b):
@@ -214,8 +235,7 @@ def test_the_order_is_a_function_of_seed_and_step_not_of_processes_or_resume(wri
   one = take(split, stream.Layout(8))
   assert one[0]["images"].shape == (8, 8, 8, 3) and one[0]["labels"].dtype == np.int32
   halves = [take(split, stream.Layout(8, p, 2)) for p in (0, 1)]
-  assert_batches_equal([{k: np.concatenate([a[k], b[k]]) for k in a}
-                        for a, b in zip(*halves)], one)
+  assert_batches_equal([{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*halves)], one)
   assert_batches_equal(take(split, stream.Layout(8), start=4), one[4:])  # crosses an epoch
   other_seed = take(split, stream.Layout(8), seed=2)
   assert not np.array_equal(other_seed[0]["images"], one[0]["images"])
@@ -228,8 +248,9 @@ def test_the_order_is_a_function_of_seed_and_step_not_of_processes_or_resume(wri
 
 def test_worker_processes_give_the_same_batches(written):
   _, _, split = written
-  assert_batches_equal(take(split, stream.Layout(8), total=4, workers=2),
-                       take(split, stream.Layout(8), total=4))
+  assert_batches_equal(
+    take(split, stream.Layout(8), total=4, workers=2), take(split, stream.Layout(8), total=4)
+  )
 
 
 def test_eval_reads_every_record_once_over_any_process_count(written):
@@ -253,6 +274,7 @@ def corrupt_record(records_dir: str, split: str, index: int) -> int:
   returns its label."""
   import grain
   from array_record.python import array_record_module
+
   info = records.open_split(records_dir, split)
   first = 0
   for name, size in zip(info.shards, info.shard_sizes):
@@ -281,8 +303,11 @@ def test_a_corrupt_image_stops_the_stream_by_name_or_is_skipped_and_counted(writ
   corrupt_record(bad_dir, "train", 13)
   bad = records.open_split(bad_dir, "train")
   host, layout = stream.HostCrops(8, random_crop=False, flip=False), stream.Layout(42)
-  with pytest.raises(crops.BadImageError, match=r"record 13 of .*bad split 'train' cannot be "
-                                                r"decoded .*on_bad_example='skip'"):
+  with pytest.raises(
+    crops.BadImageError,
+    match=r"record 13 of .*bad split 'train' cannot be "
+    r"decoded .*on_bad_example='skip'",
+  ):
     list(stream.eval_batches(bad, host, layout))
   evaluated = next(stream.eval_batches(bad, host, layout, on_bad_example="skip"))
   clean = next(stream.eval_batches(split, host, layout))
@@ -293,31 +318,44 @@ def test_a_corrupt_image_stops_the_stream_by_name_or_is_skipped_and_counted(writ
   # Training: the slot of record 13 holds record 14 instead, on every run.
   order = stream._TrainExample(bad, host, layout, seed=0).order(0)
   slot = int(np.flatnonzero(order == 13)[0])
-  trained = [next(stream.train_batches(bad, host, layout, seed=0, start_step=0, total_steps=1,
-                                       on_bad_example="skip")) for _ in range(2)]
+  trained = [
+    next(
+      stream.train_batches(
+        bad, host, layout, seed=0, start_step=0, total_steps=1, on_bad_example="skip"
+      )
+    )
+    for _ in range(2)
+  ]
   np.testing.assert_array_equal(trained[0]["images"], trained[1]["images"])
   assert trained[0]["skipped"].tolist() == [int(i == slot) for i in range(42)]
   np.testing.assert_array_equal(trained[0]["images"][slot], clean["images"][14])
   with pytest.raises(ValueError, match="on_bad_example='maybe' is not one of"):
-    stream.train_batches(bad, host, layout, seed=0, start_step=0, total_steps=1,
-                         on_bad_example="maybe")
+    stream.train_batches(
+      bad, host, layout, seed=0, start_step=0, total_steps=1, on_bad_example="maybe"
+    )
 
 
 @pytest.mark.slow
-def test_a_run_skipping_a_corrupt_image_reports_it(quick_config, records_dataset, tmp_path,
-                                                   make_workdir):
+def test_a_run_skipping_a_corrupt_image_reports_it(
+  quick_config, records_dataset, tmp_path, make_workdir
+):
   from pixel_vit.trainers import classification
+
   bad_dir = str(tmp_path / "records")
   shutil.copytree(records_dataset, bad_dir)
   corrupt_record(bad_dir, "test", 5)
   workdir = make_workdir("skip_bad")
   _, results = classification.train_and_evaluate(
-      stream_config(quick_config, bad_dir, **{"data.on_bad_example": "skip", "total_steps": 2,
-                                              "log_every": 1}), workdir)
+    stream_config(
+      quick_config, bad_dir, **{"data.on_bad_example": "skip", "total_steps": 2, "log_every": 1}
+    ),
+    workdir,
+  )
   assert results["eval/count"] == 17  # 18 test records, one passed over
   with pytest.raises(crops.BadImageError, match="record 5 of"):
-    classification.train_and_evaluate(stream_config(quick_config, bad_dir, total_steps=2),
-                                      make_workdir("fail_bad"))
+    classification.train_and_evaluate(
+      stream_config(quick_config, bad_dir, total_steps=2), make_workdir("fail_bad")
+    )
 
 
 def test_data_position_records_the_epoch_and_what_would_change_the_order(written):
@@ -339,18 +377,32 @@ def records_dataset(tmp_path_factory):
   """train and test splits of generated images, as records:DIR."""
   root = tmp_path_factory.mktemp("stream_run")
   out = str(root / "records")
-  write_records.write_split(images=make_image_folder(root / "train", per_class=24, seed=1),
-                            out=out, split="train", examples_per_shard=32)
-  write_records.write_split(images=make_image_folder(root / "test", per_class=6, seed=2),
-                            out=out, split="test")
+  write_records.write_split(
+    images=make_image_folder(root / "train", per_class=24, seed=1),
+    out=out,
+    split="train",
+    examples_per_shard=32,
+  )
+  write_records.write_split(
+    images=make_image_folder(root / "test", per_class=6, seed=2), out=out, split="test"
+  )
   return out
 
 
 def stream_config(quick_config, records_dir, **overrides):
-  return quick_config({
-      "data.source": f"records:{records_dir}", "data.image_size": 8, "batch_size": 16,
-      "eval_batch_size": 8, "keep_checkpoints": 10, "augment.crop": True,
-      "augment.flip": True, "model.drop_path": 0.1, **overrides})
+  return quick_config(
+    {
+      "data.source": f"records:{records_dir}",
+      "data.image_size": 8,
+      "batch_size": 16,
+      "eval_batch_size": 8,
+      "keep_checkpoints": 10,
+      "augment.crop": True,
+      "augment.flip": True,
+      "model.drop_path": 0.1,
+      **overrides,
+    }
+  )
 
 
 @pytest.mark.slow
@@ -359,21 +411,23 @@ def test_training_on_a_stream_resumes_exactly(quick_config, records_dataset, mak
   run A's step-3 checkpoint and must end bitwise equal to A, which needs
   the same examples and the same host crops for steps 4-6."""
   import jax
-  from support import assert_trees_equal
+
   from pixel_vit.trainers import classification
+  from support import assert_trees_equal
+
   config = stream_config(quick_config, records_dataset)
   classification.validate(config)
   run_a, run_b = make_workdir("a"), make_workdir("b")
   state_a, results = classification.train_and_evaluate(config, run_a)
   assert results["eval/count"] == 18  # every test record once (8 + 8 + 2 of a padded batch)
   os.makedirs(os.path.join(run_b, "checkpoints"))
-  shutil.copytree(os.path.join(run_a, "checkpoints", "3"),
-                  os.path.join(run_b, "checkpoints", "3"))
+  shutil.copytree(os.path.join(run_a, "checkpoints", "3"), os.path.join(run_b, "checkpoints", "3"))
   state_b, _ = classification.train_and_evaluate(config, run_b)
   assert int(jax.device_get(state_b.step)) == 6
   with open(os.path.join(run_a, "metrics.jsonl")) as f:
-    waits = [r["train/input_wait_fraction"] for r in map(json.loads, f)
-             if "train/input_wait_fraction" in r]
+    waits = [
+      r["train/input_wait_fraction"] for r in map(json.loads, f) if "train/input_wait_fraction" in r
+    ]
   assert waits and all(0 <= w <= 1 for w in waits), waits
   assert_trees_equal(state_b.params, state_a.params, "params")
   assert_trees_equal(state_b.opt_state, state_a.opt_state, "opt_state")
@@ -386,15 +440,18 @@ def test_a_resume_over_rewritten_records_is_refused(quick_config, records_datase
   make the resumed steps another run's: refused by name, nothing changed."""
   from pixel_vit import checkpoint as checkpoint_lib
   from pixel_vit.trainers import classification
+
   records_dir, workdir = str(tmp_path / "records"), str(tmp_path / "run")
   shutil.copytree(records_dataset, records_dir)
-  classification.train_and_evaluate(stream_config(quick_config, records_dir, total_steps=3),
-                                    workdir)
+  classification.train_and_evaluate(
+    stream_config(quick_config, records_dir, total_steps=3), workdir
+  )
   saved = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=5).read_data_position(3)
   assert saved["step"] == 3 and saved["num_examples"] == 72 and saved["global_batch"] == 16
   shutil.rmtree(records_dir)
-  write_records.write_split(images=make_image_folder(tmp_path / "other", per_class=30),
-                            out=records_dir, split="train")
+  write_records.write_split(
+    images=make_image_folder(tmp_path / "other", per_class=30), out=records_dir, split="train"
+  )
   shutil.copy(os.path.join(records_dataset, "test.json"), records_dir)
   for name in records.open_split(records_dataset, "test").shards:
     shutil.copy(os.path.join(records_dataset, name), records_dir)
@@ -404,6 +461,7 @@ def test_a_resume_over_rewritten_records_is_refused(quick_config, records_datase
 
 def test_the_device_does_not_crop_or_flip_what_the_host_did(quick_config, records_dataset):
   from pixel_vit.trainers import loop
+
   config = stream_config(quick_config, records_dataset)
   split = loop.load_splits(config)[0]
   assert split.stream is not None and split.images.shape == (0, 8, 8, 3)
@@ -414,17 +472,22 @@ def test_the_device_does_not_crop_or_flip_what_the_host_did(quick_config, record
   assert host.random_crop and host.flip and host.scale == tuple(config.augment.crop_scale)
 
 
-@pytest.mark.parametrize("overrides, message", [
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
     ({"data.loader": "stream", "data.source": "digits"}, "loader='stream' reads ArrayRecord"),
     ({"data.loader": "memory"}, "loader='memory' cannot hold"),
     ({"data.loader": "disk"}, "is not one of"),
     ({"data.workers": -1}, "data.workers=-1"),
     ({"data.crop_fraction": 1.5}, "crop_fraction=1.5"),
     ({"data.image_size": None}, "holds images of many sizes: set config.data.image_size"),
-])
-def test_stream_config_errors_are_named_before_compiling(quick_config, records_dataset, no_jit,
-                                                        overrides, message):
+  ],
+)
+def test_stream_config_errors_are_named_before_compiling(
+  quick_config, records_dataset, no_jit, overrides, message
+):
   from pixel_vit.trainers import classification, loop
+
   config = stream_config(quick_config, records_dataset, **overrides)
   with pytest.raises(ValueError, match=message):
     classification.validate(config)
@@ -433,6 +496,7 @@ def test_stream_config_errors_are_named_before_compiling(quick_config, records_d
 
 def test_the_input_clock_says_when_the_loop_waits_for_input():
   import time
+
   from pixel_vit.trainers import loop
 
   def batches(delay):
@@ -473,27 +537,34 @@ def test_streaming_a_split_larger_than_the_memory_bound_keeps_rss_bounded(tmp_pa
   the reading process may grow by while it streams one whole epoch."""
   import subprocess
   import sys
+
   rng = np.random.default_rng(0)
   folder = tmp_path / "images" / "only_class"
   folder.mkdir(parents=True)
   for i in range(1000):
     coarse = (rng.random((32, 38, 3)) * 255).astype(np.uint8)
-    Image.fromarray(coarse).resize((600, 500), Image.BICUBIC).save(folder / f"{i}.jpg",
-                                                                    quality=85)
+    Image.fromarray(coarse).resize((600, 500), Image.BICUBIC).save(folder / f"{i}.jpg", quality=85)
   out = str(tmp_path / "records")
   split = write_records.write_split(images=str(tmp_path / "images"), out=out, split="train")
   decoded_mib = split.num_examples * 600 * 500 * 3 / 2**20
   bound_mib = 150
   assert decoded_mib > 5 * bound_mib
   script = STREAM_RSS_SCRIPT.format(tests=os.path.dirname(__file__), out=out)
-  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                        timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  proc = subprocess.run(
+    [sys.executable, "-c", script],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   count, baseline_kib, peak_kib = map(int, proc.stdout.split()[-3:])
   assert count == 1000  # the whole epoch was read
   grew_mib = (peak_kib - baseline_kib) / 1024
-  assert grew_mib < bound_mib, (f"RSS grew {grew_mib:.0f} MiB while streaming {decoded_mib:.0f} "
-                                f"MiB of decoded images (bound {bound_mib} MiB)")
+  assert grew_mib < bound_mib, (
+    f"RSS grew {grew_mib:.0f} MiB while streaming {decoded_mib:.0f} "
+    f"MiB of decoded images (bound {bound_mib} MiB)"
+  )
 
 
 def test_write_records_command_line(tmp_path):
@@ -501,18 +572,33 @@ def test_write_records_command_line(tmp_path):
   message and exit 1, no traceback."""
   import subprocess
   import sys
+
   from support import REPO_ROOT
+
   images = make_image_folder(tmp_path / "images", classes=2, per_class=3)
-  command = [sys.executable, "-m", "pixel_vit.write_records", f"--images={images}",
-             f"--out={tmp_path / 'records'}", "--examples_per_shard=4"]
+  command = [
+    sys.executable,
+    "-m",
+    "pixel_vit.write_records",
+    f"--images={images}",
+    f"--out={tmp_path / 'records'}",
+    "--examples_per_shard=4",
+  ]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+  done = subprocess.run(
+    command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   assert records.open_split(str(tmp_path / "records"), "train").num_examples == 6
   os.makedirs(os.path.join(images, "class_empty"))
-  failed = subprocess.run(command[:4] + [f"--out={tmp_path / 'other'}"], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+  failed = subprocess.run(
+    command[:4] + [f"--out={tmp_path / 'other'}"],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert failed.returncode == 1
   assert "class_empty' holds no image files" in failed.stderr
   assert "Traceback" not in failed.stderr
@@ -523,10 +609,17 @@ def test_a_split_too_big_for_host_memory_is_named_with_its_sizes():
   not fit the in-memory path (TfdsSource then streams or refuses); at 28x28
   (~3 GB) it does."""
   from pixel_vit.data import sources
-  reason = sources.memory_shortfall("tfds:imagenet2012 split 'train'", 1_281_167,
-                                    (224, 224, 3), 24 * 2**30)
-  assert re.search(r"needs about 359\.\d GiB .*1,281,167 images of 224x224x3 .* more than "
-                   r"50% of its 24\.0 GiB", reason), reason
-  assert sources.memory_shortfall("tfds:imagenet2012 split 'train'", 1_281_167, (28, 28, 3),
-                                  24 * 2**30) is None
+
+  reason = sources.memory_shortfall(
+    "tfds:imagenet2012 split 'train'", 1_281_167, (224, 224, 3), 24 * 2**30
+  )
+  assert re.search(
+    r"needs about 359\.\d GiB .*1,281,167 images of 224x224x3 .* more than "
+    r"50% of its 24\.0 GiB",
+    reason,
+  ), reason
+  assert (
+    sources.memory_shortfall("tfds:imagenet2012 split 'train'", 1_281_167, (28, 28, 3), 24 * 2**30)
+    is None
+  )
   assert sources.memory_shortfall("x", 10**9, (224, 224, 3), None) is None  # no /proc/meminfo

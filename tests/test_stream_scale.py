@@ -9,6 +9,7 @@ process that runs nothing else. The bound is relative: the same command on a
 200-image split, plus a quarter of the 20,000 images' decoded size. Reading
 the split into memory would add all of it (twice while it is joined), so the
 bound fails for any path that holds the split, on any machine."""
+
 import json
 import os
 import signal
@@ -30,22 +31,32 @@ STEPS = 12
 SIGNAL_AFTER = 5
 TIMEOUT = 900
 
-RUN = ["-m", "pixel_vit.main", "--config=configs/cls_pixel.py:variant=Ti/16,dataset=records:{}",
-       "--config.data.image_size=64", "--config.batch_size=64", "--config.eval_batch_size=100",
-       f"--config.total_steps={STEPS}", "--config.log_every=1", "--config.checkpoint_every=4",
-       f"--config.eval_every={STEPS}", "--config.optimizer.warmup_steps=2"]
+RUN = [
+  "-m",
+  "pixel_vit.main",
+  "--config=configs/cls_pixel.py:variant=Ti/16,dataset=records:{}",
+  "--config.data.image_size=64",
+  "--config.batch_size=64",
+  "--config.eval_batch_size=100",
+  f"--config.total_steps={STEPS}",
+  "--config.log_every=1",
+  "--config.checkpoint_every=4",
+  f"--config.eval_every={STEPS}",
+  "--config.optimizer.warmup_steps=2",
+]
 
 # Runs argv[1:], then prints the largest RSS of its children (that one
 # process: workers=0 decodes in the training process's threads).
-PEAK_RSS = ("import resource, subprocess, sys\n"
-            "code = subprocess.call(sys.argv[1:])\n"
-            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-            "sys.exit(code)\n")
+PEAK_RSS = (
+  "import resource, subprocess, sys\n"
+  "code = subprocess.call(sys.argv[1:])\n"
+  "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+  "sys.exit(code)\n"
+)
 
 
 def command(records_dir: str, workdir: str, *extra: str) -> list[str]:
-  return [sys.executable, *[a.format(records_dir) for a in RUN], f"--workdir={workdir}",
-          *extra]
+  return [sys.executable, *[a.format(records_dir) for a in RUN], f"--workdir={workdir}", *extra]
 
 
 def start(argv: list[str], log_path: str, *, measured: bool = False) -> subprocess.Popen:
@@ -53,8 +64,9 @@ def start(argv: list[str], log_path: str, *, measured: bool = False) -> subproce
   if measured:
     argv = [sys.executable, "-c", PEAK_RSS, *argv]
   log = open(log_path, "w")
-  return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                          start_new_session=True)
+  return subprocess.Popen(
+    argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+  )
 
 
 def finish(process: subprocess.Popen, log_path: str) -> str:
@@ -86,16 +98,29 @@ def jpeg_records(tmp_path_factory):
   root = tmp_path_factory.mktemp("jpegs")
   out = str(root / "records")
   for split, per_class, seed in (("train", IMAGES // CLASSES, 1), ("test", 20, 2)):
-    images = make_image_folder(root / split, classes=CLASSES, per_class=per_class, seed=seed,
-                               sizes=SIDES, png_every=0)
-    subprocess.run([sys.executable, "-m", "pixel_vit.write_records", f"--images={images}",
-                    f"--out={out}", f"--split={split}"], cwd=REPO_ROOT, check=True,
-                   capture_output=True, timeout=TIMEOUT)
+    images = make_image_folder(
+      root / split, classes=CLASSES, per_class=per_class, seed=seed, sizes=SIDES, png_every=0
+    )
+    subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "pixel_vit.write_records",
+        f"--images={images}",
+        f"--out={out}",
+        f"--split={split}",
+      ],
+      cwd=REPO_ROOT,
+      check=True,
+      capture_output=True,
+      timeout=TIMEOUT,
+    )
   return out
 
 
 def test_ti16_on_20000_jpegs_streams_in_bounded_memory_and_resumes_after_sigterm(
-    jpeg_records, tmp_path):
+  jpeg_records, tmp_path
+):
   with open(os.path.join(jpeg_records, "train.json")) as f:
     assert json.load(f)["num_examples"] == IMAGES
   # What reading the split into memory would hold (the mean image of SIDES).
@@ -119,8 +144,9 @@ def test_ti16_on_20000_jpegs_streams_in_bounded_memory_and_resumes_after_sigterm
 
   # Resume it, and measure the baseline: the same command on 200 images.
   resumed_run = start(command(jpeg_records, stopped), logs["resumed"])
-  small_run = start(command(jpeg_records, small, "--config.data.train_split=test"),
-                    logs["small"], measured=True)
+  small_run = start(
+    command(jpeg_records, small, "--config.data.train_split=test"), logs["small"], measured=True
+  )
   whole_log = finish(whole_run, logs["whole"])
   resume_log = finish(resumed_run, logs["resumed"])
   small_log = finish(small_run, logs["small"])
@@ -134,7 +160,9 @@ def test_ti16_on_20000_jpegs_streams_in_bounded_memory_and_resumes_after_sigterm
 
   whole_peak, small_peak = peak_rss_bytes(whole_log), peak_rss_bytes(small_log)
   bound = small_peak + decoded_bytes / 4
-  print(f"peak RSS: {whole_peak / 2**30:.2f} GiB on {IMAGES} JPEGs "
-        f"({decoded_bytes / 2**30:.2f} GiB decoded), {small_peak / 2**30:.2f} GiB on 200; "
-        f"bound {bound / 2**30:.2f} GiB")
+  print(
+    f"peak RSS: {whole_peak / 2**30:.2f} GiB on {IMAGES} JPEGs "
+    f"({decoded_bytes / 2**30:.2f} GiB decoded), {small_peak / 2**30:.2f} GiB on 200; "
+    f"bound {bound / 2**30:.2f} GiB"
+  )
   assert whole_peak < bound, (whole_peak, small_peak, decoded_bytes)

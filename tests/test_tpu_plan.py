@@ -1,6 +1,7 @@
 """experiments/tpu_plan.py: a row's slice is the first of the ladder on which
 every command fits, and README's "TPU slice" column is what the committed
 compile reports (docs/tpu_plan_runs) say."""
+
 from experiments import readme_table, tpu_plan
 
 

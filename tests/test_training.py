@@ -1,6 +1,7 @@
 """The classification trainer end to end on digits, with 8 fake CPU devices
 (the default mesh, data=-1, is then 8-way data parallel): learning, workdir
 artifacts, exact resume, exact evaluation counts, device-count invariance."""
+
 import glob
 import json
 import os
@@ -12,14 +13,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from support import (TINY_RUN, as_numpy_leaves, assert_trees_equal, read_metrics, set_dotted,
-                     train_losses)
-from pixel_vit import optimizer as optimizer_lib
 from pixel_vit import configuration, parallel
+from pixel_vit import optimizer as optimizer_lib
 from pixel_vit.data import pipeline, sources
 from pixel_vit.evaluation import accuracy
 from pixel_vit.trainers import classification, loop
 from pixel_vit.trainers import state as state_lib
+from support import (
+  TINY_RUN,
+  as_numpy_leaves,
+  assert_trees_equal,
+  read_metrics,
+  set_dotted,
+  train_losses,
+)
 
 DIGITS_TEST_EXAMPLES = 360
 
@@ -37,12 +44,20 @@ def learning_run(cls_pixel, tmp_path_factory):
   rate we tried before it starts to fall, which would make this test slow
   or flaky. mu/4 falls from 2.30 to ~1.3 in 40 steps.
   """
-  config = set_dotted(cls_pixel.get_config("variant=mu/4,quick"), {
+  config = set_dotted(
+    cls_pixel.get_config("variant=mu/4,quick"),
+    {
       **TINY_RUN,
-      "total_steps": 40, "batch_size": 64, "eval_batch_size": 16,
-      "optimizer.lr": 2e-3, "optimizer.warmup_steps": 3,
-      "log_every": 4, "eval_every": 20, "checkpoint_every": 20,
-  })
+      "total_steps": 40,
+      "batch_size": 64,
+      "eval_batch_size": 16,
+      "optimizer.lr": 2e-3,
+      "optimizer.warmup_steps": 3,
+      "log_every": 4,
+      "eval_every": 20,
+      "checkpoint_every": 20,
+    },
+  )
   classification.validate(config)
   workdir = str(tmp_path_factory.mktemp("learning") / "workdir")
   state, results = classification.train_and_evaluate(config, workdir)
@@ -78,15 +93,17 @@ def test_workdir_artifacts(learning_run):
   eval_steps = [r["step"] for r in records if "eval/top1" in r]
   assert eval_steps == [20, 40]
   assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
-  checkpoints = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
-                       if d.isdigit())
+  checkpoints = sorted(
+    int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()
+  )
   assert 20 in checkpoints and 40 in checkpoints, checkpoints
   assert len(checkpoints) <= config.keep_checkpoints
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first_step,steps", [(3, 2), (5, 4)],
-                         ids=["inside_the_run", "past_its_end"])
+@pytest.mark.parametrize(
+  "first_step,steps", [(3, 2), (5, 4)], ids=["inside_the_run", "past_its_end"]
+)
 def test_profile_trace_is_written(quick_config, workdir, first_step, steps):
   """config.profile records a jax.profiler trace into the workdir, also when
   the run ends before the trace's last step (written at close)."""
@@ -125,21 +142,26 @@ def test_resume_is_exact(quick_config, make_workdir, ema_decay):
   only A's step-3 checkpoint (what an interruption after step 3 leaves), and
   goes 3 -> 6 with the same config (so the same schedule). Everything in the
   state must match bitwise: same programs, same inputs, float32 on CPU."""
-  config = quick_config({
-      "keep_checkpoints": 10, "optimizer.ema_decay": ema_decay,
+  config = quick_config(
+    {
+      "keep_checkpoints": 10,
+      "optimizer.ema_decay": ema_decay,
       # Randomness and schedule that a wrong resume would get wrong:
-      "model.drop_path": 0.1, "augment.crop": True, "augment.flip": True,
+      "model.drop_path": 0.1,
+      "augment.crop": True,
+      "augment.flip": True,
       "augment.label_smoothing": 0.1,
-  })
+    }
+  )
   classification.validate(config)
   run_a, run_b = make_workdir("a"), make_workdir("b")
   state_a, _ = classification.train_and_evaluate(config, run_a)
-  assert sorted(int(d) for d in os.listdir(os.path.join(run_a, "checkpoints"))
-                if d.isdigit())[-2:] == [3, 6]
+  assert sorted(int(d) for d in os.listdir(os.path.join(run_a, "checkpoints")) if d.isdigit())[
+    -2:
+  ] == [3, 6]
 
   os.makedirs(os.path.join(run_b, "checkpoints"))
-  shutil.copytree(os.path.join(run_a, "checkpoints", "3"),
-                  os.path.join(run_b, "checkpoints", "3"))
+  shutil.copytree(os.path.join(run_a, "checkpoints", "3"), os.path.join(run_b, "checkpoints", "3"))
   state_b, _ = classification.train_and_evaluate(config, run_b)
 
   # B really resumed: it logged no training before step 4.
@@ -154,11 +176,14 @@ def test_resume_is_exact(quick_config, make_workdir, ema_decay):
   assert_trees_equal(state_b.ema_params, state_a.ema_params, "ema_params")
   assert_trees_equal(state_b.rng, state_a.rng, "rng")
   if ema_decay:  # the EMA really moved: it is neither the initial nor the current params
-    initial = nnx.to_pure_dict(nnx.split(classification.make_model_fn(
-        config, loop.load_splits(config)[0])())[1])
+    initial = nnx.to_pure_dict(
+      nnx.split(classification.make_model_fn(config, loop.load_splits(config)[0])())[1]
+    )
     for other, what in ((initial, "initial"), (state_a.params, "current")):
-      diff = max(float(np.abs(a - b).max()) for a, b in zip(
-          as_numpy_leaves(other), as_numpy_leaves(state_a.ema_params)))
+      diff = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(as_numpy_leaves(other), as_numpy_leaves(state_a.ema_params))
+      )
       assert diff > 1e-6, f"EMA equals the {what} parameters"
 
 
@@ -172,8 +197,14 @@ def test_evaluate_counts_37_examples_once_on_8_devices(cls_pixel):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (n, 4, 4, 1), dtype=np.uint8)
   labels = rng.integers(0, num_classes, n).astype(np.int32)
-  split = sources.ImageSplit(images=images, labels=labels, num_classes=num_classes,
-                             total_examples=n, process_index=0, process_count=1)
+  split = sources.ImageSplit(
+    images=images,
+    labels=labels,
+    num_classes=num_classes,
+    total_examples=n,
+    process_index=0,
+    process_count=1,
+  )
   weights = rng.normal(size=(16, num_classes)).astype(np.float32) / 255.0
   bias = np.array([0.3, 0, 0, 0, 0], np.float32)  # a blank (padding) image predicts 0
 
@@ -198,8 +229,11 @@ def test_evaluate_counts_37_examples_once_on_8_devices(cls_pixel):
   logits = numpy_logits(images)
   assert numpy_logits(np.zeros((1, 4, 4, 1), np.uint8)).argmax() == 0
   top5 = np.argsort(-logits, axis=1)[:, :5]
-  log_probs = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1,
-                              keepdims=True)) - logits.max(1, keepdims=True)
+  log_probs = (
+    logits
+    - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+    - logits.max(1, keepdims=True)
+  )
   assert metrics["count"] == n
   assert metrics["top1"] == pytest.approx(np.mean(logits.argmax(1) == labels), abs=1e-9)
   assert metrics["top5"] == pytest.approx(np.mean((top5 == labels[:, None]).any(1)), abs=1e-9)
@@ -218,23 +252,29 @@ def run_train_steps(config, devices, steps: int):
   make_model = classification.make_model_fn(config, train_split)
   abstract_params = nnx.to_pure_dict(nnx.split(nnx.eval_shape(make_model))[1])
   total_steps, warmup_steps = loop.schedule_steps(
-      config, pipeline.steps_per_epoch(train_split, config.batch_size))
+    config, pipeline.steps_per_epoch(train_split, config.batch_size)
+  )
   schedule = optimizer_lib.make_schedule(config.optimizer, total_steps, warmup_steps)
   tx = optimizer_lib.make_optimizer(config.optimizer, schedule, abstract_params)
   described, create_state = state_lib.sharded_state(
-      make_model, tx, mesh=mesh, rules=rules, seed=config.seed,
-      ema=config.optimizer.ema_decay > 0)
+    make_model, tx, mesh=mesh, rules=rules, seed=config.seed, ema=config.optimizer.ema_decay > 0
+  )
   state = create_state()
-  batch_shardings = {name: parallel.batch_sharding(mesh, rules, ndim)
-                     for name, ndim in (("images", 4), ("labels", 1))}
+  batch_shardings = {
+    name: parallel.batch_sharding(mesh, rules, ndim)
+    for name, ndim in (("images", 4), ("labels", 1))
+  }
   with parallel.activate(mesh, rules):
     train_step = jax.jit(
-        classification.make_train_step(config, described.graphdef, tx, schedule,
-                                       train_split.num_classes),
-        in_shardings=(described.shardings, batch_shardings),
-        out_shardings=(described.shardings, parallel.replicated(mesh)))
-    batches = pipeline.train_batches(train_split, local_batch_size=config.batch_size,
-                                     seed=config.seed)
+      classification.make_train_step(
+        config, described.graphdef, tx, schedule, train_split.num_classes
+      ),
+      in_shardings=(described.shardings, batch_shardings),
+      out_shardings=(described.shardings, parallel.replicated(mesh)),
+    )
+    batches = pipeline.train_batches(
+      train_split, local_batch_size=config.batch_size, seed=config.seed
+    )
     losses = []
     for _ in range(steps):
       state, metrics = train_step(state, parallel.host_to_global(next(batches), mesh, rules))
@@ -245,10 +285,16 @@ def run_train_steps(config, devices, steps: int):
 
 @pytest.mark.slow
 def test_one_device_and_eight_devices_train_the_same(quick_config):
-  config = quick_config({
-      "optimizer.ema_decay": 0.9, "model.drop_path": 0.1, "augment.crop": True,
-      "augment.flip": True, "augment.mixup_alpha": 0.8, "augment.cutmix_alpha": 1.0,
-  })
+  config = quick_config(
+    {
+      "optimizer.ema_decay": 0.9,
+      "model.drop_path": 0.1,
+      "augment.crop": True,
+      "augment.flip": True,
+      "augment.mixup_alpha": 0.8,
+      "augment.cutmix_alpha": 1.0,
+    }
+  )
   assert config.mesh.data == -1
   classification.validate(config)
   # The lr warms up from 0 and the head starts at 0: the third step is the
@@ -262,8 +308,11 @@ def test_one_device_and_eight_devices_train_the_same(quick_config):
   for what in ("params", "ema_params"):
     for a, b in zip(as_numpy_leaves(getattr(state8, what)), as_numpy_leaves(getattr(state1, what))):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=what)
-  initial = nnx.to_pure_dict(nnx.split(classification.make_model_fn(
-      config, loop.load_splits(config)[0])())[1])
-  moved = max(float(np.abs(a - b).max())
-              for a, b in zip(as_numpy_leaves(state1.params), as_numpy_leaves(initial)))
+  initial = nnx.to_pure_dict(
+    nnx.split(classification.make_model_fn(config, loop.load_splits(config)[0])())[1]
+  )
+  moved = max(
+    float(np.abs(a - b).max())
+    for a, b in zip(as_numpy_leaves(state1.params), as_numpy_leaves(initial))
+  )
   assert moved > 1e-4  # the steps changed the parameters

@@ -6,6 +6,7 @@ Tests that compare with diffusers skip without torch / diffusers (the [parity] e
 error and tool tests write their checkpoints with the torch-free exporter
 `vae.diffusers_state_dict` (whose mapping the diffusers tests prove).
 """
+
 import json
 import os
 import re
@@ -23,18 +24,22 @@ from pixel_vit.data import sources
 from pixel_vit.models import vae as vae_lib
 
 TOLERANCE = 1e-4  # max abs error vs diffusers, float32
-PARITY = ("needs {} for the diffusers reference: install the [parity] extra: "
-          "pip install torch==2.13.0 (CPU wheel) diffusers")
-SMALL = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-             latent_channels=4)
-SD_KL_F8 = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                norm_num_groups=32, latent_channels=4)
+PARITY = (
+  "needs {} for the diffusers reference: install the [parity] extra: "
+  "pip install torch==2.13.0 (CPU wheel) diffusers"
+)
+SMALL = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4)
+SD_KL_F8 = dict(
+  block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4
+)
 # The tool tests' VAE: 4 levels (downsampling 8, as SD) but 8-16 channels wide.
-TINY = vae_lib.VaeConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-                         norm_num_groups=4, scaling_factor=0.5)
+TINY = vae_lib.VaeConfig(
+  block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, scaling_factor=0.5
+)
 # Where the downsampling factor does not matter: 2 levels compile twice as fast.
-TWO_LEVELS = vae_lib.VaeConfig(block_out_channels=(8, 16), layers_per_block=1,
-                               norm_num_groups=4, scaling_factor=0.25)
+TWO_LEVELS = vae_lib.VaeConfig(
+  block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, scaling_factor=0.25
+)
 
 
 @nnx.jit
@@ -57,9 +62,13 @@ def _encode_decode(model, images, latents):
 def _codec(model, images, latents):
   """Every codec output in one compile: encode, decode, and the scaled [0, 1] path."""
   mean, logvar = model.encode(images)
-  return dict(mean=mean, logvar=logvar, decoded=model.decode(latents),
-              scaled=model.encode_to_latents(images),
-              decoded_01=model.decode_latents(latents * model.config.scaling_factor))
+  return dict(
+    mean=mean,
+    logvar=logvar,
+    decoded=model.decode(latents),
+    scaled=model.encode_to_latents(images),
+    decoded_01=model.decode_latents(latents * model.config.scaling_factor),
+  )
 
 
 def random_vae(config: vae_lib.VaeConfig, seed: int = 0) -> vae_lib.AutoencoderKL:
@@ -73,12 +82,11 @@ def random_vae(config: vae_lib.VaeConfig, seed: int = 0) -> vae_lib.AutoencoderK
     name = path[-1].key
     if name == "kernel":
       fan_in = np.prod(leaf.shape[:-1])
-      return rng.normal(0, fan_in ** -0.5, leaf.shape).astype(np.float32)
+      return rng.normal(0, fan_in**-0.5, leaf.shape).astype(np.float32)
     base = 1.0 if name == "scale" else 0.0
     return (base + rng.normal(0, 0.2, leaf.shape)).astype(np.float32)
 
-  nnx.replace_by_pure_dict(
-      state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
   return nnx.merge(graphdef, state)
 
 
@@ -99,8 +107,11 @@ def diffusers_vae(config: dict, seed: int = 0):
   diffusers = pytest.importorskip("diffusers", reason=PARITY.format("diffusers"))
   levels = len(config["block_out_channels"])
   torch.manual_seed(seed)
-  model = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
-                                  up_block_types=("UpDecoderBlock2D",) * levels, **config)
+  model = diffusers.AutoencoderKL(
+    down_block_types=("DownEncoderBlock2D",) * levels,
+    up_block_types=("UpDecoderBlock2D",) * levels,
+    **config,
+  )
   with torch.no_grad():
     for name, parameter in model.named_parameters():
       if "norm" in name:
@@ -113,9 +124,16 @@ def torch_state_dict(model) -> dict:
   return {key: value.detach().contiguous() for key, value in model.state_dict().items()}
 
 
-def compare_with_diffusers(reference, model: vae_lib.AutoencoderKL, *, batch: int,
-                           height: int, width: int, seed: int = 1,
-                           scaled_path: bool = True) -> None:
+def compare_with_diffusers(
+  reference,
+  model: vae_lib.AutoencoderKL,
+  *,
+  batch: int,
+  height: int,
+  width: int,
+  seed: int = 1,
+  scaled_path: bool = True,
+) -> None:
   """Encoder mean/logvar and decoder output agree, and (with `scaled_path`)
   encode_to_latents / decode_latents agree with the scaled [0, 1] codec."""
   torch = pytest.importorskip("torch", reason=PARITY.format("torch"))
@@ -152,11 +170,13 @@ def save_tiny_vae(directory, config: vae_lib.VaeConfig = TINY, seed: int = 0):
   """A random Flax VAE saved (torch-free) as a diffusers model directory; returns it."""
   model = random_vae(config, seed)
   os.makedirs(directory, exist_ok=True)
-  safetensors_numpy.save_file(vae_lib.diffusers_state_dict(model),
-                              os.path.join(directory, vae_lib.WEIGHTS_FILENAME))
-  diffusers_config = {"_class_name": "AutoencoderKL",
-                      **{k: v for k, v in vars(config).items()
-                         if k not in ("use_quant_conv", "use_post_quant_conv")}}
+  safetensors_numpy.save_file(
+    vae_lib.diffusers_state_dict(model), os.path.join(directory, vae_lib.WEIGHTS_FILENAME)
+  )
+  diffusers_config = {
+    "_class_name": "AutoencoderKL",
+    **{k: v for k, v in vars(config).items() if k not in ("use_quant_conv", "use_post_quant_conv")},
+  }
   with open(os.path.join(directory, vae_lib.CONFIG_FILENAME), "w") as f:
     json.dump(diffusers_config, f)
   return model
@@ -206,15 +226,16 @@ def test_legacy_attention_names_load_the_same(small_reference, tmp_path):
   legacy_dir.mkdir()
   safetensors_numpy.save_file(legacy, str(legacy_dir / vae_lib.WEIGHTS_FILENAME))
   (legacy_dir / vae_lib.CONFIG_FILENAME).write_text(
-      (directory / vae_lib.CONFIG_FILENAME).read_text())
+    (directory / vae_lib.CONFIG_FILENAME).read_text()
+  )
 
   images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
   latents = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
   current_outputs, legacy_outputs = (
-      _codec(vae_lib.load_vae(str(path)), images, latents) for path in (directory, legacy_dir))
+    _codec(vae_lib.load_vae(str(path)), images, latents) for path in (directory, legacy_dir)
+  )
   for name, value in current_outputs.items():
-    np.testing.assert_array_equal(np.asarray(legacy_outputs[name]), np.asarray(value),
-                                  err_msg=name)
+    np.testing.assert_array_equal(np.asarray(legacy_outputs[name]), np.asarray(value), err_msg=name)
 
 
 # ---------------------------------------------------------------- loader (torch-free)
@@ -228,17 +249,23 @@ def test_export_then_load_is_exact(tmp_path):
   actual = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
   assert len(actual) == len(expected)
   for path, variable in expected:
-    np.testing.assert_array_equal(np.asarray(actual[path].get_value()),
-                                  np.asarray(variable.get_value()), err_msg=str(path))
+    np.testing.assert_array_equal(
+      np.asarray(actual[path].get_value()), np.asarray(variable.get_value()), err_msg=str(path)
+    )
 
 
 def test_diffusers_key_names():
-  assert (vae_lib.diffusers_key(("encoder", "down_blocks", 0, "downsampler", "conv", "kernel"))
-          == "encoder.down_blocks.0.downsamplers.0.conv.weight")
-  assert (vae_lib.diffusers_key(("decoder", "mid_block", "attentions", 0, "to_out", "bias"))
-          == "decoder.mid_block.attentions.0.to_out.0.bias")
-  assert vae_lib.diffusers_key(("encoder", "conv_norm_out", "scale")) == \
-      "encoder.conv_norm_out.weight"
+  assert (
+    vae_lib.diffusers_key(("encoder", "down_blocks", 0, "downsampler", "conv", "kernel"))
+    == "encoder.down_blocks.0.downsamplers.0.conv.weight"
+  )
+  assert (
+    vae_lib.diffusers_key(("decoder", "mid_block", "attentions", 0, "to_out", "bias"))
+    == "decoder.mid_block.attentions.0.to_out.0.bias"
+  )
+  assert (
+    vae_lib.diffusers_key(("encoder", "conv_norm_out", "scale")) == "encoder.conv_norm_out.weight"
+  )
 
 
 @pytest.fixture
@@ -253,14 +280,18 @@ def write_weights(tmp_path, tensors) -> str:
   directory.mkdir()
   safetensors_numpy.save_file(tensors, str(directory / vae_lib.WEIGHTS_FILENAME))
   (directory / vae_lib.CONFIG_FILENAME).write_text(
-      (tmp_path / "vae" / vae_lib.CONFIG_FILENAME).read_text())
+    (tmp_path / "vae" / vae_lib.CONFIG_FILENAME).read_text()
+  )
   return str(directory)
 
 
 def test_missing_key_is_named(tmp_path, tiny_tensors):
   del tiny_tensors["decoder.up_blocks.1.resnets.0.conv2.bias"]
-  with pytest.raises(ValueError, match=r"1 missing: decoder\.up_blocks\.1\.resnets\.0"
-                                       r"\.conv2\.bias.*diffusion_pytorch_model\.safetensors"):
+  with pytest.raises(
+    ValueError,
+    match=r"1 missing: decoder\.up_blocks\.1\.resnets\.0"
+    r"\.conv2\.bias.*diffusion_pytorch_model\.safetensors",
+  ):
     vae_lib.load_vae(write_weights(tmp_path, tiny_tensors))
 
 
@@ -269,10 +300,13 @@ def test_wrong_shape_is_named(tmp_path, tiny_tensors):
   # A legacy-named tensor is reported under the name the file uses.
   del tiny_tensors["decoder.mid_block.attentions.0.to_q.weight"]
   tiny_tensors["decoder.mid_block.attentions.0.query.weight"] = np.zeros((16, 8), np.float32)
-  with pytest.raises(ValueError, match=r"2 with the wrong shape: decoder\.mid_block\."
-                                       r"attentions\.0\.query\.weight \(16, 8\) \(expected "
-                                       r"\(16, 16\)\), encoder\.conv_in\.weight "
-                                       r"\(8, 3, 5, 5\) \(expected \(8, 3, 3, 3\)\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"2 with the wrong shape: decoder\.mid_block\."
+    r"attentions\.0\.query\.weight \(16, 8\) \(expected "
+    r"\(16, 16\)\), encoder\.conv_in\.weight "
+    r"\(8, 3, 5, 5\) \(expected \(8, 3, 3, 3\)\)",
+  ):
     vae_lib.load_vae(write_weights(tmp_path, tiny_tensors))
 
 
@@ -303,8 +337,14 @@ def test_unsupported_diffusers_config_is_rejected():
   with pytest.raises(ValueError, match="does not divide"):
     vae_lib.VaeConfig(block_out_channels=(48, 64), norm_num_groups=32)
   config = vae_lib.VaeConfig.from_diffusers_config(
-      {"block_out_channels": [32, 64], "norm_num_groups": 8, "shift_factor": None,
-       "scaling_factor": 0.13025, "sample_size": 1024})
+    {
+      "block_out_channels": [32, 64],
+      "norm_num_groups": 8,
+      "shift_factor": None,
+      "scaling_factor": 0.13025,
+      "sample_size": 1024,
+    }
+  )
   assert config.block_out_channels == (32, 64) and config.scaling_factor == 0.13025
   assert config.shift_factor == 0.0 and config.layers_per_block == 2
 
@@ -315,10 +355,14 @@ def test_unsupported_diffusers_config_is_rejected():
 @nnx.jit
 def _sampling_outputs(model, images, key, keys):
   mean, logvar = model.encode(images)
-  return dict(mean=mean, logvar=logvar, sample=model.encode_to_latents(images, key),
-              batched=model.encode_to_latents(images, keys),
-              decoded=model.decode(mean),
-              decoded_01=model.decode_latents(mean * model.config.scaling_factor))
+  return dict(
+    mean=mean,
+    logvar=logvar,
+    sample=model.encode_to_latents(images, key),
+    batched=model.encode_to_latents(images, keys),
+    decoded=model.decode(mean),
+    decoded_01=model.decode_latents(mean * model.config.scaling_factor),
+  )
 
 
 def test_posterior_samples_and_scaling():
@@ -334,7 +378,9 @@ def test_posterior_samples_and_scaling():
   np.testing.assert_allclose(out["sample"], expected, rtol=1e-5, atol=1e-6)
   assert max_error(out["sample"], out["mean"] * TWO_LEVELS.scaling_factor) > 1e-3
   per_image_noise = np.stack([np.asarray(jax.random.normal(k, noise.shape[1:])) for k in keys])
-  expected = (out["mean"] + np.exp(0.5 * out["logvar"]) * per_image_noise) * TWO_LEVELS.scaling_factor
+  expected = (
+    out["mean"] + np.exp(0.5 * out["logvar"]) * per_image_noise
+  ) * TWO_LEVELS.scaling_factor
   np.testing.assert_allclose(out["batched"], expected, rtol=1e-5, atol=1e-6)
 
   reference = np.clip((out["decoded"] + 1) / 2, 0, 1)
@@ -375,8 +421,14 @@ def test_tool_writes_the_latents_of_every_split(tmp_path):
   model = save_tiny_vae(tmp_path / "vae")
   out = tmp_path / "latents" / "digits_{split}.npz"  # the directory does not exist yet
   # 1437 / 360 examples: the last batch of 64 is padded in both splits.
-  run_tool(vae=tmp_path / "vae", source="digits", splits="train,test", image_size=16,
-           batch_size=64, out=out)
+  run_tool(
+    vae=tmp_path / "vae",
+    source="digits",
+    splits="train,test",
+    image_size=16,
+    batch_size=64,
+    out=out,
+  )
   inputs = {split: digits_as_model_input(split) for split in ("train", "test")}
   all_images = np.concatenate([images for images, _ in inputs.values()])
   all_expected = np.asarray(_encode_to_latents(model, jnp.asarray(all_images)))
@@ -400,27 +452,43 @@ def test_tool_samples_the_posterior_with_a_fixed_seed(tmp_path):
   model = save_tiny_vae(tmp_path / "vae", TWO_LEVELS)
   weights = tmp_path / "vae" / vae_lib.WEIGHTS_FILENAME  # the file form of --vae
   out = tmp_path / "sampled.npz"
-  run_tool(vae=weights, source="digits", splits="test", image_size=16, batch_size=64,
-           out=out, sample="true", seed=5)
+  run_tool(
+    vae=weights,
+    source="digits",
+    splits="test",
+    image_size=16,
+    batch_size=64,
+    out=out,
+    sample="true",
+    seed=5,
+  )
   images, _ = digits_as_model_input("test")
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(
-      jnp.arange(len(images)))
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(len(images)))
   expected = _encode_to_latents(model, jnp.asarray(images), keys)
   with np.load(out) as data:  # a tool that ignored --sample would store the mean instead
     np.testing.assert_allclose(data["latents"], np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides, message", [
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
     (dict(image_size=12), r"--image_size=12 must be a positive multiple of 8"),
     (dict(splits="train,test", out="latents.npz"), r"has no '\{split\}'.*latents_\{split\}"),
     (dict(vae="missing_dir"), r"--vae='.*missing_dir' does not exist"),
     (dict(batch_size=12), r"--batch_size=12 must be a positive multiple of the 8 local"),
     (dict(splits="train,train"), r"distinct"),
-])
+  ],
+)
 def test_tool_rejects_bad_flags_before_compiling(tmp_path, capsys, no_jit, overrides, message):
   save_tiny_vae(tmp_path / "vae")
-  flag_values = dict(vae=tmp_path / "vae", source="digits", splits="test", image_size=16,
-                     batch_size=64, out=tmp_path / "out_{split}.npz")
+  flag_values = dict(
+    vae=tmp_path / "vae",
+    source="digits",
+    splits="test",
+    image_size=16,
+    batch_size=64,
+    out=tmp_path / "out_{split}.npz",
+  )
   flag_values.update(overrides)
   if "vae" in overrides:
     flag_values["vae"] = tmp_path / overrides["vae"]
@@ -432,9 +500,18 @@ def test_tool_rejects_bad_flags_before_compiling(tmp_path, capsys, no_jit, overr
 
 
 def test_tool_rejects_image_channels_the_vae_cannot_take(tmp_path, no_jit):
-  save_tiny_vae(tmp_path / "vae", vae_lib.VaeConfig(
-      in_channels=2, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4))
+  save_tiny_vae(
+    tmp_path / "vae",
+    vae_lib.VaeConfig(
+      in_channels=2, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4
+    ),
+  )
   with pytest.raises(ValueError, match="1 channels but the VAE takes 2"):
-    encode_latents.encode_dataset(vae_path=str(tmp_path / "vae"), source="digits",
-                                  splits=["test"], out=str(tmp_path / "x.npz"),
-                                  image_size=16, batch_size=64)
+    encode_latents.encode_dataset(
+      vae_path=str(tmp_path / "vae"),
+      source="digits",
+      splits=["test"],
+      out=str(tmp_path / "x.npz"),
+      image_size=16,
+      batch_size=64,
+    )

@@ -13,6 +13,7 @@ processes. Randomness comes from a numpy Generator the caller derives from
 (seed, epoch, position in the global order), so a crop does not depend on
 which process or worker made it.
 """
+
 from __future__ import annotations
 
 import io
@@ -47,9 +48,15 @@ def decode(data: bytes, channels: int, *, where: str = "an image") -> Image.Imag
   return open_image(data, where=where).convert("L" if channels == 1 else "RGB")
 
 
-def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, *,
-                            scale: tuple[float, float], ratio: tuple[float, float],
-                            attempts: int = 10) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+  rng: np.random.Generator,
+  height: int,
+  width: int,
+  *,
+  scale: tuple[float, float],
+  ratio: tuple[float, float],
+  attempts: int = 10,
+) -> tuple[int, int, int, int]:
   """(top, left, height, width) of an Inception-style crop: an area fraction
   uniform in `scale`, an aspect ratio (w/h) log-uniform in `ratio`, placed
   uniformly; after `attempts` draws that do not fit, the centre crop at the
@@ -75,13 +82,20 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, *
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_crop(image: Image.Image, rng: np.random.Generator, image_size: int, *,
-               scale: tuple[float, float], ratio: tuple[float, float],
-               flip: bool) -> np.ndarray:
+def train_crop(
+  image: Image.Image,
+  rng: np.random.Generator,
+  image_size: int,
+  *,
+  scale: tuple[float, float],
+  ratio: tuple[float, float],
+  flip: bool,
+) -> np.ndarray:
   """uint8 [image_size, image_size, C]: a random-resized crop of the original
   image, resized, then flipped left-right with probability 1/2 if `flip`."""
-  top, left, h, w = random_resized_crop_box(rng, image.height, image.width, scale=scale,
-                                            ratio=ratio)
+  top, left, h, w = random_resized_crop_box(
+    rng, image.height, image.width, scale=scale, ratio=ratio
+  )
   # One resample from the box (PIL filters over the box, no second pass).
   crop = image.resize((image_size, image_size), RESAMPLE, box=(left, top, left + w, top + h))
   return maybe_flip(_with_channels(np.asarray(crop, np.uint8)), rng, flip)
@@ -108,8 +122,9 @@ def eval_crop(image: Image.Image, image_size: int, *, crop_fraction: float) -> n
     size = (max(shorter, round(width * shorter / height)), shorter)
   resized = image.resize(size, RESAMPLE)
   left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-  return _with_channels(np.asarray(resized.crop((left, top, left + image_size,
-                                                 top + image_size)), np.uint8))
+  return _with_channels(
+    np.asarray(resized.crop((left, top, left + image_size, top + image_size)), np.uint8)
+  )
 
 
 def _with_channels(pixels: np.ndarray) -> np.ndarray:

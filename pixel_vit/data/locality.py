@@ -14,6 +14,7 @@ tokenisation (`permute`), so ViT/2 and PiT/1 see the same scrambled image and
 crops / flips / mixup act on the real image first. Diffusion samples are
 mapped back with `unpermute` before they are shown or scored.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,14 +34,16 @@ def validate_permute_config(permute) -> None:
     value = permute.get(key)
     if not _is_int(value) or value < lowest:
       raise ValueError(
-          f"config.data.permute_pixels.{key}={value!r} is not allowed: expected an int "
-          f">= {lowest} (swaps = T pixel-pair swaps, 0 = off; max_distance = delta, the "
-          "largest row/column offset of a swapped pair; seed fixes the permutation).")
+        f"config.data.permute_pixels.{key}={value!r} is not allowed: expected an int "
+        f">= {lowest} (swaps = T pixel-pair swaps, 0 = off; max_distance = delta, the "
+        "largest row/column offset of a swapped pair; seed fixes the permutation)."
+      )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PixelPermutation:
   """Output pixel i (row-major) takes input pixel `source[i]`."""
+
   height: int
   width: int
   source: np.ndarray  # int32 [H * W], a permutation of range(H * W)
@@ -54,8 +57,9 @@ class PixelPermutation:
     """Reorders the pixels of [..., H, W, C] numpy or JAX arrays by `index`."""
     *lead, height, width, channels = images.shape
     if (height, width) != (self.height, self.width):
-      raise ValueError(f"pixel permutation was made for {self.height}x{self.width} images, "
-                       f"got {height}x{width}.")
+      raise ValueError(
+        f"pixel permutation was made for {self.height}x{self.width} images, got {height}x{width}."
+      )
     xp = jnp if isinstance(images, jax.Array) else np
     flat = images.reshape(*lead, height * width, channels)
     return xp.take(flat, xp.asarray(index), axis=-2).reshape(images.shape)
@@ -67,13 +71,16 @@ class PixelPermutation:
     return self._gather(images, self.inverse)
 
 
-def make_permutation(height: int, width: int, *, swaps: int, max_distance: int,
-                     seed: int) -> PixelPermutation:
+def make_permutation(
+  height: int, width: int, *, swaps: int, max_distance: int, seed: int
+) -> PixelPermutation:
   """T swaps of pixel pairs at Chebyshev distance <= max_distance (see module doc)."""
   validate_permute_config(dict(swaps=swaps, max_distance=max_distance, seed=seed))
   if swaps and height * width < 2:
-    raise ValueError(f"config.data.permute_pixels.swaps={swaps} needs at least 2 pixels; "
-                     f"the images are {height}x{width}.")
+    raise ValueError(
+      f"config.data.permute_pixels.swaps={swaps} needs at least 2 pixels; "
+      f"the images are {height}x{width}."
+    )
   rng = np.random.default_rng([seed, height, width])
   source = np.arange(height * width, dtype=np.int32)
   pairs = np.zeros((swaps, 2), np.int32)
@@ -97,8 +104,9 @@ def permutation_for(data_config, height: int, width: int) -> PixelPermutation | 
   permute = data_config.get("permute_pixels")
   if permute is None or permute.swaps == 0:
     return None
-  return make_permutation(height, width, swaps=permute.swaps,
-                          max_distance=permute.max_distance, seed=permute.seed)
+  return make_permutation(
+    height, width, swaps=permute.swaps, max_distance=permute.max_distance, seed=permute.seed
+  )
 
 
 def permute(permutation: PixelPermutation | None, images):

@@ -7,6 +7,7 @@ evaluation batches, so collective device ops never wait on a process that
 ran out of data. The trainer moves the numpy batches to devices, a few steps
 ahead of the one running (`ahead_on_device`).
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,14 +34,16 @@ def steps_per_epoch(split: ImageSplit, local_batch_size: int) -> int:
   steps = _examples_per_process(split) // local_batch_size
   if steps == 0:
     raise ValueError(
-        f"local batch size {local_batch_size} is larger than the data per process: "
-        f"{split.total_examples} examples over {split.process_count} processes leave "
-        f"{_examples_per_process(split)} each; lower the batch size or use more data.")
+      f"local batch size {local_batch_size} is larger than the data per process: "
+      f"{split.total_examples} examples over {split.process_count} processes leave "
+      f"{_examples_per_process(split)} each; lower the batch size or use more data."
+    )
   return steps
 
 
-def train_batches(split: ImageSplit, *, local_batch_size: int, seed: int,
-                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(
+  split: ImageSplit, *, local_batch_size: int, seed: int, start_step: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
   """Infinite {'images': uint8 [b,H,W,C], 'labels': int32 [b]} for steps start_step, ...
 
   Epoch e visits a permutation from `np.random.default_rng([seed, e,
@@ -63,8 +66,8 @@ def _train_batches(split, batch, spe, seed, step):
     if step // spe != epoch:
       epoch = step // spe
       rng = np.random.default_rng([seed, epoch, split.process_index])
-      order = rng.permutation(len(split.labels))[:spe * batch]
-    index = order[(step % spe) * batch:(step % spe + 1) * batch]
+      order = rng.permutation(len(split.labels))[: spe * batch]
+    index = order[(step % spe) * batch : (step % spe + 1) * batch]
     yield {"images": split.images[index], "labels": split.labels[index]}
     step += 1
 
@@ -76,8 +79,7 @@ def num_eval_batches(split: ImageSplit, local_batch_size: int) -> int:
   return -(-largest_shard // local_batch_size)
 
 
-def eval_batches(split: ImageSplit, *,
-                 local_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(split: ImageSplit, *, local_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
   """Every example of this shard once, in order, zero-padded; 'mask' is 1.0 on real ones."""
   count = num_eval_batches(split, local_batch_size)
   return _eval_batches(split, local_batch_size, count)
@@ -86,19 +88,22 @@ def eval_batches(split: ImageSplit, *,
 def _eval_batches(split, batch, count):
   # ImageSplit guarantees no shard exceeds the largest one, so `count` covers it.
   for i in range(count):
-    images = split.images[i * batch:(i + 1) * batch]
-    labels = split.labels[i * batch:(i + 1) * batch]
+    images = split.images[i * batch : (i + 1) * batch]
+    labels = split.labels[i * batch : (i + 1) * batch]
     pad = batch - len(labels)
     mask = np.ones((batch,), np.float32)
     if pad:
-      images = np.concatenate([images, np.zeros((pad, *split.images.shape[1:]), split.images.dtype)])
+      images = np.concatenate(
+        [images, np.zeros((pad, *split.images.shape[1:]), split.images.dtype)]
+      )
       labels = np.concatenate([labels, np.zeros((pad,), np.int32)])
-      mask[batch - pad:] = 0.0
+      mask[batch - pad :] = 0.0
     yield {"images": images, "labels": labels, "mask": mask}
 
 
-def ahead_on_device(batches: Iterator[Any], put: Callable[[Any], Any], *,
-                    depth: int = 2) -> Iterator[Any]:
+def ahead_on_device(
+  batches: Iterator[Any], put: Callable[[Any], Any], *, depth: int = 2
+) -> Iterator[Any]:
   """Yields `put(batch)` for each batch with the next `depth` batches already
   put. `jax.device_put` (and `make_array_from_process_local_data`) copy
   asynchronously, and so does the dispatch of a jitted step: the copies of

@@ -12,6 +12,7 @@ the label as little-endian uint32) followed by the image file's bytes as
 they were on disk (JPEG, PNG, ...): decoding and cropping happen when read,
 on the original image.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,11 +36,13 @@ def encode_record(label: int, image_bytes: bytes) -> bytes:
 def decode_record(record: bytes, *, where: str = "a record") -> tuple[int, bytes]:
   """(label, image file bytes)."""
   if len(record) < _HEADER.size or record[:4] != _MAGIC:
-    raise ValueError(f"{where} is not a pixel_vit image record (no {_MAGIC!r} header): "
-                     "write the files with `python -m pixel_vit.write_records`, or read a "
-                     "TFDS ArrayRecord dataset as tfds:NAME.")
+    raise ValueError(
+      f"{where} is not a pixel_vit image record (no {_MAGIC!r} header): "
+      "write the files with `python -m pixel_vit.write_records`, or read a "
+      "TFDS ArrayRecord dataset as tfds:NAME."
+    )
   _, label = _HEADER.unpack_from(record)
-  return label, record[_HEADER.size:]
+  return label, record[_HEADER.size :]
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -53,6 +56,7 @@ def metadata_path(directory: str, split: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class RecordSplit:
   """One written split: where its shards are and what it holds."""
+
   directory: str
   split: str
   num_examples: int
@@ -85,11 +89,11 @@ class _RecordReader:
 
   def __init__(self, paths: list[str], directory: str):
     import grain  # only where records are read
+
     self._source, self._directory = grain.sources.ArrayRecordDataSource(paths), directory
 
   def __getitem__(self, index: int) -> tuple[int, bytes]:
-    return decode_record(self._source[int(index)],
-                         where=f"record {index} of {self._directory}")
+    return decode_record(self._source[int(index)], where=f"record {index} of {self._directory}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +101,7 @@ class TfdsRecordSplit:
   """A split of a TFDS image classification dataset prepared as ArrayRecord
   ('image', 'label' features), read through `tfds.data_source` with the
   image left encoded, so that crops happen on the original as for records."""
+
   dataset: str
   data_dir: str | None
   split: str  # sub-splits too ('train[:90%]')
@@ -111,12 +116,16 @@ class TfdsRecordSplit:
 
 
 class _TfdsReader:
-
   def __init__(self, split: TfdsRecordSplit):
     import tensorflow_datasets as tfds
-    self._source = tfds.data_source(split.dataset, split=split.split, data_dir=split.data_dir,
-                                    download=False,
-                                    decoders={"image": tfds.decode.SkipDecoding()})
+
+    self._source = tfds.data_source(
+      split.dataset,
+      split=split.split,
+      data_dir=split.data_dir,
+      download=False,
+      decoders={"image": tfds.decode.SkipDecoding()},
+    )
 
   def __getitem__(self, index: int) -> tuple[int, bytes]:
     example = self._source[int(index)]
@@ -130,10 +139,15 @@ def open_split(directory: str, split: str) -> RecordSplit:
   if not os.path.exists(path):
     partial = [n for n in _listdir(directory) if n.startswith(f"{split}-")]
     raise ValueError(
-        f"{path} does not exist: {directory} holds no complete {split!r} split"
-        + (f" ({len(partial)} shard files without it: the writer did not finish; rerun "
-           "`python -m pixel_vit.write_records` with the same flags to complete it)"
-           if partial else "; write one with `python -m pixel_vit.write_records`") + ".")
+      f"{path} does not exist: {directory} holds no complete {split!r} split"
+      + (
+        f" ({len(partial)} shard files without it: the writer did not finish; rerun "
+        "`python -m pixel_vit.write_records` with the same flags to complete it)"
+        if partial
+        else "; write one with `python -m pixel_vit.write_records`"
+      )
+      + "."
+    )
   with open(path) as f:
     try:
       fields = json.load(f)
@@ -146,9 +160,10 @@ def open_split(directory: str, split: str) -> RecordSplit:
   missing = [p for p in split_info.paths if not os.path.exists(p)]
   if missing:
     raise ValueError(
-        f"{len(missing)} of {len(split_info.shards)} shards of {split!r} in {directory} are "
-        f"missing, e.g. {os.path.basename(missing[0])}: restore them, or delete {path} and "
-        "rerun `python -m pixel_vit.write_records` to write them again.")
+      f"{len(missing)} of {len(split_info.shards)} shards of {split!r} in {directory} are "
+      f"missing, e.g. {os.path.basename(missing[0])}: restore them, or delete {path} and "
+      "rerun `python -m pixel_vit.write_records` to write them again."
+    )
   return split_info
 
 

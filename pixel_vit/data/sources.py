@@ -9,6 +9,7 @@ Sharding is contiguous and disjoint with `np.array_split` semantics (for
 TFDS, `tfds.even_splits`, which splits the same way): the first
 `total % process_count` processes hold one example more than the rest.
 """
+
 from __future__ import annotations
 
 import abc
@@ -20,8 +21,8 @@ import threading
 import urllib.parse
 import urllib.request
 import zipfile
-from typing import NamedTuple
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -46,6 +47,7 @@ class ImageSplit:
   `images` are uint8 pixels, or float32 VAE latents for a latent dataset
   (`npz:` files with a `latents` array, see `write_latents`).
   """
+
   images: np.ndarray  # uint8 (pixels) or float32 (latents), NHWC
   labels: np.ndarray  # int32, [n]
   num_classes: int
@@ -73,24 +75,31 @@ class ImageSplit:
 
   def __post_init__(self):
     if self.images.dtype not in (np.uint8, np.float32) or self.images.ndim != 4:
-      raise ValueError(f"ImageSplit.images must be uint8 or float32 (latents) NHWC, got "
-                       f"{self.images.dtype} "
-                       f"with shape {self.images.shape}.")
+      raise ValueError(
+        f"ImageSplit.images must be uint8 or float32 (latents) NHWC, got "
+        f"{self.images.dtype} "
+        f"with shape {self.images.shape}."
+      )
     if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
-      raise ValueError(f"ImageSplit.labels must be int32 of shape {self.images.shape[:1]}, "
-                       f"got {self.labels.dtype} with shape {self.labels.shape}.")
+      raise ValueError(
+        f"ImageSplit.labels must be int32 of shape {self.images.shape[:1]}, "
+        f"got {self.labels.dtype} with shape {self.labels.shape}."
+      )
     _check_process(self.process_index, self.process_count)
     largest_shard = -(-self.total_examples // self.process_count)
     if len(self.images) > largest_shard:
-      raise ValueError(f"ImageSplit holds {len(self.images)} examples, more than a "
-                       f"1/{self.process_count} shard of {self.total_examples}.")
+      raise ValueError(
+        f"ImageSplit holds {len(self.images)} examples, more than a "
+        f"1/{self.process_count} shard of {self.total_examples}."
+      )
 
 
 def _describe_counts(ids, counts, limit: int = 5) -> str:
   """'999 (1 example), 1000 (3 examples)' for the first `limit` ids."""
   ids, counts = list(ids), list(counts)
-  shown = ", ".join(f"{i} ({c} example{'s' if c != 1 else ''})"
-                    for i, c in zip(ids[:limit], counts[:limit]))
+  shown = ", ".join(
+    f"{i} ({c} example{'s' if c != 1 else ''})" for i, c in zip(ids[:limit], counts[:limit])
+  )
   return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
@@ -125,78 +134,102 @@ def check_splits(train: ImageSplit, test: ImageSplit, *, labelled: bool = True) 
   train_name = train.origin or "the train split"
   test_name = test.origin or "the eval split"
   if train.images.shape[1:] != test.images.shape[1:] or train.is_latent != test.is_latent:
-    fix = ("encode both splits at one size with python -m pixel_vit.encode_latents"
-           if train.is_latent or test.is_latent else
-           "set config.data.image_size to resize both splits to one square size, or write "
-           "both at one size")
-    raise ValueError(f"{test_name} holds {_describe_images(test)} but {train_name} holds "
-                     f"{_describe_images(train)}: the model is built for the train split and "
-                     f"could not evaluate the other (it would fail at the first evaluation, "
-                     f"after training). Fix: {fix}.")
+    fix = (
+      "encode both splits at one size with python -m pixel_vit.encode_latents"
+      if train.is_latent or test.is_latent
+      else "set config.data.image_size to resize both splits to one square size, or write "
+      "both at one size"
+    )
+    raise ValueError(
+      f"{test_name} holds {_describe_images(test)} but {train_name} holds "
+      f"{_describe_images(train)}: the model is built for the train split and "
+      f"could not evaluate the other (it would fail at the first evaluation, "
+      f"after training). Fix: {fix}."
+    )
   if not labelled:
     return []
   num_classes = train.num_classes
-  if (not train.num_classes_inferred and not test.num_classes_inferred
-      and test.num_classes != num_classes):
-    raise ValueError(f"{test_name} states {test.num_classes} classes but {train_name} states "
-                     f"{num_classes}: both splits must share one class list (the same "
-                     "class_names); write them with the same class_names.")
+  if (
+    not train.num_classes_inferred
+    and not test.num_classes_inferred
+    and test.num_classes != num_classes
+  ):
+    raise ValueError(
+      f"{test_name} states {test.num_classes} classes but {train_name} states "
+      f"{num_classes}: both splits must share one class list (the same "
+      "class_names); write them with the same class_names."
+    )
   if train.class_counts is None or test.class_counts is None:
     return []  # a TFDS dataset: labels are within its ClassLabel, the same for every split
   length = max(num_classes, len(train.class_counts), len(test.class_counts))
   train_counts = _padded(train.class_counts, length)
   test_counts = _padded(test.class_counts, length)
   if train.num_classes_inferred:
-    origin = (f"inferred as the largest train label + 1, since {train_name} has no "
-              "class_names")
-    explicit = ("save class_names=<the names of all classes> in the npz file(s) so the class "
-                "count is explicit")
+    origin = f"inferred as the largest train label + 1, since {train_name} has no class_names"
+    explicit = (
+      "save class_names=<the names of all classes> in the npz file(s) so the class "
+      "count is explicit"
+    )
   else:
     origin = f"the class_names of {train_name}"
     explicit = "use files with the same class_names"
   beyond = np.nonzero(test_counts[num_classes:])[0] + num_classes
   if len(beyond):
     count = int(test_counts[beyond].sum())
-    raise ValueError(f"{test_name}: {count} of {test.total_examples} labels are outside [0, "
-                     f"{num_classes}) of the model's {num_classes} classes ({origin}): "
-                     f"{_describe_counts(beyond, test_counts[beyond])}. Those examples would "
-                     "score eval/top1 0 and eval/loss nan. Fix: drop or relabel them, or "
-                     f"{explicit}.")
+    raise ValueError(
+      f"{test_name}: {count} of {test.total_examples} labels are outside [0, "
+      f"{num_classes}) of the model's {num_classes} classes ({origin}): "
+      f"{_describe_counts(beyond, test_counts[beyond])}. Those examples would "
+      "score eval/top1 0 and eval/loss nan. Fix: drop or relabel them, or "
+      f"{explicit}."
+    )
   warnings = []
   if train.num_classes_inferred:
     used = (train_counts[:num_classes] + test_counts[:num_classes]) > 0
     unused = np.nonzero(~used)[0]
     largest = num_classes - 1
     examples = int(train_counts[largest] + test_counts[largest])
-    message = (f"{train_name} has no class_names, so the class count {num_classes} is "
-               f"inferred from the largest label, {largest} ({examples} example"
-               f"{'s' if examples != 1 else ''}), but {len(unused)} of the {num_classes} ids "
-               f"0..{largest} never occur in either split (e.g. "
-               f"{', '.join(map(str, unused[:5]))}).")
+    message = (
+      f"{train_name} has no class_names, so the class count {num_classes} is "
+      f"inferred from the largest label, {largest} ({examples} example"
+      f"{'s' if examples != 1 else ''}), but {len(unused)} of the {num_classes} ids "
+      f"0..{largest} never occur in either split (e.g. "
+      f"{', '.join(map(str, unused[:5]))})."
+    )
     if len(unused) > used.sum():
-      raise ValueError(f"{message} Most of the {num_classes}-class head would never train: a "
-                       f"stray label is the likely cause. Fix: drop or relabel the stray "
-                       f"examples, or, if the dataset really has {num_classes} classes, "
-                       f"{explicit}.")
+      raise ValueError(
+        f"{message} Most of the {num_classes}-class head would never train: a "
+        f"stray label is the likely cause. Fix: drop or relabel the stray "
+        f"examples, or, if the dataset really has {num_classes} classes, "
+        f"{explicit}."
+      )
     if len(unused):
-      warnings.append(f"{message} Their outputs never train. If {num_classes} classes are "
-                      f"intended, {explicit} (which also silences this warning); else fix "
-                      "the labels.")
+      warnings.append(
+        f"{message} Their outputs never train. If {num_classes} classes are "
+        f"intended, {explicit} (which also silences this warning); else fix "
+        "the labels."
+      )
   only_eval = np.nonzero((test_counts[:num_classes] > 0) & (train_counts[:num_classes] == 0))[0]
   if len(only_eval):
     count = int(test_counts[only_eval].sum())
     share = 100.0 * count / test.total_examples
-    message = (f"{len(only_eval)} of the {num_classes} classes occur in {test_name} "
-               f"({count} of {test.total_examples} examples, {share:.1f}%) but never in "
-               f"{train_name}: {_describe_counts(only_eval, test_counts[only_eval])}.")
+    message = (
+      f"{len(only_eval)} of the {num_classes} classes occur in {test_name} "
+      f"({count} of {test.total_examples} examples, {share:.1f}%) but never in "
+      f"{train_name}: {_describe_counts(only_eval, test_counts[only_eval])}."
+    )
     if count == test.total_examples:
-      raise ValueError(f"{message} No eval example is of a class the model trains on, so "
-                       "eval/top1 would be 0. Fix: check config.data.train_split / "
-                       "eval_split (or the npz files): the splits must share classes.")
-    warnings.append(f"{message} The model never trains on them, so eval/top1 is at most "
-                    f"{100.0 - share:.1f}%. Expected for a train split too small to hold every "
-                    "class; otherwise use a train split with every class or drop those eval "
-                    "examples.")
+      raise ValueError(
+        f"{message} No eval example is of a class the model trains on, so "
+        "eval/top1 would be 0. Fix: check config.data.train_split / "
+        "eval_split (or the npz files): the splits must share classes."
+      )
+    warnings.append(
+      f"{message} The model never trains on them, so eval/top1 is at most "
+      f"{100.0 - share:.1f}%. Expected for a train split too small to hold every "
+      "class; otherwise use a train split with every class or drop those eval "
+      "examples."
+    )
   return warnings
 
 
@@ -209,8 +242,14 @@ class Source(abc.ABC):
     """The source string this was parsed from, e.g. 'tfds:cifar100'."""
 
   @abc.abstractmethod
-  def load(self, split: str, *, process_index: int = 0, process_count: int = 1,
-           image_size: int | None = None) -> ImageSplit:
+  def load(
+    self,
+    split: str,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    image_size: int | None = None,
+  ) -> ImageSplit:
     """Reads this process's shard of `split`, resized to `image_size` if given."""
 
 
@@ -228,13 +267,21 @@ def source_form(name: str) -> tuple[str, str]:
     return kind, arg
   if sep and kind == "records" and arg:
     return kind, arg
-  raise ValueError(f"data source {name!r} is not recognised; use one of {list(SOURCE_FORMS)}, "
-                   "e.g. 'digits', 'npz:../shared/data/mnist_rasbt_{split}.npz' or "
-                   "'tfds:cifar100'.")
+  raise ValueError(
+    f"data source {name!r} is not recognised; use one of {list(SOURCE_FORMS)}, "
+    "e.g. 'digits', 'npz:../shared/data/mnist_rasbt_{split}.npz' or "
+    "'tfds:cifar100'."
+  )
 
 
-def parse_source(name: str, *, data_dir: str | None = None, download: bool = True,
-                 loader: str = "auto", crop_fraction: float = 0.875) -> Source:
+def parse_source(
+  name: str,
+  *,
+  data_dir: str | None = None,
+  download: bool = True,
+  loader: str = "auto",
+  crop_fraction: float = 0.875,
+) -> Source:
   """'digits' | 'npz:PATH' | 'tfds:NAME' | 'records:DIR' -> Source. Reads no data.
 
   `data_dir`, `download`, `loader` and `crop_fraction` only apply to TFDS
@@ -248,10 +295,13 @@ def parse_source(name: str, *, data_dir: str | None = None, download: bool = Tru
   if kind == "records":
     return RecordsSource(arg)
   if data_dir and not download and "://" not in data_dir and not os.path.isdir(data_dir):
-    raise ValueError(f"data_dir {data_dir!r} for {name!r} does not exist and download "
-                     "is off; point --config.data.data_dir at a prepared TFDS directory.")
-  return TfdsSource(arg, data_dir=data_dir, download=download, loader=loader,
-                    crop_fraction=crop_fraction)
+    raise ValueError(
+      f"data_dir {data_dir!r} for {name!r} does not exist and download "
+      "is off; point --config.data.data_dir at a prepared TFDS directory."
+    )
+  return TfdsSource(
+    arg, data_dir=data_dir, download=download, loader=loader, crop_fraction=crop_fraction
+  )
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -281,6 +331,7 @@ def _train_test_indices(n: int, split: str) -> np.ndarray:
 def _import_tf():
   """Imports TensorFlow for tf.data / resizing, hidden from every GPU."""
   import tensorflow as tf
+
   # TF would otherwise reserve GPU memory that JAX needs; TF here only feeds data.
   try:
     tf.config.set_visible_devices([], "GPU")
@@ -292,8 +343,7 @@ def _import_tf():
 
 def _tf_resize(tf, images, image_size: int):
   """Antialiased resize of HWC or NHWC uint8 tensors to image_size x image_size, uint8."""
-  resized = tf.image.resize(images, (image_size, image_size), method="bilinear",
-                            antialias=True)
+  resized = tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
@@ -303,11 +353,12 @@ def _tf_centre_crop(tf, image, image_size: int, crop_fraction: float):
   shorter = math.floor(image_size / crop_fraction)
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   scale = shorter / tf.cast(tf.minimum(height, width), tf.float32)
-  size = tf.maximum(shorter, tf.cast(tf.round(tf.cast(tf.stack([height, width]), tf.float32)
-                                              * scale), tf.int32))
+  size = tf.maximum(
+    shorter, tf.cast(tf.round(tf.cast(tf.stack([height, width]), tf.float32) * scale), tf.int32)
+  )
   resized = tf.image.resize(image, size, method="bilinear", antialias=True)
   top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-  cropped = resized[top:top + image_size, left:left + image_size]
+  cropped = resized[top : top + image_size, left : left + image_size]
   return tf.cast(tf.clip_by_value(tf.round(cropped), 0, 255), tf.uint8)
 
 
@@ -315,13 +366,17 @@ def _resize(images: np.ndarray, image_size: int | None) -> np.ndarray:
   if image_size is None or images.shape[1:3] == (image_size, image_size):
     return images
   if images.dtype != np.uint8:
-    raise ValueError(f"latents of size {images.shape[1]}x{images.shape[2]} cannot be resized "
-                     f"to {image_size}: encode the images at the size you want (python -m "
-                     "pixel_vit.encode_latents --image_size=8*SIZE) and leave "
-                     "config.data.image_size unset.")
+    raise ValueError(
+      f"latents of size {images.shape[1]}x{images.shape[2]} cannot be resized "
+      f"to {image_size}: encode the images at the size you want (python -m "
+      "pixel_vit.encode_latents --image_size=8*SIZE) and leave "
+      "config.data.image_size unset."
+    )
   tf = _import_tf()
-  chunks = [_tf_resize(tf, images[i:i + _RESIZE_CHUNK], image_size).numpy()
-            for i in range(0, len(images), _RESIZE_CHUNK)]
+  chunks = [
+    _tf_resize(tf, images[i : i + _RESIZE_CHUNK], image_size).numpy()
+    for i in range(0, len(images), _RESIZE_CHUNK)
+  ]
   if not chunks:
     return np.zeros((0, image_size, image_size, images.shape[3]), np.uint8)
   return np.concatenate(chunks)
@@ -344,22 +399,29 @@ class _InMemorySource(Source):
   def _origin(self, split: str) -> str:
     return f"{self.name} split {split!r}"
 
-  def load(self, split: str, *, process_index: int = 0, process_count: int = 1,
-           image_size: int | None = None) -> ImageSplit:
+  def load(
+    self,
+    split: str,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    image_size: int | None = None,
+  ) -> ImageSplit:
     _check_process(process_index, process_count)
     _check_image_size(image_size)
     images, labels, num_classes, inferred = self._read_split(split)
     shard = np.array_split(np.arange(len(images)), process_count)[process_index]
     return ImageSplit(
-        images=_resize(np.ascontiguousarray(images[shard]), image_size),
-        labels=labels[shard].astype(np.int32),
-        num_classes=num_classes,
-        total_examples=len(images),
-        process_index=process_index,
-        process_count=process_count,
-        origin=self._origin(split),
-        class_counts=np.bincount(labels, minlength=num_classes),
-        num_classes_inferred=inferred)
+      images=_resize(np.ascontiguousarray(images[shard]), image_size),
+      labels=labels[shard].astype(np.int32),
+      num_classes=num_classes,
+      total_examples=len(images),
+      process_index=process_index,
+      process_count=process_count,
+      origin=self._origin(split),
+      class_counts=np.bincount(labels, minlength=num_classes),
+      num_classes_inferred=inferred,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,6 +435,7 @@ class DigitsSource(_InMemorySource):
   def _read_split(self, split):
     _check_train_test(self.name, split)
     from sklearn import datasets
+
     digits = datasets.load_digits()
     # Pixel values are 0..16; stretch them to the 0..255 range of every other source.
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
@@ -391,15 +454,21 @@ class NpzSource(_InMemorySource):
   A `{split}` in the path is replaced by the split name (one file per split);
   otherwise the one file is split 80/20 into 'train' and 'test'.
   """
+
   path: str
 
   def __post_init__(self):
-    candidates = ([self.path.replace("{split}", s) for s in ("train", "test")]
-                  if "{split}" in self.path else [self.path])
+    candidates = (
+      [self.path.replace("{split}", s) for s in ("train", "test")]
+      if "{split}" in self.path
+      else [self.path]
+    )
     if not any(os.path.isfile(p) for p in candidates):
-      raise ValueError(f"npz source: no file at {' or '.join(candidates)}; pass "
-                       "npz:PATH with an existing .npz (PATH may contain '{split}'). A "
-                       "latent dataset is written by python -m pixel_vit.encode_latents.")
+      raise ValueError(
+        f"npz source: no file at {' or '.join(candidates)}; pass "
+        "npz:PATH with an existing .npz (PATH may contain '{split}'). A "
+        "latent dataset is written by python -m pixel_vit.encode_latents."
+      )
 
   @property
   def name(self) -> str:
@@ -422,15 +491,17 @@ class NpzSource(_InMemorySource):
     if not len(index):
       n = len(whole.images)
       raise ValueError(
-          f"npz file {self.path} has {n} example(s): its fixed {_TRAIN_FRACTION[0]}/"
-          f"{_TRAIN_FRACTION[1]} train/test split leaves none for {split!r}. Use a file with at "
-          f"least {_TRAIN_FRACTION[1]} examples, or give the splits their own files "
-          "(npz:PATH_{split}.npz with PATH_train.npz and PATH_test.npz).")
+        f"npz file {self.path} has {n} example(s): its fixed {_TRAIN_FRACTION[0]}/"
+        f"{_TRAIN_FRACTION[1]} train/test split leaves none for {split!r}. Use a file with at "
+        f"least {_TRAIN_FRACTION[1]} examples, or give the splits their own files "
+        "(npz:PATH_{split}.npz with PATH_train.npz and PATH_test.npz)."
+      )
     return whole._replace(images=whole.images[index], labels=whole.labels[index])
 
 
-_NPZ_FIX = ("save it with np.savez(path, images=<uint8 [N,H,W,C]>, labels=<int [N]>"
-            "[, class_names=<str [K]>])")
+_NPZ_FIX = (
+  "save it with np.savez(path, images=<uint8 [N,H,W,C]>, labels=<int [N]>[, class_names=<str [K]>])"
+)
 
 
 def _open_npz(path: str) -> dict[str, np.ndarray]:
@@ -449,18 +520,24 @@ def _open_npz(path: str) -> dict[str, np.ndarray]:
       what = f"text, not an .npz (zip) archive; it starts with {head[:40].decode()!r}"
     else:
       what = f"not an .npz (zip) archive; its first bytes are {head[:8]!r}"
-    raise ValueError(f"npz file {path} cannot be read: it is {what}. Point config.data.source "
-                     f"at the right file, or {_NPZ_FIX}.")
+    raise ValueError(
+      f"npz file {path} cannot be read: it is {what}. Point config.data.source "
+      f"at the right file, or {_NPZ_FIX}."
+    )
   try:
     with np.load(path, allow_pickle=False) as data:
       return {key: data[key] for key in data.files}
   except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-    raise ValueError(f"npz file {path} cannot be read: it is truncated or damaged ({size} "
-                     f"bytes; {type(e).__name__}: {e}). Copy or write it again (an "
-                     f"interrupted download or np.savez leaves such a file); {_NPZ_FIX}.") from None
+    raise ValueError(
+      f"npz file {path} cannot be read: it is truncated or damaged ({size} "
+      f"bytes; {type(e).__name__}: {e}). Copy or write it again (an "
+      f"interrupted download or np.savez leaves such a file); {_NPZ_FIX}."
+    ) from None
   except ValueError as e:  # object arrays would need pickle
-    raise ValueError(f"npz file {path} cannot be read without pickle ({e}); store plain "
-                     f"number / string arrays instead: {_NPZ_FIX}.") from None
+    raise ValueError(
+      f"npz file {path} cannot be read without pickle ({e}); store plain "
+      f"number / string arrays instead: {_NPZ_FIX}."
+    ) from None
 
 
 def _read_npz(path: str, split: str | None = None) -> _WholeSplit:
@@ -471,9 +548,11 @@ def _read_npz(path: str, split: str | None = None) -> _WholeSplit:
   if latent:
     images = arrays["latents"]
     if images.dtype not in (np.float32, np.float16) or images.ndim != 4:
-      raise ValueError(f"npz file {path}: latents have dtype {images.dtype} and shape "
-                       f"{images.shape}, expected float32 [N, h, w, c]; write them with "
-                       "python -m pixel_vit.encode_latents.")
+      raise ValueError(
+        f"npz file {path}: latents have dtype {images.dtype} and shape "
+        f"{images.shape}, expected float32 [N, h, w, c]; write them with "
+        "python -m pixel_vit.encode_latents."
+      )
     # A NaN would train on silently and make every eval NaN. min and max show
     # NaN and Inf in two passes without an array-sized mask (latent ImageNet
     # is gigabytes); the mask is built only to describe what is wrong.
@@ -481,47 +560,59 @@ def _read_npz(path: str, split: str | None = None) -> _WholeSplit:
       bad = ~np.isfinite(images.reshape(len(images), -1)).all(axis=1)
       first = int(np.argmax(bad))
       raise ValueError(
-          f"npz file {path}{f' (split {split!r})' if split else ''}: {int(bad.sum())} of "
-          f"{len(images)} latents hold NaN or Inf ({int((~np.isfinite(images)).sum())} "
-          f"values; the first is example {first}). Encode the images again with python -m "
-          "pixel_vit.encode_latents (float16 overflows above 65504: keep float32), or drop "
-          "those examples.")
+        f"npz file {path}{f' (split {split!r})' if split else ''}: {int(bad.sum())} of "
+        f"{len(images)} latents hold NaN or Inf ({int((~np.isfinite(images)).sum())} "
+        f"values; the first is example {first}). Encode the images again with python -m "
+        "pixel_vit.encode_latents (float16 overflows above 65504: keep float32), or drop "
+        "those examples."
+      )
     arrays["images"] = images.astype(np.float32)
   for key in ("images", "labels"):
     if key not in arrays:
-      raise ValueError(f"npz file {path} has no {key!r} array (it has {sorted(arrays)}); "
-                       f"{fix}.")
+      raise ValueError(f"npz file {path} has no {key!r} array (it has {sorted(arrays)}); {fix}.")
   images, labels = arrays["images"], arrays["labels"]
   if not latent and images.dtype != np.uint8:
-    raise ValueError(f"npz file {path}: images have dtype {images.dtype}, expected uint8 "
-                     "0..255; convert e.g. with np.round(x * 255).astype(np.uint8).")
+    raise ValueError(
+      f"npz file {path}: images have dtype {images.dtype}, expected uint8 "
+      "0..255; convert e.g. with np.round(x * 255).astype(np.uint8)."
+    )
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4 or 0 in images.shape[1:]:
-    raise ValueError(f"npz file {path}: images have shape {images.shape}, expected rank 4 "
-                     "[N,H,W,C] (or rank 3 [N,H,W]); " + fix + ".")
+    raise ValueError(
+      f"npz file {path}: images have shape {images.shape}, expected rank 4 "
+      "[N,H,W,C] (or rank 3 [N,H,W]); " + fix + "."
+    )
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"npz file {path}: labels have dtype {labels.dtype} and shape "
-                     f"{labels.shape}, expected integer class ids of rank 1 [N]; {fix}.")
+    raise ValueError(
+      f"npz file {path}: labels have dtype {labels.dtype} and shape "
+      f"{labels.shape}, expected integer class ids of rank 1 [N]; {fix}."
+    )
   if len(labels) != len(images):
-    raise ValueError(f"npz file {path}: {len(images)} images but {len(labels)} labels; "
-                     "they must have the same length.")
+    raise ValueError(
+      f"npz file {path}: {len(images)} images but {len(labels)} labels; "
+      "they must have the same length."
+    )
   if len(images) == 0:
     raise ValueError(f"npz file {path} is empty (0 examples).")
   if labels.min() < 0:
     bad = labels < 0
-    raise ValueError(f"npz file {path}: {bad.sum()} of {len(labels)} labels are negative: "
-                     f"{describe_labels(labels[bad])}; class ids must be in [0, num_classes): "
-                     "fix or drop these examples.")
+    raise ValueError(
+      f"npz file {path}: {bad.sum()} of {len(labels)} labels are negative: "
+      f"{describe_labels(labels[bad])}; class ids must be in [0, num_classes): "
+      "fix or drop these examples."
+    )
   inferred = "class_names" not in arrays
   if not inferred:
     num_classes = len(arrays["class_names"])
     if labels.max() >= num_classes:
       bad = labels >= num_classes
-      raise ValueError(f"npz file {path}: {bad.sum()} of {len(labels)} labels are outside "
-                       f"[0, {num_classes}) of its {num_classes} class_names: "
-                       f"{describe_labels(labels[bad])}; add the missing class_names or fix "
-                       "the labels.")
+      raise ValueError(
+        f"npz file {path}: {bad.sum()} of {len(labels)} labels are outside "
+        f"[0, {num_classes}) of its {num_classes} class_names: "
+        f"{describe_labels(labels[bad])}; add the missing class_names or fix "
+        "the labels."
+      )
   else:
     num_classes = int(labels.max()) + 1
   if num_classes > np.iinfo(np.int32).max:
@@ -529,8 +620,9 @@ def _read_npz(path: str, split: str | None = None) -> _WholeSplit:
   return _WholeSplit(images, labels, num_classes, inferred)
 
 
-def write_latents(path: str, latents: np.ndarray, labels: np.ndarray, *, latent_scale: float,
-                  vae_weights: str) -> None:
+def write_latents(
+  path: str, latents: np.ndarray, labels: np.ndarray, *, latent_scale: float, vae_weights: str
+) -> None:
   """Writes one split of a latent dataset, the .npz an `npz:` source reads back:
     latents       float32 [N, h, w, c], already multiplied by `latent_scale`
     labels        int32 [N]
@@ -541,13 +633,19 @@ def write_latents(path: str, latents: np.ndarray, labels: np.ndarray, *, latent_
   os.makedirs(directory, exist_ok=True)
   temporary = path + ".tmp"
   with open(temporary, "wb") as f:  # a file object keeps np.savez from appending '.npz'
-    np.savez(f, latents=latents, labels=labels, latent_scale=np.float32(latent_scale),
-             vae_weights=np.str_(vae_weights))
+    np.savez(
+      f,
+      latents=latents,
+      labels=labels,
+      latent_scale=np.float32(latent_scale),
+      vae_weights=np.str_(vae_weights),
+    )
   os.replace(temporary, path)
 
 
-def _network_reachable(host: str = "storage.googleapis.com", port: int = 443,
-                       timeout: float = 3.0) -> bool:
+def _network_reachable(
+  host: str = "storage.googleapis.com", port: int = 443, timeout: float = 3.0
+) -> bool:
   """Whether a TCP connection to TFDS's download host (or the HTTPS proxy) opens in time."""
   proxy = urllib.request.getproxies().get("https")
   if proxy:
@@ -586,6 +684,7 @@ class TfdsSource(Source):
   image_size / crop_fraction and the centre square (the evaluation crop:
   no aspect distortion), which the device's random crop then works within.
   """
+
   dataset: str
   data_dir: str | None = None
   download: bool = True
@@ -597,21 +696,26 @@ class TfdsSource(Source):
     return f"tfds:{self.dataset}"
 
   def _how_to_provide(self) -> str:
-    return (f"To provide it: pass --config.data.data_dir=DIR pointing at a prepared TFDS "
-            f"directory; or run `tfds build {self.dataset} --data_dir=DIR` on a machine "
-            "with network and copy DIR here; or use an offline source: 'npz:PATH' or "
-            "'digits'.")
+    return (
+      f"To provide it: pass --config.data.data_dir=DIR pointing at a prepared TFDS "
+      f"directory; or run `tfds build {self.dataset} --data_dir=DIR` on a machine "
+      "with network and copy DIR here; or use an offline source: 'npz:PATH' or "
+      "'digits'."
+    )
 
   def _builder(self):
     import tensorflow_datasets as tfds
+
     try:
       return tfds.builder(self.dataset, data_dir=self.data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
       # TFDS's own message lists every dataset it knows; keep only the first line.
       first_line = str(e).splitlines()[0]
-      raise ValueError(f"{self.name}: {first_line} Check the spelling against "
-                       "https://www.tensorflow.org/datasets/catalog, or use 'npz:PATH' / "
-                       "'digits'.") from e
+      raise ValueError(
+        f"{self.name}: {first_line} Check the spelling against "
+        "https://www.tensorflow.org/datasets/catalog, or use 'npz:PATH' / "
+        "'digits'."
+      ) from e
 
   def _prepare(self, builder) -> None:
     """Makes sure the data is on disk, failing fast when it cannot be."""
@@ -619,90 +723,131 @@ class TfdsSource(Source):
       return
     where = f"at {builder.data_dir}"
     if not self.download:
-      raise ValueError(f"{self.name} is not prepared {where} and download is off. "
-                       + self._how_to_provide())
+      raise ValueError(
+        f"{self.name} is not prepared {where} and download is off. " + self._how_to_provide()
+      )
     if not _network_reachable():
-      raise ValueError(f"{self.name} is not prepared {where} and cannot be downloaded: "
-                       "storage.googleapis.com is unreachable (no network). "
-                       + self._how_to_provide())
+      raise ValueError(
+        f"{self.name} is not prepared {where} and cannot be downloaded: "
+        "storage.googleapis.com is unreachable (no network). " + self._how_to_provide()
+      )
     try:
       builder.download_and_prepare()
     except Exception as e:
       # Manual-download datasets (imagenet2012) and network errors land here.
-      raise ValueError(f"{self.name}: download and preparation {where} failed: {e}\n"
-                       + self._how_to_provide()) from e
+      raise ValueError(
+        f"{self.name}: download and preparation {where} failed: {e}\n" + self._how_to_provide()
+      ) from e
 
-  def load(self, split: str, *, process_index: int = 0, process_count: int = 1,
-           image_size: int | None = None) -> ImageSplit:
+  def load(
+    self,
+    split: str,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    image_size: int | None = None,
+  ) -> ImageSplit:
     _check_process(process_index, process_count)
     _check_image_size(image_size)
     tf = _import_tf()  # before TFDS runs any TF op, so TF never claims a GPU
     builder = self._builder()
     features = builder.info.features
-    if ("image" not in features or "label" not in features
-        or not hasattr(features["label"], "num_classes")):
-      raise ValueError(f"{self.name} has features {sorted(features)}; an image "
-                       "classification dataset with 'image' and a class 'label' is needed.")
+    if (
+      "image" not in features
+      or "label" not in features
+      or not hasattr(features["label"], "num_classes")
+    ):
+      raise ValueError(
+        f"{self.name} has features {sorted(features)}; an image "
+        "classification dataset with 'image' and a class 'label' is needed."
+      )
     self._prepare(builder)
     try:
       total_examples = builder.info.splits[split].num_examples
     except (KeyError, ValueError, AssertionError) as e:
-      raise ValueError(f"{self.name} has no split {split!r} ({e}); it has "
-                       f"{sorted(builder.info.splits)} (sub-splits like 'train[:90%]' "
-                       "work too).") from e
+      raise ValueError(
+        f"{self.name} has no split {split!r} ({e}); it has "
+        f"{sorted(builder.info.splits)} (sub-splits like 'train[:90%]' "
+        "work too)."
+      ) from e
     image_shape = features["image"].shape
     varied = None in image_shape[:2]
     if image_size is None and varied:
-      raise ValueError(f"{self.name} images vary in size {image_shape}; set "
-                       "--config.data.image_size (the side of the square crops).")
+      raise ValueError(
+        f"{self.name} images vary in size {image_shape}; set "
+        "--config.data.image_size (the side of the square crops)."
+      )
     empty_shape = ((image_size, image_size) if image_size else image_shape[:2]) + image_shape[2:]
     what = f"{self.name} split {split!r}"
     shard_examples = -(-total_examples // process_count)
     fits_reason = memory_shortfall(what, shard_examples, empty_shape, available_memory_bytes())
     stream_split = self._as_stream(builder, split, total_examples)
-    if self.loader == "stream" or (self.loader == "auto" and stream_split is not None
-                                   and (varied or fits_reason)):
+    if self.loader == "stream" or (
+      self.loader == "auto" and stream_split is not None and (varied or fits_reason)
+    ):
       if stream_split is None:
-        raise ValueError(f"{what} is not prepared as ArrayRecord (it is "
-                         f"{builder.info.file_format.value}), which streaming reads. "
-                         + self._how_to_convert(builder) + " Or use config.data.loader='memory'.")
-      why = ("its images vary in size, so crops are taken from the originals" if varied
-             else "decoded it would not fit in memory")
+        raise ValueError(
+          f"{what} is not prepared as ArrayRecord (it is "
+          f"{builder.info.file_format.value}), which streaming reads. "
+          + self._how_to_convert(builder)
+          + " Or use config.data.loader='memory'."
+        )
+      why = (
+        "its images vary in size, so crops are taken from the originals"
+        if varied
+        else "decoded it would not fit in memory"
+      )
       if self.loader == "stream":
         why = "config.data.loader='stream'"
-      return ImageSplit(images=np.zeros((0, *empty_shape), np.uint8),
-                        labels=np.zeros((0,), np.int32),
-                        num_classes=features["label"].num_classes,
-                        total_examples=total_examples, process_index=process_index,
-                        process_count=process_count, origin=what, stream=stream_split,
-                        reading=f"streamed from ArrayRecord ({why})")
+      return ImageSplit(
+        images=np.zeros((0, *empty_shape), np.uint8),
+        labels=np.zeros((0,), np.int32),
+        num_classes=features["label"].num_classes,
+        total_examples=total_examples,
+        process_index=process_index,
+        process_count=process_count,
+        origin=what,
+        stream=stream_split,
+        reading=f"streamed from ArrayRecord ({why})",
+      )
     if fits_reason:
-      raise ValueError(fits_reason + " Stream it instead: " + (
+      raise ValueError(
+        fits_reason
+        + " Stream it instead: "
+        + (
           "it is prepared as ArrayRecord, so use config.data.loader='auto' or 'stream'."
-          if stream_split is not None else self._how_to_convert(builder)
+          if stream_split is not None
+          else self._how_to_convert(builder)
           + " Or write its images with `python -m pixel_vit.write_records` and use "
-          "dataset=records:DIR (README: Streamed images)."))
+          "dataset=records:DIR (README: Streamed images)."
+        )
+      )
     shard = tfds_even_split(split, process_index, process_count)
     if self._has_tfrecord(builder):
       images, labels = self._read(tf, builder, shard, image_size, empty_shape, varied)
     else:
       images, labels = self._read_array_record(shard, image_size, empty_shape, varied)
     return ImageSplit(
-        images=images,
-        labels=labels,
-        num_classes=features["label"].num_classes,
-        total_examples=total_examples,
-        process_index=process_index,
-        process_count=process_count,
-        origin=what,
-        reading="in memory" + (
-            f" (images of many sizes: each stored as its centre crop, shorter side to "
-            f"{math.floor(image_size / self.crop_fraction)}; loader='stream' crops originals)"
-            if varied else ""))
+      images=images,
+      labels=labels,
+      num_classes=features["label"].num_classes,
+      total_examples=total_examples,
+      process_index=process_index,
+      process_count=process_count,
+      origin=what,
+      reading="in memory"
+      + (
+        f" (images of many sizes: each stored as its centre crop, shorter side to "
+        f"{math.floor(image_size / self.crop_fraction)}; loader='stream' crops originals)"
+        if varied
+        else ""
+      ),
+    )
 
   def _as_stream(self, builder, split: str, total_examples: int):
     """The split as a TfdsRecordSplit when it is prepared as ArrayRecord, else None."""
     from tensorflow_datasets.core import file_adapters
+
     array_record = file_adapters.FileFormat.ARRAY_RECORD
     formats = {builder.info.file_format, *builder.info.alternative_file_formats}
     if array_record not in formats:
@@ -711,31 +856,43 @@ class TfdsSource(Source):
     shards = tuple(builder.info.splits[base].filenames)
     missing = [name for name in shards if not os.path.exists(os.path.join(builder.data_dir, name))]
     if missing:
-      raise ValueError(f"{len(missing)} of {len(shards)} ArrayRecord shards of {self.name} split "
-                       f"{base!r} in {builder.data_dir} are missing, e.g. {missing[0]}: restore "
-                       f"them, or prepare the dataset again (`tfds build {self.dataset} "
-                       "--file_format=array_record`).")
+      raise ValueError(
+        f"{len(missing)} of {len(shards)} ArrayRecord shards of {self.name} split "
+        f"{base!r} in {builder.data_dir} are missing, e.g. {missing[0]}: restore "
+        f"them, or prepare the dataset again (`tfds build {self.dataset} "
+        "--file_format=array_record`)."
+      )
     return records.TfdsRecordSplit(
-        dataset=self.dataset, data_dir=self.data_dir, split=split,
-        directory=str(builder.data_dir), num_examples=total_examples,
-        num_classes=builder.info.features["label"].num_classes,
-        shards=shards)
+      dataset=self.dataset,
+      data_dir=self.data_dir,
+      split=split,
+      directory=str(builder.data_dir),
+      num_examples=total_examples,
+      num_classes=builder.info.features["label"].num_classes,
+      shards=shards,
+    )
 
   def _how_to_convert(self, builder) -> str:
-    return (f"Convert it once: `tfds convert_format --dataset_version_dir={builder.data_dir} "
-            "--out_file_format=array_record` (it needs `pip install apache-beam`), or prepare "
-            f"it again with `tfds build {self.dataset} --file_format=array_record`.")
+    return (
+      f"Convert it once: `tfds convert_format --dataset_version_dir={builder.data_dir} "
+      "--out_file_format=array_record` (it needs `pip install apache-beam`), or prepare "
+      f"it again with `tfds build {self.dataset} --file_format=array_record`."
+    )
 
   @staticmethod
   def _has_tfrecord(builder) -> bool:
     from tensorflow_datasets.core import file_adapters
-    return file_adapters.FileFormat.TFRECORD in {builder.info.file_format,
-                                                 *builder.info.alternative_file_formats}
+
+    return file_adapters.FileFormat.TFRECORD in {
+      builder.info.file_format,
+      *builder.info.alternative_file_formats,
+    }
 
   def _read(self, tf, builder, shard, image_size, empty_shape, varied):
     """Reads this process's shard (TFRecord) into numpy with tf.data, in the
     dataset's fixed order."""
     import tensorflow_datasets as tfds
+
     ds = builder.as_dataset(split=shard, shuffle_files=False)
 
     def to_pair(example):
@@ -750,26 +907,31 @@ class TfdsSource(Source):
     batches = list(tfds.as_numpy(ds.batch(1024).prefetch(tf.data.AUTOTUNE)))
     if not batches:  # fewer examples than processes
       return np.zeros((0, *empty_shape), np.uint8), np.zeros((0,), np.int32)
-    return (np.concatenate([images for images, _ in batches]),
-            np.concatenate([labels for _, labels in batches]))
+    return (
+      np.concatenate([images for images, _ in batches]),
+      np.concatenate([labels for _, labels in batches]),
+    )
 
   def _read_array_record(self, shard, image_size, empty_shape, varied):
     """Reads this process's shard of an ArrayRecord-only dataset (which
     tf.data cannot read) into numpy through `tfds.data_source`."""
     import tensorflow_datasets as tfds
-    examples = tfds.data_source(self.dataset, split=shard, data_dir=self.data_dir,
-                                download=False)
+
+    examples = tfds.data_source(self.dataset, split=shard, data_dir=self.data_dir, download=False)
     labels = np.array([examples[i]["label"] for i in range(len(examples))], np.int32)
     if not varied:
-      images = np.stack([examples[i]["image"] for i in range(len(examples))]
-                        or [np.zeros(empty_shape, np.uint8)])[:len(examples)]
+      images = np.stack(
+        [examples[i]["image"] for i in range(len(examples))] or [np.zeros(empty_shape, np.uint8)]
+      )[: len(examples)]
       return _resize(images, image_size), labels
     images = np.zeros((len(examples), *empty_shape), np.uint8)
     for i in range(len(examples)):
       pixels = examples[i]["image"]
-      images[i] = crops.eval_crop(Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1
-                                                  else pixels),
-                                  image_size, crop_fraction=self.crop_fraction)
+      images[i] = crops.eval_crop(
+        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels),
+        image_size,
+        crop_fraction=self.crop_fraction,
+      )
     return images, labels
 
 
@@ -777,6 +939,7 @@ def tfds_even_split(split: str, process_index: int, process_count: int) -> str:
   """This process's part of a TFDS split: 'train[0%:50%]'-style, as
   `tfds.even_splits` cuts it."""
   import tensorflow_datasets as tfds
+
   return tfds.even_splits(split, n=process_count)[process_index]
 
 
@@ -786,27 +949,41 @@ class RecordsSource(Source):
   `python -m pixel_vit.write_records`, streamed with grain (data/stream.py).
   `load` reads the split's description only; crops to `image_size` happen
   per example when streamed."""
+
   directory: str
 
   @property
   def name(self) -> str:
     return f"records:{self.directory}"
 
-  def load(self, split: str, *, process_index: int = 0, process_count: int = 1,
-           image_size: int | None = None) -> ImageSplit:
+  def load(
+    self,
+    split: str,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    image_size: int | None = None,
+  ) -> ImageSplit:
     _check_process(process_index, process_count)
     if image_size is None:
-      raise ValueError(f"{self.name} holds images of many sizes: set config.data.image_size "
-                       "(the side of the training crops).")
+      raise ValueError(
+        f"{self.name} holds images of many sizes: set config.data.image_size "
+        "(the side of the training crops)."
+      )
     _check_image_size(image_size)
     info = records.open_split(self.directory, split)
-    return ImageSplit(images=np.zeros((0, image_size, image_size, 3), np.uint8),
-                      labels=np.zeros((0,), np.int32), num_classes=info.num_classes,
-                      total_examples=info.num_examples, process_index=process_index,
-                      process_count=process_count,
-                      origin=f"records {self.directory} split {split!r}",
-                      class_counts=np.asarray(info.class_counts, np.int64), stream=info,
-                      reading="streamed from ArrayRecord")
+    return ImageSplit(
+      images=np.zeros((0, image_size, image_size, 3), np.uint8),
+      labels=np.zeros((0,), np.int32),
+      num_classes=info.num_classes,
+      total_examples=info.num_examples,
+      process_index=process_index,
+      process_count=process_count,
+      origin=f"records {self.directory} split {split!r}",
+      class_counts=np.asarray(info.class_counts, np.int64),
+      stream=info,
+      reading="streamed from ArrayRecord",
+    )
 
 
 def loader_for(data) -> str:
@@ -822,13 +999,17 @@ def loader_for(data) -> str:
   if loader == "auto":
     return "stream" if streams else "memory"
   if loader == "stream" and not streams:
-    raise ValueError(f"config.data.loader='stream' reads ArrayRecord: records written by "
-                     f"`python -m pixel_vit.write_records` (config.data.source='records:DIR') "
-                     f"or a TFDS dataset prepared as ArrayRecord; {data.source!r} is read into "
-                     "memory: use loader='memory' or 'auto'.")
+    raise ValueError(
+      f"config.data.loader='stream' reads ArrayRecord: records written by "
+      f"`python -m pixel_vit.write_records` (config.data.source='records:DIR') "
+      f"or a TFDS dataset prepared as ArrayRecord; {data.source!r} is read into "
+      "memory: use loader='memory' or 'auto'."
+    )
   if loader == "memory" and streams:
-    raise ValueError(f"config.data.loader='memory' cannot hold {data.source!r}: records are "
-                     "streamed; use loader='stream' or 'auto'.")
+    raise ValueError(
+      f"config.data.loader='memory' cannot hold {data.source!r}: records are "
+      "streamed; use loader='stream' or 'auto'."
+    )
   return loader
 
 
@@ -849,8 +1030,7 @@ def available_memory_bytes() -> int | None:
   return None
 
 
-def memory_shortfall(what: str, examples: int, shape: tuple,
-                     available: int | None) -> str | None:
+def memory_shortfall(what: str, examples: int, shape: tuple, available: int | None) -> str | None:
   """Why a split's decoded uint8 shard (twice: it is concatenated) would not
   fit MEMORY_FRACTION of `available` bytes, or None when it fits (or
   cannot be known)."""
@@ -859,33 +1039,44 @@ def memory_shortfall(what: str, examples: int, shape: tuple,
   needed = 2 * examples * int(np.prod(shape))
   if needed <= MEMORY_FRACTION * available:
     return None
-  return (f"{what} decoded into memory needs about {needed / 2**30:.1f} GiB on this host "
-          f"({examples:,} images of {'x'.join(map(str, shape))} uint8, twice while they are "
-          f"joined), more than {MEMORY_FRACTION:.0%} of its {available / 2**30:.1f} GiB "
-          "available.")
+  return (
+    f"{what} decoded into memory needs about {needed / 2**30:.1f} GiB on this host "
+    f"({examples:,} images of {'x'.join(map(str, shape))} uint8, twice while they are "
+    f"joined), more than {MEMORY_FRACTION:.0%} of its {available / 2**30:.1f} GiB "
+    "available."
+  )
 
 
 def validate_config(data, *, files: bool = True) -> None:
   """`config.data` (the locality ablation's keys: `locality.validate_permute_config`);
   `files=False` checks the source's form only, not that its files exist."""
   if files:
-    named("data.source", lambda: parse_source(
-        data.source, data_dir=data.get("data_dir"), download=data.get("download", True)))
+    named(
+      "data.source",
+      lambda: parse_source(
+        data.source, data_dir=data.get("data_dir"), download=data.get("download", True)
+      ),
+    )
   else:
     named("data.source", source_form, data.source)
   if data.get("image_size") is not None:
     check_positive("data.image_size", data.image_size)
   loader_for(data)
   if data.get("workers", 0) < 0:
-    raise ValueError(f"config.data.workers={data.workers} must be 0 (decode in the training "
-                     "process) or more.")
+    raise ValueError(
+      f"config.data.workers={data.workers} must be 0 (decode in the training process) or more."
+    )
   if data.get("on_bad_example", "fail") not in records.ON_BAD_EXAMPLE:
-    raise ValueError(f"config.data.on_bad_example={data.on_bad_example!r} must be 'fail' "
-                     "(stop at an image that does not decode) or 'skip' (pass over it and "
-                     "count it).")
+    raise ValueError(
+      f"config.data.on_bad_example={data.on_bad_example!r} must be 'fail' "
+      "(stop at an image that does not decode) or 'skip' (pass over it and "
+      "count it)."
+    )
   if not 0 < data.get("crop_fraction", 0.875) <= 1:
-    raise ValueError(f"config.data.crop_fraction={data.crop_fraction} must be in (0, 1] "
-                     "(0.875: the standard centre crop).")
+    raise ValueError(
+      f"config.data.crop_fraction={data.crop_fraction} must be in (0, 1] "
+      "(0.875: the standard centre crop)."
+    )
 
 
 # ---------------------------------------------------------------- without data
@@ -894,6 +1085,7 @@ def validate_config(data, *, files: bool = True) -> None:
 @dataclasses.dataclass(frozen=True)
 class DatasetFacts:
   """What a dataset's splits look like, known without reading them."""
+
   image_shape: tuple[int, int, int] | None  # native H, W, C (None: sizes vary)
   channels: int
   num_classes: int
@@ -903,21 +1095,22 @@ class DatasetFacts:
 
 # The datasets the configs name, by source string (as in config.data.source).
 KNOWN_DATASETS = {
-    "digits": DatasetFacts((8, 8, 1), 1, 10, {"train": 1437, "test": 360}),
-    "tfds:cifar100": DatasetFacts((32, 32, 3), 3, 100, {"train": 50_000, "test": 10_000}),
-    "tfds:cifar10": DatasetFacts((32, 32, 3), 3, 10, {"train": 50_000, "test": 10_000}),
-    "tfds:mnist": DatasetFacts((28, 28, 1), 1, 10, {"train": 60_000, "test": 10_000}),
-    "tfds:fashion_mnist": DatasetFacts((28, 28, 1), 1, 10, {"train": 60_000, "test": 10_000}),
-    "tfds:imagenet2012": DatasetFacts(None, 3, 1000,
-                                      {"train": 1_281_167, "validation": 50_000}),
-    # python -m pixel_vit.encode_latents of ImageNet at 256x256 (configs' imagenet256_latents).
-    "npz:data/imagenet256_latents_{split}.npz": DatasetFacts(
-        (32, 32, 4), 4, 1000, {"train": 1_281_167, "validation": 50_000}, latent=True),
+  "digits": DatasetFacts((8, 8, 1), 1, 10, {"train": 1437, "test": 360}),
+  "tfds:cifar100": DatasetFacts((32, 32, 3), 3, 100, {"train": 50_000, "test": 10_000}),
+  "tfds:cifar10": DatasetFacts((32, 32, 3), 3, 10, {"train": 50_000, "test": 10_000}),
+  "tfds:mnist": DatasetFacts((28, 28, 1), 1, 10, {"train": 60_000, "test": 10_000}),
+  "tfds:fashion_mnist": DatasetFacts((28, 28, 1), 1, 10, {"train": 60_000, "test": 10_000}),
+  "tfds:imagenet2012": DatasetFacts(None, 3, 1000, {"train": 1_281_167, "validation": 50_000}),
+  # python -m pixel_vit.encode_latents of ImageNet at 256x256 (configs' imagenet256_latents).
+  "npz:data/imagenet256_latents_{split}.npz": DatasetFacts(
+    (32, 32, 4), 4, 1000, {"train": 1_281_167, "validation": 50_000}, latent=True
+  ),
 }
 
 
-def stand_in_split(facts: DatasetFacts, split: str, *, image_size: int | None = None,
-                   process_count: int = 1) -> ImageSplit:
+def stand_in_split(
+  facts: DatasetFacts, split: str, *, image_size: int | None = None, process_count: int = 1
+) -> ImageSplit:
   """A split with the dataset's shape, class count and size but no examples:
   what a model, a schedule and the programs are built from when compiling
   ahead of time (pixel_vit.compile), which reads no data."""
@@ -926,13 +1119,22 @@ def stand_in_split(facts: DatasetFacts, split: str, *, image_size: int | None = 
   height = image_size or facts.image_shape[0]
   width = image_size or facts.image_shape[1]
   if facts.latent and image_size and image_size != facts.image_shape[0]:
-    raise ValueError(f"latents of size {facts.image_shape[0]} cannot be resized to "
-                     f"{image_size}: leave config.data.image_size unset.")
+    raise ValueError(
+      f"latents of size {facts.image_shape[0]} cannot be resized to "
+      f"{image_size}: leave config.data.image_size unset."
+    )
   if split not in facts.examples:
-    raise ValueError(f"split {split!r} is not one of this dataset's splits "
-                     f"{sorted(facts.examples)}; set config.data.train_split / eval_split.")
+    raise ValueError(
+      f"split {split!r} is not one of this dataset's splits "
+      f"{sorted(facts.examples)}; set config.data.train_split / eval_split."
+    )
   dtype = np.float32 if facts.latent else np.uint8
-  return ImageSplit(images=np.zeros((0, height, width, facts.channels), dtype),
-                    labels=np.zeros((0,), np.int32), num_classes=facts.num_classes,
-                    total_examples=facts.examples[split], process_index=0,
-                    process_count=process_count, origin=f"a stand-in for split {split!r}")
+  return ImageSplit(
+    images=np.zeros((0, height, width, facts.channels), dtype),
+    labels=np.zeros((0,), np.int32),
+    num_classes=facts.num_classes,
+    total_examples=facts.examples[split],
+    process_index=0,
+    process_count=process_count,
+    origin=f"a stand-in for split {split!r}",
+  )

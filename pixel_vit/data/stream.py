@@ -15,6 +15,7 @@ Evaluation reads every record once: process p takes the p-th contiguous
 part of the split, zero-padded to the same number of batches as the
 largest part, with 'mask' 1.0 on real examples.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +38,7 @@ StreamSplit = records.RecordSplit | records.TfdsRecordSplit
 @dataclasses.dataclass(frozen=True)
 class HostCrops:
   """What the host does to each example (data/crops.py)."""
+
   image_size: int
   channels: int = 3
   random_crop: bool = True  # False: training takes the evaluation crop (then flips)
@@ -49,17 +51,19 @@ class HostCrops:
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """How the global batch is shared among processes."""
+
   global_batch: int
   process_index: int = 0
   process_count: int = 1
 
   def __post_init__(self):
     if not 0 <= self.process_index < self.process_count:
-      raise ValueError(f"process_index={self.process_index} is not in [0, "
-                       f"{self.process_count}).")
+      raise ValueError(f"process_index={self.process_index} is not in [0, {self.process_count}).")
     if self.global_batch % self.process_count:
-      raise ValueError(f"the global batch {self.global_batch} does not split evenly over "
-                       f"{self.process_count} processes.")
+      raise ValueError(
+        f"the global batch {self.global_batch} does not split evenly over "
+        f"{self.process_count} processes."
+      )
 
   @property
   def local_batch(self) -> int:
@@ -69,19 +73,28 @@ class Layout:
 def steps_per_epoch(split: StreamSplit, global_batch: int) -> int:
   steps = split.num_examples // global_batch
   if steps == 0:
-    raise ValueError(f"the global batch {global_batch} is larger than {split.split!r} in "
-                     f"{split.directory} ({split.num_examples} examples); lower the batch size.")
+    raise ValueError(
+      f"the global batch {global_batch} is larger than {split.split!r} in "
+      f"{split.directory} ({split.num_examples} examples); lower the batch size."
+    )
   return steps
 
 
-def data_position(split: StreamSplit, *, seed: int, global_batch: int,
-                  step: int) -> dict:
+def data_position(split: StreamSplit, *, seed: int, global_batch: int, step: int) -> dict:
   """What a checkpoint records of the input at `step`: enough to resume it
   and to refuse a resume over other data or another order."""
   spe = steps_per_epoch(split, global_batch)
-  return {"loader": "stream", "split": split.split, "num_examples": split.num_examples,
-          "shards": len(split.shards), "seed": seed, "global_batch": global_batch,
-          "step": step, "epoch": step // spe, "step_in_epoch": step % spe}
+  return {
+    "loader": "stream",
+    "split": split.split,
+    "num_examples": split.num_examples,
+    "shards": len(split.shards),
+    "seed": seed,
+    "global_batch": global_batch,
+    "step": step,
+    "epoch": step // spe,
+    "step_in_epoch": step % spe,
+  }
 
 
 # A skipped training image is replaced by the next record that decodes; this
@@ -103,8 +116,9 @@ class _Records:
 
   def decoded(self, index: int, channels: int) -> tuple[int, Image.Image]:
     label, data = self[index]
-    return label, crops.decode(data, channels, where=f"record {index} of "
-                               f"{self.split.directory} split {self.split.split!r}")
+    return label, crops.decode(
+      data, channels, where=f"record {index} of {self.split.directory} split {self.split.split!r}"
+    )
 
   def __getstate__(self):  # a worker opens its own readers
     return {"split": self.split, "_reader": None}
@@ -113,9 +127,11 @@ class _Records:
 def _skipping(error: crops.BadImageError, on_bad_example: str) -> None:
   """Raises `error` with the fix unless config.data.on_bad_example='skip'."""
   if on_bad_example != "skip":
-    raise crops.BadImageError(f"{error} Set config.data.on_bad_example='skip' to skip such "
-                              "images (each is counted and logged), or rewrite the "
-                              "dataset without it.") from error
+    raise crops.BadImageError(
+      f"{error} Set config.data.on_bad_example='skip' to skip such "
+      "images (each is counted and logged), or rewrite the "
+      "dataset without it."
+    ) from error
   logging.warning("skipping %s", error)
 
 
@@ -123,8 +139,14 @@ class _TrainExample:
   """Local position -> {'images', 'labels'}: the record the global order puts
   there, decoded and randomly cropped."""
 
-  def __init__(self, split: StreamSplit, host: HostCrops, layout: Layout, seed: int,
-               on_bad_example: str = "fail"):
+  def __init__(
+    self,
+    split: StreamSplit,
+    host: HostCrops,
+    layout: Layout,
+    seed: int,
+    on_bad_example: str = "fail",
+  ):
     self.records, self.host, self.layout, self.seed = _Records(split), host, layout, seed
     self.on_bad_example = on_bad_example
     self.spe = steps_per_epoch(split, layout.global_batch)
@@ -136,7 +158,8 @@ class _TrainExample:
       order = self._orders.get(epoch)
       if order is None:
         order = np.random.default_rng([self.seed, epoch]).permutation(
-            self.records.split.num_examples)
+          self.records.split.num_examples
+        )
         self._orders[epoch] = order
         for old in sorted(e for e in self._orders if e != epoch)[:-1]:
           del self._orders[old]  # a thread late for an old epoch recomputes it
@@ -160,12 +183,20 @@ class _TrainExample:
     label, image, skipped = self.decoded_or_next(index)
     rng = np.random.default_rng([self.seed, step, slot])
     if self.host.random_crop:
-      pixels = crops.train_crop(image, rng, self.host.image_size, scale=self.host.scale,
-                                ratio=self.host.ratio, flip=self.host.flip)
+      pixels = crops.train_crop(
+        image,
+        rng,
+        self.host.image_size,
+        scale=self.host.scale,
+        ratio=self.host.ratio,
+        flip=self.host.flip,
+      )
     else:
-      pixels = crops.maybe_flip(crops.eval_crop(image, self.host.image_size,
-                                                crop_fraction=self.host.crop_fraction),
-                                rng, self.host.flip)
+      pixels = crops.maybe_flip(
+        crops.eval_crop(image, self.host.image_size, crop_fraction=self.host.crop_fraction),
+        rng,
+        self.host.flip,
+      )
     return {"images": pixels, "labels": np.int32(label), "skipped": np.int32(skipped)}
 
   def decoded_or_next(self, index: int) -> tuple[int, Image.Image, int]:
@@ -180,9 +211,10 @@ class _TrainExample:
       except crops.BadImageError as error:
         _skipping(error, self.on_bad_example)
     raise crops.BadImageError(
-        f"records {index} to {index + MAX_BAD_IN_A_ROW - 1} of {self.records.split.directory} "
-        f"split {self.records.split.split!r} all fail to decode: the dataset is damaged, not "
-        "one image; rewrite it.")
+      f"records {index} to {index + MAX_BAD_IN_A_ROW - 1} of {self.records.split.directory} "
+      f"split {self.records.split.split!r} all fail to decode: the dataset is damaged, not "
+      "one image; rewrite it."
+    )
 
 
 class _EvalExample:
@@ -190,16 +222,21 @@ class _EvalExample:
   on_bad_example='skip') an image that does not decode have mask 0, so
   every record is counted once or reported skipped."""
 
-  def __init__(self, split: StreamSplit, host: HostCrops, first: int, count: int,
-               on_bad_example: str = "fail"):
+  def __init__(
+    self, split: StreamSplit, host: HostCrops, first: int, count: int, on_bad_example: str = "fail"
+  ):
     self.records, self.host, self.first, self.count = _Records(split), host, first, count
     self.on_bad_example = on_bad_example
 
   def __call__(self, position: int) -> dict:
     position = int(position)
     shape = (self.host.image_size, self.host.image_size, self.host.channels)
-    empty = {"images": np.zeros(shape, np.uint8), "labels": np.int32(0),
-             "mask": np.float32(0), "skipped": np.int32(0)}
+    empty = {
+      "images": np.zeros(shape, np.uint8),
+      "labels": np.int32(0),
+      "mask": np.float32(0),
+      "skipped": np.int32(0),
+    }
     if position >= self.count:  # padding: same batch count on every process
       return empty
     try:
@@ -207,9 +244,12 @@ class _EvalExample:
     except crops.BadImageError as error:
       _skipping(error, self.on_bad_example)
       return {**empty, "skipped": np.int32(1)}
-    return {"images": crops.eval_crop(image, self.host.image_size,
-                                      crop_fraction=self.host.crop_fraction),
-            "labels": np.int32(label), "mask": np.float32(1), "skipped": np.int32(0)}
+    return {
+      "images": crops.eval_crop(image, self.host.image_size, crop_fraction=self.host.crop_fraction),
+      "labels": np.int32(label),
+      "mask": np.float32(1),
+      "skipped": np.int32(0),
+    }
 
 
 def _iterate(dataset: grain.MapDataset, batch: int, workers: int) -> Iterator[dict]:
@@ -218,7 +258,8 @@ def _iterate(dataset: grain.MapDataset, batch: int, workers: int) -> Iterator[di
     # a test) they would refuse to start.
     flags.FLAGS.mark_as_parsed()
   batched = dataset.batch(batch).to_iter_dataset(
-      grain.ReadOptions(num_threads=max(1, min(16, batch)), prefetch_buffer_size=2 * batch))
+    grain.ReadOptions(num_threads=max(1, min(16, batch)), prefetch_buffer_size=2 * batch)
+  )
   if workers > 0:
     batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(batched)
@@ -226,13 +267,22 @@ def _iterate(dataset: grain.MapDataset, batch: int, workers: int) -> Iterator[di
 
 def _check_on_bad_example(on_bad_example: str) -> None:
   if on_bad_example not in records.ON_BAD_EXAMPLE:
-    raise ValueError(f"config.data.on_bad_example={on_bad_example!r} is not one of "
-                     f"{list(records.ON_BAD_EXAMPLE)}.")
+    raise ValueError(
+      f"config.data.on_bad_example={on_bad_example!r} is not one of {list(records.ON_BAD_EXAMPLE)}."
+    )
 
 
-def train_batches(split: StreamSplit, host: HostCrops, layout: Layout, *, seed: int,
-                  start_step: int, total_steps: int, workers: int = 0,
-                  on_bad_example: str = "fail") -> Iterator[dict]:
+def train_batches(
+  split: StreamSplit,
+  host: HostCrops,
+  layout: Layout,
+  *,
+  seed: int,
+  start_step: int,
+  total_steps: int,
+  workers: int = 0,
+  on_bad_example: str = "fail",
+) -> Iterator[dict]:
   """{'images': uint8 [local_batch, S, S, C], 'labels': int32, 'skipped':
   int32 (bad records passed over for each example)} for steps start_step +
   1 ... total_steps (the batch of step s is the s-th from 0)."""
@@ -250,14 +300,22 @@ def num_eval_batches(split: StreamSplit, layout: Layout) -> int:
   return -(-largest // layout.local_batch)
 
 
-def eval_batches(split: StreamSplit, host: HostCrops, layout: Layout, *,
-                 workers: int = 0, on_bad_example: str = "fail") -> Iterator[dict]:
+def eval_batches(
+  split: StreamSplit,
+  host: HostCrops,
+  layout: Layout,
+  *,
+  workers: int = 0,
+  on_bad_example: str = "fail",
+) -> Iterator[dict]:
   """{'images', 'labels', 'mask', 'skipped'}: every record of this process's
   part once."""
   _check_on_bad_example(on_bad_example)
   bounds = np.linspace(0, split.num_examples, layout.process_count + 1).astype(int)
-  first, count = bounds[layout.process_index], (bounds[layout.process_index + 1]
-                                                - bounds[layout.process_index])
+  first, count = (
+    bounds[layout.process_index],
+    (bounds[layout.process_index + 1] - bounds[layout.process_index]),
+  )
   padded = num_eval_batches(split, layout) * layout.local_batch
   example = _EvalExample(split, host, int(first), int(count), on_bad_example)
   return _iterate(grain.MapDataset.range(padded).map(example), layout.local_batch, workers)

@@ -7,6 +7,7 @@ Latent samples are decoded to pixels with `config.vae.weights` when given
 and sample metrics, `python -m pixel_vit.sample` on a trained workdir;
 nothing here knows about runs, checkpoints or workdirs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,9 @@ from pixel_vit.models import vae
 
 
 def diffusion_process(config) -> gaussian.GaussianDiffusion:
-  return gaussian.GaussianDiffusion.create(config.diffusion.schedule,
-                                           config.diffusion.num_timesteps)
+  return gaussian.GaussianDiffusion.create(
+    config.diffusion.schedule, config.diffusion.num_timesteps
+  )
 
 
 def sampling_process(config) -> gaussian.GaussianDiffusion:
@@ -39,6 +41,7 @@ def sampling_process(config) -> gaussian.GaussianDiffusion:
 @dataclasses.dataclass(frozen=True)
 class Generator:
   """Turns (params, labels, batch index) into images in [0, 1] on the mesh."""
+
   sample_shape: tuple[int, int, int]  # H, W, C of what the model generates
   num_classes: int
   mesh: jax.sharding.Mesh
@@ -51,16 +54,24 @@ class Generator:
     key = jax.random.fold_in(jax.random.PRNGKey(seed), batch_index)
     labels = np.asarray(labels, np.int32)  # the same whole batch on every process
     labels = jax.make_array_from_callback(
-        labels.shape, parallel.batch_sharding(self.mesh, self.rules, 1),
-        lambda index: labels[index])
+      labels.shape, parallel.batch_sharding(self.mesh, self.rules, 1), lambda index: labels[index]
+    )
     samples = self._sample(params, labels, key)
     return samples if self.decode is None else self.decode(samples)
 
 
-def sampling_program(config, graphdef: nnx.GraphDef, train_split: sources.ImageSplit, *,
-                     permutation: locality.PixelPermutation | None, mesh: jax.sharding.Mesh,
-                     rules, abstract_params, cfg_scale: float,
-                     batch_size: int) -> parallel.Program:
+def sampling_program(
+  config,
+  graphdef: nnx.GraphDef,
+  train_split: sources.ImageSplit,
+  *,
+  permutation: locality.PixelPermutation | None,
+  mesh: jax.sharding.Mesh,
+  rules,
+  abstract_params,
+  cfg_scale: float,
+  batch_size: int,
+) -> parallel.Program:
   """The sampler (config.sample.*) with guidance `cfg_scale` as a program
   sharded over the batch: (params, labels, key) -> images in [0, 1] (or
   latents). Compiled ahead of time for `batch_size` labels; called on any.
@@ -74,39 +85,69 @@ def sampling_program(config, graphdef: nnx.GraphDef, train_split: sources.ImageS
   shape = tuple(train_split.images.shape[1:])
   channels = shape[-1]
   sample_fn = sampling.sampler(config.sample.sampler)
-  options = dict(learn_sigma=config.model.learn_sigma,
-                 clip_denoised=not train_split.is_latent)
+  options = dict(learn_sigma=config.model.learn_sigma, clip_denoised=not train_split.is_latent)
   if config.sample.sampler == "ddim":
     options["eta"] = config.sample.eta
 
   def sample(params, labels, key):
     model = nnx.merge(graphdef, nnx.State(params))
-    model_fn = sampling.guided(lambda x, t, y: model(x, t, y), cfg_scale=cfg_scale,
-                               null_label=model.null_label, channels=channels)
+    model_fn = sampling.guided(
+      lambda x, t, y: model(x, t, y),
+      cfg_scale=cfg_scale,
+      null_label=model.null_label,
+      channels=channels,
+    )
     noise_key, step_key = jax.random.split(key)
     noise = jax.random.normal(noise_key, (labels.shape[0], *shape), jnp.float32)
     noise = parallel.constrain(noise, ("batch", None, None, None))
     x0 = sample_fn(model_fn, process, noise, labels, step_key, **options)
     return samples_as_images(x0, permutation=permutation, latent=train_split.is_latent)
 
-  labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32,
-                                sharding=parallel.batch_sharding(mesh, rules, 1))
+  labels = jax.ShapeDtypeStruct(
+    (batch_size,), jnp.int32, sharding=parallel.batch_sharding(mesh, rules, 1)
+  )
   key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(mesh))
-  return parallel.Program("sample", sample, args=(abstract_params, labels, key),
-                          out_shardings=parallel.batch_sharding(mesh, rules, 4))
+  return parallel.Program(
+    "sample",
+    sample,
+    args=(abstract_params, labels, key),
+    out_shardings=parallel.batch_sharding(mesh, rules, 4),
+  )
 
 
-def make_generator(config, graphdef: nnx.GraphDef, train_split: sources.ImageSplit, *,
-                   permutation: locality.PixelPermutation | None, mesh: jax.sharding.Mesh,
-                   rules, abstract_params, cfg_scale: float) -> Generator:
+def make_generator(
+  config,
+  graphdef: nnx.GraphDef,
+  train_split: sources.ImageSplit,
+  *,
+  permutation: locality.PixelPermutation | None,
+  mesh: jax.sharding.Mesh,
+  rules,
+  abstract_params,
+  cfg_scale: float,
+) -> Generator:
   """`sampling_program`, jitted on `mesh` and `rules`, with the VAE decoder
   for latent data (`latent_decoder`): a Generator of images in [0, 1].
   `abstract_params`: the parameters' ShapeDtypeStructs carrying their shardings."""
-  program = sampling_program(config, graphdef, train_split, permutation=permutation,
-                             mesh=mesh, rules=rules, abstract_params=abstract_params,
-                             cfg_scale=cfg_scale, batch_size=config.fid.batch_size)
-  return Generator(tuple(train_split.images.shape[1:]), train_split.num_classes, mesh, rules,
-                   latent_decoder(config, train_split), program.jit(mesh, rules))
+  program = sampling_program(
+    config,
+    graphdef,
+    train_split,
+    permutation=permutation,
+    mesh=mesh,
+    rules=rules,
+    abstract_params=abstract_params,
+    cfg_scale=cfg_scale,
+    batch_size=config.fid.batch_size,
+  )
+  return Generator(
+    tuple(train_split.images.shape[1:]),
+    train_split.num_classes,
+    mesh,
+    rules,
+    latent_decoder(config, train_split),
+    program.jit(mesh, rules),
+  )
 
 
 def samples_as_images(x0: jax.Array, *, permutation, latent: bool) -> jax.Array:
@@ -136,8 +177,10 @@ def latent_decoder(config, train_split: sources.ImageSplit):
 def grid_labels(config, num_classes: int) -> np.ndarray:
   labels = np.asarray(config.sample.grid_labels or range(min(num_classes, 10)), np.int32)
   if labels.max() >= num_classes:
-    raise ValueError(f"config.sample.grid_labels={tuple(config.sample.grid_labels)} has a "
-                     f"label >= the data's {num_classes} classes.")
+    raise ValueError(
+      f"config.sample.grid_labels={tuple(config.sample.grid_labels)} has a "
+      f"label >= the data's {num_classes} classes."
+    )
   return labels
 
 
@@ -150,7 +193,7 @@ def grid_samples(config, generator: Generator, params) -> np.ndarray:
   mesh = generator.mesh.shape
   batch = padded_size(len(flat), mesh["data"] * mesh["fsdp"])
   images = gather(generator.images(params, np.resize(flat, batch), 0, config.sample.seed))
-  return images[:len(flat)].reshape(len(labels), columns, *images.shape[1:])
+  return images[: len(flat)].reshape(len(labels), columns, *images.shape[1:])
 
 
 def padded_size(n: int, multiple: int) -> int:
@@ -162,8 +205,9 @@ def gather(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def generate(config, generator: Generator, params, num_samples: int, *,
-             reporter=None) -> tuple[np.ndarray, np.ndarray]:
+def generate(
+  config, generator: Generator, params, num_samples: int, *, reporter=None
+) -> tuple[np.ndarray, np.ndarray]:
   """`num_samples` images in [0, 1] (on every process) with balanced labels
   (sample i has label i mod num_classes), in batches of config.fid.batch_size
   over all devices."""
@@ -171,11 +215,13 @@ def generate(config, generator: Generator, params, num_samples: int, *,
   labels = np.arange(num_samples) % generator.num_classes
   images, start = [], time.time()
   for index, first in enumerate(range(0, num_samples, batch)):
-    chunk = np.resize(labels[first:first + batch], batch)  # the last batch is padded
+    chunk = np.resize(labels[first : first + batch], batch)  # the last batch is padded
     images.append(gather(generator.images(params, chunk, index, config.sample.seed + 1)))
     done = min(first + batch, num_samples)
     if reporter is not None:
       rate = done / (time.time() - start)
-      reporter.log(f"sampled {done}/{num_samples} ({rate:.2f} samples/s, "
-                   f"ETA {(num_samples - done) / rate:.0f} s)")
+      reporter.log(
+        f"sampled {done}/{num_samples} ({rate:.2f} samples/s, "
+        f"ETA {(num_samples - done) / rate:.0f} s)"
+      )
   return np.concatenate(images)[:num_samples], labels

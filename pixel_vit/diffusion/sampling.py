@@ -9,6 +9,7 @@ A model function is `model_fn(x, t_model, labels) -> output`, where
 `t_model` are int32 ORIGINAL timesteps (`diffusion.timestep_map[t]`) and the
 output is [B, H, W, C] (noise) or [B, H, W, 2C] (noise, variance weights).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -44,13 +45,15 @@ def guided(model_fn: ModelFn, *, cfg_scale: float, null_label: int, channels: in
     # a batch sharded over devices stays where it is (concatenating the two
     # halves moved half of every device's rows to another, at every step).
     pair = lambda a, b: jnp.stack([a, b], axis=1).reshape(2 * batch, *a.shape[1:])
-    output = model_fn(pair(x, x), pair(t_model, t_model),
-                      pair(labels, jnp.full_like(labels, null_label)))
+    output = model_fn(
+      pair(x, x), pair(t_model, t_model), pair(labels, jnp.full_like(labels, null_label))
+    )
     if output.shape[-1] not in (channels, 2 * channels):
       raise ValueError(
-          f"guided model output has {output.shape[-1]} channels; with channels="
-          f"{channels} it must have {channels} (eps) or {2 * channels} (eps, v). "
-          "Pass the data channel count as `channels`.")
+        f"guided model output has {output.shape[-1]} channels; with channels="
+        f"{channels} it must have {channels} (eps) or {2 * channels} (eps, v). "
+        "Pass the data channel count as `channels`."
+      )
     output = output.reshape(batch, 2, *output.shape[1:])
     cond, uncond = output[:, 0], output[:, 1]
     # DiT's reference guides only the first 3 channels (a leftover from RGB
@@ -85,14 +88,23 @@ def _call_model(model_fn: ModelFn, diffusion: GaussianDiffusion, x, index, label
   return t, model_fn(x, t_model, labels)
 
 
-def ddpm_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, noise: jax.Array, labels,
-                key: jax.Array, *, learn_sigma: bool, clip_denoised: bool = False) -> jax.Array:
+def ddpm_sample(
+  model_fn: ModelFn,
+  diffusion: GaussianDiffusion,
+  noise: jax.Array,
+  labels,
+  key: jax.Array,
+  *,
+  learn_sigma: bool,
+  clip_denoised: bool = False,
+) -> jax.Array:
   """Ancestral sampling from x_T = `noise` through every step of `diffusion`."""
 
   def step(x, index):
     t, output = _call_model(model_fn, diffusion, x, index, labels)
-    out = diffusion.p_mean_variance(output, x, t, learn_sigma=learn_sigma,
-                                    clip_denoised=clip_denoised)
+    out = diffusion.p_mean_variance(
+      output, x, t, learn_sigma=learn_sigma, clip_denoised=clip_denoised
+    )
     # The last step (t = 0) returns the mean: no noise is added to the sample.
     std = jnp.where(index > 0, jnp.exp(0.5 * out["log_variance"]), 0.0)
     return (out["mean"] + std * _step_noise(key, index, x)).astype(x.dtype)
@@ -105,9 +117,17 @@ def _check_eta(eta) -> None:
     raise ValueError(f"DDIM eta={eta} must be >= 0 (0: deterministic, 1: DDPM-like).")
 
 
-def ddim_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, noise: jax.Array, labels,
-                key: jax.Array, *, eta: float = 0.0, learn_sigma: bool,
-                clip_denoised: bool = False) -> jax.Array:
+def ddim_sample(
+  model_fn: ModelFn,
+  diffusion: GaussianDiffusion,
+  noise: jax.Array,
+  labels,
+  key: jax.Array,
+  *,
+  eta: float = 0.0,
+  learn_sigma: bool,
+  clip_denoised: bool = False,
+) -> jax.Array:
   """DDIM (Song et al.) from x_T = `noise`; eta=0 is deterministic.
 
   The model's variance channels are ignored: DDIM's step variance is set by
@@ -117,18 +137,24 @@ def ddim_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, noise: jax.Arra
 
   def step(x, index):
     t, output = _call_model(model_fn, diffusion, x, index, labels)
-    out = diffusion.p_mean_variance(output, x, t, learn_sigma=learn_sigma,
-                                    clip_denoised=clip_denoised)
+    out = diffusion.p_mean_variance(
+      output, x, t, learn_sigma=learn_sigma, clip_denoised=clip_denoised
+    )
     eps = out["eps"]
     if clip_denoised:  # the noise consistent with the clipped x0
       eps = diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])
     alpha_bar = diffusion.gather(diffusion.alphas_cumprod, t, x)
     alpha_bar_prev = diffusion.gather(diffusion.alphas_cumprod_prev, t, x)
-    sigma = (eta * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-             * jnp.sqrt(1 - alpha_bar / alpha_bar_prev))
-    mean = (out["pred_xstart"] * jnp.sqrt(alpha_bar_prev)
-            # max: rounding must not turn a zero into a NaN under the root.
-            + jnp.sqrt(jnp.maximum(1 - alpha_bar_prev - sigma ** 2, 0.0)) * eps)
+    sigma = (
+      eta
+      * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+      * jnp.sqrt(1 - alpha_bar / alpha_bar_prev)
+    )
+    mean = (
+      out["pred_xstart"] * jnp.sqrt(alpha_bar_prev)
+      # max: rounding must not turn a zero into a NaN under the root.
+      + jnp.sqrt(jnp.maximum(1 - alpha_bar_prev - sigma**2, 0.0)) * eps
+    )
     if isinstance(eta, (int, float)) and eta == 0:
       return mean.astype(x.dtype)  # no noise to draw
     sigma = jnp.where(index > 0, sigma, 0.0)
@@ -137,8 +163,9 @@ def ddim_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, noise: jax.Arra
   return _run_steps(step, diffusion, noise, reverse=True)
 
 
-def ddim_reverse(model_fn: ModelFn, diffusion: GaussianDiffusion, x0: jax.Array, labels, *,
-                 learn_sigma: bool) -> jax.Array:
+def ddim_reverse(
+  model_fn: ModelFn, diffusion: GaussianDiffusion, x0: jax.Array, labels, *, learn_sigma: bool
+) -> jax.Array:
   """Deterministic DDIM inversion (eta = 0): the x_T that `ddim_sample` maps to ~x0.
 
   As ADM, step i evaluates the model at (x, index i) and moves to
@@ -149,8 +176,7 @@ def ddim_reverse(model_fn: ModelFn, diffusion: GaussianDiffusion, x0: jax.Array,
     t, output = _call_model(model_fn, diffusion, x, index, labels)
     out = diffusion.p_mean_variance(output, x, t, learn_sigma=learn_sigma)
     alpha_bar_next = diffusion.gather(diffusion.alphas_cumprod_next, t, x)
-    mean = (out["pred_xstart"] * jnp.sqrt(alpha_bar_next)
-            + jnp.sqrt(1 - alpha_bar_next) * out["eps"])
+    mean = out["pred_xstart"] * jnp.sqrt(alpha_bar_next) + jnp.sqrt(1 - alpha_bar_next) * out["eps"]
     return mean.astype(x.dtype)
 
   return _run_steps(step, diffusion, x0, reverse=False)
@@ -169,14 +195,16 @@ def validate_config(config) -> None:
   check_positive("diffusion.num_timesteps", config.diffusion.num_timesteps)
   sample = config.sample
   check_choice("sample.sampler", sample.sampler, SAMPLERS)
-  named("sample.steps", gaussian.space_timesteps, config.diffusion.num_timesteps,
-        str(sample.steps))
+  named("sample.steps", gaussian.space_timesteps, config.diffusion.num_timesteps, str(sample.steps))
   require(0.0 <= sample.eta <= 1.0, f"config.sample.eta={sample.eta!r} must be in [0, 1].")
   for key in ("cfg_scale", "grid_cfg_scale"):
-    require(sample[key] >= 1.0 or sample[key] == 0.0,
-            f"config.sample.{key}={sample[key]!r}: use 1.0 for no guidance, > 1 to guide.")
-  require((sample.cfg_scale == 1.0 and sample.grid_cfg_scale == 1.0)
-          or config.model.class_dropout > 0,
-          "config.sample guidance scales > 1 need a model trained with "
-          "config.model.class_dropout > 0 (its null class is never trained otherwise).")
+    require(
+      sample[key] >= 1.0 or sample[key] == 0.0,
+      f"config.sample.{key}={sample[key]!r}: use 1.0 for no guidance, > 1 to guide.",
+    )
+  require(
+    (sample.cfg_scale == 1.0 and sample.grid_cfg_scale == 1.0) or config.model.class_dropout > 0,
+    "config.sample guidance scales > 1 need a model trained with "
+    "config.model.class_dropout > 0 (its null class is never trained otherwise).",
+  )
   check_positive("sample.grid_columns", sample.grid_columns)

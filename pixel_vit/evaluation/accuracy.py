@@ -4,6 +4,7 @@ Each process evaluates its own shard in padded batches; padding carries mask 0
 so every example of the split is counted exactly once, on any number of
 devices and processes.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable
@@ -22,10 +23,10 @@ def masked_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
   hit = top_k == labels[:, None]
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return {
-      "correct_top1": jnp.sum(hit[:, 0] * mask),
-      "correct_top5": jnp.sum(hit.any(axis=1) * mask),
-      "loss": jnp.sum(loss * mask),
-      "count": jnp.sum(mask),
+    "correct_top1": jnp.sum(hit[:, 0] * mask),
+    "correct_top5": jnp.sum(hit.any(axis=1) * mask),
+    "loss": jnp.sum(loss * mask),
+    "count": jnp.sum(mask),
   }
 
 
@@ -37,8 +38,8 @@ def evaluate(sums_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
   if count == 0:
     raise ValueError("evaluation saw no examples: the eval split is empty.")
   return {
-      "top1": totals["correct_top1"] / count,
-      "top5": totals["correct_top5"] / count,
-      "loss": totals["loss"] / count,
-      "count": count,
+    "top1": totals["correct_top1"] / count,
+    "top5": totals["correct_top5"] / count,
+    "loss": totals["loss"] / count,
+    "count": count,
   }

@@ -24,6 +24,7 @@ and the caller gathers the results to one place (e.g.
 `jax.experimental.multihost_utils.process_allgather` on the `FeatureStats`
 sums, logits and features, then `Extracted.merge`) before `metrics_from`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,9 +61,11 @@ class FeatureStats:
     """Rebuilds statistics from gathered sums (`count`, `total`, `outer`)."""
     stats = cls(np.shape(total)[0])
     if np.shape(outer) != (stats.dimension, stats.dimension):
-      raise ValueError(f"outer-product sum of shape {np.shape(outer)} does not match a "
-                       f"{stats.dimension}-d sum; expected ({stats.dimension}, "
-                       f"{stats.dimension}).")
+      raise ValueError(
+        f"outer-product sum of shape {np.shape(outer)} does not match a "
+        f"{stats.dimension}-d sum; expected ({stats.dimension}, "
+        f"{stats.dimension})."
+      )
     stats.count = int(count)
     stats.total = np.asarray(total, np.float64).copy()
     stats.outer = np.asarray(outer, np.float64).copy()
@@ -72,11 +75,12 @@ class FeatureStats:
     """Adds a batch [B, D] of feature vectors."""
     features = np.asarray(features, np.float64)
     if features.ndim != 2 or features.shape[1] != self.dimension:
-      raise ValueError(f"features must have shape [B, {self.dimension}], got "
-                       f"{features.shape}.")
+      raise ValueError(f"features must have shape [B, {self.dimension}], got {features.shape}.")
     if not np.isfinite(features).all():
-      raise ValueError("features contain NaN or inf: the extractor's input or weights are "
-                       "broken (check that images are finite and in [0, 1]).")
+      raise ValueError(
+        "features contain NaN or inf: the extractor's input or weights are "
+        "broken (check that images are finite and in [0, 1])."
+      )
     self.count += features.shape[0]
     self.total += features.sum(axis=0)
     self.outer += features.T @ features
@@ -85,10 +89,13 @@ class FeatureStats:
   def merge(self, other: FeatureStats) -> FeatureStats:
     """The statistics of both sets together (a new object)."""
     if other.dimension != self.dimension:
-      raise ValueError(f"cannot merge {self.dimension}-d and {other.dimension}-d feature "
-                       "statistics: they come from different extractors.")
-    return FeatureStats.from_sums(self.count + other.count, self.total + other.total,
-                                  self.outer + other.outer)
+      raise ValueError(
+        f"cannot merge {self.dimension}-d and {other.dimension}-d feature "
+        "statistics: they come from different extractors."
+      )
+    return FeatureStats.from_sums(
+      self.count + other.count, self.total + other.total, self.outer + other.outer
+    )
 
   @property
   def mu(self) -> np.ndarray:
@@ -112,14 +119,17 @@ def _check_stats(mu1, sigma1, mu2, sigma2):
   sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape:
     raise ValueError(
-        f"feature means differ in dimension: {mu1.shape[0]} vs {mu2.shape[0]}. The two "
-        "statistics come from different feature extractors (e.g. 2048-d Inception pool3 vs "
-        "a classifier's features); compute both with the same extractor.")
+      f"feature means differ in dimension: {mu1.shape[0]} vs {mu2.shape[0]}. The two "
+      "statistics come from different feature extractors (e.g. 2048-d Inception pool3 vs "
+      "a classifier's features); compute both with the same extractor."
+    )
   dimension = mu1.shape[0]
   for name, sigma in (("sigma1", sigma1), ("sigma2", sigma2)):
     if sigma.shape != (dimension, dimension):
-      raise ValueError(f"{name} has shape {sigma.shape}, expected ({dimension}, "
-                       f"{dimension}) for {dimension}-d means.")
+      raise ValueError(
+        f"{name} has shape {sigma.shape}, expected ({dimension}, "
+        f"{dimension}) for {dimension}-d means."
+      )
   for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
     if not np.isfinite(value).all():
       raise ValueError(f"{name} contains NaN or inf.")
@@ -175,8 +185,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 # ---------------------------------------------------------------- reference files
 
 
-def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, *, mu_s: np.ndarray | None = None,
-               sigma_s: np.ndarray | None = None, features: np.ndarray | None = None) -> None:
+def save_stats(
+  path: str,
+  mu: np.ndarray,
+  sigma: np.ndarray,
+  *,
+  mu_s: np.ndarray | None = None,
+  sigma_s: np.ndarray | None = None,
+  features: np.ndarray | None = None,
+) -> None:
   """Writes an npz readable by `load_reference` (and, for `mu`/`sigma`/`mu_s`/
   `sigma_s`, by ADM's evaluator). `features`: real features for precision/recall."""
   arrays = {"mu": mu, "sigma": sigma}
@@ -200,13 +217,17 @@ def _check_reference(reference: dict, where: str) -> None:
     if mu.ndim != 1:
       raise ValueError(f"{where}: {mu_key!r} has shape {mu.shape}, expected a vector [D].")
     if sigma.shape != (mu.shape[0], mu.shape[0]):
-      raise ValueError(f"{where}: {sigma_key!r} has shape {sigma.shape}, expected "
-                       f"({mu.shape[0]}, {mu.shape[0]}) to match {mu_key!r}.")
+      raise ValueError(
+        f"{where}: {sigma_key!r} has shape {sigma.shape}, expected "
+        f"({mu.shape[0]}, {mu.shape[0]}) to match {mu_key!r}."
+      )
   if "features" in reference:
     features = np.asarray(reference["features"])
     if features.ndim != 2 or features.shape[1] != np.shape(reference["mu"])[0]:
-      raise ValueError(f"{where}: 'features' has shape {features.shape}, expected "
-                       f"[N, {np.shape(reference['mu'])[0]}] like 'mu'.")
+      raise ValueError(
+        f"{where}: 'features' has shape {features.shape}, expected "
+        f"[N, {np.shape(reference['mu'])[0]}] like 'mu'."
+      )
 
 
 def load_reference(path: str) -> dict:
@@ -217,23 +238,26 @@ def load_reference(path: str) -> dict:
   `arr_0` images are not needed and not loaded) and files from `save_stats`.
   """
   if not os.path.exists(path):
-    raise ValueError(f"reference statistics {path!r} do not exist. Write them with "
-                     "pixel_vit.evaluation.fid.save_stats (from reference_from_images) or "
-                     "use an ADM reference batch .npz.")
+    raise ValueError(
+      f"reference statistics {path!r} do not exist. Write them with "
+      "pixel_vit.evaluation.fid.save_stats (from reference_from_images) or "
+      "use an ADM reference batch .npz."
+    )
   with np.load(path) as data:
     keys = set(data.files)
     missing = [k for k in ("mu", "sigma") if k not in keys]
     if missing:
       raise ValueError(
-          f"reference {path!r} has no {missing} (keys: {sorted(keys)}). It must hold "
-          "precomputed statistics: write it with save_stats, or pass an ADM reference "
-          "batch (which has 'mu' and 'sigma'); an images-only file (arr_0) needs "
-          "reference_from_images first.")
+        f"reference {path!r} has no {missing} (keys: {sorted(keys)}). It must hold "
+        "precomputed statistics: write it with save_stats, or pass an ADM reference "
+        "batch (which has 'mu' and 'sigma'); an images-only file (arr_0) needs "
+        "reference_from_images first."
+      )
     if ("mu_s" in keys) != ("sigma_s" in keys):
-      raise ValueError(f"reference {path!r} has only one of 'mu_s' / 'sigma_s'; sFID needs "
-                       "both.")
-    reference = {k: np.asarray(data[k], np.float64)
-                 for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
+      raise ValueError(f"reference {path!r} has only one of 'mu_s' / 'sigma_s'; sFID needs both.")
+    reference = {
+      k: np.asarray(data[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys
+    }
     if "features" in keys:
       reference["features"] = np.asarray(data["features"], np.float32)
   _check_reference(reference, f"reference {path!r}")
@@ -256,12 +280,13 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
     raise ValueError(f"logits must have shape [N, classes], got {logits.shape}.")
   n = logits.shape[0]
   if not 1 <= splits <= n:
-    raise ValueError(f"inception_score splits={splits} must be in [1, N={n}]: each split "
-                     "needs samples.")
+    raise ValueError(
+      f"inception_score splits={splits} must be in [1, N={n}]: each split needs samples."
+    )
   log_p = _log_softmax(logits)
   scores = []
   for i in range(splits):
-    part = log_p[i * n // splits:(i + 1) * n // splits]
+    part = log_p[i * n // splits : (i + 1) * n // splits]
     p = np.exp(part)
     log_marginal = np.log(p.mean(axis=0))
     kl = (p * (part - log_marginal)).sum(axis=1).mean()
@@ -280,7 +305,7 @@ def _distance_blocks(a: np.ndarray, b: np.ndarray, block: int) -> Iterator[tuple
   """
   b_norms = (b.astype(np.float64) ** 2).sum(axis=1).astype(np.float32)
   for start in range(0, len(a), block):
-    rows = a[start:start + block]
+    rows = a[start : start + block]
     row_norms = (rows.astype(np.float64) ** 2).sum(axis=1).astype(np.float32)
     squared = row_norms[:, None] - 2.0 * (rows @ b.T) + b_norms[None, :]
     yield start, np.maximum(squared, 0.0)
@@ -291,12 +316,13 @@ def _knn_radii(features: np.ndarray, k: int, block: int) -> np.ndarray:
   radii = np.empty(len(features), np.float32)
   for start, squared in _distance_blocks(features, features, block):
     # Index k of the sorted row: index 0 is the point itself (distance 0).
-    radii[start:start + len(squared)] = np.partition(squared, k, axis=1)[:, k]
+    radii[start : start + len(squared)] = np.partition(squared, k, axis=1)[:, k]
   return radii
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, *,
-                     block: int = DISTANCE_BLOCK) -> tuple[float, float]:
+def precision_recall(
+  real: np.ndarray, fake: np.ndarray, k: int = 3, *, block: int = DISTANCE_BLOCK
+) -> tuple[float, float]:
   """Improved precision and recall (Kynkaanniemi et al., 2019).
 
   Each set's manifold is the union of balls around its points with radius
@@ -308,18 +334,22 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, *,
   real = np.asarray(real, np.float32)
   fake = np.asarray(fake, np.float32)
   if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-    raise ValueError(f"real {real.shape} and fake {fake.shape} features must be [N, D] with "
-                     "the same D (the same extractor).")
+    raise ValueError(
+      f"real {real.shape} and fake {fake.shape} features must be [N, D] with "
+      "the same D (the same extractor)."
+    )
   if min(len(real), len(fake)) <= k:
-    raise ValueError(f"precision/recall with k={k} needs more than {k} real and fake "
-                     f"samples, got {len(real)} and {len(fake)}.")
+    raise ValueError(
+      f"precision/recall with k={k} needs more than {k} real and fake "
+      f"samples, got {len(real)} and {len(fake)}."
+    )
   real_radii = _knn_radii(real, k, block)
   fake_radii = _knn_radii(fake, k, block)
   fake_inside = np.zeros(len(fake), bool)
   real_inside = np.zeros(len(real), bool)
   for start, squared in _distance_blocks(fake, real, block):  # [fake rows, real]
-    fake_inside[start:start + len(squared)] = (squared <= real_radii[None, :]).any(axis=1)
-    real_inside |= (squared <= fake_radii[start:start + len(squared), None]).any(axis=0)
+    fake_inside[start : start + len(squared)] = (squared <= real_radii[None, :]).any(axis=1)
+    real_inside |= (squared <= fake_radii[start : start + len(squared), None]).any(axis=0)
   return float(fake_inside.mean()), float(real_inside.mean())
 
 
@@ -329,6 +359,7 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, *,
 @dataclasses.dataclass
 class Extracted:
   """What an extractor produced over a set of images (one process's share)."""
+
   pool: FeatureStats
   spatial: FeatureStats | None  # sFID features, when the extractor has them
   logits: np.ndarray | None  # [N, K] float32
@@ -342,8 +373,9 @@ class Extracted:
     logits = None
     if self.logits is not None and other.logits is not None:
       logits = np.concatenate([self.logits, other.logits])
-    return Extracted(self.pool.merge(other.pool), spatial, logits,
-                     np.concatenate([self.features, other.features]))
+    return Extracted(
+      self.pool.merge(other.pool), spatial, logits, np.concatenate([self.features, other.features])
+    )
 
 
 def _batches(images, batch_size: int) -> Iterator[np.ndarray]:
@@ -351,7 +383,7 @@ def _batches(images, batch_size: int) -> Iterator[np.ndarray]:
     if images.ndim != 4:
       raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}.")
     for start in range(0, len(images), batch_size):
-      yield images[start:start + batch_size]
+      yield images[start : start + batch_size]
   else:
     yield from images
 
@@ -364,8 +396,13 @@ def _as_unit_float(batch: np.ndarray) -> np.ndarray:
   return batch.astype(np.float32, copy=False)
 
 
-def extract(extractor, images: np.ndarray | Iterable[np.ndarray], *, batch_size: int,
-            keep_features: int = PRECISION_RECALL_SAMPLES) -> Extracted:
+def extract(
+  extractor,
+  images: np.ndarray | Iterable[np.ndarray],
+  *,
+  batch_size: int,
+  keep_features: int = PRECISION_RECALL_SAMPLES,
+) -> Extracted:
   """Runs `extractor` over `images` (an [N, H, W, C] array or an iterable of
   such batches; float in [0, 1] or uint8) and accumulates statistics.
 
@@ -394,24 +431,34 @@ def extract(extractor, images: np.ndarray | Iterable[np.ndarray], *, batch_size:
     if "logits" in outputs:
       logits.append(outputs["logits"].astype(np.float32))
     if kept < keep_features:
-      features.append(outputs["pool"][:keep_features - kept].astype(np.float32))
+      features.append(outputs["pool"][: keep_features - kept].astype(np.float32))
       kept += len(features[-1])
   if pool.count == 0:
     raise ValueError("no images to evaluate: the image set is empty.")
-  return Extracted(pool=pool, spatial=spatial,
-                   logits=np.concatenate(logits) if logits else None,
-                   features=np.concatenate(features))
+  return Extracted(
+    pool=pool,
+    spatial=spatial,
+    logits=np.concatenate(logits) if logits else None,
+    features=np.concatenate(features),
+  )
 
 
-def reference_from_images(extractor, images: np.ndarray | Iterable[np.ndarray],
-                          batch_size: int, *,
-                          keep_features: int = PRECISION_RECALL_SAMPLES) -> dict:
+def reference_from_images(
+  extractor,
+  images: np.ndarray | Iterable[np.ndarray],
+  batch_size: int,
+  *,
+  keep_features: int = PRECISION_RECALL_SAMPLES,
+) -> dict:
   """Reference statistics of real images: `mu`, `sigma`, (`mu_s`, `sigma_s`)
   and up to `keep_features` real `features` for precision / recall.
   The same dict as `load_reference` returns; `save_stats(path, **ref)` stores it."""
   extracted = extract(extractor, images, batch_size=batch_size, keep_features=keep_features)
-  reference = {"mu": extracted.pool.mu, "sigma": extracted.pool.sigma,
-               "features": extracted.features}
+  reference = {
+    "mu": extracted.pool.mu,
+    "sigma": extracted.pool.sigma,
+    "features": extracted.features,
+  }
   if extracted.spatial is not None:
     reference.update(mu_s=extracted.spatial.mu, sigma_s=extracted.spatial.sigma)
   return reference
@@ -423,44 +470,68 @@ def check_reference(extractor, reference: dict) -> None:
   dimension = np.shape(reference["mu"])[0]
   if dimension != extractor.dimension:
     raise ValueError(
-        f"reference statistics are {dimension}-d but extractor {extractor.name!r} gives "
-        f"{extractor.dimension}-d features: the reference was computed with a different "
-        "feature extractor (e.g. Inception pool3 is 2048-d, a classifier's features are its "
-        "width). Compute the reference with this extractor (reference_from_images) or use "
-        "the extractor the reference was made with.")
+      f"reference statistics are {dimension}-d but extractor {extractor.name!r} gives "
+      f"{extractor.dimension}-d features: the reference was computed with a different "
+      "feature extractor (e.g. Inception pool3 is 2048-d, a classifier's features are its "
+      "width). Compute the reference with this extractor (reference_from_images) or use "
+      "the extractor the reference was made with."
+    )
 
 
-def metrics_from(extracted: Extracted, labels: np.ndarray | None, reference: dict, *,
-                 num_classes: int | None = None, splits: int = 10, k: int = 3) -> dict:
+def metrics_from(
+  extracted: Extracted,
+  labels: np.ndarray | None,
+  reference: dict,
+  *,
+  num_classes: int | None = None,
+  splits: int = 10,
+  k: int = 3,
+) -> dict:
   """The metrics of `extracted` samples against `reference` (see `sample_metrics`)."""
-  results = {"fid": frechet_distance(extracted.pool.mu, extracted.pool.sigma,
-                                     reference["mu"], reference["sigma"])}
+  results = {
+    "fid": frechet_distance(
+      extracted.pool.mu, extracted.pool.sigma, reference["mu"], reference["sigma"]
+    )
+  }
   if extracted.spatial is not None and "mu_s" in reference:
-    results["sfid"] = frechet_distance(extracted.spatial.mu, extracted.spatial.sigma,
-                                       reference["mu_s"], reference["sigma_s"])
+    results["sfid"] = frechet_distance(
+      extracted.spatial.mu, extracted.spatial.sigma, reference["mu_s"], reference["sigma_s"]
+    )
   if extracted.logits is not None:
     mean, std = inception_score(extracted.logits, splits=min(splits, len(extracted.logits)))
     results.update(inception_score=mean, inception_score_std=std)
   if "features" in reference:
     results["precision"], results["recall"] = precision_recall(
-        reference["features"], extracted.features, k=k)
+      reference["features"], extracted.features, k=k
+    )
   if labels is not None and num_classes is not None and extracted.logits is not None:
     labels = np.asarray(labels)
     if labels.shape != (len(extracted.logits),):
-      raise ValueError(f"labels must have shape [N] = ({len(extracted.logits)},), one class "
-                       f"per sample; got {labels.shape}.")
+      raise ValueError(
+        f"labels must have shape [N] = ({len(extracted.logits)},), one class "
+        f"per sample; got {labels.shape}."
+      )
     if labels.min() < 0 or labels.max() >= num_classes:
-      raise ValueError(f"labels must be class ids in [0, {num_classes}), the classifier's "
-                       f"classes; got [{labels.min()}, {labels.max()}].")
+      raise ValueError(
+        f"labels must be class ids in [0, {num_classes}), the classifier's "
+        f"classes; got [{labels.min()}, {labels.max()}]."
+      )
     results["accuracy"] = float((extracted.logits.argmax(axis=1) == labels).mean())
   results["count"] = extracted.pool.count
   return results
 
 
-def sample_metrics(extractor, sample_images: np.ndarray | Iterable[np.ndarray],
-                   sample_labels: np.ndarray | None, reference: dict, *, batch_size: int,
-                   splits: int = 10, k: int = 3,
-                   keep_features: int = PRECISION_RECALL_SAMPLES) -> dict:
+def sample_metrics(
+  extractor,
+  sample_images: np.ndarray | Iterable[np.ndarray],
+  sample_labels: np.ndarray | None,
+  reference: dict,
+  *,
+  batch_size: int,
+  splits: int = 10,
+  k: int = 3,
+  keep_features: int = PRECISION_RECALL_SAMPLES,
+) -> dict:
   """FID and friends of generated samples (float NHWC in [0, 1]) against `reference`.
 
   Returns `fid`; `sfid` when the extractor has spatial features and the
@@ -472,7 +543,7 @@ def sample_metrics(extractor, sample_images: np.ndarray | Iterable[np.ndarray],
   and `count`. The reference's dimension is checked before any image is run.
   """
   check_reference(extractor, reference)
-  extracted = extract(extractor, sample_images, batch_size=batch_size,
-                      keep_features=keep_features)
-  return metrics_from(extracted, sample_labels, reference,
-                      num_classes=extractor.num_classes, splits=splits, k=k)
+  extracted = extract(extractor, sample_images, batch_size=batch_size, keep_features=keep_features)
+  return metrics_from(
+    extracted, sample_labels, reference, num_classes=extractor.num_classes, splits=splits, k=k
+  )

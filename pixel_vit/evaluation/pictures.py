@@ -1,4 +1,5 @@
 """Image grids people look at: PNG files and TensorBoard images."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,15 +25,22 @@ def grid(columns: list[np.ndarray], *, separator: int = 2) -> np.ndarray:
   if any(c.shape[:3] != (n, h, w) for c in columns):
     raise ValueError(f"grid columns differ in shape: {[c.shape for c in columns]}")
   scale = max(1, -(-MIN_CELL_PIXELS // max(h, w)))
-  cells = [np.repeat(np.repeat(np.broadcast_to(c, (n, h, w, 3)) if c.shape[-1] == 1 else c,
-                               scale, axis=1), scale, axis=2) for c in columns]
+  cells = [
+    np.repeat(
+      np.repeat(np.broadcast_to(c, (n, h, w, 3)) if c.shape[-1] == 1 else c, scale, axis=1),
+      scale,
+      axis=2,
+    )
+    for c in columns
+  ]
   ch, cw = h * scale, w * scale
-  out = np.full((n * ch + (n - 1) * separator, len(cells) * cw + (len(cells) - 1) * separator, 3),
-                255, np.uint8)
+  out = np.full(
+    (n * ch + (n - 1) * separator, len(cells) * cw + (len(cells) - 1) * separator, 3), 255, np.uint8
+  )
   for j, column in enumerate(cells):
     for i in range(n):
       y, x = i * (ch + separator), j * (cw + separator)
-      out[y:y + ch, x:x + cw] = column[i]
+      out[y : y + ch, x : x + cw] = column[i]
   return out
 
 

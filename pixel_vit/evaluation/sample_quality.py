@@ -7,6 +7,7 @@ Samples come from `pixel_vit.diffusion.generation`; the diffusion trainer
 reports these at each evaluation, `python -m pixel_vit.sample` for a
 trained workdir.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,22 +43,33 @@ def reference_for(config, extractor, train_split: sources.ImageSplit, decode):
   real = train_split.images[:count]
   if train_split.is_latent:
     if not config.vae.weights:  # the preview decoder's images are not comparable
-      raise ValueError("config.fid.features scores images, and these data are latents: set "
-                       "config.vae.weights to decode them.")
+      raise ValueError(
+        "config.fid.features scores images, and these data are latents: set "
+        "config.vae.weights to decode them."
+      )
     batch = config.fid.batch_size
-    real = np.concatenate([np.asarray(decode(jnp.asarray(real[i:i + batch])))
-                           for i in range(0, count, batch)])
+    real = np.concatenate(
+      [np.asarray(decode(jnp.asarray(real[i : i + batch]))) for i in range(0, count, batch)]
+    )
   else:
     real = real.astype(np.float32) / 255.0
   return fid.reference_from_images(extractor, real, batch_size=config.fid.batch_size)
 
 
-def sample_metrics(config, generator: generation.Generator, params, extractor, reference, *,
-                   num_samples: int, reporter=None) -> tuple[dict, np.ndarray, np.ndarray]:
-  images, labels = generation.generate(config, generator, params, num_samples,
-                                       reporter=reporter)
-  metrics = fid.sample_metrics(extractor, images, labels, reference,
-                               batch_size=config.fid.batch_size)
+def sample_metrics(
+  config,
+  generator: generation.Generator,
+  params,
+  extractor,
+  reference,
+  *,
+  num_samples: int,
+  reporter=None,
+) -> tuple[dict, np.ndarray, np.ndarray]:
+  images, labels = generation.generate(config, generator, params, num_samples, reporter=reporter)
+  metrics = fid.sample_metrics(
+    extractor, images, labels, reference, batch_size=config.fid.batch_size
+  )
   return metrics, images, labels
 
 
@@ -75,8 +87,7 @@ def sample_grid_by_class(images: np.ndarray, labels: np.ndarray, per_row: int = 
   columns = max(len(r) for r in rows)
   blank = np.zeros_like(images[:1])
   rows = [np.concatenate([r] + [blank] * (columns - len(r))) for r in rows]
-  return pictures.grid([pictures.to_uint8(np.stack([r[j] for r in rows]))
-                        for j in range(columns)])
+  return pictures.grid([pictures.to_uint8(np.stack([r[j] for r in rows])) for j in range(columns)])
 
 
 def validate_config(config, device_count: int, *, files: bool = True) -> None:
@@ -88,33 +99,47 @@ def validate_config(config, device_count: int, *, files: bool = True) -> None:
   check_positive("fid.batch_size", fid.batch_size)
   check_positive("fid.reference_examples", fid.reference_examples)
   shards = parallel.batch_shards(config.mesh, device_count)
-  require(fid.batch_size % shards == 0,
-          f"config.fid.batch_size={fid.batch_size} must be divisible by the {shards} batch "
-          "shards of the mesh.")
+  require(
+    fid.batch_size % shards == 0,
+    f"config.fid.batch_size={fid.batch_size} must be divisible by the {shards} batch "
+    "shards of the mesh.",
+  )
   kind, _, where = fid.features.partition(":")
-  require(not fid.features or (kind in ("classifier", "inception") and where),
-          f"config.fid.features={fid.features!r} must be '' (off), 'classifier:WORKDIR' "
-          "(a run of configs/cls_pixel.py on the same data) or 'inception:WEIGHTS' "
-          "(pytorch-fid's pt_inception-2015-12-05 .pth or its .npz conversion).")
-  require(not fid.num_samples or fid.features,
-          f"config.fid.num_samples={fid.num_samples} needs config.fid.features: train a "
-          "classifier on the same data (python -m pixel_vit.main --config=configs/"
-          "cls_pixel.py:quick --workdir=DIR) and set --config.fid.features=classifier:DIR.")
+  require(
+    not fid.features or (kind in ("classifier", "inception") and where),
+    f"config.fid.features={fid.features!r} must be '' (off), 'classifier:WORKDIR' "
+    "(a run of configs/cls_pixel.py on the same data) or 'inception:WEIGHTS' "
+    "(pytorch-fid's pt_inception-2015-12-05 .pth or its .npz conversion).",
+  )
+  require(
+    not fid.num_samples or fid.features,
+    f"config.fid.num_samples={fid.num_samples} needs config.fid.features: train a "
+    "classifier on the same data (python -m pixel_vit.main --config=configs/"
+    "cls_pixel.py:quick --workdir=DIR) and set --config.fid.features=classifier:DIR.",
+  )
   if not files:
     return
   if fid.features and kind == "classifier":
-    require(checkpoint_lib.workdir_has_checkpoint(where),
-            f"config.fid.features={fid.features!r}: {where} holds no classifier checkpoint; "
-            f"train one with python -m pixel_vit.main --config=configs/cls_pixel.py:quick "
-            f"--workdir={where}.")
+    require(
+      checkpoint_lib.workdir_has_checkpoint(where),
+      f"config.fid.features={fid.features!r}: {where} holds no classifier checkpoint; "
+      f"train one with python -m pixel_vit.main --config=configs/cls_pixel.py:quick "
+      f"--workdir={where}.",
+    )
   if fid.features and kind == "inception":
-    require(os.path.isfile(where),
-            f"config.fid.features={fid.features!r}: no weights file at {where}; give the "
-            "local path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its .npz).")
-  require(not fid.reference or os.path.isfile(fid.reference),
-          f"config.fid.reference={fid.reference!r} does not exist; give an npz with `mu` and "
-          "`sigma` (e.g. ADM's VIRTUAL_imagenet256_labeled.npz) or '' to use the train split.")
-  require(not config.vae.weights or os.path.exists(config.vae.weights),
-          f"config.vae.weights={config.vae.weights!r} does not exist; give the local "
-          "diffusion_pytorch_model.safetensors of stabilityai/sd-vae-ft-ema (or -mse), or '' "
-          "to show latent previews instead of decoded images.")
+    require(
+      os.path.isfile(where),
+      f"config.fid.features={fid.features!r}: no weights file at {where}; give the "
+      "local path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its .npz).",
+    )
+  require(
+    not fid.reference or os.path.isfile(fid.reference),
+    f"config.fid.reference={fid.reference!r} does not exist; give an npz with `mu` and "
+    "`sigma` (e.g. ADM's VIRTUAL_imagenet256_labeled.npz) or '' to use the train split.",
+  )
+  require(
+    not config.vae.weights or os.path.exists(config.vae.weights),
+    f"config.vae.weights={config.vae.weights!r} does not exist; give the local "
+    "diffusion_pytorch_model.safetensors of stabilityai/sd-vae-ft-ema (or -mse), or '' "
+    "to show latent previews instead of decoded images.",
+  )

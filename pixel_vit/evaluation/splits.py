@@ -1,4 +1,5 @@
 """Summing per-batch statistics over a whole (padded, sharded) eval split."""
+
 from __future__ import annotations
 
 from typing import Callable, Iterable

@@ -15,6 +15,7 @@ so an untrained DiT's blocks are identity maps and its output is zero.
 Blocks reuse the encoder's attention (so every attention backend), MLP and
 `BlockStack` (scan or unrolled, remat).
 """
+
 from __future__ import annotations
 
 import jax
@@ -32,8 +33,9 @@ POSEMBS = ("sincos2d", "learn")
 normal_init = jax.nn.initializers.normal(0.02)
 
 
-def timestep_features(t: jax.Array, dim: int = TIMESTEP_FREQUENCIES,
-                      max_period: float = 10_000.0) -> jax.Array:
+def timestep_features(
+  t: jax.Array, dim: int = TIMESTEP_FREQUENCIES, max_period: float = 10_000.0
+) -> jax.Array:
   """[B] (possibly fractional) timesteps -> [B, dim]: cos then sin of t x frequencies."""
   half = dim // 2
   freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
@@ -43,8 +45,15 @@ def timestep_features(t: jax.Array, dim: int = TIMESTEP_FREQUENCIES,
 
 def nonaffine_norm(width: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
   """LayerNorm without scale / bias: adaLN supplies them."""
-  return nnx.LayerNorm(width, epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype,
-                       use_fast_variance=False, rngs=rngs)
+  return nnx.LayerNorm(
+    width,
+    epsilon=1e-6,
+    use_scale=False,
+    use_bias=False,
+    dtype=dtype,
+    use_fast_variance=False,
+    rngs=rngs,
+  )
 
 
 def modulate(x, shift, scale):
@@ -61,8 +70,9 @@ class AdaLNModulation(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, cond) -> list[jax.Array]:
-    out = jnp.einsum("bd,dke->bke", jax.nn.silu(cond).astype(self.dtype),
-                     self.kernel[...].astype(self.dtype)) + self.bias[...].astype(self.dtype)
+    out = jnp.einsum(
+      "bd,dke->bke", jax.nn.silu(cond).astype(self.dtype), self.kernel[...].astype(self.dtype)
+    ) + self.bias[...].astype(self.dtype)
     return [out[:, i] for i in range(self.count)]
 
 
@@ -71,8 +81,9 @@ class DiTBlock(nnx.Module):
 
   def __init__(self, size: vit.EncoderSize, *, dtype, attention: str, rngs: nnx.Rngs):
     self.norm1 = nonaffine_norm(size.width, dtype=dtype, rngs=rngs)
-    self.attn = vit.MultiHeadAttention(size.width, size.heads, dtype=dtype,
-                                       attention=attention, rngs=rngs)
+    self.attn = vit.MultiHeadAttention(
+      size.width, size.heads, dtype=dtype, attention=attention, rngs=rngs
+    )
     self.norm2 = nonaffine_norm(size.width, dtype=dtype, rngs=rngs)
     self.mlp = vit.Mlp(size.width, size.mlp_dim, dtype=dtype, rngs=rngs)
     self.modulation = AdaLNModulation(size.width, 6, dtype=dtype, rngs=rngs)
@@ -88,10 +99,23 @@ class DiTBlock(nnx.Module):
 class DiT(nnx.Module):
   """Noisy image x_t, timestep t, class y -> epsilon (and variance values)."""
 
-  def __init__(self, *, size: vit.EncoderSize, patch: int, image_size: int, channels: int,
-               num_classes: int, learn_sigma: bool = True, posemb: str = "sincos2d",
-               class_dropout: float = 0.1, dtype=jnp.float32, attention: str = "xla",
-               scan: bool = True, remat: str = "none", rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    size: vit.EncoderSize,
+    patch: int,
+    image_size: int,
+    channels: int,
+    num_classes: int,
+    learn_sigma: bool = True,
+    posemb: str = "sincos2d",
+    class_dropout: float = 0.1,
+    dtype=jnp.float32,
+    attention: str = "xla",
+    scan: bool = True,
+    remat: str = "none",
+    rngs: nnx.Rngs,
+  ):
     if image_size % patch:
       raise ValueError(f"patch size {patch} does not divide image size {image_size}.")
     if posemb not in POSEMBS:
@@ -104,12 +128,14 @@ class DiT(nnx.Module):
     self.class_dropout = class_dropout
     self.dtype = dtype
     self.posemb_kind = posemb
-    self.tokenizer_kernel = vit.param(vit.dense_init, rngs, (patch * patch * channels, width),
-                                      (None, "embed"))
+    self.tokenizer_kernel = vit.param(
+      vit.dense_init, rngs, (patch * patch * channels, width), (None, "embed")
+    )
     self.tokenizer_bias = vit.param(vit.zeros, rngs, (width,), ("embed",))
     self.posemb = vit.learned_posemb(posemb, self.grid * self.grid, width, rngs)
-    self.time_fc1_kernel = vit.param(normal_init, rngs, (TIMESTEP_FREQUENCIES, width),
-                                     (None, "embed"))
+    self.time_fc1_kernel = vit.param(
+      normal_init, rngs, (TIMESTEP_FREQUENCIES, width), (None, "embed")
+    )
     self.time_fc1_bias = vit.param(vit.zeros, rngs, (width,), ("embed",))
     self.time_fc2_kernel = vit.param(normal_init, rngs, (width, width), (None, "embed"))
     self.time_fc2_bias = vit.param(vit.zeros, rngs, (width,), ("embed",))
@@ -117,12 +143,17 @@ class DiT(nnx.Module):
     # are not sharded: num_classes + 1 is odd for the usual class counts.
     self.class_table = vit.param(normal_init, rngs, (num_classes + 1, width), (None, "embed"))
     self.blocks = vit.BlockStack(
-        lambda r: DiTBlock(size, dtype=dtype, attention=attention, rngs=r),
-        depth=size.depth, scan=scan, remat=remat, rngs=rngs)
+      lambda r: DiTBlock(size, dtype=dtype, attention=attention, rngs=r),
+      depth=size.depth,
+      scan=scan,
+      remat=remat,
+      rngs=rngs,
+    )
     self.final_norm = nonaffine_norm(width, dtype=dtype, rngs=rngs)
     self.final_modulation = AdaLNModulation(width, 2, dtype=dtype, rngs=rngs)
-    self.final_kernel = vit.param(vit.zeros, rngs, (width, patch * patch * self.out_channels),
-                                  ("embed", None))
+    self.final_kernel = vit.param(
+      vit.zeros, rngs, (width, patch * patch * self.out_channels), ("embed", None)
+    )
     self.final_bias = vit.param(vit.zeros, rngs, (patch * patch * self.out_channels,), (None,))
 
   @property
@@ -140,8 +171,9 @@ class DiT(nnx.Module):
 
   def tokenize(self, x) -> jax.Array:
     posemb = vit.position_embedding(self.posemb_kind, self.posemb, self.grid, self.width)
-    return vit.embed_patches(x, self.patch, self.tokenizer_kernel, self.tokenizer_bias, posemb,
-                             self.dtype)
+    return vit.embed_patches(
+      x, self.patch, self.tokenizer_kernel, self.tokenizer_bias, posemb, self.dtype
+    )
 
   def __call__(self, x, t, labels, *, key=None) -> jax.Array:
     """x [B, H, W, C], t [B], labels [B] int -> [B, H, W, out_channels] float32.
@@ -156,20 +188,33 @@ class DiT(nnx.Module):
     return vit.unpatchify(out.astype(jnp.float32), self.patch, self.image_size, self.image_size)
 
 
-def build_dit(model_config, *, image_size: int, channels: int, num_classes: int,
-              rngs: nnx.Rngs) -> DiT:
+def build_dit(
+  model_config, *, image_size: int, channels: int, num_classes: int, rngs: nnx.Rngs
+) -> DiT:
   """The DiT a `config.model` describes (see configs/dit_pixel.py)."""
   size, patch = vit.parse_variant(model_config.variant)
-  return DiT(size=size, patch=patch, image_size=image_size, channels=channels,
-             num_classes=num_classes, learn_sigma=model_config.learn_sigma,
-             posemb=model_config.posemb, class_dropout=model_config.class_dropout,
-             dtype=vit.DTYPES[model_config.dtype], attention=model_config.attention,
-             scan=model_config.scan, remat=model_config.remat, rngs=rngs)
+  return DiT(
+    size=size,
+    patch=patch,
+    image_size=image_size,
+    channels=channels,
+    num_classes=num_classes,
+    learn_sigma=model_config.learn_sigma,
+    posemb=model_config.posemb,
+    class_dropout=model_config.class_dropout,
+    dtype=vit.DTYPES[model_config.dtype],
+    attention=model_config.attention,
+    scan=model_config.scan,
+    remat=model_config.remat,
+    rngs=rngs,
+  )
 
 
 def validate_model_config(model) -> None:
   """The DiT-only model keys (the rest: `vit.validate_model_config`)."""
   check_choice("model.posemb", model.posemb, POSEMBS)
-  require(0.0 <= model.class_dropout < 1.0,
-          f"config.model.class_dropout={model.class_dropout!r} must be in [0, 1); "
-          "classifier-free guidance needs > 0 (DiT: 0.1).")
+  require(
+    0.0 <= model.class_dropout < 1.0,
+    f"config.model.class_dropout={model.class_dropout!r} must be in [0, 1); "
+    "classifier-free guidance needs > 0 (DiT: 0.1).",
+  )

@@ -36,6 +36,7 @@ Weights: `load_inception(path)` reads pytorch-fid's `.pth` (needs torch) or an
 Parameters are not annotated with logical axes: this is a frozen 24M
 parameter evaluation network, always replicated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,14 +68,21 @@ def _pair(value) -> tuple[int, int]:
 class BasicConv2d(nnx.Module):
   """Conv (no bias) + BatchNorm (running statistics, eps 1e-3) + ReLU."""
 
-  def __init__(self, in_channels: int, out_channels: int, kernel_size, *, stride=1,
-               padding=0, rngs: nnx.Rngs):
+  def __init__(
+    self, in_channels: int, out_channels: int, kernel_size, *, stride=1, padding=0, rngs: nnx.Rngs
+  ):
     pad_h, pad_w = _pair(padding)
-    self.conv = nnx.Conv(in_channels, out_channels, _pair(kernel_size), strides=_pair(stride),
-                         padding=((pad_h, pad_h), (pad_w, pad_w)), use_bias=False,
-                         precision=PRECISION, rngs=rngs)
-    self.bn = nnx.BatchNorm(out_channels, use_running_average=True, epsilon=BN_EPSILON,
-                            rngs=rngs)
+    self.conv = nnx.Conv(
+      in_channels,
+      out_channels,
+      _pair(kernel_size),
+      strides=_pair(stride),
+      padding=((pad_h, pad_h), (pad_w, pad_w)),
+      use_bias=False,
+      precision=PRECISION,
+      rngs=rngs,
+    )
+    self.bn = nnx.BatchNorm(out_channels, use_running_average=True, epsilon=BN_EPSILON, rngs=rngs)
 
   def __call__(self, x):
     return jax.nn.relu(self.bn(self.conv(x)))
@@ -83,8 +91,7 @@ class BasicConv2d(nnx.Module):
 def avg_pool_3x3(x):
   """3x3, stride 1, padding 1, averaging over the real pixels only (TF's
   pooling; torch's `count_include_pad=False`)."""
-  return nnx.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                      count_include_pad=False)
+  return nnx.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
 
 
 def max_pool_3x3(x, stride: int = 1):
@@ -105,12 +112,15 @@ class FIDInceptionA(nnx.Module):
     self.branch_pool = BasicConv2d(in_channels, pool_features, 1, rngs=rngs)
 
   def __call__(self, x):
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         self.branch1x1(x),
         self.branch5x5_2(self.branch5x5_1(x)),
         self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
         self.branch_pool(avg_pool_3x3(x)),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class InceptionB(nnx.Module):
@@ -123,11 +133,14 @@ class InceptionB(nnx.Module):
     self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2, rngs=rngs)
 
   def __call__(self, x):
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         self.branch3x3(x),
         self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
         max_pool_3x3(x, stride=2),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class FIDInceptionC(nnx.Module):
@@ -150,8 +163,12 @@ class FIDInceptionC(nnx.Module):
     """The four branch outputs (the first is sFID's `mixed_6/conv` in Mixed_6d)."""
     b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
     dbl = self.branch7x7dbl_1(x)
-    for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                  self.branch7x7dbl_5):
+    for layer in (
+      self.branch7x7dbl_2,
+      self.branch7x7dbl_3,
+      self.branch7x7dbl_4,
+      self.branch7x7dbl_5,
+    ):
       dbl = layer(dbl)
     return [self.branch1x1(x), b7, dbl, self.branch_pool(avg_pool_3x3(x))]
 
@@ -172,11 +189,11 @@ class InceptionD(nnx.Module):
 
   def __call__(self, x):
     b7 = x
-    for layer in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
-                  self.branch7x7x3_4):
+    for layer in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
       b7 = layer(b7)
-    return jnp.concatenate([self.branch3x3_2(self.branch3x3_1(x)), b7,
-                            max_pool_3x3(x, stride=2)], axis=-1)
+    return jnp.concatenate(
+      [self.branch3x3_2(self.branch3x3_1(x)), b7, max_pool_3x3(x, stride=2)], axis=-1
+    )
 
 
 class _InceptionE(nnx.Module):
@@ -199,12 +216,17 @@ class _InceptionE(nnx.Module):
   def __call__(self, x):
     b3 = self.branch3x3_1(x)
     dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         self.branch1x1(x),
-        self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-        self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl),
+        self.branch3x3_2a(b3),
+        self.branch3x3_2b(b3),
+        self.branch3x3dbl_3a(dbl),
+        self.branch3x3dbl_3b(dbl),
         self.branch_pool(self.pool(x)),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class FIDInceptionE_1(_InceptionE):  # noqa: N801  (pytorch-fid's name)
@@ -224,8 +246,9 @@ class FIDInceptionE_2(_InceptionE):  # noqa: N801  (pytorch-fid's name)
 def preprocess(images: jax.Array, size: int = INPUT_SIZE) -> jax.Array:
   """[B, H, W, 1 or 3] in [0, 1] -> [B, size, size, 3] in [-1, 1], as pytorch-fid."""
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f"Inception takes images [B, H, W, C] with C = 1 or 3, got shape "
-                     f"{tuple(images.shape)}.")
+    raise ValueError(
+      f"Inception takes images [B, H, W, C] with C = 1 or 3, got shape {tuple(images.shape)}."
+    )
   x = images.astype(jnp.float32)
   if x.shape[-1] == 1:
     x = jnp.repeat(x, 3, axis=-1)
@@ -269,21 +292,20 @@ class FIDInceptionV3(nnx.Module):
     x = self.Mixed_6e(jnp.concatenate(branches, axis=-1))
     x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # 8x8x2048
     pool = x.mean(axis=(1, 2))
-    return {"pool": pool, "logits": self.fc(pool),
-            "spatial": spatial.reshape(spatial.shape[0], -1)}
+    return {"pool": pool, "logits": self.fc(pool), "spatial": spatial.reshape(spatial.shape[0], -1)}
 
 
 # ---------------------------------------------------------------- torch state dicts
 
 # (module, leaf) of an NNX parameter path -> the torch state-dict leaf name.
 _TORCH_NAMES = {
-    ("conv", "kernel"): "conv.weight",
-    ("bn", "scale"): "bn.weight",
-    ("bn", "bias"): "bn.bias",
-    ("bn", "mean"): "bn.running_mean",
-    ("bn", "var"): "bn.running_var",
-    ("fc", "kernel"): "fc.weight",
-    ("fc", "bias"): "fc.bias",
+  ("conv", "kernel"): "conv.weight",
+  ("bn", "scale"): "bn.weight",
+  ("bn", "bias"): "bn.bias",
+  ("bn", "mean"): "bn.running_mean",
+  ("bn", "var"): "bn.running_var",
+  ("fc", "kernel"): "fc.weight",
+  ("fc", "bias"): "fc.bias",
 }
 # Axis orders between NNX and torch layouts: conv HWIO <-> OIHW, linear [in, out] <-> [out, in].
 _TO_TORCH_AXES = {"conv.weight": (3, 2, 0, 1), "fc.weight": (1, 0)}
@@ -296,8 +318,7 @@ def _torch_key(path) -> tuple[str, str]:
   """NNX parameter path -> (torch key, torch leaf name such as 'conv.weight')."""
   *parents, module, leaf = (str(getattr(p, "key", p)) for p in path)
   if (module, leaf) not in _TORCH_NAMES:
-    raise ValueError(f"parameter {'/'.join(parents + [module, leaf])} has no torch "
-                     "counterpart.")
+    raise ValueError(f"parameter {'/'.join(parents + [module, leaf])} has no torch counterpart.")
   name = _TORCH_NAMES[(module, leaf)]
   return ".".join(parents + [name]), name
 
@@ -314,8 +335,7 @@ def torch_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
 
 def check_state_dict(expected: dict[str, tuple], state_dict: dict, where: str) -> None:
   """ValueError naming every missing, unexpected and wrong-shape key."""
-  given = {k: tuple(np.shape(v)) for k, v in state_dict.items()
-           if not k.endswith(IGNORED_SUFFIX)}
+  given = {k: tuple(np.shape(v)) for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIX)}
   missing = sorted(set(expected) - set(given))
   unexpected = sorted(set(given) - set(expected))
   wrong = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
@@ -325,17 +345,21 @@ def check_state_dict(expected: dict[str, tuple], state_dict: dict, where: str) -
   if unexpected:
     problems.append(f"unexpected keys {unexpected}")
   if wrong:
-    problems.append("wrong shapes " + ", ".join(
-        f"{k}: {given[k]} (expected {expected[k]})" for k in wrong))
+    problems.append(
+      "wrong shapes " + ", ".join(f"{k}: {given[k]} (expected {expected[k]})" for k in wrong)
+    )
   if problems:
     raise ValueError(
-        f"{where} does not hold the FID Inception-v3 weights: " + "; ".join(problems) +
-        ". Use pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its conversion with "
-        "python -m pixel_vit.models.inception --convert IN.pth OUT.npz.")
+      f"{where} does not hold the FID Inception-v3 weights: "
+      + "; ".join(problems)
+      + ". Use pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its conversion with "
+      "python -m pixel_vit.models.inception --convert IN.pth OUT.npz."
+    )
 
 
-def from_state_dict(make_module: Callable[[], nnx.Module], state_dict: dict, *,
-                    where: str = "the state dict") -> nnx.Module:
+def from_state_dict(
+  make_module: Callable[[], nnx.Module], state_dict: dict, *, where: str = "the state dict"
+) -> nnx.Module:
   """Builds `make_module()`'s structure (shapes only) and fills it from a torch
   state dict {key: array}; raises ValueError naming bad keys."""
   graphdef, abstract = nnx.split(nnx.eval_shape(make_module))
@@ -358,9 +382,10 @@ def _import_torch():
     import torch  # noqa: PLC0415  (optional dependency, only for .pth files)
   except ImportError as e:
     raise ImportError(
-        "reading a PyTorch .pth checkpoint needs torch (pip install torch). Without it, "
-        "convert the file once where torch is installed: python -m "
-        "pixel_vit.models.inception --convert IN.pth OUT.npz, and load the .npz.") from e
+      "reading a PyTorch .pth checkpoint needs torch (pip install torch). Without it, "
+      "convert the file once where torch is installed: python -m "
+      "pixel_vit.models.inception --convert IN.pth OUT.npz, and load the .npz."
+    ) from e
   return torch
 
 
@@ -368,9 +393,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """{key: float32 array} from a torch `.pth` state dict or an `.npz` of the same keys."""
   if not os.path.exists(path):
     raise ValueError(
-        f"Inception weights {path!r} do not exist. Download pytorch-fid's "
-        "pt_inception-2015-12-05-6726825d.pth (github.com/mseitzer/pytorch-fid releases) "
-        "and pass its path, or a .npz converted from it.")
+      f"Inception weights {path!r} do not exist. Download pytorch-fid's "
+      "pt_inception-2015-12-05-6726825d.pth (github.com/mseitzer/pytorch-fid releases) "
+      "and pass its path, or a .npz converted from it."
+    )
   if path.endswith(".npz"):
     with np.load(path) as data:
       return {k: np.asarray(data[k]) for k in data.files}
@@ -383,8 +409,9 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def load_inception(path: str) -> FIDInceptionV3:
   """The FID Inception-v3 with pytorch-fid's weights from `path` (.pth or .npz)."""
-  return from_state_dict(lambda: FIDInceptionV3(rngs=nnx.Rngs(0)), read_state_dict(path),
-                         where=repr(path))
+  return from_state_dict(
+    lambda: FIDInceptionV3(rngs=nnx.Rngs(0)), read_state_dict(path), where=repr(path)
+  )
 
 
 def convert(torch_path: str, npz_path: str) -> None:
@@ -398,9 +425,10 @@ def convert(torch_path: str, npz_path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
-      prog="python -m pixel_vit.models.inception",
-      description="Convert pytorch-fid's Inception weights (.pth) to .npz (no torch needed "
-                  "to read it).")
+    prog="python -m pixel_vit.models.inception",
+    description="Convert pytorch-fid's Inception weights (.pth) to .npz (no torch needed "
+    "to read it).",
+  )
   parser.add_argument("--convert", nargs=2, metavar=("IN.pth", "OUT.npz"), required=True)
   args = parser.parse_args(argv)
   convert(*args.convert)

@@ -22,6 +22,7 @@ Module and attribute names follow diffusers' state-dict keys, so the weight
 mapping is a rename of a few path segments plus the layout change
 (PyTorch OIHW convs -> HWIO, [out, in] linears -> [in, out]).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,10 +40,11 @@ from pixel_vit.models import attention as attention_lib
 WEIGHTS_FILENAME = "diffusion_pytorch_model.safetensors"
 CONFIG_FILENAME = "config.json"
 EXPECTED_FORMAT = (
-    "Expected a diffusers AutoencoderKL checkpoint: a `diffusion_pytorch_model.safetensors` "
-    "file (e.g. from stabilityai/sd-vae-ft-ema or sd-vae-ft-mse, vae/ folder of a Stable "
-    "Diffusion repo) or the directory holding it and its config.json; original "
-    "CompVis/LDM `.ckpt` files need converting with diffusers first.")
+  "Expected a diffusers AutoencoderKL checkpoint: a `diffusion_pytorch_model.safetensors` "
+  "file (e.g. from stabilityai/sd-vae-ft-ema or sd-vae-ft-mse, vae/ folder of a Stable "
+  "Diffusion repo) or the directory holding it and its config.json; original "
+  "CompVis/LDM `.ckpt` files need converting with diffusers first."
+)
 
 _NORM_EPS = 1e-6
 # diffusers clamps the posterior's log-variance to this range.
@@ -52,6 +54,7 @@ _LOGVAR_RANGE = (-30.0, 20.0)
 @dataclasses.dataclass(frozen=True)
 class VaeConfig:
   """The AutoencoderKL hyper-parameters that shape the network; defaults are SD KL-f8."""
+
   in_channels: int = 3
   out_channels: int = 3
   latent_channels: int = 4
@@ -65,21 +68,29 @@ class VaeConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
-    counts = dict(in_channels=self.in_channels, out_channels=self.out_channels,
-                  latent_channels=self.latent_channels,
-                  layers_per_block=self.layers_per_block,
-                  norm_num_groups=self.norm_num_groups)
+    counts = dict(
+      in_channels=self.in_channels,
+      out_channels=self.out_channels,
+      latent_channels=self.latent_channels,
+      layers_per_block=self.layers_per_block,
+      norm_num_groups=self.norm_num_groups,
+    )
     for name, value in counts.items():
       if not (isinstance(value, (int, np.integer)) and value >= 1):
         raise ValueError(f"VaeConfig.{name}={value!r} must be a positive int.")
     if not self.block_out_channels or not all(
-        isinstance(c, (int, np.integer)) and c >= 1 for c in self.block_out_channels):
-      raise ValueError(f"VaeConfig.block_out_channels={self.block_out_channels!r} must be "
-                       "a non-empty tuple of positive ints, e.g. (128, 256, 512, 512).")
+      isinstance(c, (int, np.integer)) and c >= 1 for c in self.block_out_channels
+    ):
+      raise ValueError(
+        f"VaeConfig.block_out_channels={self.block_out_channels!r} must be "
+        "a non-empty tuple of positive ints, e.g. (128, 256, 512, 512)."
+      )
     indivisible = [c for c in self.block_out_channels if c % self.norm_num_groups]
     if indivisible:
-      raise ValueError(f"VaeConfig.norm_num_groups={self.norm_num_groups} does not divide "
-                       f"block_out_channels {indivisible}; GroupNorm needs whole groups.")
+      raise ValueError(
+        f"VaeConfig.norm_num_groups={self.norm_num_groups} does not divide "
+        f"block_out_channels {indivisible}; GroupNorm needs whole groups."
+      )
     if not self.scaling_factor > 0:
       raise ValueError(f"VaeConfig.scaling_factor={self.scaling_factor!r} must be > 0.")
 
@@ -97,24 +108,29 @@ class VaeConfig:
     """
     class_name = config.get("_class_name", "AutoencoderKL")
     if class_name != "AutoencoderKL":
-      raise ValueError(f"config.json describes a {class_name!r}, not an AutoencoderKL. "
-                       + EXPECTED_FORMAT)
+      raise ValueError(
+        f"config.json describes a {class_name!r}, not an AutoencoderKL. " + EXPECTED_FORMAT
+      )
     unsupported = {
-        "act_fn": (config.get("act_fn", "silu"), "silu"),
-        "mid_block_add_attention": (config.get("mid_block_add_attention", True), True),
-        "latents_mean": (config.get("latents_mean"), None),
-        "latents_std": (config.get("latents_std"), None),
+      "act_fn": (config.get("act_fn", "silu"), "silu"),
+      "mid_block_add_attention": (config.get("mid_block_add_attention", True), True),
+      "latents_mean": (config.get("latents_mean"), None),
+      "latents_std": (config.get("latents_std"), None),
     }
-    for kind, wanted in (("down_block_types", "DownEncoderBlock2D"),
-                         ("up_block_types", "UpDecoderBlock2D")):
+    for kind, wanted in (
+      ("down_block_types", "DownEncoderBlock2D"),
+      ("up_block_types", "UpDecoderBlock2D"),
+    ):
       types = tuple(config.get(kind, ()))
       unsupported[kind] = (types, tuple(t for t in types if t == wanted))
     wrong = {key: got for key, (got, wanted) in unsupported.items() if got != wanted}
     if wrong:
-      raise ValueError(f"config.json has AutoencoderKL options this VAE does not implement: "
-                       f"{wrong}; only the Stable Diffusion layout (silu, "
-                       "DownEncoderBlock2D / UpDecoderBlock2D, mid-block attention, no "
-                       "latents_mean/std) is supported.")
+      raise ValueError(
+        f"config.json has AutoencoderKL options this VAE does not implement: "
+        f"{wrong}; only the Stable Diffusion layout (silu, "
+        "DownEncoderBlock2D / UpDecoderBlock2D, mid-block attention, no "
+        "latents_mean/std) is supported."
+      )
     defaults = cls()
     fields = {}
     for field in dataclasses.fields(cls):
@@ -126,16 +142,25 @@ class VaeConfig:
 # ------------------------------------------------------------------ layers
 
 
-def _conv(in_channels: int, out_channels: int, kernel: int, *, rngs: nnx.Rngs,
-          stride: int = 1, padding="SAME") -> nnx.Conv:
-  return nnx.Conv(in_channels, out_channels, (kernel, kernel), strides=stride,
-                  padding=padding, rngs=rngs)
+def _conv(
+  in_channels: int,
+  out_channels: int,
+  kernel: int,
+  *,
+  rngs: nnx.Rngs,
+  stride: int = 1,
+  padding="SAME",
+) -> nnx.Conv:
+  return nnx.Conv(
+    in_channels, out_channels, (kernel, kernel), strides=stride, padding=padding, rngs=rngs
+  )
 
 
 def _group_norm(channels: int, groups: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
   # Two-pass variance, as PyTorch: the fast E[x^2] - E[x]^2 form loses digits.
-  return nnx.GroupNorm(channels, num_groups=groups, epsilon=_NORM_EPS,
-                       use_fast_variance=False, rngs=rngs)
+  return nnx.GroupNorm(
+    channels, num_groups=groups, epsilon=_NORM_EPS, use_fast_variance=False, rngs=rngs
+  )
 
 
 class ResnetBlock(nnx.Module):
@@ -146,8 +171,9 @@ class ResnetBlock(nnx.Module):
     self.conv1 = _conv(in_channels, out_channels, 3, rngs=rngs)
     self.norm2 = _group_norm(out_channels, groups, rngs)
     self.conv2 = _conv(out_channels, out_channels, 3, rngs=rngs)
-    self.conv_shortcut = (_conv(in_channels, out_channels, 1, rngs=rngs)
-                          if in_channels != out_channels else None)
+    self.conv_shortcut = (
+      _conv(in_channels, out_channels, 1, rngs=rngs) if in_channels != out_channels else None
+    )
 
   def __call__(self, x):
     h = self.conv1(jax.nn.silu(self.norm1(x)))
@@ -177,8 +203,7 @@ class MidBlock(nnx.Module):
   """ResNet, attention, ResNet at the lowest resolution."""
 
   def __init__(self, channels: int, groups: int, *, rngs: nnx.Rngs):
-    self.resnets = nnx.List([ResnetBlock(channels, channels, groups, rngs=rngs)
-                             for _ in range(2)])
+    self.resnets = nnx.List([ResnetBlock(channels, channels, groups, rngs=rngs) for _ in range(2)])
     self.attentions = nnx.List([SpatialSelfAttention(channels, groups, rngs=rngs)])
 
   def __call__(self, x):
@@ -208,12 +233,22 @@ class Upsample(nnx.Module):
 
 
 class DownBlock(nnx.Module):
-
-  def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, *,
-               downsample: bool, rngs: nnx.Rngs):
-    self.resnets = nnx.List([
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    num_layers: int,
+    groups: int,
+    *,
+    downsample: bool,
+    rngs: nnx.Rngs,
+  ):
+    self.resnets = nnx.List(
+      [
         ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, rngs=rngs)
-        for i in range(num_layers)])
+        for i in range(num_layers)
+      ]
+    )
     self.downsampler = Downsample(out_channels, rngs=rngs) if downsample else None
 
   def __call__(self, x):
@@ -223,12 +258,22 @@ class DownBlock(nnx.Module):
 
 
 class UpBlock(nnx.Module):
-
-  def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, *,
-               upsample: bool, rngs: nnx.Rngs):
-    self.resnets = nnx.List([
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    num_layers: int,
+    groups: int,
+    *,
+    upsample: bool,
+    rngs: nnx.Rngs,
+  ):
+    self.resnets = nnx.List(
+      [
         ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, rngs=rngs)
-        for i in range(num_layers)])
+        for i in range(num_layers)
+      ]
+    )
     self.upsampler = Upsample(out_channels, rngs=rngs) if upsample else None
 
   def __call__(self, x):
@@ -243,10 +288,19 @@ class Encoder(nnx.Module):
   def __init__(self, config: VaeConfig, *, rngs: nnx.Rngs):
     widths, groups = config.block_out_channels, config.norm_num_groups
     self.conv_in = _conv(config.in_channels, widths[0], 3, rngs=rngs)
-    self.down_blocks = nnx.List([
-        DownBlock(widths[max(i - 1, 0)], width, config.layers_per_block, groups,
-                  downsample=i < len(widths) - 1, rngs=rngs)
-        for i, width in enumerate(widths)])
+    self.down_blocks = nnx.List(
+      [
+        DownBlock(
+          widths[max(i - 1, 0)],
+          width,
+          config.layers_per_block,
+          groups,
+          downsample=i < len(widths) - 1,
+          rngs=rngs,
+        )
+        for i, width in enumerate(widths)
+      ]
+    )
     self.mid_block = MidBlock(widths[-1], groups, rngs=rngs)
     self.conv_norm_out = _group_norm(widths[-1], groups, rngs)
     self.conv_out = _conv(widths[-1], 2 * config.latent_channels, 3, rngs=rngs)
@@ -266,10 +320,19 @@ class Decoder(nnx.Module):
     widths, groups = config.block_out_channels[::-1], config.norm_num_groups
     self.conv_in = _conv(config.latent_channels, widths[0], 3, rngs=rngs)
     self.mid_block = MidBlock(widths[0], groups, rngs=rngs)
-    self.up_blocks = nnx.List([
-        UpBlock(widths[max(i - 1, 0)], width, config.layers_per_block + 1, groups,
-                upsample=i < len(widths) - 1, rngs=rngs)
-        for i, width in enumerate(widths)])
+    self.up_blocks = nnx.List(
+      [
+        UpBlock(
+          widths[max(i - 1, 0)],
+          width,
+          config.layers_per_block + 1,
+          groups,
+          upsample=i < len(widths) - 1,
+          rngs=rngs,
+        )
+        for i, width in enumerate(widths)
+      ]
+    )
     self.conv_norm_out = _group_norm(widths[-1], groups, rngs)
     self.conv_out = _conv(widths[-1], config.out_channels, 3, rngs=rngs)
 
@@ -288,22 +351,23 @@ class AutoencoderKL(nnx.Module):
     self.encoder = Encoder(config, rngs=rngs)
     self.decoder = Decoder(config, rngs=rngs)
     latent = config.latent_channels
-    self.quant_conv = (_conv(2 * latent, 2 * latent, 1, rngs=rngs)
-                       if config.use_quant_conv else None)
-    self.post_quant_conv = (_conv(latent, latent, 1, rngs=rngs)
-                            if config.use_post_quant_conv else None)
+    self.quant_conv = _conv(2 * latent, 2 * latent, 1, rngs=rngs) if config.use_quant_conv else None
+    self.post_quant_conv = (
+      _conv(latent, latent, 1, rngs=rngs) if config.use_post_quant_conv else None
+    )
 
   def _check_spatial(self, x: jax.Array, what: str, channels: int, factor: int) -> None:
     if x.ndim != 4 or x.shape[-1] != channels:
       raise ValueError(f"{what} must be NHWC with {channels} channels, got shape {x.shape}.")
     if x.shape[1] % factor or x.shape[2] % factor:
-      raise ValueError(f"{what} of size {x.shape[1]}x{x.shape[2]} must be a multiple of "
-                       f"{factor} on each side (the VAE downsamples by {factor}).")
+      raise ValueError(
+        f"{what} of size {x.shape[1]}x{x.shape[2]} must be a multiple of "
+        f"{factor} on each side (the VAE downsamples by {factor})."
+      )
 
   def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Images [B, H, W, C] in [-1, 1] -> posterior (mean, logvar), each [B, H/f, W/f, latent]."""
-    self._check_spatial(images, "images", self.config.in_channels,
-                        self.config.downsampling_factor)
+    self._check_spatial(images, "images", self.config.in_channels, self.config.downsampling_factor)
     moments = self.encoder(images.astype(jnp.float32))
     if self.quant_conv is not None:
       moments = self.quant_conv(moments)
@@ -345,23 +409,23 @@ def _standard_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(key, shape, jnp.float32)
   if key.ndim == single_key_ndim + 1 and key.shape[0] == shape[0]:
     return jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(key)
-  raise ValueError(f"key of shape {key.shape} is neither one PRNG key nor one per image "
-                   f"for a batch of {shape[0]}.")
+  raise ValueError(
+    f"key of shape {key.shape} is neither one PRNG key nor one per image for a batch of {shape[0]}."
+  )
 
 
 # ------------------------------------------------------------------ weights
 
 # NNX attribute names that stand for a differently spelled diffusers key segment.
 _SEGMENT_TO_DIFFUSERS = {
-    "downsampler": "downsamplers.0",
-    "upsampler": "upsamplers.0",
-    "to_out": "to_out.0",
+  "downsampler": "downsamplers.0",
+  "upsampler": "upsamplers.0",
+  "to_out": "to_out.0",
 }
 _LEAF_TO_DIFFUSERS = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 # Older diffusers checkpoints (sd-vae-ft-* as first published) name the
 # mid-block attention projections differently; diffusers renames them on load too.
-_LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v",
-                           "proj_attn": "to_out.0"}
+_LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _MAX_LISTED = 5
 
 
@@ -418,7 +482,8 @@ def diffusers_state_dict(model: AutoencoderKL) -> dict[str, np.ndarray]:
 
 
 def _rename_legacy_attention(
-    tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  tensors: dict[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """(tensors under current diffusers names, {current name: name in the file} of renamed ones)."""
   renamed, file_names = {}, {}
   for key, value in tensors.items():
@@ -428,8 +493,10 @@ def _rename_legacy_attention(
       file_names[new_key] = key
       key = new_key
     if key in renamed:
-      raise ValueError(f"weights hold the attention parameter {key} under both its current "
-                       "and its legacy name; keep one. " + EXPECTED_FORMAT)
+      raise ValueError(
+        f"weights hold the attention parameter {key} under both its current "
+        "and its legacy name; keep one. " + EXPECTED_FORMAT
+      )
     renamed[key] = value
   return renamed, file_names
 
@@ -447,13 +514,18 @@ def infer_config(tensors: Mapping[str, np.ndarray]) -> VaeConfig:
   the latent scale cannot be read from shapes and take the SD defaults (32,
   0.18215): pass a config.json (or a `VaeConfig`) for other VAEs.
   """
-  required = ("encoder.conv_in.weight", "encoder.down_blocks.0.resnets.0.conv1.weight",
-              "decoder.conv_in.weight", "decoder.conv_out.weight")
+  required = (
+    "encoder.conv_in.weight",
+    "encoder.down_blocks.0.resnets.0.conv1.weight",
+    "decoder.conv_in.weight",
+    "decoder.conv_out.weight",
+  )
   missing = [key for key in required if key not in tensors]
   if missing:
-    raise ValueError(f"weights have none of the keys {missing}, so they are not an "
-                     f"AutoencoderKL state dict (first keys: {_listed(tensors)}). "
-                     + EXPECTED_FORMAT)
+    raise ValueError(
+      f"weights have none of the keys {missing}, so they are not an "
+      f"AutoencoderKL state dict (first keys: {_listed(tensors)}). " + EXPECTED_FORMAT
+    )
   widths = []
   while f"encoder.down_blocks.{len(widths)}.resnets.0.conv1.weight" in tensors:
     widths.append(tensors[f"encoder.down_blocks.{len(widths)}.resnets.0.conv1.weight"].shape[0])
@@ -463,18 +535,21 @@ def infer_config(tensors: Mapping[str, np.ndarray]) -> VaeConfig:
   defaults = VaeConfig()
   groups = defaults.norm_num_groups
   if any(w % groups for w in widths):
-    raise ValueError(f"block widths {widths} are not all divisible by the default "
-                     f"{groups} GroupNorm groups; put the checkpoint's config.json next to "
-                     "the weights (or pass a VaeConfig) to say norm_num_groups.")
+    raise ValueError(
+      f"block widths {widths} are not all divisible by the default "
+      f"{groups} GroupNorm groups; put the checkpoint's config.json next to "
+      "the weights (or pass a VaeConfig) to say norm_num_groups."
+    )
   return VaeConfig(
-      in_channels=tensors["encoder.conv_in.weight"].shape[1],
-      out_channels=tensors["decoder.conv_out.weight"].shape[0],
-      latent_channels=tensors["decoder.conv_in.weight"].shape[1],
-      block_out_channels=tuple(widths),
-      layers_per_block=layers,
-      norm_num_groups=groups,
-      use_quant_conv="quant_conv.weight" in tensors,
-      use_post_quant_conv="post_quant_conv.weight" in tensors)
+    in_channels=tensors["encoder.conv_in.weight"].shape[1],
+    out_channels=tensors["decoder.conv_out.weight"].shape[0],
+    latent_channels=tensors["decoder.conv_in.weight"].shape[1],
+    block_out_channels=tuple(widths),
+    layers_per_block=layers,
+    norm_num_groups=groups,
+    use_quant_conv="quant_conv.weight" in tensors,
+    use_post_quant_conv="post_quant_conv.weight" in tensors,
+  )
 
 
 def resolve_vae_paths(path: str) -> tuple[str, str | None]:
@@ -499,11 +574,13 @@ def resolve_vae_paths(path: str) -> tuple[str, str | None]:
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   from safetensors import numpy as safetensors_numpy
+
   try:
     return safetensors_numpy.load_file(path)
   except Exception as e:  # safetensors raises its own error types for bad headers / dtypes
-    raise ValueError(f"cannot read {path} as float safetensors ({type(e).__name__}: {e}). "
-                     + EXPECTED_FORMAT) from e
+    raise ValueError(
+      f"cannot read {path} as float safetensors ({type(e).__name__}: {e}). " + EXPECTED_FORMAT
+    ) from e
 
 
 def load_vae(path: str, config: VaeConfig | None = None) -> AutoencoderKL:
@@ -534,8 +611,10 @@ def load_vae(path: str, config: VaeConfig | None = None) -> AutoencoderKL:
       continue
     converted = _to_flax_layout(np.asarray(tensors[key]), flax_shape)
     if converted is None:
-      wrong_shape.append(f"{file_names.get(key, key)} {tuple(tensors[key].shape)} (expected "
-                         f"{_torch_shape(flax_shape)})")
+      wrong_shape.append(
+        f"{file_names.get(key, key)} {tuple(tensors[key].shape)} (expected "
+        f"{_torch_shape(flax_shape)})"
+      )
       continue
     values[nnx_path] = converted
   expected_keys = {diffusers_key(p) for p, _ in nnx.to_flat_state(state)}
@@ -548,8 +627,12 @@ def load_vae(path: str, config: VaeConfig | None = None) -> AutoencoderKL:
   if wrong_shape:
     problems.append(f"{len(wrong_shape)} with the wrong shape: {_listed(wrong_shape)}")
   if problems:
-    raise ValueError(f"VAE weights {weights_path} do not fit an AutoencoderKL with {config}: "
-                     + "; ".join(problems) + ". " + EXPECTED_FORMAT)
+    raise ValueError(
+      f"VAE weights {weights_path} do not fit an AutoencoderKL with {config}: "
+      + "; ".join(problems)
+      + ". "
+      + EXPECTED_FORMAT
+    )
 
   pure = {}
   for nnx_path, value in values.items():

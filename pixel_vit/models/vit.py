@@ -8,6 +8,7 @@ Parameters carry logical axis names (`logical_axes` metadata: embed, mlp,
 heads, kv, vocab, layers) and activations are constrained by logical names;
 `pixel_vit.parallel` maps both to mesh axes with the config's rules.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,13 +36,13 @@ class EncoderSize:
 # The ViT size table (Dosovitskiy et al.; DeiT for Ti; XL from DiT), plus `mu`
 # for tests and quick runs. DiT uses the same S / B / L / XL.
 SIZES: dict[str, EncoderSize] = {
-    "mu": EncoderSize(width=64, depth=4, heads=4, mlp_dim=256),
-    "Ti": EncoderSize(width=192, depth=12, heads=3, mlp_dim=768),
-    "S": EncoderSize(width=384, depth=12, heads=6, mlp_dim=1536),
-    "B": EncoderSize(width=768, depth=12, heads=12, mlp_dim=3072),
-    "L": EncoderSize(width=1024, depth=24, heads=16, mlp_dim=4096),
-    "XL": EncoderSize(width=1152, depth=28, heads=16, mlp_dim=4608),
-    "H": EncoderSize(width=1280, depth=32, heads=16, mlp_dim=5120),
+  "mu": EncoderSize(width=64, depth=4, heads=4, mlp_dim=256),
+  "Ti": EncoderSize(width=192, depth=12, heads=3, mlp_dim=768),
+  "S": EncoderSize(width=384, depth=12, heads=6, mlp_dim=1536),
+  "B": EncoderSize(width=768, depth=12, heads=12, mlp_dim=3072),
+  "L": EncoderSize(width=1024, depth=24, heads=16, mlp_dim=4096),
+  "XL": EncoderSize(width=1152, depth=28, heads=16, mlp_dim=4608),
+  "H": EncoderSize(width=1280, depth=32, heads=16, mlp_dim=5120),
 }
 
 POSEMBS = ("learn", "sincos2d", "none")
@@ -53,16 +54,17 @@ PIXEL_LEVELS = 256
 POOLS = ("cls", "gap")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    # `auto` (resolved per input by BlockStack.resolve_remat): `dots` when it
-    # fits, else `full`; see choose_remat.
-    # Keeps the projection / MLP matmul outputs and the flash backends'
-    # (`chunked`, `splash`) output and log-sum-exp (O(length)); recomputes
-    # the cheap elementwise work and the [length, length] scores of `xla`.
-    "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(*attention_lib.REMAT_SAVEABLE_NAMES)),
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  # `auto` (resolved per input by BlockStack.resolve_remat): `dots` when it
+  # fits, else `full`; see choose_remat.
+  # Keeps the projection / MLP matmul outputs and the flash backends'
+  # (`chunked`, `splash`) output and log-sum-exp (O(length)); recomputes
+  # the cheap elementwise work and the [length, length] scores of `xla`.
+  "dots": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names(*attention_lib.REMAT_SAVEABLE_NAMES),
+  ),
 }
 
 
@@ -73,8 +75,17 @@ REMAT_AUTO_MEMORY_FRACTION = 0.4
 REMAT_CHOICES = ("auto", "none", "dots", "full")
 
 
-def saved_activation_bytes(remat: str, *, batch: int, tokens: int, width: int, mlp_dim: int,
-                           depth: int, dtype_bytes: int, attention_bytes: float = 0.0) -> int:
+def saved_activation_bytes(
+  remat: str,
+  *,
+  batch: int,
+  tokens: int,
+  width: int,
+  mlp_dim: int,
+  depth: int,
+  dtype_bytes: int,
+  attention_bytes: float = 0.0,
+) -> int:
   """What the backward pass keeps of the blocks' forward, per device.
 
   Per token and layer: `none` keeps about 11 width-sized vectors (LayerNorm
@@ -85,8 +96,9 @@ def saved_activation_bytes(remat: str, *, batch: int, tokens: int, width: int, m
   `attention_bytes` per token of the attention backend's own residuals
   (`attention.remat_saved_bytes`); `full` keeps each layer's input only.
   """
-  per_token = {"none": 11 * width + 2 * mlp_dim, "dots": 5 * width + mlp_dim,
-               "full": width}[remat] * dtype_bytes
+  per_token = {"none": 11 * width + 2 * mlp_dim, "dots": 5 * width + mlp_dim, "full": width}[
+    remat
+  ] * dtype_bytes
   if remat == "dots":
     per_token += attention_bytes
   return int(depth * batch * tokens * per_token)
@@ -108,15 +120,27 @@ def choose_remat(*, memory_bytes: int, **shape) -> str:
   return "dots" if saved_activation_bytes("dots", **shape) <= budget else "full"
 
 
-def auto_remat(size: EncoderSize, *, batch_per_device: int, tokens: int, dtype,
-               memory_bytes: int | None = None, attention_bytes: float = 0.0) -> str:
+def auto_remat(
+  size: EncoderSize,
+  *,
+  batch_per_device: int,
+  tokens: int,
+  dtype,
+  memory_bytes: int | None = None,
+  attention_bytes: float = 0.0,
+) -> str:
   """What `remat='auto'` runs for `size` blocks on `tokens` tokens; the
   memory is one device's of the target (`hardware.active_target`) unless given."""
   return choose_remat(
-      memory_bytes=hardware.active_target().memory_bytes if memory_bytes is None
-      else memory_bytes,
-      batch=batch_per_device, tokens=tokens, width=size.width, mlp_dim=size.mlp_dim,
-      depth=size.depth, dtype_bytes=jnp.dtype(dtype).itemsize, attention_bytes=attention_bytes)
+    memory_bytes=hardware.active_target().memory_bytes if memory_bytes is None else memory_bytes,
+    batch=batch_per_device,
+    tokens=tokens,
+    width=size.width,
+    mlp_dim=size.mlp_dim,
+    depth=size.depth,
+    dtype_bytes=jnp.dtype(dtype).itemsize,
+    attention_bytes=attention_bytes,
+  )
 
 
 def parse_variant(variant: str) -> tuple[EncoderSize, int]:
@@ -124,8 +148,9 @@ def parse_variant(variant: str) -> tuple[EncoderSize, int]:
   size_name, sep, patch = variant.partition("/")
   if not sep or size_name not in SIZES or not patch.isdigit() or int(patch) < 1:
     raise ValueError(
-        f"model variant {variant!r} is not SIZE/PATCH with SIZE in "
-        f"{list(SIZES)} and PATCH a positive integer, e.g. 'Ti/1' (pixels) or 'Ti/2'.")
+      f"model variant {variant!r} is not SIZE/PATCH with SIZE in "
+      f"{list(SIZES)} and PATCH a positive integer, e.g. 'Ti/1' (pixels) or 'Ti/2'."
+    )
   return SIZES[size_name], int(patch)
 
 
@@ -146,8 +171,9 @@ def unpatchify(tokens: jax.Array, patch: int, height: int, width: int) -> jax.Ar
   return x.reshape(b, height, width, c)
 
 
-def sincos2d_posemb(grid_h: int, grid_w: int, width: int,
-                    temperature: float = 10_000.0) -> np.ndarray:
+def sincos2d_posemb(
+  grid_h: int, grid_w: int, width: int, temperature: float = 10_000.0
+) -> np.ndarray:
   """Fixed 2-D sine-cosine position embedding [1, grid_h*grid_w, width]."""
   if width % 4:
     raise ValueError(f"sincos2d position embedding needs width % 4 == 0, got {width}.")
@@ -172,12 +198,20 @@ def layer_norm(width: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
   """Flax's LayerNorm (statistics in float32, output in the compute dtype),
   with logical axes on its scale and bias."""
   axes = {"logical_axes": ("embed",)}
-  return nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, use_fast_variance=False,
-                       scale_metadata=axes, bias_metadata=axes, rngs=rngs)
+  return nnx.LayerNorm(
+    width,
+    epsilon=1e-6,
+    dtype=dtype,
+    use_fast_variance=False,
+    scale_metadata=axes,
+    bias_metadata=axes,
+    rngs=rngs,
+  )
 
 
-def learned_posemb(kind: str, num_tokens: int, width: int, rngs: nnx.Rngs,
-                   logical_axes=(None, None, "embed")) -> nnx.Param | None:
+def learned_posemb(
+  kind: str, num_tokens: int, width: int, rngs: nnx.Rngs, logical_axes=(None, None, "embed")
+) -> nnx.Param | None:
   """The parameter of a `learn` position embedding (random init, as in the
   paper: pixels are a set); None for the parameter-free kinds."""
   if kind != "learn":
@@ -196,13 +230,13 @@ def resample_posemb(posemb: jax.Array, grid: int) -> jax.Array:
   if old_grid == grid:
     return posemb
   table = posemb.reshape(old_grid, old_grid, posemb.shape[-1])
-  resized = jax.image.resize(table.astype(jnp.float32), (grid, grid, posemb.shape[-1]),
-                             method="bilinear")
+  resized = jax.image.resize(
+    table.astype(jnp.float32), (grid, grid, posemb.shape[-1]), method="bilinear"
+  )
   return resized.reshape(1, grid * grid, posemb.shape[-1]).astype(posemb.dtype)
 
 
-def position_embedding(kind: str, learned: nnx.Param | None, grid: int,
-                       width: int) -> jax.Array:
+def position_embedding(kind: str, learned: nnx.Param | None, grid: int, width: int) -> jax.Array:
   """[1, grid*grid, width]: the learned table, fixed sin-cos, or zeros (`none`)."""
   if kind == "learn":
     return learned[...]
@@ -211,22 +245,25 @@ def position_embedding(kind: str, learned: nnx.Param | None, grid: int,
   return jnp.zeros((1, grid * grid, width), jnp.float32)
 
 
-def embed_patches(images: jax.Array, patch: int, kernel: nnx.Param, bias: nnx.Param,
-                  posemb: jax.Array, dtype) -> jax.Array:
+def embed_patches(
+  images: jax.Array, patch: int, kernel: nnx.Param, bias: nnx.Param, posemb: jax.Array, dtype
+) -> jax.Array:
   """[B, H, W, C] -> [B, num_patches, width]: linear patch embedding plus
   position embedding (the encoder's and DiT's tokenizer)."""
   tokens = patchify(images.astype(dtype), patch) @ kernel[...].astype(dtype)
   return add_bias_and_position(tokens, bias, posemb, dtype)
 
 
-def add_bias_and_position(tokens: jax.Array, bias: nnx.Param, posemb: jax.Array,
-                          dtype) -> jax.Array:
+def add_bias_and_position(
+  tokens: jax.Array, bias: nnx.Param, posemb: jax.Array, dtype
+) -> jax.Array:
   tokens = tokens + bias[...].astype(dtype)
   return parallel.constrain(tokens + posemb.astype(dtype), ("batch", "length", "embed"))
 
 
-def embed_pixel_values(images: jax.Array, patch: int, table: nnx.Param,
-                       pixel_stats: tuple, dtype) -> jax.Array:
+def embed_pixel_values(
+  images: jax.Array, patch: int, table: nnx.Param, pixel_stats: tuple, dtype
+) -> jax.Array:
   """[B, H, W, C] normalised images -> [B, num_patches, width]: the sum, over
   a token's p*p*C 8-bit values, of learned embeddings, one 256-entry table per
   (position in the patch, channel). For one RGB pixel that is three tables
@@ -254,11 +291,11 @@ class MultiHeadAttention(nnx.Module):
     if width % heads:
       raise ValueError(f"width {width} is not divisible by heads {heads}.")
     head_dim = width // heads
-    self.qkv_kernel = param(dense_init, rngs, (width, 3, heads, head_dim),
-                             ("embed", None, "heads", "kv"))
+    self.qkv_kernel = param(
+      dense_init, rngs, (width, 3, heads, head_dim), ("embed", None, "heads", "kv")
+    )
     self.qkv_bias = param(zeros, rngs, (3, heads, head_dim), (None, "heads", "kv"))
-    self.out_kernel = param(dense_init, rngs, (heads, head_dim, width),
-                             ("heads", "kv", "embed"))
+    self.out_kernel = param(dense_init, rngs, (heads, head_dim, width), ("heads", "kv", "embed"))
     self.out_bias = param(zeros, rngs, (width,), ("embed",))
     self.dtype = dtype
     self.attention = attention
@@ -273,7 +310,6 @@ class MultiHeadAttention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-
   def __init__(self, width: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs):
     self.fc1_kernel = param(dense_init, rngs, (width, mlp_dim), ("embed", "mlp"))
     self.fc1_bias = param(zeros, rngs, (mlp_dim,), ("mlp",))
@@ -302,8 +338,9 @@ class EncoderBlock(nnx.Module):
 
   def __init__(self, size: EncoderSize, *, dtype, attention: str, rngs: nnx.Rngs):
     self.norm1 = layer_norm(size.width, dtype=dtype, rngs=rngs)
-    self.attn = MultiHeadAttention(size.width, size.heads, dtype=dtype,
-                                   attention=attention, rngs=rngs)
+    self.attn = MultiHeadAttention(
+      size.width, size.heads, dtype=dtype, attention=attention, rngs=rngs
+    )
     self.norm2 = layer_norm(size.width, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(size.width, size.mlp_dim, dtype=dtype, rngs=rngs)
 
@@ -328,8 +365,15 @@ class BlockStack(nnx.Module):
   (e.g. DiT's conditioning vector) is the same for all layers.
   """
 
-  def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], *, depth: int,
-               scan: bool, remat: str, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    make_block: Callable[[nnx.Rngs], nnx.Module],
+    *,
+    depth: int,
+    scan: bool,
+    remat: str,
+    rngs: nnx.Rngs,
+  ):
 
     @nnx.split_rngs(splits=depth)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -340,7 +384,8 @@ class BlockStack(nnx.Module):
     for _, variable in nnx.iter_graph(self.layers):
       if isinstance(variable, nnx.Variable) and variable.has_metadata("logical_axes"):
         variable.set_metadata(
-            logical_axes=("layers",) + tuple(variable.get_metadata("logical_axes")))
+          logical_axes=("layers",) + tuple(variable.get_metadata("logical_axes"))
+        )
     self.depth = depth
     self.scan = scan
     self.remat = remat
@@ -352,33 +397,58 @@ class BlockStack(nnx.Module):
     if attn is None or mlp is None:
       return "full"
     batch, tokens, width = x.shape
-    size = EncoderSize(width=width, depth=self.depth, heads=attn.qkv_kernel.shape[-2],
-                       mlp_dim=mlp.fc1_kernel.shape[-1])
+    size = EncoderSize(
+      width=width,
+      depth=self.depth,
+      heads=attn.qkv_kernel.shape[-2],
+      mlp_dim=mlp.fc1_kernel.shape[-1],
+    )
     per_device = -(-batch // parallel.batch_shards_active())
     memory = hardware.active_target().memory_bytes
     attention_bytes = attention_lib.remat_saved_bytes(
-        attn.attention, batch=batch, length=tokens, heads=size.heads,
-        head_dim=width // size.heads, dtype=x.dtype)
-    remat = auto_remat(size, batch_per_device=per_device, tokens=tokens, dtype=x.dtype,
-                       memory_bytes=memory, attention_bytes=attention_bytes)
-    kept = saved_activation_bytes("dots", batch=per_device, tokens=tokens, width=width,
-                                  mlp_dim=size.mlp_dim, depth=self.depth,
-                                  dtype_bytes=jnp.dtype(x.dtype).itemsize,
-                                  attention_bytes=attention_bytes)
+      attn.attention,
+      batch=batch,
+      length=tokens,
+      heads=size.heads,
+      head_dim=width // size.heads,
+      dtype=x.dtype,
+    )
+    remat = auto_remat(
+      size,
+      batch_per_device=per_device,
+      tokens=tokens,
+      dtype=x.dtype,
+      memory_bytes=memory,
+      attention_bytes=attention_bytes,
+    )
+    kept = saved_activation_bytes(
+      "dots",
+      batch=per_device,
+      tokens=tokens,
+      width=width,
+      mlp_dim=size.mlp_dim,
+      depth=self.depth,
+      dtype_bytes=jnp.dtype(x.dtype).itemsize,
+      attention_bytes=attention_bytes,
+    )
     hardware.record_choice(
-        "model.remat=auto", remat,
-        f"{self.depth} blocks of width {width} on {tokens} tokens, batch {per_device} per "
-        f"device: 'dots' keeps {kept / hardware.GIB:.2f} GiB, "
-        f"{'within' if remat == 'dots' else 'over'} {REMAT_AUTO_MEMORY_FRACTION:.0%} of the "
-        f"device's {memory / hardware.GIB:.1f} GiB ('full' uses the least memory)")
+      "model.remat=auto",
+      remat,
+      f"{self.depth} blocks of width {width} on {tokens} tokens, batch {per_device} per "
+      f"device: 'dots' keeps {kept / hardware.GIB:.2f} GiB, "
+      f"{'within' if remat == 'dots' else 'over'} {REMAT_AUTO_MEMORY_FRACTION:.0%} of the "
+      f"device's {memory / hardware.GIB:.1f} GiB ('full' uses the least memory)",
+    )
     return remat
 
   def __call__(self, x, *, drop_rates=None, key=None, **context):
     graphdef, state = nnx.split(self.layers)
     stochastic = key is not None and drop_rates is not None
-    per_layer = (state,
-                 jnp.asarray(drop_rates, jnp.float32) if stochastic else None,
-                 jax.random.split(key, self.depth) if stochastic else None)
+    per_layer = (
+      state,
+      jnp.asarray(drop_rates, jnp.float32) if stochastic else None,
+      jax.random.split(key, self.depth) if stochastic else None,
+    )
 
     def apply_block(x, layer):
       layer_state, rate, layer_key = layer
@@ -396,30 +466,50 @@ class BlockStack(nnx.Module):
     return x
 
 
-def encoder_blocks(size: EncoderSize, *, dtype, attention: str, scan: bool, remat: str,
-                   rngs: nnx.Rngs) -> BlockStack:
+def encoder_blocks(
+  size: EncoderSize, *, dtype, attention: str, scan: bool, remat: str, rngs: nnx.Rngs
+) -> BlockStack:
   """`size.depth` pre-LN Transformer blocks (the encoder's, the MAE decoder's)."""
-  return BlockStack(lambda r: EncoderBlock(size, dtype=dtype, attention=attention, rngs=r),
-                    depth=size.depth, scan=scan, remat=remat, rngs=rngs)
+  return BlockStack(
+    lambda r: EncoderBlock(size, dtype=dtype, attention=attention, rngs=r),
+    depth=size.depth,
+    scan=scan,
+    remat=remat,
+    rngs=rngs,
+  )
 
 
 class Encoder(nnx.Module):
   """Tokenizer + position embedding + Transformer blocks + final LayerNorm."""
 
-  def __init__(self, *, size: EncoderSize, patch: int, image_size: int, channels: int,
-               posemb: Literal["learn", "sincos2d", "none"] = "learn",
-               cls_token: bool = True, dtype=jnp.float32, attention: str = "xla",
-               scan: bool = True, remat: str = "none", drop_path_rate: float = 0.0,
-               tokenizer: Literal["linear", "vocab"] = "linear",
-               pixel_stats: tuple | None = None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    size: EncoderSize,
+    patch: int,
+    image_size: int,
+    channels: int,
+    posemb: Literal["learn", "sincos2d", "none"] = "learn",
+    cls_token: bool = True,
+    dtype=jnp.float32,
+    attention: str = "xla",
+    scan: bool = True,
+    remat: str = "none",
+    drop_path_rate: float = 0.0,
+    tokenizer: Literal["linear", "vocab"] = "linear",
+    pixel_stats: tuple | None = None,
+    rngs: nnx.Rngs,
+  ):
     """`pixel_stats` = (mean, std) of the input normalisation: `vocab` needs it."""
     if image_size % patch:
       raise ValueError(f"patch size {patch} does not divide image size {image_size}.")
     if tokenizer not in TOKENIZERS:
       raise ValueError(f"tokenizer {tokenizer!r} is not one of {TOKENIZERS}.")
     if tokenizer == "vocab" and pixel_stats is None:
-      raise ValueError("tokenizer 'vocab' needs pixel_stats=(mean, std) of the input "
-                       "normalisation to recover 8-bit pixel values.")
+      raise ValueError(
+        "tokenizer 'vocab' needs pixel_stats=(mean, std) of the input "
+        "normalisation to recover 8-bit pixel values."
+      )
     self.patch = patch
     self.grid = image_size // patch
     self.num_patches = self.grid * self.grid
@@ -432,16 +522,20 @@ class Encoder(nnx.Module):
     self.pixel_stats = pixel_stats
     values = patch * patch * channels
     if tokenizer == "vocab":  # N(0, 0.02) rows, like a word-embedding table
-      self.tokenizer_table = param(jax.nn.initializers.normal(0.02), rngs,
-                                   (values, PIXEL_LEVELS, size.width), (None, None, "embed"))
+      self.tokenizer_table = param(
+        jax.nn.initializers.normal(0.02),
+        rngs,
+        (values, PIXEL_LEVELS, size.width),
+        (None, None, "embed"),
+      )
     else:
       self.tokenizer_kernel = param(dense_init, rngs, (values, size.width), (None, "embed"))
     self.tokenizer_bias = param(zeros, rngs, (size.width,), ("embed",))
     self.posemb = learned_posemb(posemb, self.num_patches, size.width, rngs)
-    self.cls = (param(zeros, rngs, (1, 1, size.width), (None, None, "embed"))
-                if cls_token else None)
-    self.blocks = encoder_blocks(size, dtype=dtype, attention=attention, scan=scan,
-                                 remat=remat, rngs=rngs)
+    self.cls = param(zeros, rngs, (1, 1, size.width), (None, None, "embed")) if cls_token else None
+    self.blocks = encoder_blocks(
+      size, dtype=dtype, attention=attention, scan=scan, remat=remat, rngs=rngs
+    )
     self.norm = layer_norm(size.width, dtype=dtype, rngs=rngs)
 
   def position_embedding(self) -> jax.Array:
@@ -451,12 +545,18 @@ class Encoder(nnx.Module):
   def tokenize(self, images: jax.Array) -> jax.Array:
     """[B, H, W, C] float -> [B, num_patches, width] with position embeddings."""
     if self.tokenizer == "linear":
-      return embed_patches(images, self.patch, self.tokenizer_kernel, self.tokenizer_bias,
-                           self.position_embedding(), self.dtype)
-    tokens = embed_pixel_values(images, self.patch, self.tokenizer_table, self.pixel_stats,
-                                self.dtype)
-    return add_bias_and_position(tokens, self.tokenizer_bias, self.position_embedding(),
-                                 self.dtype)
+      return embed_patches(
+        images,
+        self.patch,
+        self.tokenizer_kernel,
+        self.tokenizer_bias,
+        self.position_embedding(),
+        self.dtype,
+      )
+    tokens = embed_pixel_values(
+      images, self.patch, self.tokenizer_table, self.pixel_stats, self.dtype
+    )
+    return add_bias_and_position(tokens, self.tokenizer_bias, self.position_embedding(), self.dtype)
 
   def encode(self, tokens: jax.Array, *, key=None) -> jax.Array:
     """Prepends [CLS] (if any), runs the blocks and the final norm.
@@ -500,20 +600,35 @@ class Classifier(nnx.Module):
     return pooled @ self.head_kernel[...] + self.head_bias[...]
 
 
-def build_classifier(model_config, *, image_size: int, channels: int, num_classes: int,
-                     rngs: nnx.Rngs, pixel_stats: tuple | None = None) -> Classifier:
+def build_classifier(
+  model_config,
+  *,
+  image_size: int,
+  channels: int,
+  num_classes: int,
+  rngs: nnx.Rngs,
+  pixel_stats: tuple | None = None,
+) -> Classifier:
   """The classifier a `config.model` describes (see configs/cls_pixel.py);
   `pixel_stats` = (config.augment.mean, config.augment.std)."""
   size, patch = parse_variant(model_config.variant)
   encoder = Encoder(
-      size=size, patch=patch, image_size=image_size, channels=channels,
-      posemb=model_config.posemb, cls_token=model_config.pool == "cls",
-      dtype=DTYPES[model_config.dtype], attention=model_config.attention,
-      scan=model_config.scan, remat=model_config.remat,
-      drop_path_rate=model_config.drop_path,
-      tokenizer=model_config.get("tokenizer", "linear"), pixel_stats=pixel_stats, rngs=rngs)
-  return Classifier(encoder=encoder, pool=model_config.pool, num_classes=num_classes,
-                    rngs=rngs)
+    size=size,
+    patch=patch,
+    image_size=image_size,
+    channels=channels,
+    posemb=model_config.posemb,
+    cls_token=model_config.pool == "cls",
+    dtype=DTYPES[model_config.dtype],
+    attention=model_config.attention,
+    scan=model_config.scan,
+    remat=model_config.remat,
+    drop_path_rate=model_config.drop_path,
+    tokenizer=model_config.get("tokenizer", "linear"),
+    pixel_stats=pixel_stats,
+    rngs=rngs,
+  )
+  return Classifier(encoder=encoder, pool=model_config.pool, num_classes=num_classes, rngs=rngs)
 
 
 def validate_model_config(model) -> None:
@@ -535,10 +650,14 @@ def validate_model_config(model) -> None:
 def validate_image_size(model, image_size: int) -> None:
   """The patch must tile the image (checked once the image size is known)."""
   _, patch = parse_variant(model.variant)
-  require(image_size % patch == 0,
-          f"config.model.variant={model.variant!r} has patch {patch}, which does not "
-          f"divide the image size {image_size}; pick a patch that divides it or set "
-          "config.data.image_size.")
+  require(
+    image_size % patch == 0,
+    f"config.model.variant={model.variant!r} has patch {patch}, which does not "
+    f"divide the image size {image_size}; pick a patch that divides it or set "
+    "config.data.image_size.",
+  )
   window = model.get("norm_pix_window", 0) if model.get("norm_pix_loss", False) else 0
-  require(window == 0 or image_size % window == 0,
-          f"config.model.norm_pix_window={window} does not divide the image size {image_size}.")
+  require(
+    window == 0 or image_size % window == 0,
+    f"config.model.norm_pix_window={window} does not divide the image size {image_size}.",
+  )

@@ -11,6 +11,7 @@ names a pre-trained checkpoint whose encoder a *new* run starts from
 `pixel_vit/optimizer.py`. A frozen parameter is also cut out of the backward
 pass (`stop_gradient`), so a linear probe costs a forward pass plus the head.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,14 +39,19 @@ def validate(config, target=None, *, files: bool = True) -> None:
 
 def make_model_fn(config, split: sources.ImageSplit):
   height, _, channels = split.images.shape[1:]
-  return lambda: vit.build_classifier(config.model, image_size=height, channels=channels,
-                                      num_classes=split.num_classes,
-                                      rngs=nnx.Rngs(config.seed),
-                                      pixel_stats=(config.augment.mean, config.augment.std))
+  return lambda: vit.build_classifier(
+    config.model,
+    image_size=height,
+    channels=channels,
+    num_classes=split.num_classes,
+    rngs=nnx.Rngs(config.seed),
+    pixel_stats=(config.augment.mean, config.augment.std),
+  )
 
 
-def make_train_step(config, graphdef, tx, schedule, num_classes: int, permutation=None, *,
-                    augment_config=None):
+def make_train_step(
+  config, graphdef, tx, schedule, num_classes: int, permutation=None, *, augment_config=None
+):
   """`permutation` (data/locality.py) scrambles the augmented images' pixels;
   `augment_config` (default config.augment) is what runs on the device."""
   frozen = tuple(config.optimizer.get("freeze", ()) or ())
@@ -54,22 +60,25 @@ def make_train_step(config, graphdef, tx, schedule, num_classes: int, permutatio
   def train_step(state: state_lib.TrainState, batch: dict):
     step_key = jax.random.fold_in(state.rng, state.step)
     augment_key, drop_key = jax.random.split(step_key)
-    images, targets = augment.augment_batch(augment_key, batch["images"], batch["labels"],
-                                            num_classes=num_classes, config=augment_config)
+    images, targets = augment.augment_batch(
+      augment_key, batch["images"], batch["labels"], num_classes=num_classes, config=augment_config
+    )
     images = locality.permute(permutation, images)
 
     def loss_fn(params):
-      params = {name: jax.lax.stop_gradient(value) if name in frozen else value
-                for name, value in params.items()}
+      params = {
+        name: jax.lax.stop_gradient(value) if name in frozen else value
+        for name, value in params.items()
+      }
       logits = state_lib.merge_model(graphdef, params)(images, key=drop_key)
       return optax.softmax_cross_entropy(logits, targets).mean(), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     metrics = {
-        "train/loss": loss,
-        "train/accuracy": (logits.argmax(-1) == targets.argmax(-1)).mean(),
-        "train/grad_norm": optax.tree.norm(grads),
-        "train/lr": schedule(state.step),
+      "train/loss": loss,
+      "train/accuracy": (logits.argmax(-1) == targets.argmax(-1)).mean(),
+      "train/grad_norm": optax.tree.norm(grads),
+      "train/lr": schedule(state.step),
     }
     return state_lib.apply_gradients(state, grads, tx, config.optimizer.ema_decay), metrics
 
@@ -79,8 +88,9 @@ def make_train_step(config, graphdef, tx, schedule, num_classes: int, permutatio
 def make_eval_sums(config, graphdef, num_classes: int, permutation=None):
 
   def eval_sums(params, batch):
-    images, _ = augment.preprocess_eval(batch["images"], batch["labels"],
-                                        num_classes=num_classes, config=config.augment)
+    images, _ = augment.preprocess_eval(
+      batch["images"], batch["labels"], num_classes=num_classes, config=config.augment
+    )
     images = locality.permute(permutation, images)
     logits = state_lib.merge_model(graphdef, params)(images)
     return accuracy.masked_sums(logits, batch["labels"], batch["mask"])
@@ -94,19 +104,30 @@ def programs(layout: loop.Layout) -> dict[str, parallel.Program]:
   config, plan = layout.config, layout.plan
   graphdef, num_classes = layout.described.graphdef, plan.train_split.num_classes
   return {
-      "train_step": layout.train_program(make_train_step(
-          config, graphdef, plan.tx, plan.schedule, num_classes, plan.permutation,
-          augment_config=plan.device_augment)),
-      "eval_step": parallel.Program(
-          "eval_step", make_eval_sums(config, graphdef, num_classes, plan.permutation),
-          args=(layout.described.abstract.params,
-                layout.abstract_batch(config.eval_batch_size, with_mask=True)),
-          out_shardings=layout.replicated),
+    "train_step": layout.train_program(
+      make_train_step(
+        config,
+        graphdef,
+        plan.tx,
+        plan.schedule,
+        num_classes,
+        plan.permutation,
+        augment_config=plan.device_augment,
+      )
+    ),
+    "eval_step": parallel.Program(
+      "eval_step",
+      make_eval_sums(config, graphdef, num_classes, plan.permutation),
+      args=(
+        layout.described.abstract.params,
+        layout.abstract_batch(config.eval_batch_size, with_mask=True),
+      ),
+      out_shardings=layout.replicated,
+    ),
   }
 
 
-def train_and_evaluate(config, workdir: str, *, devices=None
-                       ) -> tuple[state_lib.TrainState, dict]:
+def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[state_lib.TrainState, dict]:
   """Trains to the configured length on `devices` (default: all); returns the
   final state and the last evaluation's metrics."""
   # Read before the data, so a bad init_from fails fast; None when resuming.
@@ -115,11 +136,16 @@ def train_and_evaluate(config, workdir: str, *, devices=None
   train_split, eval_split = plan.train_split, plan.eval_split
   if source is not None:  # every check before anything compiles
     changes = source.check(config, train_split.images.shape[1:], plan.shapes.params)
-  run = loop.start(config, workdir, plan,
-                   initial_params=None if source is None else source.load_encoder,
-                   devices=devices)
-  run.announce(f"{run.length}, {train_split.total_examples} train / "
-               f"{eval_split.total_examples} eval examples")
+  run = loop.start(
+    config,
+    workdir,
+    plan,
+    initial_params=None if source is None else source.load_encoder,
+    devices=devices,
+  )
+  run.announce(
+    f"{run.length}, {train_split.total_examples} train / {eval_split.total_examples} eval examples"
+  )
   if source is not None:
     run.reporter.log(pretrained.describe(source, changes))
   elif config.get("init_from"):

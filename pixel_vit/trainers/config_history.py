@@ -8,6 +8,7 @@ resume (the seed, the global batch, the data: its source, split, size or
 permutation) are refused unless `config.resume_with_changes=True`; the rest
 (learning rate, length, periods, ...) are applied and reported.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,11 @@ def _as_json(config) -> dict:
 def last_start(workdir: str) -> dict | None:
   """The config of the workdir's last start (None: no record)."""
   directory = epath.Path(workdir)
-  later = [(int(m.group(1)), path) for path in (directory / LATER).glob("start_*.json")
-           if (m := re.fullmatch(r"start_(\d+)\.json", path.name))]
+  later = [
+    (int(m.group(1)), path)
+    for path in (directory / LATER).glob("start_*.json")
+    if (m := re.fullmatch(r"start_(\d+)\.json", path.name))
+  ]
   path = max(later)[1] if later else directory / FIRST
   if not path.exists():
     return None
@@ -57,8 +61,11 @@ def changes(previous: dict, config) -> dict[str, tuple]:
   """{dotted key: (last start's value, this one's)} for every key both record
   that differs (a key only one side has came or went with a code version)."""
   before, now = _flat(previous), _flat(_as_json(config))
-  return {key: (before[key], now[key]) for key in sorted(set(before) & set(now))
-          if before[key] != now[key] and not key.startswith(OPERATIONAL_KEYS)}
+  return {
+    key: (before[key], now[key])
+    for key in sorted(set(before) & set(now))
+    if before[key] != now[key] and not key.startswith(OPERATIONAL_KEYS)
+  }
 
 
 def check_resume(workdir: str, config, start_step: int) -> dict[str, tuple]:
@@ -73,11 +80,12 @@ def check_resume(workdir: str, config, start_step: int) -> dict[str, tuple]:
   if order and not config.get("resume_with_changes", False):
     listed = "; ".join(f"{key}: {changed[key][0]!r} -> {changed[key][1]!r}" for key in order)
     raise ValueError(
-        f"resuming {workdir} at step {start_step} with {listed}: that changes the data "
-        "order or what a step means, so the run would no longer be the uninterrupted one "
-        "its first steps belong to. Set them back, use a fresh --workdir, or accept it "
-        "with --config.resume_with_changes=True (every start's config is kept in the "
-        "workdir).")
+      f"resuming {workdir} at step {start_step} with {listed}: that changes the data "
+      "order or what a step means, so the run would no longer be the uninterrupted one "
+      "its first steps belong to. Set them back, use a fresh --workdir, or accept it "
+      "with --config.resume_with_changes=True (every start's config is kept in the "
+      "workdir)."
+    )
   return changed
 
 

@@ -18,6 +18,7 @@ and reports FID / IS / precision / recall / accuracy-on-samples from
 `config.fid.features` (see `pixel_vit.evaluation.sample_quality`). `python -m
 pixel_vit.sample` runs the same generation on a trained workdir.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,13 @@ def validate(config, target=None, *, files: bool = True) -> None:
 
 def make_model_fn(config, split: sources.ImageSplit):
   height, _, channels = split.images.shape[1:]
-  return lambda: dit.build_dit(config.model, image_size=height, channels=channels,
-                               num_classes=split.num_classes, rngs=nnx.Rngs(config.seed))
+  return lambda: dit.build_dit(
+    config.model,
+    image_size=height,
+    channels=channels,
+    num_classes=split.num_classes,
+    rngs=nnx.Rngs(config.seed),
+  )
 
 
 def to_model_space(config, images: jax.Array, key=None, permutation=None) -> jax.Array:
@@ -69,22 +75,21 @@ def diffusion_losses(config, process, model, x0, labels, key, *, drop_key=None) 
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
   x_t = process.q_sample(x0, t, noise)
   output = model(x_t, t, labels, key=drop_key)
-  return process.training_losses(output, x0, x_t, t, noise,
-                                 learn_sigma=config.model.learn_sigma)
+  return process.training_losses(output, x0, x_t, t, noise, learn_sigma=config.model.learn_sigma)
 
 
 def make_train_step(config, graphdef, tx, schedule, permutation=None):
   process = generation.diffusion_process(config)
 
   def train_step(state: state_lib.TrainState, batch: dict):
-    flip_key, loss_key, drop_key = jax.random.split(
-        jax.random.fold_in(state.rng, state.step), 3)
+    flip_key, loss_key, drop_key = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
     x0 = to_model_space(config, batch["images"], flip_key, permutation)
 
     def loss_fn(params):
       model = state_lib.merge_model(graphdef, params)
-      losses = diffusion_losses(config, process, model, x0, batch["labels"], loss_key,
-                                drop_key=drop_key)
+      losses = diffusion_losses(
+        config, process, model, x0, batch["labels"], loss_key, drop_key=drop_key
+      )
       return jnp.mean(losses["loss"]), {k: jnp.mean(v) for k, v in losses.items()}
 
     (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -101,9 +106,14 @@ def make_eval_sums(config, graphdef, permutation=None):
 
   def eval_sums(params, batch_index, batch):
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), batch_index)
-    losses = diffusion_losses(config, process, state_lib.merge_model(graphdef, params),
-                              to_model_space(config, batch["images"], permutation=permutation),
-                              batch["labels"], key)
+    losses = diffusion_losses(
+      config,
+      process,
+      state_lib.merge_model(graphdef, params),
+      to_model_space(config, batch["images"], permutation=permutation),
+      batch["labels"],
+      key,
+    )
     sums = {k: jnp.sum(v * batch["mask"]) for k, v in losses.items()}
     return {**sums, "count": jnp.sum(batch["mask"])}
 
@@ -115,11 +125,16 @@ def make_eval_sums(config, graphdef, permutation=None):
 
 def run_generator(run: loop.Run, *, cfg_scale: float) -> generation.Generator:
   """`generation.make_generator` for `run`'s model and data, on its mesh and rules."""
-  return generation.make_generator(run.config, run.described.graphdef, run.plan.train_split,
-                                   permutation=run.plan.permutation,
-                                   mesh=run.mesh, rules=run.rules,
-                                   abstract_params=run.described.abstract.params,
-                                   cfg_scale=cfg_scale)
+  return generation.make_generator(
+    run.config,
+    run.described.graphdef,
+    run.plan.train_split,
+    permutation=run.plan.permutation,
+    mesh=run.mesh,
+    rules=run.rules,
+    abstract_params=run.described.abstract.params,
+    cfg_scale=cfg_scale,
+  )
 
 
 def programs(layout: loop.Layout) -> dict[str, parallel.Program]:
@@ -131,60 +146,78 @@ def programs(layout: loop.Layout) -> dict[str, parallel.Program]:
   graphdef, described = layout.described.graphdef, layout.described
   batch_index = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated)
   return {
-      "train_step": layout.train_program(make_train_step(
-          config, graphdef, plan.tx, plan.schedule, plan.permutation)),
-      "eval_step": parallel.Program(
-          "eval_step", make_eval_sums(config, graphdef, plan.permutation),
-          args=(described.abstract.params, batch_index,
-                layout.abstract_batch(config.eval_batch_size, with_mask=True)),
-          out_shardings=layout.replicated),
-      "sample": generation.sampling_program(
-          config, graphdef, plan.train_split, permutation=plan.permutation,
-          mesh=layout.mesh, rules=layout.rules, abstract_params=described.abstract.params,
-          cfg_scale=config.sample.cfg_scale, batch_size=config.fid.batch_size),
+    "train_step": layout.train_program(
+      make_train_step(config, graphdef, plan.tx, plan.schedule, plan.permutation)
+    ),
+    "eval_step": parallel.Program(
+      "eval_step",
+      make_eval_sums(config, graphdef, plan.permutation),
+      args=(
+        described.abstract.params,
+        batch_index,
+        layout.abstract_batch(config.eval_batch_size, with_mask=True),
+      ),
+      out_shardings=layout.replicated,
+    ),
+    "sample": generation.sampling_program(
+      config,
+      graphdef,
+      plan.train_split,
+      permutation=plan.permutation,
+      mesh=layout.mesh,
+      rules=layout.rules,
+      abstract_params=described.abstract.params,
+      cfg_scale=config.sample.cfg_scale,
+      batch_size=config.fid.batch_size,
+    ),
   }
 
 
 # ------------------------------------------------------------------ training
 
 
-def train_and_evaluate(config, workdir: str, *, devices=None
-                       ) -> tuple[state_lib.TrainState, dict]:
+def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[state_lib.TrainState, dict]:
   """Trains to the configured length on `devices` (default: all); returns the
   final state and the last evaluation's metrics."""
   plan = loop.plan(config, make_model_fn)
   run = loop.start(config, workdir, plan, devices=devices)
   run.announce(
-      f"diffusion {run.length} on {'latents' if plan.train_split.is_latent else 'pixels'} "
-      f"{plan.train_split.images.shape[1:]}, lr {config.optimizer.lr:.3g}")
+    f"diffusion {run.length} on {'latents' if plan.train_split.is_latent else 'pixels'} "
+    f"{plan.train_split.images.shape[1:]}, lr {config.optimizer.lr:.3g}"
+  )
   built = programs(run)
   train_step, eval_sums = run.jit(built["train_step"]), run.jit(built["eval_step"])
   grid_generator = run_generator(run, cfg_scale=config.sample.grid_cfg_scale)
-  fid_generator = (run_generator(run, cfg_scale=config.sample.cfg_scale)
-                   if config.fid.num_samples else None)
+  fid_generator = (
+    run_generator(run, cfg_scale=config.sample.cfg_scale) if config.fid.num_samples else None
+  )
   extractor = sample_quality.feature_extractor(config) if config.fid.num_samples else None
-  reference = (sample_quality.reference_for(config, extractor, plan.train_split,
-                                            fid_generator.decode)
-               if extractor is not None else None)
+  reference = (
+    sample_quality.reference_for(config, extractor, plan.train_split, fid_generator.decode)
+    if extractor is not None
+    else None
+  )
 
   def evaluate(step: int, state: state_lib.TrainState) -> dict:
     params = state.ema_params if state.ema_params is not None else state.params
     batches = list(run.eval_batches())
     totals = splits.sum_over_batches(
-        lambda index, batch: eval_sums(state.params, jnp.int32(index), batch), batches)
+      lambda index, batch: eval_sums(state.params, jnp.int32(index), batch), batches
+    )
     results = {f"eval/{k}": totals[k] / totals["count"] for k in ("loss", "mse", "vb")}
     image = sample_quality.sample_grid(config, grid_generator, params)
     if run.reporter.is_main:
       path = os.path.join(workdir, "pictures", f"samples_{step:07d}.png")
       pictures.save_png(path, image)
       rows = generation.grid_labels(config, plan.train_split.num_classes).tolist()
-      run.reporter.log(f"wrote {path} (rows: classes {rows}, guidance "
-                       f"{config.sample.grid_cfg_scale})")
+      run.reporter.log(
+        f"wrote {path} (rows: classes {rows}, guidance {config.sample.grid_cfg_scale})"
+      )
     run.reporter.images(step, {"diffusion/samples": image[None]})
     if extractor is not None:
-      metrics, _, _ = sample_quality.sample_metrics(config, fid_generator, params, extractor,
-                                                    reference,
-                                                    num_samples=config.fid.num_samples)
+      metrics, _, _ = sample_quality.sample_metrics(
+        config, fid_generator, params, extractor, reference, num_samples=config.fid.num_samples
+      )
       results.update({f"samples/{k}": v for k, v in metrics.items()})
     return loop.report_eval(run, step, results)
 

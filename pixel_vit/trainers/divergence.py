@@ -10,6 +10,7 @@ The check reads the step metrics the loop fetches anyway (at log points) and
 always runs before a checkpoint is written, together with a check of the
 parameters themselves: no checkpoint with non-finite values is ever saved.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 
 class TrainingDivergedError(RuntimeError):
   """The loss, gradients or parameters stopped being finite."""
@@ -38,8 +40,9 @@ def wrap_optimizer(config, tx: optax.GradientTransformation) -> optax.GradientTr
 
 @jax.jit
 def all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
@@ -71,19 +74,28 @@ class Guard:
       self.skipped_in_a_row += 1
       if self.skipped_in_a_row > self.max_skips:
         values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
-        limit = (f" (more than config.max_nonfinite_skips={self.max_skips} in a row)"
-                 if self.action == "skip" else "")
-        skip = ("raise config.max_nonfinite_skips" if self.action == "skip" else
-                "set config.on_nonfinite='skip'")
+        limit = (
+          f" (more than config.max_nonfinite_skips={self.max_skips} in a row)"
+          if self.action == "skip"
+          else ""
+        )
+        skip = (
+          "raise config.max_nonfinite_skips"
+          if self.action == "skip"
+          else "set config.on_nonfinite='skip'"
+        )
         raise TrainingDivergedError(
-            f"training diverged at step {step}: {values}{limit}. Nothing after the last "
-            f"checkpoint was saved; {last_checkpoint()}. Lower the learning rate (config.optimizer.lr), "
-            f"raise the warmup or clip gradients (config.optimizer.grad_clip), or {skip} "
-            "to step over rare bad batches.")
+          f"training diverged at step {step}: {values}{limit}. Nothing after the last "
+          f"checkpoint was saved; {last_checkpoint()}. Lower the learning rate "
+          "(config.optimizer.lr), "
+          f"raise the warmup or clip gradients (config.optimizer.grad_clip), or {skip} "
+          "to step over rare bad batches."
+        )
       self.skipped_total += 1  # only reached in 'skip' mode: this update was not applied
 
   def check_params(self, step: int, params, last_checkpoint: Callable[[], str]) -> None:
     if not bool(all_finite(params)):
       raise TrainingDivergedError(
-          f"the parameters hold NaN or Inf at step {step}, so it was not saved; "
-          f"{last_checkpoint()}. Lower the learning rate (config.optimizer.lr) or clip gradients.")
+        f"the parameters hold NaN or Inf at step {step}, so it was not saved; "
+        f"{last_checkpoint()}. Lower the learning rate (config.optimizer.lr) or clip gradients."
+      )

@@ -12,6 +12,7 @@ same step). SIGINT is turned into that notice. Without the service (disabled
 by `jax_enable_preemption_service`) no handler is installed: one process
 stopping alone would leave the others waiting in a collective.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,6 +26,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 def _preemption_service_running() -> bool:
   from jax._src import distributed  # where jax keeps it; no public accessor
+
   return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
@@ -40,8 +42,10 @@ class StopRequests:
       if _preemption_service_running():
         self._install(signal.SIGINT, self._request)
       else:
-        logging.warning("multi-process run without JAX's preemption service: SIGTERM and "
-                        "SIGINT stop the processes without a checkpoint.")
+        logging.warning(
+          "multi-process run without JAX's preemption service: SIGTERM and "
+          "SIGINT stop the processes without a checkpoint."
+        )
       return self
     for signum in SIGNALS:
       self._install(signum, self._request)
@@ -68,9 +72,15 @@ class StopRequests:
       return
     self.requested = signal.Signals(signum).name
     if jax.process_count() > 1:
-      logging.warning("%s received: asking every process to stop at the same step "
-                      "(send it again to exit at once).", self.requested)
+      logging.warning(
+        "%s received: asking every process to stop at the same step "
+        "(send it again to exit at once).",
+        self.requested,
+      )
       signal.raise_signal(signal.SIGTERM)
     else:
-      logging.warning("%s received: saving a checkpoint at the end of this step, then "
-                      "exiting (send it again to exit at once).", self.requested)
+      logging.warning(
+        "%s received: saving a checkpoint at the end of this step, then "
+        "exiting (send it again to exit at once).",
+        self.requested,
+      )

@@ -5,6 +5,7 @@ newest checkpoint when there is one) and the reporter; `train` runs the loop:
 step, progress, periodic metrics, evaluation, checkpoints, preemption. A
 trainer supplies its jitted step, its batches and its evaluation.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,7 @@ def validate_run(config, device_count: int, process_count: int) -> None:
   parallel.validate_batch_sizes(config, device_count, process_count)
 
 
-def validate_common(config, target: hardware.Target | None = None, *,
-                    files: bool = True) -> None:
+def validate_common(config, target: hardware.Target | None = None, *, files: bool = True) -> None:
   """What every trainer's config has, each subsystem checking its own keys:
   model, optimizer, data, augmentation, batch / mesh, attention, run length,
   for the devices the run is compiled for (`target`; default: all of this
@@ -61,32 +61,40 @@ def validate_common(config, target: hardware.Target | None = None, *,
   vit.validate_model_config(config.model)
   optimizer_lib.validate_config(config.optimizer)
   sources.validate_config(config.data, files=files)
-  require(not (config.task == "diffusion" and sources.loader_for(config.data) == "stream"),
-          f"config.data.source={config.data.source!r} streams images; the diffusion task "
-          "trains on VAE latents in memory (npz: files from `python -m "
-          "pixel_vit.encode_latents`).")
+  require(
+    not (config.task == "diffusion" and sources.loader_for(config.data) == "stream"),
+    f"config.data.source={config.data.source!r} streams images; the diffusion task "
+    "trains on VAE latents in memory (npz: files from `python -m "
+    "pixel_vit.encode_latents`).",
+  )
   if "permute_pixels" in config.data:
     locality.validate_permute_config(config.data.permute_pixels)
   augment.validate_augment_config(config.augment)
   validate_run(config, device_count, process_count)
   attention.validate(config, device_count, target.platform)
   check_positive("total_epochs", config.total_epochs, allow_zero=True)
-  require(config.total_steps > 0 or config.total_epochs > 0,
-          f"config.total_steps={config.total_steps} and config.total_epochs="
-          f"{config.total_epochs:g} leave the run without a length: 0 steps means \"use "
-          "total_epochs\", and the quick configs pin total_epochs=0. Set "
-          "--config.total_steps=N (> 0), or --config.total_epochs=E (> 0) with "
-          "--config.total_steps=0.")
+  require(
+    config.total_steps > 0 or config.total_epochs > 0,
+    f"config.total_steps={config.total_steps} and config.total_epochs="
+    f'{config.total_epochs:g} leave the run without a length: 0 steps means "use '
+    'total_epochs", and the quick configs pin total_epochs=0. Set '
+    "--config.total_steps=N (> 0), or --config.total_epochs=E (> 0) with "
+    "--config.total_steps=0.",
+  )
 
 
 def describe_length(config, start_step: int, total_steps: int, steps_per_epoch: int) -> str:
   """'steps 0 -> 400 (...)': the run's length and what decided it, for the first log line."""
   if config.total_steps:
-    how = (f"config.total_steps; {steps_per_epoch} steps/epoch, so "
-           f"{total_steps / steps_per_epoch:.3g} epochs")
+    how = (
+      f"config.total_steps; {steps_per_epoch} steps/epoch, so "
+      f"{total_steps / steps_per_epoch:.3g} epochs"
+    )
   else:
-    how = (f"from config.total_epochs={config.total_epochs:g} x {steps_per_epoch} "
-           "steps/epoch, since config.total_steps=0")
+    how = (
+      f"from config.total_epochs={config.total_epochs:g} x {steps_per_epoch} "
+      "steps/epoch, since config.total_steps=0"
+    )
   return f"steps {start_step} -> {total_steps} ({how})"
 
 
@@ -97,6 +105,7 @@ class Layout:
   (each trainer's `programs(layout)`), with or without data and state: a
   `Run` is a Layout with its state; `pixel_vit.compile` builds one over
   compile-only TPU devices."""
+
   config: Any
   plan: Plan
   mesh: jax.sharding.Mesh
@@ -106,17 +115,23 @@ class Layout:
   def batch_shardings(self, *, with_mask: bool = False) -> dict:
     """Shardings of a global image batch (`mask`: eval padding)."""
     names = {"images": 4, "labels": 1, **({"mask": 1} if with_mask else {})}
-    return {name: parallel.batch_sharding(self.mesh, self.rules, ndim)
-            for name, ndim in names.items()}
+    return {
+      name: parallel.batch_sharding(self.mesh, self.rules, ndim) for name, ndim in names.items()
+    }
 
   def abstract_batch(self, batch_size: int, *, with_mask: bool = False) -> dict:
     """A global batch of `batch_size` as the pipeline hands it over, abstract:
     images (uint8 pixels or float32 latents), labels and the eval `mask`."""
     images = self.plan.train_split.images
-    shapes = {"images": ((batch_size, *images.shape[1:]), images.dtype),
-              "labels": ((batch_size,), np.int32), "mask": ((batch_size,), np.float32)}
-    return {name: jax.ShapeDtypeStruct(*shapes[name], sharding=sharding)
-            for name, sharding in self.batch_shardings(with_mask=with_mask).items()}
+    shapes = {
+      "images": ((batch_size, *images.shape[1:]), images.dtype),
+      "labels": ((batch_size,), np.int32),
+      "mask": ((batch_size,), np.float32),
+    }
+    return {
+      name: jax.ShapeDtypeStruct(*shapes[name], sharding=sharding)
+      for name, sharding in self.batch_shardings(with_mask=with_mask).items()
+    }
 
   @property
   def replicated(self) -> jax.sharding.NamedSharding:
@@ -126,11 +141,13 @@ class Layout:
     """`train_step(state, batch) -> (state, metrics)` on the state's
     shardings and a global `config.batch_size` batch, the state donated, the
     metrics replicated."""
-    return parallel.Program("train_step", train_step,
-                            args=(self.described.abstract,
-                                  self.abstract_batch(self.config.batch_size)),
-                            out_shardings=(self.described.shardings, self.replicated),
-                            donate_argnums=(0,))
+    return parallel.Program(
+      "train_step",
+      train_step,
+      args=(self.described.abstract, self.abstract_batch(self.config.batch_size)),
+      out_shardings=(self.described.shardings, self.replicated),
+      donate_argnums=(0,),
+    )
 
   def jit(self, program: parallel.Program) -> Callable:
     """`program` as a function on this layout's mesh and rules."""
@@ -141,6 +158,7 @@ class Layout:
 class Run(Layout):
   """A started run: a Layout with its state, checkpointer, reporter and
   workdir lock, and the scaffolding every trainer's loop shares."""
+
   state: state_lib.TrainState
   checkpointer: checkpoint_lib.Checkpointer
   reporter: reporting.Reporter
@@ -159,8 +177,9 @@ class Run(Layout):
   @property
   def length(self) -> str:
     """'steps 0 -> 400 (...)' (`describe_length`), for the first log line."""
-    return describe_length(self.config, self.start_step, self.plan.total_steps,
-                           self.plan.steps_per_epoch)
+    return describe_length(
+      self.config, self.start_step, self.plan.total_steps, self.plan.steps_per_epoch
+    )
 
   def announce(self, first_line: str) -> None:
     """Logs the run's first line (its `length` and what the trainer adds),
@@ -178,52 +197,72 @@ class Run(Layout):
     if split.stream is None:
       local = pipeline.eval_batches(split, local_batch_size=self.plan.local_eval_batch)
     else:
-      local = BadRecords("eval").passed_over(stream.eval_batches(
-          split.stream, host_crops(self.config), stream.Layout(
-              self.config.eval_batch_size, jax.process_index(), jax.process_count()),
+      local = BadRecords("eval").passed_over(
+        stream.eval_batches(
+          split.stream,
+          host_crops(self.config),
+          stream.Layout(self.config.eval_batch_size, jax.process_index(), jax.process_count()),
           workers=self.config.data.workers,
-          on_bad_example=self.config.data.get("on_bad_example", "fail")))
+          on_bad_example=self.config.data.get("on_bad_example", "fail"),
+        )
+      )
     return map(self.to_global, local)
 
 
 def load_splits(config) -> tuple[sources.ImageSplit, sources.ImageSplit]:
-  source = sources.parse_source(config.data.source, data_dir=config.data.get("data_dir"),
-                                download=config.data.get("download", True),
-                                loader=config.data.get("loader", "auto"),
-                                crop_fraction=config.data.get("crop_fraction", 0.875))
-  load = functools.partial(source.load, process_index=jax.process_index(),
-                           process_count=jax.process_count(),
-                           image_size=config.data.get("image_size"))
+  source = sources.parse_source(
+    config.data.source,
+    data_dir=config.data.get("data_dir"),
+    download=config.data.get("download", True),
+    loader=config.data.get("loader", "auto"),
+    crop_fraction=config.data.get("crop_fraction", 0.875),
+  )
+  load = functools.partial(
+    source.load,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    image_size=config.data.get("image_size"),
+  )
   train, test = load(config.data.train_split), load(config.data.eval_split)
   if config.task == "diffusion" and train.stream is not None:
-    raise ValueError(f"{train.origin} would be {train.reading}; the diffusion task trains on "
-                     "images or VAE latents in memory: set config.data.loader='memory', or "
-                     "encode latents with `python -m pixel_vit.encode_latents`.")
+    raise ValueError(
+      f"{train.origin} would be {train.reading}; the diffusion task trains on "
+      "images or VAE latents in memory: set config.data.loader='memory', or "
+      "encode latents with `python -m pixel_vit.encode_latents`."
+    )
   if train.is_latent and config.model.get("tokenizer") == "vocab":
-    raise ValueError(f"config.model.tokenizer='vocab' embeds 8-bit pixel values, but "
-                     f"{config.data.source} holds VAE latents (float); use "
-                     "config.model.tokenizer='linear'.")
+    raise ValueError(
+      f"config.model.tokenizer='vocab' embeds 8-bit pixel values, but "
+      f"{config.data.source} holds VAE latents (float); use "
+      "config.model.tokenizer='linear'."
+    )
   if train.is_latent and config.task != "diffusion":
-    raise ValueError(f"{config.data.source} holds VAE latents, which only the diffusion task "
-                     f"trains on; config.task={config.task!r} needs images.")
+    raise ValueError(
+      f"{config.data.source} holds VAE latents, which only the diffusion task "
+      f"trains on; config.task={config.task!r} needs images."
+    )
   height, width = train.images.shape[1:3]
   if height != width:
-    raise ValueError(f"images from {config.data.source} are {height}x{width}; the encoder "
-                     "needs square images: set config.data.image_size.")
+    raise ValueError(
+      f"images from {config.data.source} are {height}x{width}; the encoder "
+      "needs square images: set config.data.image_size."
+    )
   vit.validate_image_size(config.model, height)
   return train, test
 
 
 def schedule_steps(config, steps_per_epoch: int) -> tuple[int, int]:
   total = config.total_steps or max(1, round(config.total_epochs * steps_per_epoch))
-  warmup = (config.optimizer.warmup_steps
-            or round(config.optimizer.get("warmup_epochs", 0.0) * steps_per_epoch))
+  warmup = config.optimizer.warmup_steps or round(
+    config.optimizer.get("warmup_epochs", 0.0) * steps_per_epoch
+  )
   return total, min(warmup, total)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What a run reads and optimises, decided before anything compiles."""
+
   train_split: sources.ImageSplit
   eval_split: sources.ImageSplit
   local_batch: int  # this process's share of config.batch_size
@@ -244,15 +283,18 @@ class Plan:
   device_augment: Any = None
 
 
-def plan(config, make_model_fn: Callable[[Any, sources.ImageSplit], Callable[[], nnx.Module]],
-         *, splits: tuple[sources.ImageSplit, sources.ImageSplit] | None = None) -> Plan:
+def plan(
+  config,
+  make_model_fn: Callable[[Any, sources.ImageSplit], Callable[[], nnx.Module]],
+  *,
+  splits: tuple[sources.ImageSplit, sources.ImageSplit] | None = None,
+) -> Plan:
   """Reads the data (or takes `splits`, e.g. `sources.stand_in_split`s that
   hold no examples), sizes the schedule and traces the model's shapes once."""
   train_split, eval_split = splits or load_splits(config)
   # Before anything compiles: a model built for the train split can evaluate
   # the eval split (sizes, kinds, labels vs classes); MAE ignores labels.
-  data_warnings = sources.check_splits(train_split, eval_split,
-                                       labelled=config.task != "mae")
+  data_warnings = sources.check_splits(train_split, eval_split, labelled=config.task != "mae")
   local_batch = config.batch_size // jax.process_count()
   steps_per_epoch = pipeline.steps_per_epoch(train_split, local_batch)
   total_steps, warmup_steps = schedule_steps(config, steps_per_epoch)
@@ -260,12 +302,23 @@ def plan(config, make_model_fn: Callable[[Any, sources.ImageSplit], Callable[[],
   shapes = state_lib.model_shapes(make_model)
   schedule = optimizer_lib.make_schedule(config.optimizer, total_steps, warmup_steps)
   tx = divergence.wrap_optimizer(
-      config, optimizer_lib.make_optimizer(config.optimizer, schedule, shapes.params))
-  return Plan(train_split, eval_split, local_batch,
-              config.eval_batch_size // jax.process_count(), steps_per_epoch, total_steps,
-              schedule, tx, make_model, shapes,
-              locality.permutation_for(config.data, *train_split.images.shape[1:3]),
-              tuple(data_warnings), device_augment(config, train_split))
+    config, optimizer_lib.make_optimizer(config.optimizer, schedule, shapes.params)
+  )
+  return Plan(
+    train_split,
+    eval_split,
+    local_batch,
+    config.eval_batch_size // jax.process_count(),
+    steps_per_epoch,
+    total_steps,
+    schedule,
+    tx,
+    make_model,
+    shapes,
+    locality.permutation_for(config.data, *train_split.images.shape[1:3]),
+    tuple(data_warnings),
+    device_augment(config, train_split),
+  )
 
 
 def device_augment(config, train_split: sources.ImageSplit):
@@ -283,9 +336,13 @@ def host_crops(config) -> stream.HostCrops:
   (crop, crop_scale, crop_ratio, flip) and config.data."""
   augment_config = config.augment
   return stream.HostCrops(
-      image_size=config.data.image_size, random_crop=bool(augment_config.crop),
-      scale=tuple(augment_config.crop_scale), ratio=tuple(augment_config.crop_ratio),
-      flip=bool(augment_config.flip), crop_fraction=config.data.crop_fraction)
+    image_size=config.data.image_size,
+    random_crop=bool(augment_config.crop),
+    scale=tuple(augment_config.crop_scale),
+    ratio=tuple(augment_config.crop_ratio),
+    flip=bool(augment_config.flip),
+    crop_fraction=config.data.crop_fraction,
+  )
 
 
 def data_position(config, plan: Plan, step: int) -> dict | None:
@@ -293,8 +350,7 @@ def data_position(config, plan: Plan, step: int) -> dict | None:
   split = plan.train_split.stream
   if split is None:
     return None
-  return stream.data_position(split, seed=config.seed, global_batch=config.batch_size,
-                              step=step)
+  return stream.data_position(split, seed=config.seed, global_batch=config.batch_size, step=step)
 
 
 def check_data_position(config, plan: Plan, checkpointer, step: int) -> None:
@@ -309,9 +365,10 @@ def check_data_position(config, plan: Plan, checkpointer, step: int) -> None:
   if differs:
     listed = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differs.items())
     raise ValueError(
-        f"checkpoint step {step} in {checkpointer.directory} was saved streaming other data "
-        f"or in another order ({listed}), so the resumed steps would not continue its run. "
-        "Point config.data.source at the records it trained on, or use a fresh --workdir.")
+      f"checkpoint step {step} in {checkpointer.directory} was saved streaming other data "
+      f"or in another order ({listed}), so the resumed steps would not continue its run. "
+      "Point config.data.source at the records it trained on, or use a fresh --workdir."
+    )
 
 
 def train_batches(run: "Run", start_step: int) -> Iterator[dict]:
@@ -319,13 +376,19 @@ def train_batches(run: "Run", start_step: int) -> Iterator[dict]:
   (data/pipeline.py) or streamed (data/stream.py)."""
   config, split = run.config, run.plan.train_split
   if split.stream is None:
-    return pipeline.train_batches(split, local_batch_size=run.plan.local_batch,
-                                  seed=config.seed, start_step=start_step)
+    return pipeline.train_batches(
+      split, local_batch_size=run.plan.local_batch, seed=config.seed, start_step=start_step
+    )
   return stream.train_batches(
-      split.stream, host_crops(config),
-      stream.Layout(config.batch_size, jax.process_index(), jax.process_count()),
-      seed=config.seed, start_step=start_step, total_steps=run.total_steps,
-      workers=config.data.workers, on_bad_example=config.data.get("on_bad_example", "fail"))
+    split.stream,
+    host_crops(config),
+    stream.Layout(config.batch_size, jax.process_index(), jax.process_count()),
+    seed=config.seed,
+    start_step=start_step,
+    total_steps=run.total_steps,
+    workers=config.data.workers,
+    on_bad_example=config.data.get("on_bad_example", "fail"),
+  )
 
 
 class BadRecords:
@@ -344,14 +407,22 @@ class BadRecords:
         self.total += int(np.sum(skipped))
       yield batch
     if self.what == "eval" and self.total:
-      logging.warning("evaluation passed over %d records of this process that do not decode "
-                      "(config.data.on_bad_example='skip'); eval/count leaves them out.",
-                      self.total)
+      logging.warning(
+        "evaluation passed over %d records of this process that do not decode "
+        "(config.data.on_bad_example='skip'); eval/count leaves them out.",
+        self.total,
+      )
 
 
-def start(config, workdir: str, plan: Plan, *,
-          initial_params: Callable[[Any], Any] | None = None, devices=None,
-          read_only: bool = False) -> Run:
+def start(
+  config,
+  workdir: str,
+  plan: Plan,
+  *,
+  initial_params: Callable[[Any], Any] | None = None,
+  devices=None,
+  read_only: bool = False,
+) -> Run:
   """Workdir lock, mesh, sharded state (resumed or new), checkpointer and reporter.
 
   `initial_params(params) -> params` adjusts a *new* run's parameters (e.g.
@@ -361,8 +432,11 @@ def start(config, workdir: str, plan: Plan, *,
   takes no lock and leaves the workdir's `config.json`, the record of how it
   was trained, as it is.
   """
-  lock = (workdir_lib.WorkdirLock(None) if read_only else
-          workdir_lib.claim(workdir, take_over=config.get("take_over_lock", False)))
+  lock = (
+    workdir_lib.WorkdirLock(None)
+    if read_only
+    else workdir_lib.claim(workdir, take_over=config.get("take_over_lock", False))
+  )
   try:
     return _start(config, workdir, plan, initial_params, devices, read_only, lock)
   except BaseException:
@@ -370,15 +444,20 @@ def start(config, workdir: str, plan: Plan, *,
     raise
 
 
-def lay_out(config, plan: Plan, devices=None
-            ) -> tuple[Layout, Callable[[], state_lib.TrainState]]:
+def lay_out(config, plan: Plan, devices=None) -> tuple[Layout, Callable[[], state_lib.TrainState]]:
   """`plan` over `devices` (default: all): the mesh `config.mesh` describes,
   the rules and the state's description (nothing allocated), and the jitted
   function that creates a new state on them."""
   mesh = parallel.make_mesh(config.mesh, devices=devices)
   described, create_state = state_lib.sharded_state(
-      plan.make_model, plan.tx, mesh=mesh, rules=config.sharding_rules, seed=config.seed,
-      ema=config.optimizer.ema_decay > 0, shapes=plan.shapes)
+    plan.make_model,
+    plan.tx,
+    mesh=mesh,
+    rules=config.sharding_rules,
+    seed=config.seed,
+    ema=config.optimizer.ema_decay > 0,
+    shapes=plan.shapes,
+  )
   return Layout(config, plan, mesh, config.sharding_rules, described), create_state
 
 
@@ -388,8 +467,8 @@ def _start(config, workdir, plan, initial_params, devices, read_only, lock) -> R
   layout, create_state = lay_out(config, plan, devices)
   described = layout.described
   checkpointer = checkpoint_lib.Checkpointer(
-      workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints,
-      read_only=read_only)
+    workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints, read_only=read_only
+  )
   latest = checkpointer.latest_step()
   # A refused resume stops here, before the restore reads the state.
   changed = {} if read_only else config_history.check_resume(workdir, config, latest or 0)
@@ -400,15 +479,26 @@ def _start(config, workdir, plan, initial_params, devices, read_only, lock) -> R
     state = create_state()
     if initial_params is not None:
       params = jax.device_put(initial_params(state.params), described.param_shardings)
-      state = state.replace(params=params,
-                            ema_params=None if state.ema_params is None else params)
+      state = state.replace(params=params, ema_params=None if state.ema_params is None else params)
   if not read_only:  # a sampler leaves the run's record of how it was trained alone
-    config_history.record(workdir, config, int(jax.device_get(state.step)), changed,
-                          log=logging.warning)
-  reporter = reporting.Reporter(workdir, config, total_steps=plan.total_steps,
-                                log_every=config.log_every)
-  return Run(config, plan, layout.mesh, layout.rules, described, state, checkpointer,
-             reporter, identity, lock)
+    config_history.record(
+      workdir, config, int(jax.device_get(state.step)), changed, log=logging.warning
+    )
+  reporter = reporting.Reporter(
+    workdir, config, total_steps=plan.total_steps, log_every=config.log_every
+  )
+  return Run(
+    config,
+    plan,
+    layout.mesh,
+    layout.rules,
+    described,
+    state,
+    checkpointer,
+    reporter,
+    identity,
+    lock,
+  )
 
 
 # Device batches made ahead of the step that runs (one being copied while one
@@ -416,8 +506,9 @@ def _start(config, workdir, plan, initial_params, devices, read_only, lock) -> R
 PREFETCH_DEPTH = 2
 
 
-def train(run: Run, *, train_step: Callable,
-          evaluate: Callable[[int, state_lib.TrainState], dict]) -> tuple[state_lib.TrainState, dict]:
+def train(
+  run: Run, *, train_step: Callable, evaluate: Callable[[int, state_lib.TrainState], dict]
+) -> tuple[state_lib.TrainState, dict]:
   """Runs `train_step` (jitted: `run.jit_train_step`) from the state's step
   to `run.total_steps`.
 
@@ -438,14 +529,19 @@ def train(run: Run, *, train_step: Callable,
   fetched: list[dict] = []  # host metrics of the steps since the last log point
   results: dict = {}
   try:
-    with interrupts.StopRequests() as stops, \
-        contextlib.closing(pipeline.ahead_on_device(batches, run.to_global,
-                                                    depth=PREFETCH_DEPTH)) as ahead:
+    with (
+      interrupts.StopRequests() as stops,
+      contextlib.closing(
+        pipeline.ahead_on_device(batches, run.to_global, depth=PREFETCH_DEPTH)
+      ) as ahead,
+    ):
       if _preempted_before_the_first_step(run, start_step):
         run.stopped_by = "preemption notice"
-        run.reporter.log(f"preemption notice during startup: the checkpoint at step "
-                         f"{start_step} in {run.checkpointer.directory} already holds this "
-                         "state; exiting. Rerun the same command to resume from it.")
+        run.reporter.log(
+          f"preemption notice during startup: the checkpoint at step "
+          f"{start_step} in {run.checkpointer.directory} already holds this "
+          "state; exiting. Rerun the same command to resume from it."
+        )
         return state, results
       for step in range(start_step + 1, run.total_steps + 1):
         state, metrics = train_step(state, input_clock.next(ahead))
@@ -469,14 +565,21 @@ def train(run: Run, *, train_step: Callable,
           except divergence.TrainingDivergedError:  # not a log step: log what shows it
             _log_train_means(run, guard, step, fetched)
             raise
-          run.checkpointer.save(step, state, run.identity, force=last or stopping,
-                                data_position=data_position(run.config, run.plan, step))
+          run.checkpointer.save(
+            step,
+            state,
+            run.identity,
+            force=last or stopping,
+            data_position=data_position(run.config, run.plan, step),
+          )
         if stopping or run.checkpointer.reached_preemption(step):  # orbax saved this step
           run.checkpointer.wait()
           run.stopped_by = stops.requested or "preemption notice"
-          run.reporter.log(f"{run.stopped_by}: saved a checkpoint at step {step} in "
-                           f"{run.checkpointer.directory}; exiting. Rerun the same command "
-                           "to resume from it.")
+          run.reporter.log(
+            f"{run.stopped_by}: saved a checkpoint at step {step} in "
+            f"{run.checkpointer.directory}; exiting. Rerun the same command "
+            "to resume from it."
+          )
           break
       if not results and start_step >= run.total_steps:
         results = evaluate(start_step, state)
@@ -511,8 +614,13 @@ class InputClock:
     return fraction
 
 
-def _log_train_means(run: Run, guard: divergence.Guard, step: int, fetched: list[dict],
-                     input_clock: InputClock | None = None) -> None:
+def _log_train_means(
+  run: Run,
+  guard: divergence.Guard,
+  step: int,
+  fetched: list[dict],
+  input_clock: InputClock | None = None,
+) -> None:
   """Writes the mean of the train metrics fetched since the last log point
   (and empties `fetched`)."""
   if not fetched:

@@ -5,6 +5,7 @@ Evaluation reports the masked reconstruction loss over the whole eval split
 original | masked input | reconstruction | reconstruction with the visible
 pixels pasted back — to `<workdir>/pictures/` and TensorBoard.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,19 +45,28 @@ def check_data(config, plan: loop.Plan) -> None:
 
 def make_model_fn(config, split: sources.ImageSplit):
   height, _, channels = split.images.shape[1:]
-  return lambda: mae.build_mae(config.model, image_size=height, channels=channels,
-                               rngs=nnx.Rngs(config.seed),
-                               pixel_stats=(config.augment.mean, config.augment.std))
+  return lambda: mae.build_mae(
+    config.model,
+    image_size=height,
+    channels=channels,
+    rngs=nnx.Rngs(config.seed),
+    pixel_stats=(config.augment.mean, config.augment.std),
+  )
 
 
 def _targets(config, images):
   _, patch = vit.parse_variant(config.model.variant)
-  return mae.pixel_targets(images, patch, norm_pix_loss=config.model.norm_pix_loss,
-                           norm_pix_window=config.model.norm_pix_window)
+  return mae.pixel_targets(
+    images,
+    patch,
+    norm_pix_loss=config.model.norm_pix_loss,
+    norm_pix_window=config.model.norm_pix_window,
+  )
 
 
-def make_train_step(config, graphdef, tx, schedule, num_classes: int, permutation=None, *,
-                    augment_config=None):
+def make_train_step(
+  config, graphdef, tx, schedule, num_classes: int, permutation=None, *, augment_config=None
+):
   """`permutation` (data/locality.py) scrambles the augmented images' pixels;
   the targets are the scrambled pixels. `augment_config` (default
   config.augment) is what runs on the device."""
@@ -65,20 +75,23 @@ def make_train_step(config, graphdef, tx, schedule, num_classes: int, permutatio
   def train_step(state: state_lib.TrainState, batch: dict):
     step_key = jax.random.fold_in(state.rng, state.step)
     augment_key, mask_key, drop_key = jax.random.split(step_key, 3)
-    images, _ = augment.augment_batch(augment_key, batch["images"], batch["labels"],
-                                      num_classes=num_classes, config=augment_config)
+    images, _ = augment.augment_batch(
+      augment_key, batch["images"], batch["labels"], num_classes=num_classes, config=augment_config
+    )
     images = locality.permute(permutation, images)
     targets = _targets(config, images)
 
     def loss_fn(params):
       model = state_lib.merge_model(graphdef, params)
-      pred, mask = model(images, mask_key=mask_key, mask_ratio=config.mask_ratio,
-                         key=drop_key)
+      pred, mask = model(images, mask_key=mask_key, mask_ratio=config.mask_ratio, key=drop_key)
       return mae.masked_mse(pred, targets, mask)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
-               "train/lr": schedule(state.step)}
+    metrics = {
+      "train/loss": loss,
+      "train/grad_norm": optax.tree.norm(grads),
+      "train/lr": schedule(state.step),
+    }
     return state_lib.apply_gradients(state, grads, tx, config.optimizer.ema_decay), metrics
 
   return train_step
@@ -92,11 +105,13 @@ def _eval_mask_key(config, batch_index):
 def make_eval_sums(config, graphdef, num_classes: int, permutation=None):
 
   def eval_sums(params, batch_index, batch):
-    images, _ = augment.preprocess_eval(batch["images"], batch["labels"],
-                                        num_classes=num_classes, config=config.augment)
+    images, _ = augment.preprocess_eval(
+      batch["images"], batch["labels"], num_classes=num_classes, config=config.augment
+    )
     images = locality.permute(permutation, images)
     pred, mask = state_lib.merge_model(graphdef, params)(
-        images, mask_key=_eval_mask_key(config, batch_index), mask_ratio=config.mask_ratio)
+      images, mask_key=_eval_mask_key(config, batch_index), mask_ratio=config.mask_ratio
+    )
     per_example = mae.masked_mse_per_example(pred, _targets(config, images), mask)
     return {"loss": jnp.sum(per_example * batch["mask"]), "count": jnp.sum(batch["mask"])}
 
@@ -112,14 +127,20 @@ def make_reconstruct(config, graphdef, num_classes: int, permutation=None):
   std = jnp.asarray(config.augment.std, jnp.float32)
 
   def reconstruct(params, batch):
-    images, _ = augment.preprocess_eval(batch["images"], batch["labels"],
-                                        num_classes=num_classes, config=config.augment)
+    images, _ = augment.preprocess_eval(
+      batch["images"], batch["labels"], num_classes=num_classes, config=config.augment
+    )
     images = locality.permute(permutation, images)
     pred, mask = state_lib.merge_model(graphdef, params)(
-        images, mask_key=_eval_mask_key(config, 0), mask_ratio=config.mask_ratio)
-    recon = mae.predictions_as_images(pred, images, patch,
-                                      norm_pix_loss=config.model.norm_pix_loss,
-                                      norm_pix_window=config.model.norm_pix_window)
+      images, mask_key=_eval_mask_key(config, 0), mask_ratio=config.mask_ratio
+    )
+    recon = mae.predictions_as_images(
+      pred,
+      images,
+      patch,
+      norm_pix_loss=config.model.norm_pix_loss,
+      norm_pix_window=config.model.norm_pix_window,
+    )
     pixel_mask = mae.mask_as_image(mask, patch, *images.shape[1:3])
     show = lambda x: jnp.clip(x * std + mean, 0.0, 1.0)
     original = show(images)
@@ -141,39 +162,54 @@ def programs(layout: loop.Layout) -> dict[str, parallel.Program]:
   eval_batch = layout.abstract_batch(config.eval_batch_size, with_mask=True)
   batch_index = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated)
   return {
-      "train_step": layout.train_program(make_train_step(
-          config, graphdef, plan.tx, plan.schedule, num_classes, permutation,
-          augment_config=plan.device_augment)),
-      "eval_step": parallel.Program(
-          "eval_step", make_eval_sums(config, graphdef, num_classes, permutation),
-          args=(params, batch_index, eval_batch), out_shardings=layout.replicated),
-      "reconstruct": parallel.Program(
-          "reconstruct", make_reconstruct(config, graphdef, num_classes, permutation),
-          args=(params, eval_batch), out_shardings=layout.replicated),
+    "train_step": layout.train_program(
+      make_train_step(
+        config,
+        graphdef,
+        plan.tx,
+        plan.schedule,
+        num_classes,
+        permutation,
+        augment_config=plan.device_augment,
+      )
+    ),
+    "eval_step": parallel.Program(
+      "eval_step",
+      make_eval_sums(config, graphdef, num_classes, permutation),
+      args=(params, batch_index, eval_batch),
+      out_shardings=layout.replicated,
+    ),
+    "reconstruct": parallel.Program(
+      "reconstruct",
+      make_reconstruct(config, graphdef, num_classes, permutation),
+      args=(params, eval_batch),
+      out_shardings=layout.replicated,
+    ),
   }
 
 
-def train_and_evaluate(config, workdir: str, *, devices=None
-                       ) -> tuple[state_lib.TrainState, dict]:
+def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[state_lib.TrainState, dict]:
   """Pre-trains to the configured length on `devices` (default: all); returns
   the final state and the last evaluation's metrics."""
   plan = loop.plan(config, make_model_fn)
   check_data(config, plan)
   run = loop.start(config, workdir, plan, devices=devices)
-  run.announce(f"MAE {run.length}, mask ratio {config.mask_ratio}, "
-               f"lr {config.optimizer.lr:.3g}")
+  run.announce(f"MAE {run.length}, mask ratio {config.mask_ratio}, lr {config.optimizer.lr:.3g}")
 
   jitted = {name: run.jit(program) for name, program in programs(run).items()}
-  train_step, eval_sums, reconstruct = (jitted[name] for name in
-                                        ("train_step", "eval_step", "reconstruct"))
+  train_step, eval_sums, reconstruct = (
+    jitted[name] for name in ("train_step", "eval_step", "reconstruct")
+  )
 
   def evaluate(step: int, state: state_lib.TrainState) -> dict:
     batches = list(run.eval_batches())
     totals = splits.sum_over_batches(
-        lambda index, batch: eval_sums(state.params, jnp.int32(index), batch), batches)
+      lambda index, batch: eval_sums(state.params, jnp.int32(index), batch), batches
+    )
     results = {"eval/loss": totals["loss"] / totals["count"], "eval/count": totals["count"]}
-    columns = [np.asarray(c)[:GRID_EXAMPLES]
-               for c in jax.device_get(reconstruct(state.params, batches[0]))]
+    columns = [
+      np.asarray(c)[:GRID_EXAMPLES] for c in jax.device_get(reconstruct(state.params, batches[0]))
+    ]
     image = pictures.grid([pictures.to_uint8(c) for c in columns])
     if run.reporter.is_main:
       path = os.path.join(workdir, "pictures", f"reconstructions_{step:07d}.png")

@@ -26,13 +26,15 @@ naming the checkpoint, the field, both values and the fix:
     big_vision does.
 
 Only the encoder parameters are read from disk (`checkpoint.SavedRun.restore`,
-a partial restore onto the classifier's own shardings); the optimizer state, EMA and decoder are not.
+a partial restore onto the classifier's own shardings); the optimizer state,
+EMA and decoder are not.
 The head keeps its zero initialisation. `params`, not `ema_params`, is loaded.
 
 Only a new run loads `init_from`: a run that resumes from its own workdir
 takes its checkpoint (see `loop.start`), so a resumed fine-tune neither reads
 nor needs `init_from` any more.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,6 +55,7 @@ POSEMB = "posemb"  # the encoder's learned position embedding, [1, grid*grid, wi
 class Pretrained:
   """One pre-trained checkpoint named by `config.init_from`: where it is, what
   its identity says it is, and the shapes of its encoder parameters."""
+
   init_from: str
   saved: checkpoint_lib.SavedRun
   identity: checkpoint_lib.RunIdentity
@@ -69,37 +72,42 @@ class Pretrained:
     task = self.identity.task
     if task not in TASKS:
       raise ValueError(
-          f"{self.where}: task {task!r} cannot initialise a classifier; init_from takes a "
-          f"checkpoint of task {list(TASKS)} (MAE pre-training or a classifier).")
+        f"{self.where}: task {task!r} cannot initialise a classifier; init_from takes a "
+        f"checkpoint of task {list(TASKS)} (MAE pre-training or a classifier)."
+      )
     variant = self.identity.variant
     size, patch = vit.parse_variant(variant)
     want_size, want_patch = vit.parse_variant(model_config.variant)
     size_name, want_size_name = variant.partition("/")[0], model_config.variant.partition("/")[0]
     if size != want_size:
       raise ValueError(
-          f"{self.where}: model size (SIZE of SIZE/PATCH) differs: checkpoint "
-          f"{size_name!r} ({variant}) vs config.model.variant={model_config.variant!r} "
-          f"({want_size_name!r}). Fine-tune the size that was pre-trained "
-          f"(--config.model.variant={size_name}/{want_patch}) or point init_from at a "
-          f"{want_size_name} checkpoint.")
+        f"{self.where}: model size (SIZE of SIZE/PATCH) differs: checkpoint "
+        f"{size_name!r} ({variant}) vs config.model.variant={model_config.variant!r} "
+        f"({want_size_name!r}). Fine-tune the size that was pre-trained "
+        f"(--config.model.variant={size_name}/{want_patch}) or point init_from at a "
+        f"{want_size_name} checkpoint."
+      )
     if patch != want_patch:
       raise ValueError(
-          f"{self.where}: patch size (PATCH of SIZE/PATCH) differs: checkpoint {patch} "
-          f"({variant}) vs config.model.variant={model_config.variant!r} ({want_patch}). "
-          f"Fine-tune with --config.model.variant={size_name}/{patch} or point init_from at "
-          f"a checkpoint with patch {want_patch}.")
+        f"{self.where}: patch size (PATCH of SIZE/PATCH) differs: checkpoint {patch} "
+        f"({variant}) vs config.model.variant={model_config.variant!r} ({want_patch}). "
+        f"Fine-tune with --config.model.variant={size_name}/{patch} or point init_from at "
+        f"a checkpoint with patch {want_patch}."
+      )
     tokenizer = self.identity.tokenizer or "linear"  # older checkpoints: linear
     if tokenizer != model_config.get("tokenizer", "linear"):
       raise ValueError(
-          f"{self.where}: tokenizer differs: checkpoint {tokenizer!r} vs "
-          f"config.model.tokenizer={model_config.get('tokenizer', 'linear')!r}. Set "
-          f"--config.model.tokenizer={tokenizer} (what the encoder was trained with).")
+        f"{self.where}: tokenizer differs: checkpoint {tokenizer!r} vs "
+        f"config.model.tokenizer={model_config.get('tokenizer', 'linear')!r}. Set "
+        f"--config.model.tokenizer={tokenizer} (what the encoder was trained with)."
+      )
     posemb = self.identity.posemb
     if posemb != model_config.posemb:
       raise ValueError(
-          f"{self.where}: position embedding differs: checkpoint {posemb!r} vs "
-          f"config.model.posemb={model_config.posemb!r}. Set "
-          f"--config.model.posemb={posemb} (what the encoder was trained with).")
+        f"{self.where}: position embedding differs: checkpoint {posemb!r} vs "
+        f"config.model.posemb={model_config.posemb!r}. Set "
+        f"--config.model.posemb={posemb} (what the encoder was trained with)."
+      )
 
   def check_image_shape(self, image_shape) -> None:
     """The data's channels against the checkpoint's."""
@@ -107,9 +115,10 @@ class Pretrained:
     channels = int(image_shape[2])
     if saved[2] != channels:
       raise ValueError(
-          f"{self.where}: image channels differ: checkpoint {saved[2]} vs {channels} in "
-          f"the data (the tokenizer kernel has one row per channel). Fine-tune on data "
-          f"with {saved[2]} channel(s) or pre-train on data like yours.")
+        f"{self.where}: image channels differ: checkpoint {saved[2]} vs {channels} in "
+        f"the data (the tokenizer kernel has one row per channel). Fine-tune on data "
+        f"with {saved[2]} channel(s) or pre-train on data like yours."
+      )
 
   def resampled_posemb(self, wanted: dict) -> tuple[int, int] | None:
     """(checkpoint grid, classifier grid) when the learned position
@@ -130,20 +139,32 @@ class Pretrained:
     wanted = checkpoint_lib.flat_shapes(encoder_abstract)
     missing = sorted(set(wanted) - set(self.encoder_shapes))
     resampled = self.resampled_posemb(wanted) is not None
-    mismatched = sorted(k for k in set(wanted) & set(self.encoder_shapes)
-                        if tuple(wanted[k]) != tuple(self.encoder_shapes[k])
-                        and not (k == POSEMB and resampled))
+    mismatched = sorted(
+      k
+      for k in set(wanted) & set(self.encoder_shapes)
+      if tuple(wanted[k]) != tuple(self.encoder_shapes[k]) and not (k == POSEMB and resampled)
+    )
     extra = sorted(set(self.encoder_shapes) - set(wanted))
-    problems = [f"encoder/{k}: checkpoint {tuple(self.encoder_shapes[k])} vs classifier "
-                f"{tuple(wanted[k])}" for k in mismatched]
+    problems = [
+      f"encoder/{k}: checkpoint {tuple(self.encoder_shapes[k])} vs classifier {tuple(wanted[k])}"
+      for k in mismatched
+    ]
     problems += [f"encoder/{k}: not in the checkpoint" for k in missing]
-    problems += [f"encoder/{k}: in the checkpoint, the classifier has no such parameter"
-                 for k in extra if k != CLS]
+    problems += [
+      f"encoder/{k}: in the checkpoint, the classifier has no such parameter"
+      for k in extra
+      if k != CLS
+    ]
     if problems:
-      hint = (" The checkpoint has no [CLS] token: use --config.model.pool=gap."
-              if CLS in missing else "")
-      raise ValueError(f"{self.where}: its encoder does not fit the classifier's: "
-                       + "; ".join(problems) + "." + hint)
+      hint = (
+        " The checkpoint has no [CLS] token: use --config.model.pool=gap." if CLS in missing else ""
+      )
+      raise ValueError(
+        f"{self.where}: its encoder does not fit the classifier's: "
+        + "; ".join(problems)
+        + "."
+        + hint
+      )
     return sorted(wanted), [k for k in extra if k == CLS]
 
   def check(self, config, image_shape, abstract_params) -> list[str]:
@@ -155,8 +176,9 @@ class Pretrained:
     changes = [f"dropped {name}" for name in dropped]
     grids = self.resampled_posemb(checkpoint_lib.flat_shapes(abstract_params["encoder"]))
     if grids:
-      changes.append(f"resampled {POSEMB} {grids[0]}x{grids[0]} -> {grids[1]}x{grids[1]} "
-                     "(bilinear)")
+      changes.append(
+        f"resampled {POSEMB} {grids[0]}x{grids[0]} -> {grids[1]}x{grids[1]} (bilinear)"
+      )
     return changes
 
   # ---------------------------------------------------------------- loading
@@ -168,16 +190,24 @@ class Pretrained:
     self.encoder_plan(params["encoder"])
     grids = self.resampled_posemb(checkpoint_lib.flat_shapes(params["encoder"]))
     target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        params["encoder"])
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params["encoder"]
+    )
     if grids:  # read at the saved size (its token axis is not sharded), then resample
       wanted = target[POSEMB]
-      target = {**target, POSEMB: jax.ShapeDtypeStruct(
-          tuple(self.encoder_shapes[POSEMB]), wanted.dtype, sharding=wanted.sharding)}
+      target = {
+        **target,
+        POSEMB: jax.ShapeDtypeStruct(
+          tuple(self.encoder_shapes[POSEMB]), wanted.dtype, sharding=wanted.sharding
+        ),
+      }
     encoder = self.saved.restore({"params": {"encoder": target}})["params"]["encoder"]
     if grids:
-      encoder = {**encoder, POSEMB: jax.device_put(
-          vit.resample_posemb(encoder[POSEMB], grids[1]), params["encoder"][POSEMB].sharding)}
+      encoder = {
+        **encoder,
+        POSEMB: jax.device_put(
+          vit.resample_posemb(encoder[POSEMB], grids[1]), params["encoder"][POSEMB].sharding
+        ),
+      }
     return {**params, "encoder": encoder}
 
 
@@ -188,22 +218,29 @@ def open_checkpoint(init_from: str) -> Pretrained:
   try:
     saved = checkpoint_lib.open_saved(directory, step)
   except (FileNotFoundError, KeyError, ValueError) as e:
-    raise ValueError(f"{where} could not be read as a pixel_vit checkpoint "
-                     f"(items 'state' and 'metadata'): {e}") from e
+    raise ValueError(
+      f"{where} could not be read as a pixel_vit checkpoint (items 'state' and 'metadata'): {e}"
+    ) from e
   tree = saved.state_tree
   params = tree.get("params") if isinstance(tree, dict) else None
   if not isinstance(params, dict) or not isinstance(params.get("encoder"), dict):
     raise ValueError(
-        f"{where}: its parameters have no 'encoder' "
-        f"(top-level: {sorted(params) if isinstance(params, dict) else params!r}); "
-        "init_from loads the encoder of an MAE or classification run.")
+      f"{where}: its parameters have no 'encoder' "
+      f"(top-level: {sorted(params) if isinstance(params, dict) else params!r}); "
+      "init_from loads the encoder of an MAE or classification run."
+    )
   try:
     identity = saved.identity()
   except ValueError as e:
-    raise ValueError(f"{where}: {e}; it was not written by a pixel_vit trainer that "
-                     "init_from can load.") from None
-  return Pretrained(init_from=init_from, saved=saved, identity=identity,
-                    encoder_shapes=checkpoint_lib.flat_shapes(params["encoder"]))
+    raise ValueError(
+      f"{where}: {e}; it was not written by a pixel_vit trainer that init_from can load."
+    ) from None
+  return Pretrained(
+    init_from=init_from,
+    saved=saved,
+    identity=identity,
+    encoder_shapes=checkpoint_lib.flat_shapes(params["encoder"]),
+  )
 
 
 def check_config(config) -> Pretrained | None:
@@ -212,8 +249,9 @@ def check_config(config) -> Pretrained | None:
   reported when a new run starts; a resumed run does not need it.)"""
   init_from = config.get("init_from", "")
   if not isinstance(init_from, str):
-    raise ValueError(f"config.init_from={init_from!r} must be a path (a string), or '' "
-                     "for random initialisation.")
+    raise ValueError(
+      f"config.init_from={init_from!r} must be a path (a string), or '' for random initialisation."
+    )
   if not init_from or not epath.Path(init_from).exists():
     return None
   pretrained = open_checkpoint(init_from)
@@ -234,6 +272,8 @@ def for_new_run(config, workdir: str) -> Pretrained | None:
 
 def describe(pretrained: Pretrained, changes: list[str]) -> str:
   identity = pretrained.identity
-  text = (f"encoder initialised from {pretrained.saved.path} "
-          f"(task {identity.task}, {identity.variant}, posemb {identity.posemb})")
+  text = (
+    f"encoder initialised from {pretrained.saved.path} "
+    f"(task {identity.task}, {identity.variant}, posemb {identity.posemb})"
+  )
   return text + "".join(f"; {change}" for change in changes)

@@ -5,6 +5,7 @@ devices (one file per host).
 
 Paths go through `etils.epath`, so a workdir may be local or `gs://...` (a
 TPU pod's workers share a bucket)."""
+
 from __future__ import annotations
 
 import json
@@ -27,15 +28,22 @@ class Reporter:
     if self.is_main:
       directory.mkdir(parents=True, exist_ok=True)
     self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=not self.is_main, asynchronous=True)
+      workdir, just_logging=not self.is_main, asynchronous=True
+    )
     self.progress = periodic_actions.ReportProgress(
-        num_train_steps=total_steps, writer=self.writer, every_steps=log_every)
+      num_train_steps=total_steps, writer=self.writer, every_steps=log_every
+    )
     profile = config.get("profile")
     self.profile = None
     if profile is not None and profile.steps > 0:
       self.profile = periodic_actions.Profile(
-          logdir=workdir, num_profile_steps=profile.steps, profile_duration_ms=None,
-          first_profile=profile.first_step, every_steps=None, every_secs=None)
+        logdir=workdir,
+        num_profile_steps=profile.steps,
+        profile_duration_ms=None,
+        first_profile=profile.first_step,
+        every_steps=None,
+        every_secs=None,
+      )
     self._jsonl_path = directory / "metrics.jsonl"
 
   def scalars(self, step: int, scalars: dict[str, float]) -> None:
@@ -45,8 +53,7 @@ class Reporter:
       with self._jsonl_path.open("a") as f:
         # null, not the bare NaN token json.dumps writes (invalid JSON)
         finite = {k: v if np.isfinite(v) else None for k, v in scalars.items()}
-        f.write(json.dumps({"step": step, "time": time.time(), **finite}, allow_nan=False)
-                + "\n")
+        f.write(json.dumps({"step": step, "time": time.time(), **finite}, allow_nan=False) + "\n")
 
   def images(self, step: int, images: dict[str, np.ndarray]) -> None:
     """uint8 [N, H, W, C] arrays to TensorBoard."""

@@ -4,6 +4,7 @@ It never holds a [length, length] array, so its memory grows linearly with
 the sequence length (pixel tokens: 1,025 for 32x32, 16,384 for 128x128).
 Queries and keys may differ in length (cross-attention).
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,7 +27,7 @@ from pixel_vit.models.attention import core
 # Other sizes: functools.partial(chunked_attention, query_block=..., ...).
 QUERY_BLOCK = 1024
 KEY_BLOCK = 512
-BLOCK_SCORES = 4 * 2 ** 20
+BLOCK_SCORES = 4 * 2**20
 # Blocks are rounded up to a multiple of this (SIMD-friendly row counts).
 _BLOCK_MULTIPLE = 8
 
@@ -85,8 +86,7 @@ def _key_fill(key_mask, key_length: int, count: int, size: int, batch: int):
 
 def _block_logits(q_block, k_block, key_fill):
   """[B, H, bq, bk] float32 logits of one (query block, key block) pair."""
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q_block, k_block,
-                      preferred_element_type=jnp.float32)
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q_block, k_block, preferred_element_type=jnp.float32)
   if key_fill is not None:
     keep, fill = key_fill
     logits = jnp.where(keep[:, None, None, :], logits, fill[:, None, None, :])
@@ -100,7 +100,7 @@ def _prepare(q, k, v, key_mask, query_block, key_block):
   q_size, q_count = _blocking(query_length, query_block)
   k_size, k_count = _blocking(key_length, key_block)
   # Scale q before the product, in its own dtype, as `xla_attention` does.
-  q_blocks = _to_blocks(q * dim ** -0.5, q_count, q_size)
+  q_blocks = _to_blocks(q * dim**-0.5, q_count, q_size)
   k_blocks = _to_blocks(k, k_count, k_size)
   v_blocks = _to_blocks(v, k_count, k_size)
   key_fill = _key_fill(key_mask, key_length, k_count, k_size, batch)
@@ -119,15 +119,16 @@ def _merge_batch(x):
 def _chunked_forward(q, k, v, key_mask, query_block, key_block, batch_block):
   """Output [B, Lq, H, D] and log-sum-exp [B / batch_block, q blocks,
   batch_block, H, block] (float32); the batch groups run one after another."""
-  out, lse = lax.map(lambda xs: _forward_group(*xs, query_block, key_block),
-                     tuple(_split_batch(x, batch_block) for x in (q, k, v, key_mask)))
+  out, lse = lax.map(
+    lambda xs: _forward_group(*xs, query_block, key_block),
+    tuple(_split_batch(x, batch_block) for x in (q, k, v, key_mask)),
+  )
   return _merge_batch(out), lse
 
 
 def _forward_group(q, k, v, key_mask, query_block, key_block):
   """_chunked_forward for one batch group: lse is [q blocks, B, H, block]."""
-  q_blocks, k_blocks, v_blocks, key_fill = _prepare(q, k, v, key_mask, query_block,
-                                                    key_block)
+  q_blocks, k_blocks, v_blocks, key_fill = _prepare(q, k, v, key_mask, query_block, key_block)
   _, batch, heads, q_size, dim = q_blocks.shape
 
   def one_query_block(q_block):
@@ -136,9 +137,11 @@ def _forward_group(q, k, v, key_mask, query_block, key_block):
       logits = _block_logits(q_block, k_block, block_fill)
       return core.online_softmax_merge(stats, logits, v_block), None
 
-    stats, _ = lax.scan(one_key_block,
-                        core.online_softmax_initial(batch, heads, q_size, dim),
-                        (k_blocks, v_blocks, key_fill))
+    stats, _ = lax.scan(
+      one_key_block,
+      core.online_softmax_initial(batch, heads, q_size, dim),
+      (k_blocks, v_blocks, key_fill),
+    )
     # Fully masked rows have a max of 0 (their fill); padded query rows are
     # dropped by _from_blocks.
     out, lse = core.online_softmax_finish(stats)
@@ -157,8 +160,7 @@ def _chunked_fwd(q, k, v, key_mask, query_block, key_block, batch_block):
   out, lse = _chunked_forward(q, k, v, key_mask, query_block, key_block, batch_block)
   # Named so a remat policy can keep them (vit.REMAT_POLICIES['dots']): then
   # the backward pass does not run the attention forward again.
-  out, lse = (checkpoint_name(x, name)
-              for x, name in zip((out, lse), core.REMAT_SAVEABLE_NAMES))
+  out, lse = (checkpoint_name(x, name) for x, name in zip((out, lse), core.REMAT_SAVEABLE_NAMES))
   # O(length) residuals: the inputs, the output and one float per query row.
   # The probabilities are recomputed block by block in the backward pass.
   return out, (q, k, v, key_mask, out, lse)
@@ -169,16 +171,16 @@ def _chunked_bwd(query_block, key_block, batch_block, residuals, d_out):
   q, k, v, key_mask, out, lse = residuals
   split = lambda x: _split_batch(x, batch_block)
   dq, dk, dv = lax.map(
-      lambda xs: _backward_group(query_block, key_block, *xs),
-      (split(q), split(k), split(v), split(key_mask), split(out), lse, split(d_out)))
+    lambda xs: _backward_group(query_block, key_block, *xs),
+    (split(q), split(k), split(v), split(key_mask), split(out), lse, split(d_out)),
+  )
   # The key mask is boolean: it has no cotangent.
   return _merge_batch(dq), _merge_batch(dk), _merge_batch(dv), None
 
 
 def _backward_group(query_block, key_block, q, k, v, key_mask, out, lse, d_out):
   """_chunked_bwd for one batch group: (dq, dk, dv)."""
-  q_blocks, k_blocks, v_blocks, key_fill = _prepare(q, k, v, key_mask, query_block,
-                                                    key_block)
+  q_blocks, k_blocks, v_blocks, key_fill = _prepare(q, k, v, key_mask, query_block, key_block)
   q_count, batch, heads, q_size, dim = q_blocks.shape
   k_size = k_blocks.shape[3]
   do_blocks = _to_blocks(d_out, q_count, q_size)
@@ -192,29 +194,33 @@ def _backward_group(query_block, key_block, q, k, v, key_mask, out, lse, d_out):
       dk, dv = carry
       q_block, do_block, lse_block, delta_block = ys
       probs = jnp.exp(_block_logits(q_block, k_block, block_fill) - lse_block[..., None])
-      dv = dv + jnp.einsum("bhqk,bhqd->bhkd", probs.astype(d_out.dtype), do_block,
-                           preferred_element_type=jnp.float32)
-      d_probs = jnp.einsum("bhqd,bhkd->bhqk", do_block, v_block,
-                           preferred_element_type=jnp.float32)
+      dv = dv + jnp.einsum(
+        "bhqk,bhqd->bhkd", probs.astype(d_out.dtype), do_block, preferred_element_type=jnp.float32
+      )
+      d_probs = jnp.einsum("bhqd,bhkd->bhqk", do_block, v_block, preferred_element_type=jnp.float32)
       d_logits = probs * (d_probs - delta_block[..., None])
       if block_fill is not None:  # a replaced logit does not depend on q or k
         keep = block_fill[0]
         d_logits = jnp.where(keep[:, None, None, :], d_logits, 0.0)
-      dk = dk + jnp.einsum("bhqk,bhqd->bhkd", d_logits.astype(q.dtype), q_block,
-                           preferred_element_type=jnp.float32)
-      dq_part = jnp.einsum("bhqk,bhkd->bhqd", d_logits.astype(k.dtype), k_block,
-                           preferred_element_type=jnp.float32)
+      dk = dk + jnp.einsum(
+        "bhqk,bhqd->bhkd", d_logits.astype(q.dtype), q_block, preferred_element_type=jnp.float32
+      )
+      dq_part = jnp.einsum(
+        "bhqk,bhkd->bhqd", d_logits.astype(k.dtype), k_block, preferred_element_type=jnp.float32
+      )
       return (dk, dv), dq_part
 
     zeros = jnp.zeros((batch, heads, k_size, dim), jnp.float32)
-    (dk, dv), dq_parts = lax.scan(one_query_block, (zeros, zeros),
-                                  (q_blocks, do_blocks, lse, delta_blocks))
+    (dk, dv), dq_parts = lax.scan(
+      one_query_block, (zeros, zeros), (q_blocks, do_blocks, lse, delta_blocks)
+    )
     return dq + dq_parts, (dk, dv)
 
-  dq, (dk, dv) = lax.scan(one_key_block, jnp.zeros(q_blocks.shape, jnp.float32),
-                          (k_blocks, v_blocks, key_fill))
+  dq, (dk, dv) = lax.scan(
+    one_key_block, jnp.zeros(q_blocks.shape, jnp.float32), (k_blocks, v_blocks, key_fill)
+  )
   # The logits were built from q * scale: the chain rule brings the scale back.
-  dq = _from_blocks(dq * dim ** -0.5, q.shape[1]).astype(q.dtype)
+  dq = _from_blocks(dq * dim**-0.5, q.shape[1]).astype(q.dtype)
   dk = _from_blocks(dk, k.shape[1]).astype(k.dtype)
   dv = _from_blocks(dv, v.shape[1]).astype(v.dtype)
   return dq, dk, dv
@@ -228,8 +234,16 @@ def _batch_group(batch: int, limit: int) -> int:
   return max(d for d in range(1, min(batch, max(limit, 1)) + 1) if batch % d == 0)
 
 
-def chunked_attention(q, k, v, key_mask=None, *, query_block: int = QUERY_BLOCK,
-                      key_block: int = KEY_BLOCK, batch_block: int | None = None):
+def chunked_attention(
+  q,
+  k,
+  v,
+  key_mask=None,
+  *,
+  query_block: int = QUERY_BLOCK,
+  key_block: int = KEY_BLOCK,
+  batch_block: int | None = None,
+):
   """Blockwise online-softmax ("flash") attention; memory linear in length.
 
   The forward pass loops over query blocks and, inside, over key blocks,
@@ -252,22 +266,24 @@ def chunked_attention(q, k, v, key_mask=None, *, query_block: int = QUERY_BLOCK,
   gradients w.r.t. q and k are zero. Works under jit, grad, remat and scan.
   """
   core.check_qkv("chunked", q, k, v, self_attention=False)
-  for name, block, default in (("query_block", query_block, QUERY_BLOCK),
-                               ("key_block", key_block, KEY_BLOCK),
-                               ("batch_block", batch_block, None)):
+  for name, block, default in (
+    ("query_block", query_block, QUERY_BLOCK),
+    ("key_block", key_block, KEY_BLOCK),
+    ("batch_block", batch_block, None),
+  ):
     if block is None and default is None:
       continue
     if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-      raise ValueError(f"chunked attention: {name}={block!r} must be a positive integer "
-                       f"(default {default}).")
+      raise ValueError(
+        f"chunked attention: {name}={block!r} must be a positive integer (default {default})."
+      )
   key_mask = core.check_key_mask("chunked", key_mask, k)
 
   def local(q, k, v, key_mask):  # one device's examples and heads
     batch, heads = q.shape[0], q.shape[2]
     group = batch_block
     if group is None:
-      scores = (heads * _blocking(q.shape[1], query_block)[0]
-                * _blocking(k.shape[1], key_block)[0])
+      scores = heads * _blocking(q.shape[1], query_block)[0] * _blocking(k.shape[1], key_block)[0]
       group = BLOCK_SCORES // scores
     return _chunked(q, k, v, key_mask, query_block, key_block, _batch_group(batch, group))
 

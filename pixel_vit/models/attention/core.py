@@ -6,6 +6,7 @@ Backends take q, k, v of shape [batch, length, heads, head_dim] and an
 optional boolean key mask [batch, key_length] (True = attend) and return
 [batch, length, heads, head_dim].
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -49,22 +50,29 @@ def per_device(body: Callable, q, k, v, key_mask):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return body(q, k, v, key_mask)
-  qkv_spec, mask_spec, _, _ = parallel.ring_layout(q.shape, mesh,
-                                                   flax_spmd.get_logical_axis_rules())
+  qkv_spec, mask_spec, _, _ = parallel.ring_layout(
+    q.shape, mesh, flax_spmd.get_logical_axis_rules()
+  )
   # Whole sequences on each device: the length entries are dropped.
   qkv_spec = PartitionSpec(qkv_spec[0], None, qkv_spec[2], None)
   mask_spec = PartitionSpec(mask_spec[0], None)
   if key_mask is None:
-    return jax.shard_map(lambda q, k, v: body(q, k, v, None), mesh=mesh,
-                         in_specs=(qkv_spec,) * 3, out_specs=qkv_spec,
-                         check_vma=False)(q, k, v)
-  return jax.shard_map(body, mesh=mesh, in_specs=(qkv_spec,) * 3 + (mask_spec,),
-                       out_specs=qkv_spec, check_vma=False)(q, k, v, key_mask)
+    return jax.shard_map(
+      lambda q, k, v: body(q, k, v, None),
+      mesh=mesh,
+      in_specs=(qkv_spec,) * 3,
+      out_specs=qkv_spec,
+      check_vma=False,
+    )(q, k, v)
+  return jax.shard_map(
+    body, mesh=mesh, in_specs=(qkv_spec,) * 3 + (mask_spec,), out_specs=qkv_spec, check_vma=False
+  )(q, k, v, key_mask)
 
 
 # ---------------------------------------------------------------------------
 # Input checks: `name` is the backend's ('chunked', 'ring', 'splash').
 # ---------------------------------------------------------------------------
+
 
 def check_qkv(name: str, q, k, v, *, self_attention: bool) -> None:
   """q, k, v are [batch, length, heads, head_dim] of one dtype, else ValueError.
@@ -75,21 +83,30 @@ def check_qkv(name: str, q, k, v, *, self_attention: bool) -> None:
   """
   if self_attention:
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-      raise ValueError(f"{name} attention takes q, k, v of one shape [batch, length, heads, "
-                       f"head_dim] (self-attention); got {q.shape}, {k.shape}, {v.shape}.")
+      raise ValueError(
+        f"{name} attention takes q, k, v of one shape [batch, length, heads, "
+        f"head_dim] (self-attention); got {q.shape}, {k.shape}, {v.shape}."
+      )
   else:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-      raise ValueError(f"{name} attention takes q, k, v of shape [batch, length, heads, "
-                       f"head_dim]; got {q.shape}, {k.shape}, {v.shape}.")
-    if (k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]):
-      raise ValueError(f"{name} attention: q {q.shape}, k {k.shape} and v {v.shape} must "
-                       "share batch, heads and head_dim, and k and v their length.")
+      raise ValueError(
+        f"{name} attention takes q, k, v of shape [batch, length, heads, "
+        f"head_dim]; got {q.shape}, {k.shape}, {v.shape}."
+      )
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+      raise ValueError(
+        f"{name} attention: q {q.shape}, k {k.shape} and v {v.shape} must "
+        "share batch, heads and head_dim, and k and v their length."
+      )
   if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"{name} attention: q, k, v have dtypes {q.dtype}, {k.dtype}, "
-                     f"{v.dtype}; cast them to one dtype first.")
+    raise ValueError(
+      f"{name} attention: q, k, v have dtypes {q.dtype}, {k.dtype}, "
+      f"{v.dtype}; cast them to one dtype first."
+    )
   if not self_attention and (q.shape[1] < 1 or k.shape[1] < 1):
-    raise ValueError(f"{name} attention needs at least one query and one key; got "
-                     f"q {q.shape}, k {k.shape}.")
+    raise ValueError(
+      f"{name} attention needs at least one query and one key; got q {q.shape}, k {k.shape}."
+    )
 
 
 def check_key_mask(name: str, key_mask, k):
@@ -100,8 +117,10 @@ def check_key_mask(name: str, key_mask, k):
   key_mask = jnp.asarray(key_mask)
   expected = (k.shape[0], k.shape[1])
   if key_mask.shape != expected or key_mask.dtype != jnp.bool_:
-    raise ValueError(f"{name} attention: key_mask must be boolean [batch, key_length] "
-                     f"= {expected}; got {key_mask.dtype} {key_mask.shape}.")
+    raise ValueError(
+      f"{name} attention: key_mask must be boolean [batch, key_length] "
+      f"= {expected}; got {key_mask.dtype} {key_mask.shape}."
+    )
   return key_mask
 
 
@@ -126,9 +145,11 @@ def online_softmax_initial(batch: int, heads: int, rows: int, dim: int) -> Stats
   row whose keys all carry the masked value finfo.min gets exp(0) = 1 per
   key, a uniform softmax, as `xla_attention` gives.
   """
-  return (jnp.full((batch, heads, rows), jnp.finfo(jnp.float32).min),
-          jnp.zeros((batch, heads, rows), jnp.float32),
-          jnp.zeros((batch, heads, rows, dim), jnp.float32))
+  return (
+    jnp.full((batch, heads, rows), jnp.finfo(jnp.float32).min),
+    jnp.zeros((batch, heads, rows), jnp.float32),
+    jnp.zeros((batch, heads, rows, dim), jnp.float32),
+  )
 
 
 def online_softmax_merge(stats: Stats, logits, values, values_layout: str = "bhkd") -> Stats:
@@ -142,8 +163,11 @@ def online_softmax_merge(stats: Stats, logits, values, values_layout: str = "bhk
   correction = jnp.exp(running_max - new_max)
   running_sum = running_sum * correction + probs.sum(axis=-1)
   acc = acc * correction[..., None] + jnp.einsum(
-      f"bhqk,{values_layout}->bhqd", probs.astype(values.dtype), values,
-      preferred_element_type=jnp.float32)
+    f"bhqk,{values_layout}->bhqd",
+    probs.astype(values.dtype),
+    values,
+    preferred_element_type=jnp.float32,
+  )
   return new_max, running_sum, acc
 
 

@@ -1,4 +1,5 @@
 """`dot_product`: jax's own fused attention (cuDNN flash attention on GPU)."""
+
 from __future__ import annotations
 
 import jax
@@ -15,7 +16,5 @@ def dot_product_attention(q, k, v, key_mask=None):
   when not told, whatever the device: the cuDNN kernel must be asked for.)"""
   mask = None if key_mask is None else key_mask[:, None, None, :]
   target = hardware.active_target()
-  cudnn = (target.platform == "gpu" and "NVIDIA" in target.device_kind
-           and q.dtype in _CUDNN_DTYPES)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                      implementation="cudnn" if cudnn else None)
+  cudnn = target.platform == "gpu" and "NVIDIA" in target.device_kind and q.dtype in _CUDNN_DTYPES
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn" if cudnn else None)

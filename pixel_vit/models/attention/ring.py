@@ -31,6 +31,7 @@ Gradients come from autodiff through `shard_map`, `ppermute` and `scan`
 so the backward pass keeps only the per-step key / value blocks and the
 running statistics (O(length) per device), recomputing the block scores.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,7 +53,7 @@ def _ring_body(q, k, v, keep, fill, *, ring: tuple[str, ...], ring_size: int):
   for a masked key, as xla_attention; -inf for a padded one, never attended).
   """
   batch, length, heads, dim = q.shape
-  q = q * dim ** -0.5  # scaled in its own dtype before the product, as xla_attention
+  q = q * dim**-0.5  # scaled in its own dtype before the product, as xla_attention
   axis = ring if len(ring) > 1 else ring[0]
   # Device i sends its key / value block to device i + 1; after step s device i
   # holds the block that started on device i - s. Order does not matter
@@ -78,8 +79,7 @@ def _ring_body(q, k, v, keep, fill, *, ring: tuple[str, ...], ring_size: int):
   stats = core.online_softmax_initial(batch, heads, length, dim)
   # Under shard_map the statistics vary across devices like the blocks do;
   # constants must say so before they can be a scan carry.
-  varying = set().union(*(jax.typeof(x).manual_axis_type.varying
-                          for x in (q, k, v, keep, fill)))
+  varying = set().union(*(jax.typeof(x).manual_axis_type.varying for x in (q, k, v, keep, fill)))
   varying = tuple(sorted(varying))
   if varying:
     stats = tuple(lax.pcast(s, varying, to="varying") for s in stats)
@@ -107,12 +107,18 @@ def ring_attention(q, k, v, key_mask=None):
   rules = flax_spmd.get_logical_axis_rules()
   if mesh.empty:
     return core.xla_attention(q, k, v, key_mask)
-  unknown = [name for entry in parallel.logical_to_spec(parallel.QKV_AXES, rules)
-             for name in parallel.spec_entry_axes(entry) if name not in mesh.shape]
+  unknown = [
+    name
+    for entry in parallel.logical_to_spec(parallel.QKV_AXES, rules)
+    for name in parallel.spec_entry_axes(entry)
+    if name not in mesh.shape
+  ]
   if unknown:
-    raise ValueError(f"ring attention: the logical-axis rules map q / k / v to mesh axes "
-                     f"{unknown} that the active mesh {dict(mesh.shape)} lacks; use "
-                     "parallel.activate(mesh, config.sharding_rules).")
+    raise ValueError(
+      f"ring attention: the logical-axis rules map q / k / v to mesh axes "
+      f"{unknown} that the active mesh {dict(mesh.shape)} lacks; use "
+      "parallel.activate(mesh, config.sharding_rules)."
+    )
   qkv_spec, mask_spec, ring, ring_size = parallel.ring_layout(q.shape, mesh, rules)
   if ring_size == 1:
     return core.xla_attention(q, k, v, key_mask)
@@ -125,14 +131,18 @@ def ring_attention(q, k, v, key_mask=None):
   else:
     keep = jnp.pad(key_mask, ((0, 0), (0, padded - length)))
   # Masked real keys get finfo.min (xla_attention's value), padded keys -inf.
-  fill = jnp.broadcast_to(jnp.where(real, jnp.finfo(jnp.float32).min, -jnp.inf),
-                          (batch, padded)).astype(jnp.float32)
+  fill = jnp.broadcast_to(
+    jnp.where(real, jnp.finfo(jnp.float32).min, -jnp.inf), (batch, padded)
+  ).astype(jnp.float32)
   if padded != length:
     pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
 
   body = functools.partial(_ring_body, ring=ring, ring_size=ring_size)
-  out = jax.shard_map(body, mesh=mesh,
-                      in_specs=(qkv_spec, qkv_spec, qkv_spec, mask_spec, mask_spec),
-                      out_specs=qkv_spec)(q, k, v, keep, fill)
+  out = jax.shard_map(
+    body,
+    mesh=mesh,
+    in_specs=(qkv_spec, qkv_spec, qkv_spec, mask_spec, mask_spec),
+    out_specs=qkv_spec,
+  )(q, k, v, keep, fill)
   return out[:, :length]

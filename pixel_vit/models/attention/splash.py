@@ -22,6 +22,7 @@ key_length]) so encoder, MAE and DiT use it by name.
   the tests check it against `xla` on CPU. Configuration validation refuses
   `splash` off TPU for training runs.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -30,9 +31,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import (
-    splash_attention_kernel as splash_kernel)
-from jax.experimental.pallas.ops.tpu.splash_attention import (
-    splash_attention_mask as splash_mask)
+  splash_attention_kernel as splash_kernel,
+)
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from pixel_vit import hardware
 from pixel_vit.models.attention import core
@@ -48,8 +49,10 @@ def padded_blocking(length: int) -> tuple[int, int]:
   1,025 tokens (32x32 pixels + [CLS]) -> block 128, 1,152 rows (512 would pad
   to 1,536); 4,096 -> block 512, no padding. Ties go to the larger block.
   """
+
   def padded(block):
     return -(-length // block) * block
+
   block = min(BLOCK_CHOICES, key=lambda b: (padded(b), -b))
   return block, padded(block)
 
@@ -71,14 +74,25 @@ def _kernel(length: int, heads: int, block: int, interpret: bool):
 def _make_kernel(length: int, heads: int, block: int, interpret: bool):
   mask = splash_mask.MultiHeadMask([splash_mask.FullMask((length, length))] * heads)
   sizes = splash_kernel.BlockSizes(
-      block_q=block, block_kv=block, block_kv_compute=block,
-      block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-      block_q_dq=block, block_kv_dq=block)
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
   # Its output and log-sum-exp carry a name remat 'dots' keeps (as chunked's),
   # so the backward pass does not run the kernel's forward again.
   return splash_kernel.make_splash_mha(
-      mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret,
-      residual_checkpoint_name=core.REMAT_SAVEABLE_NAMES[0])
+    mask,
+    head_shards=1,
+    q_seq_shards=1,
+    block_sizes=sizes,
+    interpret=interpret,
+    residual_checkpoint_name=core.REMAT_SAVEABLE_NAMES[0],
+  )
 
 
 def _local_splash(q, k, v, kv_segments, *, interpret: bool):
@@ -91,8 +105,7 @@ def _local_splash(q, k, v, kv_segments, *, interpret: bool):
     return kernel(q, k, v, segment_ids=splash_kernel.SegmentIds(q=q_segments, kv=kv_segments))
 
   to_heads_first = lambda x: x.transpose(0, 2, 1, 3)
-  out = jax.vmap(one_example)(to_heads_first(q), to_heads_first(k), to_heads_first(v),
-                              kv_segments)
+  out = jax.vmap(one_example)(to_heads_first(q), to_heads_first(k), to_heads_first(v), kv_segments)
   return to_heads_first(out)
 
 
