@@ -34,10 +34,11 @@ setuptools.setup(
     "test": [
       "pytest>=8",
       "pytest-xdist",
-      "nbclient",
+      "ruff>=0.17,<0.18",  # tests/test_lint.py; rules move between releases
+      "nbclient",  # nbclient, nbformat, ipykernel: tests/test_notebook.py
       "nbformat",
       "ipykernel",
-    ],  # tests/test_notebook.py
+    ],
     # The parity tests: our VAE against diffusers' AutoencoderKL, the FID
     # Inception-v3 against torch, reading .pth weights (they skip without it).
     # Install the CPU build of torch first (.ci/run does:
