@@ -113,6 +113,29 @@ def test_profile_trace_is_written(quick_config, workdir, first_step, steps):
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, traces
 
 
+def test_profile_window_starts_and_stops_the_trace_once(monkeypatch, tmp_path):
+  from pixel_vit.trainers import reporting
+
+  calls = []
+  monkeypatch.setattr(jax.profiler, "start_trace", lambda logdir: calls.append(("start", logdir)))
+  monkeypatch.setattr(jax.profiler, "stop_trace", lambda: calls.append(("stop",)))
+  window = reporting.ProfileWindow(str(tmp_path), first_step=3, steps=2)
+  for step in range(1, 9):
+    window(step)
+    if step == 3:
+      assert calls == [("start", str(tmp_path))]
+    if step == 4:
+      assert len(calls) == 1  # steps 3 and 4 are traced
+  assert calls == [("start", str(tmp_path)), ("stop",)]
+  window.close()  # already stopped: nothing more
+  assert len(calls) == 2
+  ended_inside = reporting.ProfileWindow(str(tmp_path), first_step=2, steps=10)
+  for step in (1, 2, 3):
+    ended_inside(step)
+  ended_inside.close()  # the run ended inside the window: written now
+  assert calls[2:] == [("start", str(tmp_path)), ("stop",)]
+
+
 @pytest.mark.slow
 def test_no_profile_by_default(quick_config, workdir):
   config = quick_config()

@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions, profiler
+from clu import metric_writers, periodic_actions
 from etils import epath
 
 
@@ -36,14 +36,7 @@ class Reporter:
     profile = config.get("profile")
     self.profile = None
     if profile is not None and profile.steps > 0:
-      self.profile = periodic_actions.Profile(
-        logdir=workdir,
-        num_profile_steps=profile.steps,
-        profile_duration_ms=None,
-        first_profile=profile.first_step,
-        every_steps=None,
-        every_secs=None,
-      )
+      self.profile = ProfileWindow(workdir, first_step=profile.first_step, steps=profile.steps)
     self._jsonl_path = directory / "metrics.jsonl"
 
   def scalars(self, step: int, scalars: dict[str, float]) -> None:
@@ -71,9 +64,32 @@ class Reporter:
       logging.info(message)
 
   def close(self) -> None:
-    # A trace still recording (the run ended inside its window) is written now;
-    # clu's Profile only stops one from a later step.
-    if self.profile is not None and getattr(self.profile, "_session_running", False):
-      self.profile._end_session(profiler.stop())
+    if self.profile is not None:
+      self.profile.close()
     self.writer.flush()
     self.writer.close()
+
+
+class ProfileWindow:
+  """A `jax.profiler` trace of train steps first_step .. first_step + steps -
+  1, written into `logdir` (TensorBoard's plugins/profile). A trace still
+  recording when the run ends inside the window is written by `close`.
+  (clu's periodic Profile does the same from its private state, with no
+  public way to stop a trace it started; jax.profiler's is public.)"""
+
+  def __init__(self, logdir: str, *, first_step: int, steps: int):
+    self.logdir, self.first_step, self.steps = logdir, first_step, steps
+    self.started_at: int | None = None
+
+  def __call__(self, step: int) -> None:
+    """Call after each train step."""
+    if self.started_at is None and step == self.first_step:
+      jax.profiler.start_trace(self.logdir)
+      self.started_at = step
+    elif self.started_at is not None and step >= self.started_at + self.steps:
+      self.close()
+
+  def close(self) -> None:
+    if self.started_at is not None:
+      jax.profiler.stop_trace()
+      self.started_at = None
