@@ -414,13 +414,13 @@ class Checkpointer:
     removed = []
     directory = epath.Path(self.directory)
     if directory.exists():
-      for path in directory.iterdir():
-        if ".orbax-checkpoint-tmp" in path.name:
-          try:
-            path.rmtree() if path.is_dir() else path.unlink()
-            removed.append(path.name)
-          except OSError as e:
-            logging.warning("could not remove %s: %s", path, e)
+      for name in ocp.path.step.tmp_checkpoints(directory):  # orbax's own test for its temporaries
+        path = directory / name
+        try:
+          path.rmtree() if path.is_dir() else path.unlink()
+          removed.append(name)
+        except OSError as e:
+          logging.warning("could not remove %s: %s", path, e)
     return removed
 
   def reached_preemption(self, step: int) -> bool:
