@@ -59,6 +59,7 @@ import functools
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -454,12 +455,14 @@ def run(root: str, job: Job, core: int | None = None) -> dict:
   os.makedirs(workdir, exist_ok=True)
   command = job.command(root)
   print(f"[study] {job.name}: {' '.join(command[1:])}", flush=True)
+  log_path = os.path.join(workdir, "log.txt")
+  earlier = _earlier_invocations_wall(log_path)
   start = time.time()
   env, pin = dict(os.environ), None
   if core is not None:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     pin = functools.partial(os.sched_setaffinity, 0, {core})
-  with open(os.path.join(workdir, "log.txt"), "a") as log:
+  with open(log_path, "a") as log:
     result = subprocess.run(
       command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin
     )
@@ -474,7 +477,8 @@ def run(root: str, job: Job, core: int | None = None) -> dict:
     )
   record = {
     "argv": list(job.argv),
-    "wall_s": wall,
+    # A resumed run's earlier invocations count too (they trained its first steps).
+    "wall_s": earlier + wall,
     "finished": time.time(),
     "load_average": os.getloadavg()[0],
     "machine": machine(),
@@ -484,6 +488,23 @@ def run(root: str, job: Job, core: int | None = None) -> dict:
     json.dump(record, f, indent=2)
   print(f"[study] {job.name}: done in {wall / 60:.1f} min", flush=True)
   return record
+
+
+def _earlier_invocations_wall(log_path: str) -> float:
+  """Seconds the run's earlier invocations (stopped, then resumed) spent,
+  from the `uptime=` clu's progress writes into log.txt: it restarts at each
+  invocation, so each drop ends one; 0 for a fresh run."""
+  try:
+    with open(log_path, "rb") as f:
+      uptimes = [float(v) for v in re.findall(rb"\] uptime=([0-9.]+)", f.read())]
+  except OSError:
+    return 0.0
+  total, last = 0.0, 0.0
+  for uptime in uptimes:
+    if uptime < last:
+      total += last
+    last = uptime
+  return total + last
 
 
 # What a finished run's records are: enough for --report_only, no checkpoints.
