@@ -280,3 +280,17 @@ def test_a_run_stopped_from_outside_is_not_recorded_as_finished(tmp_path, monkey
   monkeypatch.setattr(paper_study.subprocess, "run", fake_main(total))
   paper_study.run(str(tmp_path), job, core=0)
   assert paper_study.finished(str(tmp_path), job)["cores"] == 1
+
+
+def test_a_resumed_runs_wall_time_counts_every_invocation(tmp_path):
+  """clu's `uptime=` restarts with each invocation of a run that was stopped
+  and resumed; the study's wall time adds each invocation's last value."""
+  log = tmp_path / "log.txt"
+  log.write_text(
+    "I1 logging_writer.py:48] [10] uptime=10.5\n"
+    "I1 logging_writer.py:48] [20] uptime=20.0\n"  # stopped here
+    "I1 logging_writer.py:48] [30] uptime=5.0\n"
+    "I1 logging_writer.py:48] [40] uptime=30.0\n"
+  )
+  assert paper_study._earlier_invocations_wall(str(log)) == 50.0
+  assert paper_study._earlier_invocations_wall(str(tmp_path / "none.txt")) == 0.0
