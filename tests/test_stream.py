@@ -4,6 +4,7 @@ is a function of (seed, step) only: the same for 1 and 2 processes, on
 resume, and with worker processes. Data is generated here (JPEG and PNG of
 varied sizes and aspect ratios in class folders); nothing is downloaded."""
 
+import dataclasses
 import json
 import os
 import re
@@ -268,10 +269,9 @@ def test_eval_reads_every_record_once_over_any_process_count(written):
     assert sorted(seen) == sorted(np.repeat(np.arange(3), 14).tolist()), processes
 
 
-def corrupt_record(records_dir: str, split: str, index: int) -> int:
+def corrupt_record(records_dir: str, split: str, index: int) -> None:
   """Rewrites the shard holding record `index` with that record's image bytes
-  cut to garbage (as a bad disk or a broken TFDS image would leave it);
-  returns its label."""
+  cut to garbage (as a bad disk or a broken TFDS image would leave it)."""
   import grain
   from array_record.python import array_record_module
 
@@ -290,7 +290,6 @@ def corrupt_record(records_dir: str, split: str, index: int) -> int:
   for record in stored:
     writer.write(record)
   writer.close()
-  return label
 
 
 def test_a_corrupt_image_stops_the_stream_by_name_or_is_skipped_and_counted(written, tmp_path):
@@ -303,13 +302,14 @@ def test_a_corrupt_image_stops_the_stream_by_name_or_is_skipped_and_counted(writ
   corrupt_record(bad_dir, "train", 13)
   bad = records.open_split(bad_dir, "train")
   host, layout = stream.HostCrops(8, random_crop=False, flip=False), stream.Layout(42)
+  skipping = dataclasses.replace(host, on_bad_example="skip")
   with pytest.raises(
     crops.BadImageError,
     match=r"record 13 of .*bad split 'train' cannot be "
     r"decoded .*on_bad_example='skip'",
   ):
     list(stream.eval_batches(bad, host, layout))
-  evaluated = next(stream.eval_batches(bad, host, layout, on_bad_example="skip"))
+  evaluated = next(stream.eval_batches(bad, skipping, layout))
   clean = next(stream.eval_batches(split, host, layout))
   assert evaluated["skipped"].tolist() == [int(i == 13) for i in range(42)]
   assert evaluated["mask"][13] == 0 and evaluated["mask"].sum() == 41
@@ -319,43 +319,44 @@ def test_a_corrupt_image_stops_the_stream_by_name_or_is_skipped_and_counted(writ
   order = stream._TrainExample(bad, host, layout, seed=0).order(0)
   slot = int(np.flatnonzero(order == 13)[0])
   trained = [
-    next(
-      stream.train_batches(
-        bad, host, layout, seed=0, start_step=0, total_steps=1, on_bad_example="skip"
-      )
-    )
+    next(stream.train_batches(bad, skipping, layout, seed=0, start_step=0, total_steps=1))
     for _ in range(2)
   ]
   np.testing.assert_array_equal(trained[0]["images"], trained[1]["images"])
   assert trained[0]["skipped"].tolist() == [int(i == slot) for i in range(42)]
   np.testing.assert_array_equal(trained[0]["images"][slot], clean["images"][14])
   with pytest.raises(ValueError, match="on_bad_example='maybe' is not one of"):
-    stream.train_batches(
-      bad, host, layout, seed=0, start_step=0, total_steps=1, on_bad_example="maybe"
-    )
+    dataclasses.replace(host, on_bad_example="maybe")
 
 
 @pytest.mark.slow
 def test_a_run_skipping_a_corrupt_image_reports_it(
-  quick_config, records_dataset, tmp_path, make_workdir
+  quick_config, records_dataset, tmp_path, make_workdir, caplog
 ):
   from pixel_vit.trainers import classification
 
   bad_dir = str(tmp_path / "records")
   shutil.copytree(records_dataset, bad_dir)
   corrupt_record(bad_dir, "test", 5)
-  workdir = make_workdir("skip_bad")
-  _, results = classification.train_and_evaluate(
-    stream_config(
-      quick_config, bad_dir, **{"data.on_bad_example": "skip", "total_steps": 2, "log_every": 1}
-    ),
-    workdir,
-  )
-  assert results["eval/count"] == 17  # 18 test records, one passed over
   with pytest.raises(crops.BadImageError, match="record 5 of"):
     classification.train_and_evaluate(
       stream_config(quick_config, bad_dir, total_steps=2), make_workdir("fail_bad")
     )
+  config = stream_config(
+    quick_config, bad_dir, **{"data.on_bad_example": "skip", "total_steps": 2, "log_every": 1}
+  )
+  # Also the record the first training step reads first (epoch 0, slot 0).
+  train = records.open_split(bad_dir, "train")
+  first = stream._TrainExample(train, stream.HostCrops(8), stream.Layout(16), config.seed)
+  corrupt_record(bad_dir, "train", first.record_index(0, 0))
+  workdir = make_workdir("skip_bad")
+  caplog.set_level("WARNING")
+  _, results = classification.train_and_evaluate(config, workdir)
+  assert results["eval/count"] == 17  # 18 test records, one passed over
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    skipped = [r["train/bad_records_skipped"] for r in map(json.loads, f) if "train/loss" in r]
+  assert skipped == [1, 1], skipped  # step 1 passed over it; the count is cumulative
+  assert "eval passed over 1 records" in caplog.text
 
 
 def test_data_position_records_the_epoch_and_what_would_change_the_order(written):

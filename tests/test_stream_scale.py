@@ -63,10 +63,10 @@ def start(argv: list[str], log_path: str, *, measured: bool = False) -> subproce
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
   if measured:
     argv = [sys.executable, "-c", PEAK_RSS, *argv]
-  log = open(log_path, "w")
-  return subprocess.Popen(
-    argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-  )
+  with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+    return subprocess.Popen(
+      argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def finish(process: subprocess.Popen, log_path: str) -> str:

@@ -25,6 +25,16 @@ FORMAT = "pixel_vit.records/1"
 # config.data.on_bad_example: what a reader does with an image that does not
 # decode: 'fail' stops, naming it; 'skip' passes over it and counts it.
 ON_BAD_EXAMPLE = ("fail", "skip")
+
+
+def check_on_bad_example(value: str) -> None:
+  if value not in ON_BAD_EXAMPLE:
+    raise ValueError(
+      f"config.data.on_bad_example={value!r} is not one of {list(ON_BAD_EXAMPLE)} (fail: "
+      "stop at an image that does not decode; skip: pass over it and count it)."
+    )
+
+
 _MAGIC = b"PVR1"
 _HEADER = struct.Struct("<4sI")
 
@@ -169,3 +179,8 @@ def open_split(directory: str, split: str) -> RecordSplit:
 
 def _listdir(directory: str) -> list[str]:
   return os.listdir(directory) if os.path.isdir(directory) else []
+
+
+# What the streaming loader reads: both give .split, .directory, .num_examples,
+# .num_classes, .class_counts, .shards, and .open() -> index -> (label, bytes).
+StreamSplit = RecordSplit | TfdsRecordSplit

@@ -64,7 +64,7 @@ class ImageSplit:
   num_classes_inferred: bool = False
   # A streamed split (records:DIR): its shards, read by data/stream.py. Then
   # `images` and `labels` hold no examples, only the training shape.
-  stream: records.RecordSplit | records.TfdsRecordSplit | None = None
+  stream: records.StreamSplit | None = None
   # How the split is read, for the run's first log line: 'in memory' or
   # 'streamed from ArrayRecord' and, where `loader='auto'` chose, why.
   reading: str = "in memory"
@@ -345,21 +345,6 @@ def _tf_resize(tf, images, image_size: int):
   """Antialiased resize of HWC or NHWC uint8 tensors to image_size x image_size, uint8."""
   resized = tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
-
-def _tf_centre_crop(tf, image, image_size: int, crop_fraction: float):
-  """crops.eval_crop in TF ops: the shorter side of an HWC uint8 image to
-  floor(image_size / crop_fraction), then the centre image_size square."""
-  shorter = math.floor(image_size / crop_fraction)
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  scale = shorter / tf.cast(tf.minimum(height, width), tf.float32)
-  size = tf.maximum(
-    shorter, tf.cast(tf.round(tf.cast(tf.stack([height, width]), tf.float32) * scale), tf.int32)
-  )
-  resized = tf.image.resize(image, size, method="bilinear", antialias=True)
-  top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-  cropped = resized[top : top + image_size, left : left + image_size]
-  return tf.cast(tf.clip_by_value(tf.round(cropped), 0, 255), tf.uint8)
 
 
 def _resize(images: np.ndarray, image_size: int | None) -> np.ndarray:
@@ -781,24 +766,24 @@ class TfdsSource(Source):
     what = f"{self.name} split {split!r}"
     shard_examples = -(-total_examples // process_count)
     fits_reason = memory_shortfall(what, shard_examples, empty_shape, available_memory_bytes())
-    stream_split = self._as_stream(builder, split, total_examples)
+    formats = _file_formats(builder)
+    can_stream = "array_record" in formats
     if self.loader == "stream" or (
-      self.loader == "auto" and stream_split is not None and (varied or fits_reason)
+      self.loader == "auto" and can_stream and (varied or fits_reason)
     ):
-      if stream_split is None:
+      if not can_stream:
         raise ValueError(
           f"{what} is not prepared as ArrayRecord (it is "
           f"{builder.info.file_format.value}), which streaming reads. "
           + self._how_to_convert(builder)
           + " Or use config.data.loader='memory'."
         )
-      why = (
-        "its images vary in size, so crops are taken from the originals"
-        if varied
-        else "decoded it would not fit in memory"
-      )
       if self.loader == "stream":
         why = "config.data.loader='stream'"
+      elif varied:
+        why = "its images vary in size, so crops are taken from the originals"
+      else:
+        why = "decoded it would not fit in memory"
       return ImageSplit(
         images=np.zeros((0, *empty_shape), np.uint8),
         labels=np.zeros((0,), np.int32),
@@ -807,7 +792,7 @@ class TfdsSource(Source):
         process_index=process_index,
         process_count=process_count,
         origin=what,
-        stream=stream_split,
+        stream=self._stream_split(builder, split, total_examples),
         reading=f"streamed from ArrayRecord ({why})",
       )
     if fits_reason:
@@ -816,14 +801,14 @@ class TfdsSource(Source):
         + " Stream it instead: "
         + (
           "it is prepared as ArrayRecord, so use config.data.loader='auto' or 'stream'."
-          if stream_split is not None
+          if can_stream
           else self._how_to_convert(builder)
           + " Or write its images with `python -m pixel_vit.write_records` and use "
           "dataset=records:DIR (README: Streamed images)."
         )
       )
     shard = tfds_even_split(split, process_index, process_count)
-    if self._has_tfrecord(builder):
+    if "tfrecord" in formats:
       images, labels = self._read(tf, builder, shard, image_size, empty_shape, varied)
     else:
       images, labels = self._read_array_record(shard, image_size, empty_shape, varied)
@@ -844,14 +829,8 @@ class TfdsSource(Source):
       ),
     )
 
-  def _as_stream(self, builder, split: str, total_examples: int):
-    """The split as a TfdsRecordSplit when it is prepared as ArrayRecord, else None."""
-    from tensorflow_datasets.core import file_adapters
-
-    array_record = file_adapters.FileFormat.ARRAY_RECORD
-    formats = {builder.info.file_format, *builder.info.alternative_file_formats}
-    if array_record not in formats:
-      return None
+  def _stream_split(self, builder, split: str, total_examples: int) -> records.TfdsRecordSplit:
+    """The ArrayRecord-prepared split, its shards checked to exist."""
     base = split.split("[")[0]
     shards = tuple(builder.info.splits[base].filenames)
     missing = [name for name in shards if not os.path.exists(os.path.join(builder.data_dir, name))]
@@ -879,15 +858,6 @@ class TfdsSource(Source):
       f"it again with `tfds build {self.dataset} --file_format=array_record`."
     )
 
-  @staticmethod
-  def _has_tfrecord(builder) -> bool:
-    from tensorflow_datasets.core import file_adapters
-
-    return file_adapters.FileFormat.TFRECORD in {
-      builder.info.file_format,
-      *builder.info.alternative_file_formats,
-    }
-
   def _read(self, tf, builder, shard, image_size, empty_shape, varied):
     """Reads this process's shard (TFRecord) into numpy with tf.data, in the
     dataset's fixed order."""
@@ -898,7 +868,10 @@ class TfdsSource(Source):
     def to_pair(example):
       image = example["image"]
       if image_size is not None and varied:
-        image = _tf_centre_crop(tf, image, image_size, self.crop_fraction)
+        image = tf.numpy_function(
+          lambda pixels: _centre_crop(pixels, image_size, self.crop_fraction), [image], tf.uint8
+        )
+        image.set_shape(empty_shape)
       elif image_size is not None:
         image = _tf_resize(tf, image, image_size)
       return image, tf.cast(example["label"], tf.int32)
@@ -918,21 +891,33 @@ class TfdsSource(Source):
     import tensorflow_datasets as tfds
 
     examples = tfds.data_source(self.dataset, split=shard, data_dir=self.data_dir, download=False)
-    labels = np.array([examples[i]["label"] for i in range(len(examples))], np.int32)
-    if not varied:
-      images = np.stack(
-        [examples[i]["image"] for i in range(len(examples))] or [np.zeros(empty_shape, np.uint8)]
-      )[: len(examples)]
-      return _resize(images, image_size), labels
-    images = np.zeros((len(examples), *empty_shape), np.uint8)
-    for i in range(len(examples)):
-      pixels = examples[i]["image"]
-      images[i] = crops.eval_crop(
-        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels),
-        image_size,
-        crop_fraction=self.crop_fraction,
+    labels = np.zeros((len(examples),), np.int32)
+    pixels = []
+    for i in range(len(examples)):  # each example read (and decoded) once
+      example = examples[i]
+      labels[i] = example["label"]
+      pixels.append(
+        _centre_crop(example["image"], image_size, self.crop_fraction)
+        if varied
+        else example["image"]
       )
-    return images, labels
+    if not pixels:  # fewer examples than processes
+      return np.zeros((0, *empty_shape), np.uint8), labels
+    images = np.stack(pixels)
+    return (images if varied else _resize(images, image_size)), labels
+
+
+def _file_formats(builder) -> set[str]:
+  """The file formats a prepared TFDS dataset is on disk in ('tfrecord', 'array_record')."""
+  info = builder.info
+  return {fmt.value for fmt in (info.file_format, *info.alternative_file_formats)}
+
+
+def _centre_crop(pixels: np.ndarray, image_size: int, crop_fraction: float) -> np.ndarray:
+  """crops.eval_crop of decoded HWC uint8 pixels: what the in-memory path
+  stores for images of many sizes, the same pixels the stream evaluates."""
+  image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+  return crops.eval_crop(image, image_size, crop_fraction=crop_fraction)
 
 
 def tfds_even_split(split: str, process_index: int, process_count: int) -> str:
@@ -1066,12 +1051,7 @@ def validate_config(data, *, files: bool = True) -> None:
     raise ValueError(
       f"config.data.workers={data.workers} must be 0 (decode in the training process) or more."
     )
-  if data.get("on_bad_example", "fail") not in records.ON_BAD_EXAMPLE:
-    raise ValueError(
-      f"config.data.on_bad_example={data.on_bad_example!r} must be 'fail' "
-      "(stop at an image that does not decode) or 'skip' (pass over it and "
-      "count it)."
-    )
+  records.check_on_bad_example(data.get("on_bad_example", "fail"))
   if not 0 < data.get("crop_fraction", 0.875) <= 1:
     raise ValueError(
       f"config.data.crop_fraction={data.crop_fraction} must be in (0, 1] "

@@ -29,11 +29,6 @@ from PIL import Image
 
 from pixel_vit.data import crops, records
 
-# What streams: records written by pixel_vit.write_records, or a TFDS
-# dataset prepared as ArrayRecord. Both: .split, .directory, .num_examples,
-# .shards, and .open() -> index -> (label, image bytes).
-StreamSplit = records.RecordSplit | records.TfdsRecordSplit
-
 
 @dataclasses.dataclass(frozen=True)
 class HostCrops:
@@ -46,6 +41,12 @@ class HostCrops:
   ratio: tuple[float, float] = (3 / 4, 4 / 3)
   flip: bool = True
   crop_fraction: float = 0.875  # evaluation
+  # An image that does not decode: 'fail' stops; 'skip' takes the next
+  # record in training, masks it in evaluation; both count it ('skipped').
+  on_bad_example: str = "fail"
+
+  def __post_init__(self):
+    records.check_on_bad_example(self.on_bad_example)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +71,7 @@ class Layout:
     return self.global_batch // self.process_count
 
 
-def steps_per_epoch(split: StreamSplit, global_batch: int) -> int:
+def steps_per_epoch(split: records.StreamSplit, global_batch: int) -> int:
   steps = split.num_examples // global_batch
   if steps == 0:
     raise ValueError(
@@ -80,7 +81,7 @@ def steps_per_epoch(split: StreamSplit, global_batch: int) -> int:
   return steps
 
 
-def data_position(split: StreamSplit, *, seed: int, global_batch: int, step: int) -> dict:
+def data_position(split: records.StreamSplit, *, seed: int, global_batch: int, step: int) -> dict:
   """What a checkpoint records of the input at `step`: enough to resume it
   and to refuse a resume over other data or another order."""
   spe = steps_per_epoch(split, global_batch)
@@ -105,7 +106,7 @@ MAX_BAD_IN_A_ROW = 16
 class _Records:
   """Random access to a split's (label, image bytes), opened lazily in each worker."""
 
-  def __init__(self, split: StreamSplit):
+  def __init__(self, split: records.StreamSplit):
     self.split = split
     self._reader = None
 
@@ -124,9 +125,9 @@ class _Records:
     return {"split": self.split, "_reader": None}
 
 
-def _skipping(error: crops.BadImageError, on_bad_example: str) -> None:
+def _skipping(error: crops.BadImageError, host: HostCrops) -> None:
   """Raises `error` with the fix unless config.data.on_bad_example='skip'."""
-  if on_bad_example != "skip":
+  if host.on_bad_example != "skip":
     raise crops.BadImageError(
       f"{error} Set config.data.on_bad_example='skip' to skip such "
       "images (each is counted and logged), or rewrite the "
@@ -139,16 +140,8 @@ class _TrainExample:
   """Local position -> {'images', 'labels'}: the record the global order puts
   there, decoded and randomly cropped."""
 
-  def __init__(
-    self,
-    split: StreamSplit,
-    host: HostCrops,
-    layout: Layout,
-    seed: int,
-    on_bad_example: str = "fail",
-  ):
+  def __init__(self, split: records.StreamSplit, host: HostCrops, layout: Layout, seed: int):
     self.records, self.host, self.layout, self.seed = _Records(split), host, layout, seed
-    self.on_bad_example = on_bad_example
     self.spe = steps_per_epoch(split, layout.global_batch)
     self._orders: dict[int, np.ndarray] = {}  # epoch -> permutation (the last two)
     self._lock = threading.Lock()  # grain reads with several threads
@@ -209,7 +202,7 @@ class _TrainExample:
         label, image = self.records.decoded((index + skipped) % n, self.host.channels)
         return label, image, skipped
       except crops.BadImageError as error:
-        _skipping(error, self.on_bad_example)
+        _skipping(error, self.host)
     raise crops.BadImageError(
       f"records {index} to {index + MAX_BAD_IN_A_ROW - 1} of {self.records.split.directory} "
       f"split {self.records.split.split!r} all fail to decode: the dataset is damaged, not "
@@ -222,11 +215,8 @@ class _EvalExample:
   on_bad_example='skip') an image that does not decode have mask 0, so
   every record is counted once or reported skipped."""
 
-  def __init__(
-    self, split: StreamSplit, host: HostCrops, first: int, count: int, on_bad_example: str = "fail"
-  ):
+  def __init__(self, split: records.StreamSplit, host: HostCrops, first: int, count: int):
     self.records, self.host, self.first, self.count = _Records(split), host, first, count
-    self.on_bad_example = on_bad_example
 
   def __call__(self, position: int) -> dict:
     position = int(position)
@@ -242,7 +232,7 @@ class _EvalExample:
     try:
       label, image = self.records.decoded(self.first + position, self.host.channels)
     except crops.BadImageError as error:
-      _skipping(error, self.on_bad_example)
+      _skipping(error, self.host)
       return {**empty, "skipped": np.int32(1)}
     return {
       "images": crops.eval_crop(image, self.host.image_size, crop_fraction=self.host.crop_fraction),
@@ -265,15 +255,8 @@ def _iterate(dataset: grain.MapDataset, batch: int, workers: int) -> Iterator[di
   return iter(batched)
 
 
-def _check_on_bad_example(on_bad_example: str) -> None:
-  if on_bad_example not in records.ON_BAD_EXAMPLE:
-    raise ValueError(
-      f"config.data.on_bad_example={on_bad_example!r} is not one of {list(records.ON_BAD_EXAMPLE)}."
-    )
-
-
 def train_batches(
-  split: StreamSplit,
+  split: records.StreamSplit,
   host: HostCrops,
   layout: Layout,
   *,
@@ -281,41 +264,36 @@ def train_batches(
   start_step: int,
   total_steps: int,
   workers: int = 0,
-  on_bad_example: str = "fail",
 ) -> Iterator[dict]:
   """{'images': uint8 [local_batch, S, S, C], 'labels': int32, 'skipped':
   int32 (bad records passed over for each example)} for steps start_step +
   1 ... total_steps (the batch of step s is the s-th from 0)."""
   if not 0 <= start_step <= total_steps:
     raise ValueError(f"start_step={start_step} must be in [0, total_steps={total_steps}].")
-  _check_on_bad_example(on_bad_example)
   local = layout.local_batch
   positions = grain.MapDataset.range(start_step * local, total_steps * local)
-  example = _TrainExample(split, host, layout, seed, on_bad_example)
-  return _iterate(positions.map(example), local, workers)
+  return _iterate(positions.map(_TrainExample(split, host, layout, seed)), local, workers)
 
 
-def num_eval_batches(split: StreamSplit, layout: Layout) -> int:
+def num_eval_batches(split: records.StreamSplit, layout: Layout) -> int:
   largest = -(-split.num_examples // layout.process_count)
   return -(-largest // layout.local_batch)
 
 
 def eval_batches(
-  split: StreamSplit,
+  split: records.StreamSplit,
   host: HostCrops,
   layout: Layout,
   *,
   workers: int = 0,
-  on_bad_example: str = "fail",
 ) -> Iterator[dict]:
   """{'images', 'labels', 'mask', 'skipped'}: every record of this process's
   part once."""
-  _check_on_bad_example(on_bad_example)
   bounds = np.linspace(0, split.num_examples, layout.process_count + 1).astype(int)
   first, count = (
     bounds[layout.process_index],
     (bounds[layout.process_index + 1] - bounds[layout.process_index]),
   )
   padded = num_eval_batches(split, layout) * layout.local_batch
-  example = _EvalExample(split, host, int(first), int(count), on_bad_example)
+  example = _EvalExample(split, host, int(first), int(count))
   return _iterate(grain.MapDataset.range(padded).map(example), layout.local_batch, workers)

@@ -203,7 +203,6 @@ class Run(Layout):
           host_crops(self.config),
           stream.Layout(self.config.eval_batch_size, jax.process_index(), jax.process_count()),
           workers=self.config.data.workers,
-          on_bad_example=self.config.data.get("on_bad_example", "fail"),
         )
       )
     return map(self.to_global, local)
@@ -342,6 +341,7 @@ def host_crops(config) -> stream.HostCrops:
     ratio=tuple(augment_config.crop_ratio),
     flip=bool(augment_config.flip),
     crop_fraction=config.data.crop_fraction,
+    on_bad_example=config.data.get("on_bad_example", "fail"),  # configs from before the key
   )
 
 
@@ -387,7 +387,6 @@ def train_batches(run: "Run", start_step: int) -> Iterator[dict]:
     start_step=start_step,
     total_steps=run.total_steps,
     workers=config.data.workers,
-    on_bad_example=config.data.get("on_bad_example", "fail"),
   )
 
 
@@ -395,7 +394,7 @@ class BadRecords:
   """Streamed records that did not decode and were passed over
   (config.data.on_bad_example='skip'): `passed_over` takes each batch's
   'skipped' counts out (before the batch goes to the devices) and adds
-  them up; the evaluation's total is logged when it ends."""
+  them up, and logs the total when the batches end (an evaluation's)."""
 
   def __init__(self, what: str):
     self.what, self.total = what, 0
@@ -406,10 +405,11 @@ class BadRecords:
       if skipped is not None:
         self.total += int(np.sum(skipped))
       yield batch
-    if self.what == "eval" and self.total:
+    if self.total:
       logging.warning(
-        "evaluation passed over %d records of this process that do not decode "
-        "(config.data.on_bad_example='skip'); eval/count leaves them out.",
+        "%s passed over %d records of this process that do not decode "
+        "(config.data.on_bad_example='skip').",
+        self.what,
         self.total,
       )
 
@@ -525,7 +525,7 @@ def train(
   bad_records = BadRecords("train")
   batches = bad_records.passed_over(train_batches(run, start_step))
   guard = divergence.Guard(config)
-  input_clock = InputClock(bad_records)
+  input_clock = InputClock()
   fetched: list[dict] = []  # host metrics of the steps since the last log point
   results: dict = {}
   try:
@@ -554,7 +554,7 @@ def train(
           try:
             guard.check(lambda: _last_checkpoint(run), fetched=fetched)
           finally:  # also when it stops the run: these metrics show the divergence
-            _log_train_means(run, guard, step, fetched, input_clock)
+            _log_train_means(run, guard, step, fetched, input_clock, bad_records)
         if step % config.eval_every == 0 or last:
           results = evaluate(step, state)
         stopping = stops.requested is not None and jax.process_count() == 1
@@ -594,12 +594,10 @@ def train(
 class InputClock:
   """How long the loop waited for its next batch: `fraction()` is the share
   of the time since the last call spent waiting (reported as
-  train/input_wait_fraction; near 0 unless the input is the bottleneck),
-  reported with the records passed over (`bad_records`)."""
+  train/input_wait_fraction; near 0 unless the input is the bottleneck)."""
 
-  def __init__(self, bad_records: BadRecords | None = None):
+  def __init__(self):
     self.waited, self.since = 0.0, time.perf_counter()
-    self.bad_records = bad_records
 
   def next(self, batches: Iterator[dict]) -> dict:
     start = time.perf_counter()
@@ -620,6 +618,7 @@ def _log_train_means(
   step: int,
   fetched: list[dict],
   input_clock: InputClock | None = None,
+  bad_records: BadRecords | None = None,
 ) -> None:
   """Writes the mean of the train metrics fetched since the last log point
   (and empties `fetched`)."""
@@ -630,9 +629,9 @@ def _log_train_means(
     means["train/nonfinite_skipped"] = guard.skipped_total
   if input_clock is not None:
     means["train/input_wait_fraction"] = input_clock.fraction()
-    if input_clock.bad_records is not None and input_clock.bad_records.total:
-      # This process's count, from the start of this invocation.
-      means["train/bad_records_skipped"] = input_clock.bad_records.total
+  if bad_records is not None and bad_records.total:
+    # This process's count, from the start of this invocation.
+    means["train/bad_records_skipped"] = bad_records.total
   run.reporter.scalars(step, means)
   fetched.clear()
 

@@ -132,17 +132,18 @@ class Pretrained:
       return None
     return grids[0], grids[1]
 
-  def encoder_plan(self, encoder_abstract) -> tuple[list[str], list[str]]:
+  def encoder_plan(self, encoder_abstract) -> tuple[list[str], tuple[int, int] | None]:
     """Compares the classifier's encoder parameters (a pure dict of shapes)
-    with the checkpoint's. Returns (loaded, dropped) parameter names; raises
-    naming every missing or mismatched one."""
+    with the checkpoint's. Returns (the checkpoint parameters dropped, the
+    position embedding's (checkpoint grid, classifier grid) when it is
+    resampled); raises naming every missing or mismatched one."""
     wanted = checkpoint_lib.flat_shapes(encoder_abstract)
     missing = sorted(set(wanted) - set(self.encoder_shapes))
-    resampled = self.resampled_posemb(wanted) is not None
+    grids = self.resampled_posemb(wanted)
     mismatched = sorted(
       k
       for k in set(wanted) & set(self.encoder_shapes)
-      if tuple(wanted[k]) != tuple(self.encoder_shapes[k]) and not (k == POSEMB and resampled)
+      if tuple(wanted[k]) != tuple(self.encoder_shapes[k]) and not (k == POSEMB and grids)
     )
     extra = sorted(set(self.encoder_shapes) - set(wanted))
     problems = [
@@ -165,16 +166,15 @@ class Pretrained:
         + "."
         + hint
       )
-    return sorted(wanted), [k for k in extra if k == CLS]
+    return [k for k in extra if k == CLS], grids
 
   def check(self, config, image_shape, abstract_params) -> list[str]:
     """Every check against the model about to be built; returns what loading
     changes, for the log ('dropped cls', 'resampled posemb 4x4 -> 8x8')."""
     self.check_model(config.model)
     self.check_image_shape(image_shape)
-    _, dropped = self.encoder_plan(abstract_params["encoder"])
+    dropped, grids = self.encoder_plan(abstract_params["encoder"])
     changes = [f"dropped {name}" for name in dropped]
-    grids = self.resampled_posemb(checkpoint_lib.flat_shapes(abstract_params["encoder"]))
     if grids:
       changes.append(
         f"resampled {POSEMB} {grids[0]}x{grids[0]} -> {grids[1]}x{grids[1]} (bilinear)"
@@ -187,8 +187,7 @@ class Pretrained:
     """`params` with `params['encoder']` replaced by the checkpoint's encoder,
     restored straight onto each classifier array's sharding. For
     `loop.start(initial_params=...)`."""
-    self.encoder_plan(params["encoder"])
-    grids = self.resampled_posemb(checkpoint_lib.flat_shapes(params["encoder"]))
+    _, grids = self.encoder_plan(params["encoder"])
     target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params["encoder"]
     )
